@@ -1,0 +1,135 @@
+"""Plain-torch twins of fastfat's kernels.
+
+These are the CPU path and the ground truth the Triton kernels are tested against. Every function
+here is differentiable where its Triton twin is, and does no host sync (no .item(), no Python
+branching on tensor values), so the same code runs unchanged inside torch.compile and on CUDA.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# CIFAR-100 fine label -> coarse (super)class, the dataset's own 'coarse_labels' mapping.
+CIFAR100_COARSE = (
+    4, 1, 14, 8, 0, 6, 7, 7, 18, 3, 3, 14, 9, 18, 7, 11, 3, 9, 7, 11,
+    6, 11, 5, 10, 7, 6, 13, 15, 3, 15, 0, 11, 1, 10, 12, 14, 16, 9, 11, 5,
+    5, 19, 8, 8, 15, 13, 14, 17, 18, 10, 16, 4, 17, 4, 2, 0, 17, 4, 18, 17,
+    10, 3, 2, 12, 12, 16, 12, 1, 9, 19, 2, 10, 0, 1, 16, 12, 9, 13, 15, 13,
+    16, 19, 2, 4, 6, 19, 5, 5, 8, 19, 18, 1, 2, 15, 6, 0, 17, 8, 14, 13,
+)
+
+# The authors' code keeps a vector of 100 class means whatever the data set (pgd_var.py).
+AUTHORS_SLOTS = 100
+
+VCAR_MODES = ("paper", "authors")
+
+
+def _per_sample(t: torch.Tensor | float, ref: torch.Tensor) -> torch.Tensor | float:
+    """A float stays a float; a per-sample tensor [N] becomes [N, 1, ..., 1] to broadcast on ref."""
+    if isinstance(t, torch.Tensor):
+        return t.to(device=ref.device, dtype=torch.float32).view(-1, *([1] * (ref.dim() - 1)))
+    return float(t)
+
+
+def pgd_step(x_adv: torch.Tensor, x_nat: torch.Tensor, grad: torch.Tensor,
+             alpha: torch.Tensor | float, eps: torch.Tensor | float) -> torch.Tensor:
+    """In place: x_adv <- clamp(clamp(x_adv + alpha*sign(grad), x_nat-eps, x_nat+eps), 0, 1).
+
+    Math in fp32 whatever the storage dtype; returns x_adv.
+    """
+    a, e = _per_sample(alpha, x_adv), _per_sample(eps, x_adv)
+    xa, xn = x_adv.float(), x_nat.float()
+    out = xa + a * torch.sign(grad.float())
+    out = torch.minimum(torch.maximum(out, xn - e), xn + e).clamp_(0.0, 1.0)
+    x_adv.copy_(out)
+    return x_adv
+
+
+def class_stats(values: torch.Tensor, y: torch.Tensor, num_classes: int):
+    """Per-class sums and counts of a per-sample quantity.
+
+    values [N] (any float dtype), y [N] int64 -> (sums [C] fp32, differentiable in values;
+    counts [C] fp32). Sequential index_add: deterministic on CPU.
+    """
+    sums = torch.zeros(num_classes, dtype=torch.float32, device=values.device).index_add(0, y, values.float())
+    counts = torch.bincount(y, minlength=num_classes)[:num_classes].to(torch.float32)
+    return sums, counts
+
+
+def class_ce_stats(logits: torch.Tensor, y: torch.Tensor, num_classes: int):
+    """logits [N, C], y [N] -> (per-sample CE [N] fp32, class sums [C] fp32, class counts [C] fp32)."""
+    ce = F.cross_entropy(logits.float(), y, reduction="none")
+    sums, counts = class_stats(ce, y, num_classes)
+    return ce, sums, counts
+
+
+def vcar_from_stats(sums: torch.Tensor, counts: torch.Tensor, mode: str = "paper",
+                    superclass: bool = False) -> torch.Tensor:
+    """Variance of class-wise adversarial risk from per-class sums and counts [C].
+
+    mode "paper": population variance over the classes present in the batch of their mean loss.
+    mode "authors": the class means (0 for absent classes) padded with zeros to 100 entries,
+      unbiased variance (divides by 99), as wzekai99/FAT pgd_var.py.
+    superclass (C = 100 only): class means summed into CIFAR-100's 20 superclasses and divided
+      by 5; then the variance over 20 (unbiased in "authors" mode; population over the superclasses
+      with a present class in "paper" mode).
+    Differentiable in sums. Returns a 0-dim fp32 tensor.
+    """
+    if mode not in VCAR_MODES:
+        raise ValueError(f"unknown VCAR mode {mode!r}; expected one of {VCAR_MODES}")
+    means = sums / counts.clamp(min=1.0)
+    present = (counts > 0).to(means.dtype)
+    if superclass:
+        if sums.numel() != 100:
+            raise ValueError("superclass VCAR needs the 100 classes of CIFAR-100")
+        coarse = torch.tensor(CIFAR100_COARSE, device=sums.device)
+        means = torch.zeros(20, dtype=means.dtype, device=means.device).index_add(0, coarse, means) / 5.0
+        present = (torch.zeros(20, dtype=means.dtype, device=means.device).index_add(0, coarse, present) > 0).to(means.dtype)
+        slots = 20
+    else:
+        slots = max(AUTHORS_SLOTS, sums.numel())
+    if mode == "paper":
+        n = present.sum().clamp(min=1.0)
+        mu = (means * present).sum() / n
+        return (((means - mu) ** 2) * present).sum() / n
+    # authors: zeros beyond the real classes count in the mean and in the sum of squares.
+    k = means.numel()
+    mu = means.sum() / slots
+    ss = ((means - mu) ** 2).sum() + (slots - k) * mu ** 2
+    return ss / (slots - 1)
+
+
+def fat_ce_loss(logits: torch.Tensor, y: torch.Tensor, num_classes: int, lam: float,
+                mode: str = "paper", superclass: bool = False, ce_weight: float = 1.0):
+    """ce_weight * mean CE + lam * VCAR(per-sample CE), and its parts.
+
+    logits [N, C] -> (loss, mean_ce, vcar), all 0-dim fp32; loss is differentiable in logits.
+    ce_weight = 0 gives the VCAR term alone (FAT on TRADES adds it to the TRADES loss).
+    """
+    ce, sums, counts = class_ce_stats(logits, y, num_classes)
+    mean_ce = ce.mean()
+    v = vcar_from_stats(sums, counts, mode, superclass)
+    return ce_weight * mean_ce + lam * v, mean_ce.detach(), v.detach()
+
+
+def cw_margin(logits: torch.Tensor, y: torch.Tensor, kappa: float = 50.0) -> torch.Tensor:
+    """Per-sample C&W margin objective to maximise: -clamp(z_y - max_{j != y} z_j + kappa, min=0).
+
+    logits [N, C] -> [N] fp32 (as wzekai99/FAT attack_generator.py cwloss, per sample).
+    """
+    z = logits.float()
+    onehot = F.one_hot(y, z.shape[1]).to(torch.bool)
+    correct = z.gather(1, y[:, None]).squeeze(1)
+    other = z.masked_fill(onehot, float("-inf")).amax(1)
+    return -torch.clamp(correct - other + kappa, min=0.0)
+
+
+def trades_kl(logits_adv: torch.Tensor, logits_nat: torch.Tensor) -> torch.Tensor:
+    """Per-sample KL(softmax(nat) || softmax(adv)), summed over classes: [N, C] x2 -> [N] fp32.
+
+    The same quantity as nn.KLDivLoss(reduction="none")(log_softmax(adv), softmax(nat)).sum(1),
+    TRADES' robust regulariser; differentiable in both inputs.
+    """
+    logp_adv = F.log_softmax(logits_adv.float(), dim=1)
+    logp_nat = F.log_softmax(logits_nat.float(), dim=1)
+    return (logp_nat.exp() * (logp_nat - logp_adv)).sum(1)

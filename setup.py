@@ -1,0 +1,30 @@
+"""fastfat: fast, correct adversarial training for robust fairness (FAT, Ma et al. NeurIPS 2022)."""
+from setuptools import setup
+
+setup(
+    name="fastfat",
+    version="0.1.0",
+    description="Fast, correct trainer for robust fairness in adversarial training (Madry, TRADES, FAT)",
+    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    # kernels/ lives at the top level of the repo but installs as fastfat.kernels:
+    # a top-level import name `kernels` would clash with other packages.
+    packages=["fastfat", "fastfat.models", "fastfat.grids", "fastfat.kernels"],
+    package_dir={"fastfat.kernels": "kernels"},
+    package_data={"fastfat.grids": ["*.toml"]},
+    install_requires=[
+        "torch>=2.4",
+        "torchvision",
+        "numpy",
+        "scikit-learn",
+        "scipy",
+        "matplotlib",
+        "tqdm",
+    ],
+    extras_require={
+        "ffcv": ["ffcv==1.0.2", "numba", "opencv-python-headless", "Pillow"],
+        "dev": ["pytest", "pytest-benchmark", "pytest-timeout", "py-spy", "pyinstrument"],
+    },
+    entry_points={"console_scripts": ["fastfat=fastfat.cli:main"]},
+)
