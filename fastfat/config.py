@@ -1,0 +1,347 @@
+"""Typed configuration: one dataclass per job, validated at the edge.
+
+The same objects drive the CLI (flags are generated from the fields), the Python API and the
+sweep files. Presets fill fields first; anything the user gives explicitly wins.
+eps values are in [0, 1] pixel units and accept fractions such as "8/255".
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import re
+import typing
+from dataclasses import dataclass, field, fields
+
+from .errors import UserError
+
+METHODS = ("natural", "madry", "trades", "fat-madry", "fat-trades")
+SCHEDULES = ("paper", "authors", "constant")
+LOADERS = ("auto", "memory", "torchvision", "ffcv")
+AMP_MODES = ("auto", "off", "bf16", "fp16")
+
+
+def parse_eps(value) -> float:
+    """A radius or step in pixel units: 0.03, "0.03" or "8/255" -> float."""
+    if isinstance(value, bool):
+        raise UserError(f"not a number: {value!r}")
+    if isinstance(value, (int, float)):
+        return float(value)
+    s = str(value).strip()
+    m = re.fullmatch(r"([0-9.eE+-]+)\s*/\s*([0-9.eE+-]+)", s)
+    try:
+        v = float(m.group(1)) / float(m.group(2)) if m else float(s)
+    except (ValueError, ZeroDivisionError):
+        raise UserError(f"not a number or fraction: {value!r} (examples: 0.03, 8/255)") from None
+    return v
+
+
+def resolve_step(spec: str | float, eps: float) -> float:
+    """Attack step size from a spec: a number ("0.007", "2/255") or relative ("eps/10", "eps/4")."""
+    s = str(spec).strip().replace(" ", "")
+    m = re.fullmatch(r"eps/([0-9.]+)", s)
+    if m:
+        return eps / float(m.group(1))
+    m = re.fullmatch(r"([0-9.]+)\*eps", s)
+    if m:
+        return float(m.group(1)) * eps
+    return parse_eps(s)
+
+
+def canonical_attack(name: str) -> str:
+    """'fgsm' | 'pgdK' (e.g. 'pgd20', 'PGD-20') | 'cw' (C&W-inf, also 'cw-inf', 'cw30')."""
+    s = name.strip().lower().replace("-", "").replace("_", "").replace("&", "")
+    if s == "fgsm":
+        return "fgsm"
+    if s in ("cw", "cwinf", "cw30"):
+        return "cw"
+    m = re.fullmatch(r"pgd(\d+)", s)
+    if m and int(m.group(1)) >= 1:
+        return f"pgd{int(m.group(1))}"
+    raise UserError(f"unknown attack {name!r}; choose from fgsm, pgd20 (pgdK for K steps), cw")
+
+
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class TrainConfig:
+    """Everything that defines one training run (one grid point)."""
+    method: str = "madry"             # natural | madry | trades | fat-madry | fat-trades
+    model: str = "resnet18"           # resnet18 | resnet50 | wrn-32-10 (= wrn-34-10) | preactresnet18 | cnn
+    width: int | None = None          # first-stage channels (None: the model's full width)
+    dataset: str = "cifar10"          # cifar10 | cifar100 | digits | synthetic
+    data_root: str = "data"
+    download: bool = False            # fetch CIFAR through torchvision if missing
+    loader: str = "auto"              # auto | memory | torchvision | ffcv
+    eps_train: float = 8 / 255        # l_inf training radius, pixel units
+    steps: int = 10                   # PGD steps of the training attack
+    step_size: str = "0.007"          # number, or relative such as "eps/10"
+    lam: float = 0.0                  # FAT's lambda (weight of VCAR)
+    beta: float = 6.0                 # TRADES' beta
+    vcar_mode: str = "paper"          # paper | authors (design.md section 3)
+    superclass: bool = False          # CIFAR-100: VCAR over the 20 superclasses
+    epochs: int = 120
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 2e-4
+    schedule: str = "paper"           # paper (x0.1 at 1/2, x0.01 at 2/3) | authors | constant
+    seed: int = 0
+    device: str = "auto"              # auto | cpu | cuda | cuda:N
+    amp: str = "auto"                 # auto (bf16 on CUDA, off on CPU) | off | bf16 | fp16
+    channels_last: bool = True
+    compile: bool = False             # torch.compile the model
+    fold_bn: bool = True              # attack a BN-folded copy of the model (eval-mode math)
+    crop_pad: int | None = None       # None: the data set's default
+    flip: bool | None = None          # None: the data set's default
+    train_limit: int | None = None    # train on the first N samples only
+    test_limit: int | None = None     # evaluate on the first N test samples only
+    drop_last: bool = False
+    num_workers: int = 0              # torchvision loader only
+    preset: str = ""                  # which preset filled the defaults (recorded, not re-applied)
+
+    @property
+    def has_lambda(self) -> bool:
+        return self.method.startswith("fat-")
+
+    def alpha(self) -> float:
+        """The training attack's step size in pixel units."""
+        return resolve_step(self.step_size, self.eps_train)
+
+    def validate(self) -> "TrainConfig":
+        from .data import dataset_info
+        from .models import canonical_model_name
+
+        _choice("method", self.method, METHODS)
+        self.model = canonical_model_name(self.model)
+        info = dataset_info(self.dataset)
+        self.dataset = info.name
+        _choice("loader", self.loader, LOADERS)
+        _choice("schedule", self.schedule, SCHEDULES)
+        _choice("amp", self.amp, AMP_MODES)
+        _choice("vcar_mode", self.vcar_mode, ("paper", "authors"))
+        _range("eps_train", self.eps_train, 0.0, 1.0)
+        _range("lam", self.lam, 0.0, math.inf)
+        _range("beta", self.beta, 0.0, math.inf)
+        _range("lr", self.lr, 0.0, math.inf, low_open=True)
+        _range("momentum", self.momentum, 0.0, 1.0)
+        _range("weight_decay", self.weight_decay, 0.0, math.inf)
+        for name in ("steps", "epochs", "batch_size"):
+            _int_at_least(name, getattr(self, name), 1)
+        if self.width is not None:
+            _int_at_least("width", self.width, 1)
+        for name in ("train_limit", "test_limit"):
+            if getattr(self, name) is not None:
+                _int_at_least(name, getattr(self, name), 1)
+        if self.crop_pad is not None:
+            _int_at_least("crop_pad", self.crop_pad, 0)
+        _int_at_least("num_workers", self.num_workers, 0)
+        try:
+            a = self.alpha()
+        except UserError as e:
+            raise UserError(f"step_size: {e}") from None
+        _range("step_size", a, 0.0, 1.0)
+        if self.superclass and info.num_classes != 100:
+            raise UserError("superclass VCAR needs dataset cifar100")
+        if self.method != "natural" and self.eps_train == 0.0:
+            raise UserError(f"method {self.method} needs eps_train > 0 (natural training is --method natural)")
+        return self
+
+
+@dataclass
+class EvalConfig:
+    """What to evaluate a trained model with."""
+    attacks: list[str] = field(default_factory=lambda: ["fgsm", "pgd20", "cw"])
+    eps_test: list[float] = field(default_factory=lambda: [16 / 255, 20 / 255])
+    batch_size: int = 256
+    cw_kappa: float = 50.0
+    seed: int = 0
+    test_limit: int | None = None     # evaluate on the first N test samples only
+    device: str = "auto"
+    loader: str = "auto"
+    data_root: str | None = None      # None: the training run's
+    fold_bn: bool = True
+
+    def validate(self) -> "EvalConfig":
+        if not self.attacks:
+            raise UserError("attacks: give at least one attack (fgsm, pgd20, cw)")
+        self.attacks = list(dict.fromkeys(canonical_attack(a) for a in self.attacks))
+        if not self.eps_test:
+            raise UserError("eps_test: give at least one radius")
+        self.eps_test = [parse_eps(e) for e in self.eps_test]
+        for e in self.eps_test:
+            _range("eps_test", e, 0.0, 1.0, low_open=True)
+        _int_at_least("batch_size", self.batch_size, 1)
+        _range("cw_kappa", self.cw_kappa, 0.0, math.inf)
+        if self.test_limit is not None:
+            _int_at_least("test_limit", self.test_limit, 1)
+        _choice("loader", self.loader, LOADERS)
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets: named starting points. Explicit values always override them.
+
+PRESETS: dict[str, dict[str, dict]] = {
+    # Section 7.1 of the paper: PGD-20 with step eps/10, lr 0.1 / 10 at epochs 60 and 80 of 120.
+    "paper": {
+        "train": dict(steps=20, step_size="eps/10", epochs=120, lr=0.1, momentum=0.9,
+                      weight_decay=2e-4, schedule="paper", batch_size=128, vcar_mode="paper"),
+        "eval": dict(eps_test=[16 / 255, 20 / 255]),
+    },
+    # wzekai99/FAT pgd_var.py: PGD-10 step 0.007, x0.1/0.01/0.005 at 60/90/110, batch 256.
+    "authors": {
+        "train": dict(steps=10, step_size="0.007", epochs=120, lr=0.1, momentum=0.9,
+                      weight_decay=2e-4, schedule="authors", batch_size=256, vcar_mode="authors"),
+        "eval": dict(eps_test=[16 / 255, 20 / 255]),
+    },
+    # CPU-sized: the offline digits set, a narrow ResNet18, PGD-5. Its eps_test sits above the
+    # eps_train grid, the regime where the paper's tradeoff shows (design.md section 4).
+    "demo": {
+        "train": dict(dataset="digits", model="resnet18", width=16, steps=5, step_size="eps/4",
+                      eps_train=0.1, epochs=15, lr=0.05, batch_size=64, schedule="paper",
+                      vcar_mode="paper", weight_decay=5e-4),
+        "eval": dict(eps_test=[0.25, 0.3]),
+    },
+}
+
+
+def make_train_config(preset: str | None = None, **overrides) -> TrainConfig:
+    """A validated TrainConfig: preset values first, then overrides. Unknown keys are errors."""
+    values = {}
+    if preset:
+        if preset not in PRESETS:
+            raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        values.update(PRESETS[preset]["train"])
+        values["preset"] = preset
+    values.update(overrides)
+    return from_dict(TrainConfig, values).validate()
+
+
+def make_eval_config(preset: str | None = None, **overrides) -> EvalConfig:
+    """A validated EvalConfig: the training preset's eval defaults first, then overrides."""
+    values = dict(PRESETS[preset]["eval"]) if preset in PRESETS else {}
+    values.update(overrides)
+    return from_dict(EvalConfig, values).validate()
+
+
+# ---------------------------------------------------------------------------------------------
+# dict / JSON / argparse plumbing, driven by the dataclass fields
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls, d: dict):
+    """Build a config dataclass from a dict, coercing types; UserError on unknown keys or bad types."""
+    names = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(d) - set(names))
+    if unknown:
+        raise UserError(f"unknown {cls.__name__} key(s): {', '.join(unknown)}; "
+                        f"valid: {', '.join(names)}")
+    hints = typing.get_type_hints(cls)
+    return cls(**{k: _coerce(k, v, hints[k]) for k, v in d.items()})
+
+
+_EPS_FIELDS = {"eps_train", "eps_test"}
+
+
+def _coerce(name: str, value, tp):
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if value is None and type(None) in args:
+        return None
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        tp = next(a for a in args if a is not type(None))
+        return _coerce(name, value, tp)
+    if typing.get_origin(tp) is list:
+        if isinstance(value, (str, int, float)):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"{name}: expected a list, got {value!r}")
+        (inner,) = typing.get_args(tp)
+        return [_coerce(name, v, inner) for v in value]
+    if name in _EPS_FIELDS:
+        return parse_eps(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise UserError(f"{name}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise UserError(f"{name}: expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise UserError(f"{name}: expected an integer, got {value!r}") from None
+    if tp is float:
+        if isinstance(value, bool):
+            raise UserError(f"{name}: expected a number, got {value!r}")
+        return parse_eps(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise UserError(f"{name}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip=(), rename=None) -> None:
+    """One --flag per field of cls, defaulting to SUPPRESS so only given flags override presets.
+
+    Values are parsed later by from_dict (one parser for CLI, API and sweep files).
+    """
+    rename = rename or {}
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + rename.get(f.name, f.name).replace("_", "-")
+        tp = hints[f.name]
+        comment = _field_comment(cls, f.name)
+        if tp is bool or (typing.get_args(tp) and bool in typing.get_args(tp)):
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=comment)
+        elif typing.get_origin(tp) is list:
+            parser.add_argument(flag, dest=f.name, nargs="+", default=argparse.SUPPRESS,
+                                metavar=f.name.upper(), help=comment)
+        else:
+            parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS,
+                                metavar=f.name.upper(), help=comment)
+
+
+def given(args: argparse.Namespace, cls) -> dict:
+    """The fields of cls that were given on the command line."""
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in vars(args).items() if k in names}
+
+
+def _field_comment(cls, name: str) -> str:
+    """The trailing comment of a field in its class source, used as --help text."""
+    import inspect
+    try:
+        src = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return ""
+    m = re.search(rf"^\s+{name}:.*?#\s*(.*)$", src, re.M)
+    return m.group(1).replace("%", "%%") if m else ""
+
+
+# ---------------------------------------------------------------------------------------------
+
+def _choice(name, value, choices):
+    if value not in choices:
+        raise UserError(f"{name}: unknown value {value!r}; choose one of {', '.join(choices)}")
+
+
+def _range(name, value, low, high, low_open=False):
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value):
+        raise UserError(f"{name}: expected a number, got {value!r}")
+    if value < low or value > high or (low_open and value == low):
+        lo = "(" if low_open else "["
+        raise UserError(f"{name} must be in {lo}{low}, {high}], got {value}")
+
+
+def _int_at_least(name, value, low):
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise UserError(f"{name} must be an integer >= {low}, got {value!r}")
