@@ -1,0 +1,159 @@
+"""l_inf attacks: PGD with CE, C&W-margin or TRADES-KL objectives, FGSM, and a torchattacks-style class.
+
+All attacks take inputs in [0, 1] (NCHW or channels_last), radii and steps in pixel units as
+floats or per-sample tensors [N], and return detached adversarial examples in x's layout.
+During the attack the model is in eval mode (restored after), only the input gradient is
+computed (parameters' .grad are left as they were), and every update goes through
+fastfat.kernels.pgd_step.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import kernels
+
+ATTACK_LOSSES = ("ce", "cw", "kl")
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Put model in eval mode for the block and restore each module's own mode after."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, was_training in modes:
+            m.training = was_training
+
+
+def _as_batch(v, x: torch.Tensor) -> torch.Tensor | float:
+    """Float stays float; a tensor becomes fp32 [N, 1, 1, 1] on x's device."""
+    if isinstance(v, torch.Tensor):
+        if v.dim() == 0:
+            return float(v)
+        if v.shape != (x.shape[0],):
+            raise ValueError(f"per-sample eps/alpha must have shape [{x.shape[0]}], got {list(v.shape)}")
+        return v.to(device=x.device, dtype=torch.float32).view(-1, *([1] * (x.dim() - 1)))
+    return float(v)
+
+
+def uniform_noise(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """U(-1, 1) noise of x's shape, drawn in contiguous NCHW order whatever x's layout.
+
+    Drawing in one fixed order keeps the random start identical between a channels_last fast
+    path and an NCHW reference; times eps it equals torch's uniform_(-eps, eps) bit for bit.
+    """
+    return torch.empty(x.shape, dtype=torch.float32, device=x.device).uniform_(-1.0, 1.0, generator=generator)
+
+
+def _objective(kind: str, logits: torch.Tensor, y: torch.Tensor, kappa: float,
+               p_nat: torch.Tensor | None) -> torch.Tensor:
+    """The scalar the attack ascends: a per-sample objective summed over the batch.
+
+    Summing (not averaging) keeps each sample's gradient independent of the batch size; the
+    sign, which is all the update uses, is the same as for the mean.
+    """
+    if kind == "ce":
+        return F.cross_entropy(logits.float(), y, reduction="sum")
+    if kind == "cw":
+        return kernels.cw_margin(logits, y, kappa).sum()
+    return kernels.trades_kl(logits, p_nat).sum()
+
+
+def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps, alpha, steps: int,
+        random_start: bool = True, loss: str = "ce", kappa: float = 50.0, *,
+        generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
+        autocast: contextlib.AbstractContextManager | None = None) -> torch.Tensor:
+    """Projected gradient ascent in the l_inf ball of radius eps around x.
+
+    x [N, C, H, W] in [0, 1]; y [N] int64; eps, alpha: float or [N] (pixel units); steps >= 0.
+    loss: "ce" (cross-entropy), "cw" (margin with kappa, as the authors' C&W), "kl" (TRADES:
+    KL to the natural prediction, start x + 0.001 * N(0, 1) unclamped, as in TRADES).
+    random_start ("ce"/"cw"): start at clamp(x + U(-eps, eps), 0, 1), as the authors' code.
+    noise: optional start noise of x's shape (U(-1, 1) for ce/cw, N(0, 1) for kl) instead of
+    drawing it from `generator` (or torch's global RNG). autocast: a context for the forward.
+    Returns x_adv [N, C, H, W], detached, in x's memory layout.
+    """
+    if loss not in ATTACK_LOSSES:
+        raise ValueError(f"unknown attack loss {loss!r}; expected one of {ATTACK_LOSSES}")
+    x = x.detach()
+    e, a = _as_batch(eps, x), _as_batch(alpha, x)
+    ctx = autocast if autocast is not None else contextlib.nullcontext()
+    with eval_mode(model), torch.enable_grad():
+        p_nat = None
+        if loss == "kl":
+            with torch.no_grad(), ctx:
+                p_nat = model(x).float()
+            if noise is None:
+                noise = torch.randn(x.shape, device=x.device, generator=generator)
+            x_adv = (x + 0.001 * noise.to(x.dtype)).contiguous(memory_format=_layout(x))
+        elif random_start:
+            if noise is None:
+                noise = uniform_noise(x, generator)
+            x_adv = x.clone()
+            x_adv.add_(noise.to(x.dtype) * e).clamp_(0.0, 1.0)
+        else:
+            x_adv = x.clone()
+        for _ in range(steps):
+            x_adv.requires_grad_(True)
+            with ctx:
+                logits = model(x_adv)
+            obj = _objective(loss, logits, y, kappa, p_nat)
+            (grad,) = torch.autograd.grad(obj, x_adv)
+            x_adv = x_adv.detach()
+            kernels.pgd_step(x_adv, x, grad, a, e)
+    return x_adv.detach()
+
+
+def _layout(x: torch.Tensor):
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps, random_start: bool = True,
+         **kw) -> torch.Tensor:
+    """FGSM as the authors evaluate it: a random start in the ball, then one CE step of size eps.
+
+    x [N, C, H, W] in [0, 1]; eps float or [N]. Returns x_adv, detached.
+    """
+    return pgd(model, x, y, eps, eps, 1, random_start=random_start, loss="ce", **kw)
+
+
+def cw_inf(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps, alpha, steps: int = 30,
+           kappa: float = 50.0, random_start: bool = True, **kw) -> torch.Tensor:
+    """C&W-inf: PGD on the margin loss -clamp(z_y - max_{j!=y} z_j + kappa, min=0).
+
+    The authors' evaluation: 30 steps of eps/4 from a random start, kappa 50.
+    """
+    return pgd(model, x, y, eps, alpha, steps, random_start=random_start, loss="cw", kappa=kappa, **kw)
+
+
+class PGD:
+    """torchattacks-compatible PGD: `atk = PGD(model, eps=8/255, alpha=2/255, steps=10); atk(x, y)`.
+
+    Same convention as torchattacks.PGD (random uniform start, CE, sign steps, projection and
+    clamp to [0, 1]), on fastfat's kernels. Code written for torchattacks can switch by
+    changing its import.
+    """
+
+    def __init__(self, model: nn.Module, eps: float = 8 / 255, alpha: float = 2 / 255,
+                 steps: int = 10, random_start: bool = True):
+        self.model, self.eps, self.alpha = model, eps, alpha
+        self.steps, self.random_start = steps, random_start
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        device = next(self.model.parameters()).device
+        return pgd(self.model, images.to(device), labels.to(device), self.eps, self.alpha,
+                   self.steps, random_start=self.random_start)
+
+    __call__ = forward
+
+    def __repr__(self) -> str:
+        return (f"PGD(model_name={type(self.model).__name__}, eps={self.eps}, alpha={self.alpha}, "
+                f"steps={self.steps}, random_start={self.random_start})")
