@@ -1,0 +1,59 @@
+"""Model zoo: `build_model(name, num_classes, width, in_channels)`.
+
+All models take [B, in_channels, H, W] images in [0, 1] (no normalization inside, like the FAT
+authors' code) and return logits [B, num_classes]; pooling is adaptive so 8x8 digits work too.
+`width` is each family's base channel count (None -> the paper's size)."""
+from __future__ import annotations
+
+import torch.nn as nn
+
+from ..errors import UserError
+from .cnn import cnn
+from .fold import fold_bn
+from .preact_resnet import preactresnet18
+from .resnet import resnet18, resnet50
+from .wideresnet import wrn34_10
+
+# canonical name -> (constructor, default width)
+_BUILDERS = {
+    "resnet18": (resnet18, 64),
+    "resnet50": (resnet50, 64),
+    "wrn-32-10": (wrn34_10, 160),
+    "preactresnet18": (preactresnet18, 64),
+    "cnn": (cnn, 32),
+}
+MODEL_NAMES = tuple(_BUILDERS)
+# the paper's "WRN-32-10" is the TRADES WRN-34-10 (32 weight layers + 2 shortcut convs)
+ALIASES = {
+    "wrn-34-10": "wrn-32-10",
+    "wrn32-10": "wrn-32-10",
+    "wrn34-10": "wrn-32-10",
+    "preact-resnet18": "preactresnet18",
+}
+
+__all__ = ["ALIASES", "MODEL_NAMES", "build_model", "canonical_model_name", "fold_bn"]
+
+
+def canonical_model_name(name: str) -> str:
+    """'WRN-34-10' -> 'wrn-32-10'; raises UserError listing the valid names."""
+    key = str(name).strip().lower()
+    key = ALIASES.get(key, key)
+    if key not in _BUILDERS:
+        choices = ", ".join(MODEL_NAMES + tuple(ALIASES))
+        raise UserError(f"unknown model {name!r}; choose one of: {choices}")
+    return key
+
+
+def _positive_int(what: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(f"model {what} must be a positive integer, got {value!r}")
+    return value
+
+
+def build_model(name: str, num_classes: int, width: int | None = None,
+                in_channels: int = 3) -> nn.Module:
+    """A freshly initialised model in train mode on the CPU."""
+    builder, default_width = _BUILDERS[canonical_model_name(name)]
+    width = default_width if width is None else _positive_int("width", width)
+    return builder(num_classes=_positive_int("num_classes", num_classes), width=width,
+                   in_channels=_positive_int("in_channels", in_channels))

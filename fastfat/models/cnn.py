@@ -1,0 +1,39 @@
+"""A small fast CNN for CPU demos: conv(w)-BN-ReLU, conv(2w)-BN-ReLU, max-pool,
+conv(4w)-BN-ReLU, max-pool, global average pool, linear. Works on 8x8 digits and 32x32 images
+(8x8 -> 2x2 before the pool, 32x32 -> 8x8)."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+def _conv_bn(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
+                         nn.ReLU(inplace=True))
+
+
+class SmallCNN(nn.Module):
+    """[B, in_channels, H, W] in [0, 1] -> logits [B, num_classes]; H, W >= 4."""
+
+    def __init__(self, num_classes: int = 10, width: int = 32, in_channels: int = 3):
+        super().__init__()
+        self.features = nn.Sequential(
+            _conv_bn(in_channels, width),
+            _conv_bn(width, 2 * width),
+            nn.MaxPool2d(2),
+            _conv_bn(2 * width, 4 * width),
+            nn.MaxPool2d(2),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
+        self.linear = nn.Linear(4 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.features(x))
+
+    def _fold_pairs(self) -> list[tuple[str, str]]:
+        return [(f"features.{i}.0", f"features.{i}.1") for i in (0, 1, 3)]
+
+
+def cnn(num_classes: int = 10, width: int = 32, in_channels: int = 3) -> SmallCNN:
+    return SmallCNN(num_classes, width, in_channels)

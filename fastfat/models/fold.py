@@ -1,0 +1,101 @@
+"""BatchNorm folding for the attack's forward/backward passes.
+
+During PGD the model is in eval mode, so a BN right after a conv is a fixed per-channel affine
+map and can be merged into the conv: w' = w * g / sqrt(v + eps), b' = beta + (b - m) * g /
+sqrt(v + eps). That removes one memory-bound pass (forward and backward) per conv. Which convs
+are followed by which BN is declared by each model's `_fold_pairs()`; pre-activation BNs (PreAct,
+WRN) come before a ReLU and stay as they are (in eval mode).
+
+`fold_bn(model)` returns an eval-mode copy with its own storage and no parameter grads;
+`fold_bn(model, out=folded)` refreshes an earlier copy in place after an optimizer step, with no
+allocation of modules, so a torch.compile'd attack on `folded` keeps its compiled graph."""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule wraps the model
+
+
+def _pairs(model: nn.Module) -> list[tuple[str, str]]:
+    pairs = model._fold_pairs() if hasattr(model, "_fold_pairs") else []
+    mods = dict(model.named_modules())
+    for c, b in pairs:
+        conv, bn = mods.get(c), mods.get(b)
+        if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)):
+            raise ValueError(f"fold pair ({c}, {b}) is not (Conv2d, BatchNorm2d)")
+        if bn.running_mean is None or conv.out_channels != bn.num_features:
+            raise ValueError(f"cannot fold {b} into {c}")
+    return pairs
+
+
+@torch.no_grad()
+def _folded(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight [O, I, kh, kw], bias [O]) of conv followed by eval-mode bn, computed in fp32."""
+    scale = bn.running_var.float().add(bn.eps).rsqrt()
+    if bn.weight is not None:
+        scale = scale * bn.weight.float()
+    shift = -bn.running_mean.float()
+    if conv.bias is not None:
+        shift = shift + conv.bias.float()
+    bias = shift * scale
+    if bn.bias is not None:
+        bias = bias + bn.bias.float()
+    weight = conv.weight.float() * scale.view(-1, 1, 1, 1)
+    return weight.to(conv.weight.dtype), bias.to(conv.weight.dtype)
+
+
+def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, module)
+
+
+@torch.no_grad()
+def fold_bn(model: nn.Module, out: nn.Module | None = None) -> nn.Module:
+    """Eval-only copy of `model` with every declared (conv, BN) pair merged into the conv.
+
+    The copy shares no storage with `model`, is in eval mode and has requires_grad=False on all
+    parameters (the attack only needs input gradients). With `out` (an earlier result of
+    fold_bn on the same architecture) the folded weights are copied into it in place."""
+    model = _unwrap(model)
+    pairs = _pairs(model)
+    mods = dict(model.named_modules())
+    if out is None:
+        # deepcopy only the module skeleton: the memo hands it fresh detached tensors, so no
+        # .grad, hooks on tensors, or autograd history are copied
+        memo = {}
+        for p in model.parameters():
+            memo[id(p)] = nn.Parameter(p.detach().clone(), requires_grad=False)
+        for b in model.buffers():
+            memo[id(b)] = b.detach().clone()
+        folded = copy.deepcopy(model, memo)
+        for c, b in pairs:
+            conv = folded.get_submodule(c)
+            w, bias = _folded(mods[c], mods[b])
+            conv.weight = nn.Parameter(w, requires_grad=False)
+            conv.bias = nn.Parameter(bias, requires_grad=False)
+            _set_module(folded, b, nn.Identity())
+        return folded.eval().requires_grad_(False)
+
+    # refresh in place: copy the unfolded tensors, recompute the folded ones
+    out = _unwrap(out)
+    folded_names = {f"{c}.weight" for c, _ in pairs} | {f"{c}.bias" for c, _ in pairs}
+    src = dict(model.named_parameters())
+    src.update(model.named_buffers())
+    targets = list(out.named_parameters()) + list(out.named_buffers())
+    stray = [n for n, _ in targets if n not in folded_names and n not in src]
+    if stray:
+        raise ValueError(f"`out` was not folded from this architecture (e.g. {stray[0]!r})")
+    for name, t in targets:
+        if name not in folded_names:
+            t.copy_(src[name])
+    for c, b in pairs:
+        w, bias = _folded(mods[c], mods[b])
+        conv = out.get_submodule(c)
+        conv.weight.copy_(w)
+        conv.bias.copy_(bias)
+    return out.eval()

@@ -1,0 +1,154 @@
+"""Model zoo: shapes, aliases, memory formats, known parameter counts, BN folding."""
+import pytest
+import torch
+
+from fastfat.errors import UserError
+from fastfat.models import ALIASES, MODEL_NAMES, build_model, canonical_model_name, fold_bn
+
+NARROW = {"resnet18": 8, "resnet50": 4, "wrn-32-10": 8, "preactresnet18": 8, "cnn": 8}
+POST_ACTIVATION = ["resnet18", "resnet50", "cnn"]
+
+
+def _narrow(name, num_classes=10, in_channels=3, seed=0):
+    torch.manual_seed(seed)
+    return build_model(name, num_classes, width=NARROW[canonical_model_name(name)],
+                       in_channels=in_channels)
+
+
+def _randomize_bn(model):
+    """Non-trivial running stats and affine params, so folding is actually exercised."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.3, 0.3)
+    return model
+
+
+@pytest.mark.parametrize("name", list(MODEL_NAMES) + list(ALIASES))
+def test_builds_and_forward_shapes(name):
+    for in_ch, hw in [(3, 32), (1, 8)]:
+        model = _narrow(name, num_classes=7, in_channels=in_ch)
+        out = model(torch.rand(2, in_ch, hw, hw))
+        assert out.shape == (2, 7) and torch.isfinite(out).all()
+
+
+def test_aliases_and_case():
+    assert canonical_model_name("WRN-34-10") == "wrn-32-10"
+    assert canonical_model_name("wrn34-10") == "wrn-32-10"
+    assert canonical_model_name("Preact-ResNet18") == "preactresnet18"
+    assert canonical_model_name("ResNet18") == "resnet18"
+    # an alias builds the very same network as the canonical name
+    a, b = _narrow("wrn-34-10"), _narrow("wrn-32-10")
+    assert [(k, v.shape) for k, v in a.state_dict().items()] == \
+           [(k, v.shape) for k, v in b.state_dict().items()]
+
+
+def test_unknown_name_and_bad_args():
+    with pytest.raises(UserError, match="resnet18.*wrn-32-10"):
+        canonical_model_name("vgg16")
+    with pytest.raises(UserError):
+        build_model("alexnet", 10)
+    with pytest.raises(UserError):
+        build_model("cnn", 0)
+    with pytest.raises(UserError):
+        build_model("cnn", 10, width=-1)
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_channels_last_matches_nchw(name):
+    model = _randomize_bn(_narrow(name)).eval()
+    x = torch.rand(2, 3, 32, 32)
+    ref = model(x)
+    x_cl = x.to(memory_format=torch.channels_last)
+    torch.testing.assert_close(model(x_cl), ref, rtol=1e-4, atol=1e-5)
+    model = model.to(memory_format=torch.channels_last)  # weights too, as the trainer does
+    torch.testing.assert_close(model(x_cl), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_known_parameter_counts():
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    assert count(build_model("resnet18", 10)) == 11_173_962
+    assert count(build_model("wrn-34-10", 10)) == 46_160_474  # TRADES / RobustBench 46.16M
+    assert count(build_model("resnet50", 10)) == 23_520_842
+
+
+def test_wrn_structure_and_width():
+    m = build_model("wrn-32-10", 10)
+    assert m.conv1.out_channels == 16
+    assert [m.block1[0].conv1.out_channels, m.block2[0].conv1.out_channels,
+            m.block3[0].conv1.out_channels] == [160, 320, 640]
+    assert len(m.block1) == len(m.block2) == len(m.block3) == 5
+    assert (m.bn1.weight == 1).all() and (m.fc.bias == 0).all()
+    # He fan-out init: std sqrt(2 / (3*3*160)) for a stage-1 conv
+    std = m.block1[1].conv1.weight.std().item()
+    assert abs(std - (2 / (9 * 160)) ** 0.5) < 0.05 * std
+    assert build_model("wrn-32-10", 10, width=16).conv1.out_channels == 2
+    assert build_model("wrn-32-10", 10, width=4).conv1.out_channels == 1
+
+
+def test_resnet_width_semantics():
+    m = build_model("resnet18", 10, width=16, in_channels=1)
+    assert m.conv1.in_channels == 1 and m.conv1.out_channels == 16
+    assert m.linear.in_features == 128
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_fold_bn_matches_eval_and_leaves_original(name):
+    model = _randomize_bn(_narrow(name)).train()
+    model.zero_grad()
+    model(torch.rand(2, 3, 32, 32)).sum().backward()  # the original has grads; copy must not
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    folded = fold_bn(model)
+    assert model.training and all(m.training for m in model.modules())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert not folded.training and not any(m.training for m in folded.modules())
+    assert all(not p.requires_grad and p.grad is None for p in folded.parameters())
+    ptrs = {t.data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    assert not ptrs & {t.data_ptr() for t in list(folded.parameters()) + list(folded.buffers())}
+    n_bn = lambda m: sum(isinstance(x, torch.nn.BatchNorm2d) for x in m.modules())
+    if name in POST_ACTIVATION:
+        assert n_bn(folded) == 0
+    else:
+        assert n_bn(folded) == n_bn(model)
+
+    model.eval()
+    for in_ch_x in [torch.rand(2, 3, 32, 32), torch.rand(2, 3, 8, 8)]:
+        x1 = in_ch_x.clone().requires_grad_(True)
+        x2 = in_ch_x.clone().requires_grad_(True)
+        ref, out = model(x1), folded(x2)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        w = torch.randn_like(ref)
+        (g1,) = torch.autograd.grad((ref * w).sum(), x1)
+        (g2,) = torch.autograd.grad((out * w).sum(), x2)
+        torch.testing.assert_close(g2, g1, rtol=1e-4, atol=1e-5)
+
+
+def test_fold_bn_refresh_in_place_tracks_updates():
+    model = _randomize_bn(_narrow("resnet18"))
+    folded = fold_bn(model)
+    ids = [id(p) for p in folded.parameters()]
+    with torch.no_grad():  # an "optimizer step" plus new BN statistics
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    _randomize_bn(model)
+    assert fold_bn(model, out=folded) is folded
+    assert [id(p) for p in folded.parameters()] == ids
+    x = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(folded(x), model.eval()(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(folded(x), fold_bn(model)(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_torch_compile_single_graph(name):
+    """fullgraph=True fails on any graph break, i.e. data-dependent Python control flow."""
+    torch._dynamo.reset()
+    model = _randomize_bn(_narrow(name)).eval()
+    x = torch.rand(2, 3, 8, 8)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)  # capture only: cheap
+    torch.testing.assert_close(compiled(x), model(x))
+    torch.testing.assert_close(fold_bn(compiled)(x), model(x), rtol=1e-5, atol=1e-5)
