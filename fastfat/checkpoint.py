@@ -1,0 +1,97 @@
+"""Atomic files and verified checkpoints.
+
+A checkpoint is a plain dict of tensors, numbers and strings, so it loads with
+torch.load(..., weights_only=True). It carries a SHA-256 digest of its own contents: a file
+that unpickles but was altered (or truncated) is refused with one clear message.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+
+import torch
+
+from .errors import UserError
+
+FORMAT = "fastfat-checkpoint-v1"
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write data to path so that readers see the old file or the new one, never a part."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
+
+
+def _digest(state: dict) -> str:
+    """SHA-256 over every entry (sorted keys; tensors by dtype, shape and bytes)."""
+    h = hashlib.sha256()
+
+    def feed(key: str, v):
+        h.update(key.encode())
+        if isinstance(v, torch.Tensor):
+            t = v.detach().cpu().contiguous()
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(v, dict):
+            for k in sorted(v, key=str):
+                feed(f"{key}/{k}", v[k])
+        elif isinstance(v, (list, tuple)):
+            for i, item in enumerate(v):
+                feed(f"{key}[{i}]", item)
+        else:
+            h.update(repr(v).encode())
+
+    for k in sorted(state):
+        if k != "digest":
+            feed(k, state[k])
+    return h.hexdigest()
+
+
+def save_checkpoint(path: str, state: dict) -> None:
+    """Atomically save a checkpoint dict (model, optimizer, epoch, config, ...) with its digest."""
+    state = dict(state, format=FORMAT)
+    state["digest"] = _digest(state)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_checkpoint(path: str, map_location="cpu") -> dict:
+    """Load and verify a checkpoint written by save_checkpoint; UserError if missing or bad."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot read checkpoint {path}: not a valid fastfat checkpoint "
+                        f"({type(e).__name__})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise UserError(f"cannot read checkpoint {path}: not a fastfat checkpoint")
+    if state.get("digest") != _digest(state):
+        raise UserError(f"checkpoint {path} failed its integrity check (altered or corrupted)")
+    return state

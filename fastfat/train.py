@@ -1,0 +1,311 @@
+"""Training: Madry PGD-AT, TRADES, FAT on either, and natural training.
+
+One step = attack (PGD on a BN-folded eval copy, input gradients only) -> forward on x_adv
+(AMP on CUDA) -> loss from fastfat.losses -> SGD. Each epoch ends with an atomic checkpoint
+and a log row; `resume` continues from the last checkpoint and reproduces an uninterrupted run
+exactly, because every random stream is keyed by (seed, epoch).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import attacks, losses
+from .checkpoint import atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
+from .config import TrainConfig, add_dataclass_flags, from_dict, given, make_train_config, to_dict
+from .data import build_loader, dataset_info, epoch_generator
+from .errors import UserError
+from .models import build_model
+from .models.fold import fold_bn
+
+
+# ---------------------------------------------------------------------------------------------
+# Small pieces
+
+def resolve_device(spec: str) -> torch.device:
+    """'auto' -> cuda if available else cpu; otherwise the named device (checked)."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(spec)
+    except RuntimeError:
+        raise UserError(f"unknown device {spec!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {spec} asked for, but CUDA is not available here")
+    return dev
+
+
+def amp_dtype(mode: str, device: torch.device):
+    """The autocast dtype, or None for fp32. 'auto': bf16 on CUDA, fp32 on CPU (bf16 is slow
+    on CPUs without native bf16)."""
+    if mode == "off" or (mode == "auto" and device.type != "cuda"):
+        return None
+    return torch.float16 if mode == "fp16" else torch.bfloat16
+
+
+def autocast_ctx(device: torch.device, dtype):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+SCHEDULE_MILESTONES = {
+    # (fraction of the epochs at which it starts, lr multiplier): 120 epochs -> 60/80 and 60/90/110
+    "paper": ((1 / 2, 0.1), (2 / 3, 0.01)),
+    "authors": ((1 / 2, 0.1), (3 / 4, 0.01), (11 / 12, 0.005)),
+    "constant": (),
+}
+
+
+def lr_at(epoch: int, epochs: int, lr: float, schedule: str) -> float:
+    """Piecewise-constant learning rate for a 0-based epoch."""
+    mult = 1.0
+    for frac, m in SCHEDULE_MILESTONES[schedule]:
+        if epoch >= round(frac * epochs):
+            mult = m
+    return lr * mult
+
+
+def build_for_config(cfg: TrainConfig, device: torch.device) -> nn.Module:
+    """The model a config trains, on device, in channels_last when asked."""
+    info = dataset_info(cfg.dataset)
+    torch.manual_seed(cfg.seed)  # the initial weights depend on the seed only
+    model = build_model(cfg.model, info.num_classes, width=cfg.width, in_channels=info.channels)
+    model = model.to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+class NonFiniteLoss(UserError):
+    """Training diverged: the loss became NaN or inf."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The step
+
+@dataclass
+class StepOut:
+    loss: torch.Tensor   # 0-dim, detached
+    vcar: torch.Tensor   # 0-dim, detached (0 for methods without VCAR)
+
+
+class Trainer:
+    """Holds the model, optimizer and AMP state, and runs one training step at a time."""
+
+    def __init__(self, cfg: TrainConfig, model: nn.Module, device: torch.device | str = "cpu"):
+        self.cfg, self.model, self.device = cfg, model, torch.device(device)
+        self.num_classes = dataset_info(cfg.dataset).num_classes
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                         weight_decay=cfg.weight_decay)
+        self.amp = amp_dtype(cfg.amp, self.device)
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp == torch.float16 else None
+        # The authors' FAT-TRADES attacks with CE; original TRADES with its KL objective.
+        self.attack_loss = "kl" if cfg.method == "trades" else "ce"
+        self.alpha = cfg.alpha()
+        self.forward = torch.compile(model) if cfg.compile else model
+        self._folded = None
+
+    def set_epoch_lr(self, epoch: int) -> float:
+        lr = lr_at(epoch, self.cfg.epochs, self.cfg.lr, self.cfg.schedule)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        return lr
+
+    def attack_model(self) -> nn.Module:
+        """What the attack differentiates: a BN-folded eval copy (cheaper, same math) or the model."""
+        if self.cfg.fold_bn:
+            # Refreshed in place after each step's weights change, so a compiled copy keeps its graph.
+            self._folded = fold_bn(self.model, out=self._folded)
+            return self._folded
+        return self.model
+
+    def adversarial(self, x, y, generator=None) -> torch.Tensor:
+        cfg = self.cfg
+        return attacks.pgd(self.attack_model(), x, y, cfg.eps_train, self.alpha, cfg.steps,
+                           loss=self.attack_loss, generator=generator,
+                           autocast=autocast_ctx(self.device, self.amp))
+
+    def loss(self, x, y, x_adv) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, vcar) for the method; model in train mode. x, x_adv [N, C, H, W], y [N]."""
+        cfg, zero = self.cfg, torch.zeros((), device=x.device)
+        with autocast_ctx(self.device, self.amp):
+            if cfg.method == "natural":
+                return F.cross_entropy(self.forward(x).float(), y), zero
+            logits_adv = self.forward(x_adv)
+            if cfg.method in ("trades", "fat-trades"):
+                logits_nat = self.forward(x)  # after the adversarial forward, as the authors
+        if cfg.method == "madry":
+            return F.cross_entropy(logits_adv.float(), y), zero
+        if cfg.method == "trades":
+            return losses.trades_loss(logits_nat, logits_adv, y, cfg.beta), zero
+        if cfg.method == "fat-madry":
+            from . import kernels
+            loss, _, v = kernels.fat_ce_loss(logits_adv, y, self.num_classes, cfg.lam, cfg.vcar_mode,
+                                             cfg.superclass)
+            return loss, v
+        v = losses.vcar(F.cross_entropy(logits_adv.float(), y, reduction="none"), y, self.num_classes,
+                        cfg.vcar_mode, cfg.superclass).detach()
+        return losses.fat_trades_loss(logits_nat, logits_adv, y, self.num_classes, cfg.beta, cfg.lam,
+                                      cfg.vcar_mode, cfg.superclass), v
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, generator=None) -> StepOut:
+        """One SGD step on a batch x [N, C, H, W] in [0, 1], y [N]; attack noise from generator."""
+        x_adv = None if self.cfg.method == "natural" else self.adversarial(x, y, generator)
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, v = self.loss(x, y, x_adv)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        return StepOut(loss.detach(), v)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+CHECKPOINT = "checkpoint.pt"
+LOG = "log.jsonl"
+
+
+def _progress(total, desc, enabled, position=0):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, leave=False, position=position, dynamic_ncols=True)
+
+
+def train(cfg: TrainConfig, out_dir: str | None = None, *, resume: bool = False,
+          progress: bool = True, on_epoch=None, position: int = 0) -> tuple[nn.Module, list[dict]]:
+    """Train a model as cfg says. Returns (model, per-epoch log rows).
+
+    out_dir: where config.json, checkpoint.pt (after every epoch, atomic) and log.jsonl go.
+    resume: continue from out_dir/checkpoint.pt (same config required); a finished run returns
+    at once. on_epoch(row) is called after each epoch's checkpoint is on disk.
+    Raises NonFiniteLoss (a UserError) if the loss becomes NaN/inf; nothing is saved for that epoch.
+    """
+    device = resolve_device(cfg.device)
+    info = dataset_info(cfg.dataset)
+    state = None
+    ckpt_path = os.path.join(out_dir, CHECKPOINT) if out_dir else None
+    if resume and ckpt_path and os.path.exists(ckpt_path):
+        state = load_checkpoint(ckpt_path)
+        saved = from_dict(TrainConfig, state["config"])
+        if to_dict(saved) != to_dict(cfg):
+            diff = [k for k, v in to_dict(cfg).items() if to_dict(saved).get(k) != v]
+            raise UserError(f"--resume: {ckpt_path} was trained with a different config "
+                            f"({', '.join(diff)} differ)")
+    loader = build_loader(cfg.loader, cfg.dataset, "train", data_root=cfg.data_root,
+                          download=cfg.download, batch_size=cfg.batch_size, seed=cfg.seed,
+                          device=device, crop_pad=cfg.crop_pad, flip=cfg.flip,
+                          channels_last=cfg.channels_last, drop_last=cfg.drop_last,
+                          limit=cfg.train_limit, num_workers=cfg.num_workers)
+    model = build_for_config(cfg, device)
+    trainer = Trainer(cfg, model, device)
+    start, log = 0, []
+    if state is not None:
+        model.load_state_dict(state["model"])
+        trainer.optimizer.load_state_dict(state["optimizer"])
+        if trainer.scaler is not None and "scaler" in state:
+            trainer.scaler.load_state_dict(state["scaler"])
+        start, log = int(state["epoch"]) + 1, [json.loads(r) for r in state["log"]]
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        atomic_write_json(os.path.join(out_dir, "config.json"), to_dict(cfg))
+
+    for epoch in range(start, cfg.epochs):
+        lr = trainer.set_epoch_lr(epoch)
+        loader.set_epoch(epoch)
+        gen = epoch_generator(cfg.seed, epoch, device)
+        bar = _progress(len(loader), f"epoch {epoch + 1}/{cfg.epochs}", progress, position)
+        tot_loss = torch.zeros((), device=device)
+        tot_vcar = torch.zeros((), device=device)
+        seen, steps, t0 = 0, 0, time.perf_counter()
+        for x, y in loader:
+            out = trainer.train_step(x, y, gen)
+            tot_loss += out.loss * y.numel()
+            tot_vcar += out.vcar
+            seen, steps = seen + y.numel(), steps + 1
+            if bar is not None and (steps % 5 == 0 or steps == len(loader)):
+                mean_loss = float(tot_loss) / seen
+                _check_finite(mean_loss, epoch, steps)
+                bar.set_postfix(loss=f"{mean_loss:.4f}", vcar=f"{float(tot_vcar) / steps:.4f}",
+                                lr=f"{lr:g}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+                bar.update(steps - bar.n)
+        if bar is not None:
+            bar.close()
+        secs = time.perf_counter() - t0
+        row = {"epoch": epoch + 1, "lr": lr, "loss": float(tot_loss) / max(seen, 1),
+               "vcar": float(tot_vcar) / max(steps, 1), "seconds": secs,
+               "images_per_s": seen / secs if secs > 0 else 0.0}
+        _check_finite(row["loss"], epoch, steps)
+        log.append(row)
+        if out_dir:
+            save = {"model": model.state_dict(), "optimizer": trainer.optimizer.state_dict(),
+                    "epoch": epoch, "config": to_dict(cfg), "log": [json.dumps(r) for r in log]}
+            if trainer.scaler is not None:
+                save["scaler"] = trainer.scaler.state_dict()
+            save_checkpoint(ckpt_path, save)
+            atomic_write_text(os.path.join(out_dir, LOG), "".join(json.dumps(r) + "\n" for r in log))
+        if on_epoch is not None:
+            on_epoch(row)
+    return model, log
+
+
+def _check_finite(loss: float, epoch: int, step: int) -> None:
+    if not math.isfinite(loss):
+        raise NonFiniteLoss(f"training diverged: the loss is {loss} in epoch {epoch + 1} "
+                            f"(by step {step}); lower --lr or --lam")
+
+
+def load_model(path: str, device="cpu") -> tuple[nn.Module, TrainConfig]:
+    """A trained model (eval mode) and its config from a checkpoint; UserError if bad."""
+    state = load_checkpoint(path)
+    try:
+        cfg = from_dict(TrainConfig, state["config"]).validate()
+        model = build_for_config(cfg, torch.device(device))
+        model.load_state_dict(state["model"])
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"checkpoint {path} does not fit its own config ({type(e).__name__})") from None
+    return model.eval(), cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("train", help="train one model (Madry, TRADES, FAT, natural)",
+                       description="Train one model. Flags override the preset's values.")
+    p.add_argument("--preset", default=None, help="paper | authors | demo: a starting point for every field")
+    p.add_argument("--out", required=True, help="output directory (config.json, checkpoint.pt, log.jsonl)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_dataclass_flags(p, TrainConfig, skip=("preset",))
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    cfg = make_train_config(args.preset, **given(args, TrainConfig))
+    if not args.resume and os.path.exists(os.path.join(args.out, CHECKPOINT)):
+        raise UserError(f"{args.out} already holds a checkpoint; pass --resume to continue it "
+                        f"or choose another --out")
+    _, log = train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
+    if log:
+        r = log[-1]
+        print(f"trained {cfg.method} {cfg.model} on {cfg.dataset}, eps_train {cfg.eps_train:.4f}: "
+              f"{r['epoch']} epochs, last loss {r['loss']:.4f}; checkpoint {os.path.join(args.out, CHECKPOINT)}")
+    return 0
