@@ -1,0 +1,16 @@
+"""Shared fixtures: tiny, fast configurations for the CPU."""
+import os
+
+import pytest
+import torch
+
+# Two cores, shared: one intra-op thread per test process keeps timings predictable.
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture
+def tiny_overrides():
+    """TrainConfig overrides for a run that takes a second or two on the CPU."""
+    return dict(dataset="synthetic", model="resnet18", width=4, epochs=2, batch_size=32,
+                steps=2, step_size="eps/2", eps_train=8 / 255, lr=0.05, train_limit=96,
+                test_limit=64, schedule="constant")
