@@ -10,6 +10,7 @@ through these functions, and nothing else re-implements them.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -22,11 +23,16 @@ __all__ = ["backend", "pgd_step", "class_stats", "class_ce_stats", "fat_ce_loss"
            "CIFAR100_COARSE", "AUTHORS_SLOTS", "VCAR_MODES"]
 
 
+@functools.lru_cache(maxsize=None)
 def _triton_ops():
-    """The Triton implementations, imported on first use (Triton is heavy and optional)."""
+    """The Triton implementations, imported once on first use (Triton is heavy and optional).
+
+    Any import failure (no Triton, a Triton too old for the kernels, a broken install) means
+    "no Triton": the torch twins serve, silently, unless FASTFAT_KERNELS=triton asks otherwise.
+    """
     try:
         from . import triton_ops
-    except ImportError:  # no Triton installed, or no Triton implementation available
+    except Exception:  # noqa: BLE001 - e.g. ImportError, or a RuntimeError from a broken Triton
         return None
     return triton_ops
 

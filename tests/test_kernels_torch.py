@@ -1,0 +1,67 @@
+"""Kernel dispatch (kernels/__init__.py) and checks of the plain-torch twins against closed forms."""
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+import fastfat.kernels as K
+from fastfat.kernels import torch_ops as R
+
+CUDA_LIKE = types.SimpleNamespace(is_cuda=True)   # backend() only asks .is_cuda
+
+
+def test_dispatch_chooses_triton_for_cuda_tensors(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.delenv("FASTFAT_KERNELS", raising=False)
+    assert K.backend(CUDA_LIKE) == "triton"
+    assert K.backend(torch.zeros(1)) == "torch"
+    monkeypatch.setenv("FASTFAT_KERNELS", "torch")
+    assert K.backend(CUDA_LIKE) == "torch"
+    monkeypatch.setenv("FASTFAT_KERNELS", "cuda")
+    with pytest.raises(ValueError, match="FASTFAT_KERNELS"):
+        K.backend(CUDA_LIKE)
+
+
+def test_dispatch_falls_back_silently_without_triton():
+    """A process where `import triton` fails: CUDA tensors go to torch; forcing triton says why."""
+    code = """
+import os, sys, torch
+sys.modules["triton"] = None          # `import triton` now raises ImportError
+import fastfat.kernels as K
+from types import SimpleNamespace
+assert K.backend(SimpleNamespace(is_cuda=True)) == "torch"
+x = torch.rand(2, 3, 4, 4); K.pgd_step(x, x.clone(), torch.randn_like(x), 0.1, 0.1)
+os.environ["FASTFAT_KERNELS"] = "triton"
+try:
+    K.backend(x)
+except RuntimeError as e:
+    print("raised:", e)
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("FASTFAT_KERNELS", "TRITON_INTERPRET")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "raised: FASTFAT_KERNELS=triton but the Triton kernels cannot be imported" in out.stdout
+
+
+def test_authors_vcar_on_cifar10_is_the_padded_unbiased_variance():
+    # design.md: 90 zero slots make the authors' term (10 s2 + 9 m2) / 99.
+    g = torch.Generator().manual_seed(0)
+    sums, counts = torch.rand(10, generator=g) * 20, torch.randint(1, 9, (10,), generator=g).float()
+    means = sums / counts
+    s2, m = means.var(unbiased=False), means.mean()
+    v = R.vcar_from_stats(sums, counts, "authors")
+    torch.testing.assert_close(v, (10 * s2 + 9 * m ** 2) / 99, rtol=1e-5, atol=0)
+    padded = torch.cat([means, torch.zeros(90)])
+    torch.testing.assert_close(v, padded.var(), rtol=1e-5, atol=0)
+
+
+def test_paper_vcar_ignores_absent_classes_and_superclass_folds():
+    sums = torch.tensor([2.0, 0.0, 6.0] + [0.0] * 97)
+    counts = torch.tensor([1.0, 0.0, 2.0] + [0.0] * 97)
+    # present classes 0 and 2 with means 2 and 3: population variance 0.25
+    torch.testing.assert_close(R.vcar_from_stats(sums, counts, "paper"), torch.tensor(0.25))
+    # superclass: classes 0 -> 4 and 2 -> 14; means / 5 = 0.4 and 0.6 over two present superclasses
+    torch.testing.assert_close(R.vcar_from_stats(sums, counts, "paper", superclass=True), torch.tensor(0.01))
