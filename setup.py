@@ -23,7 +23,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "ffcv": ["ffcv==1.0.2", "numba", "opencv-python-headless", "Pillow"],
+        "ffcv": ["ffcv==1.0.2", "numba", "Pillow"],
         "dev": ["pytest", "pytest-benchmark", "pytest-timeout", "py-spy", "pyinstrument"],
     },
     entry_points={"console_scripts": ["fastfat=fastfat.cli:main"]},

@@ -59,7 +59,7 @@ def _objective(kind: str, logits: torch.Tensor, y: torch.Tensor, kappa: float,
     sign, which is all the update uses, is the same as for the mean.
     """
     if kind == "ce":
-        return F.cross_entropy(logits.float(), y, reduction="sum")
+        return F.cross_entropy(kernels.upcast(logits), y, reduction="sum")
     if kind == "cw":
         return kernels.cw_margin(logits, y, kappa).sum()
     return kernels.trades_kl(logits, p_nat).sum()
@@ -88,7 +88,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps, alpha, steps: i
         p_nat = None
         if loss == "kl":
             with torch.no_grad(), ctx:
-                p_nat = model(x).float()
+                p_nat = kernels.upcast(model(x))
             if noise is None:
                 noise = torch.randn(x.shape, device=x.device, generator=generator)
             x_adv = (x + 0.001 * noise.to(x.dtype)).contiguous(memory_format=_layout(x))

@@ -307,10 +307,13 @@ def beton_paths(data_root: str, dataset: str) -> tuple[str, str]:
 
 
 def ffcv_installed() -> bool:
+    threads = torch.get_num_threads()
     try:
         import ffcv  # noqa: F401
     except Exception:  # ImportError, or a broken native build
         return False
+    finally:
+        torch.set_num_threads(threads)  # importing ffcv sets torch to one thread
     return True
 
 

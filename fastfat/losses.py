@@ -28,9 +28,13 @@ def vcar(per_sample_loss: torch.Tensor, y: torch.Tensor, num_classes: int, mode:
 
 
 def fat_loss(logits_adv: torch.Tensor, y: torch.Tensor, num_classes: int, lam: float,
-             mode: str = "paper", superclass: bool = False) -> torch.Tensor:
-    """FAT on Madry: mean CE(logits_adv, y) + lam * VCAR(per-sample CE). logits_adv [N, C]."""
-    return kernels.fat_ce_loss(logits_adv, y, num_classes, lam, mode, superclass)[0]
+             mode: str = "paper", superclass: bool = False, return_vcar: bool = False):
+    """FAT on Madry: mean CE(logits_adv, y) + lam * VCAR(per-sample CE). logits_adv [N, C].
+
+    return_vcar: also return the VCAR value (detached), as (loss, vcar).
+    """
+    loss, _, v = kernels.fat_ce_loss(logits_adv, y, num_classes, lam, mode, superclass)
+    return (loss, v) if return_vcar else loss
 
 
 def trades_loss(logits_nat: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor,
@@ -40,13 +44,14 @@ def trades_loss(logits_nat: torch.Tensor, logits_adv: torch.Tensor, y: torch.Ten
     Both logits [N, C]; neither is detached (as in TRADES and the authors' trades_var.py).
     """
     n = logits_nat.shape[0]
-    return F.cross_entropy(logits_nat.float(), y) + beta * kernels.trades_kl(logits_adv, logits_nat).sum() / n
+    return F.cross_entropy(kernels.upcast(logits_nat), y) + beta * kernels.trades_kl(logits_adv, logits_nat).sum() / n
 
 
 def fat_trades_loss(logits_nat: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor,
                     num_classes: int, beta: float, lam: float, mode: str = "paper",
-                    superclass: bool = False) -> torch.Tensor:
+                    superclass: bool = False, return_vcar: bool = False):
     """FAT on TRADES as the authors do it (trades_var.py): the TRADES loss + lam * VCAR of the
-    per-sample CE on the adversarial logits."""
-    v = kernels.fat_ce_loss(logits_adv, y, num_classes, lam, mode, superclass, ce_weight=0.0)[0]
-    return trades_loss(logits_nat, logits_adv, y, beta) + v
+    per-sample CE on the adversarial logits. return_vcar: return (loss, detached VCAR)."""
+    term, _, v = kernels.fat_ce_loss(logits_adv, y, num_classes, lam, mode, superclass, ce_weight=0.0)
+    loss = trades_loss(logits_nat, logits_adv, y, beta) + term
+    return (loss, v) if return_vcar else loss

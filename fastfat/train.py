@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import attacks, losses
+from . import attacks, kernels, losses
 from .checkpoint import atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
 from .config import TrainConfig, add_dataclass_flags, from_dict, given, make_train_config, to_dict
 from .data import build_loader, dataset_info, epoch_generator
@@ -137,25 +137,22 @@ class Trainer:
     def loss(self, x, y, x_adv) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss, vcar) for the method; model in train mode. x, x_adv [N, C, H, W], y [N]."""
         cfg, zero = self.cfg, torch.zeros((), device=x.device)
+        ce = lambda logits: F.cross_entropy(kernels.upcast(logits), y)
         with autocast_ctx(self.device, self.amp):
             if cfg.method == "natural":
-                return F.cross_entropy(self.forward(x).float(), y), zero
+                return ce(self.forward(x)), zero
             logits_adv = self.forward(x_adv)
             if cfg.method in ("trades", "fat-trades"):
                 logits_nat = self.forward(x)  # after the adversarial forward, as the authors
         if cfg.method == "madry":
-            return F.cross_entropy(logits_adv.float(), y), zero
+            return ce(logits_adv), zero
         if cfg.method == "trades":
             return losses.trades_loss(logits_nat, logits_adv, y, cfg.beta), zero
         if cfg.method == "fat-madry":
-            from . import kernels
-            loss, _, v = kernels.fat_ce_loss(logits_adv, y, self.num_classes, cfg.lam, cfg.vcar_mode,
-                                             cfg.superclass)
-            return loss, v
-        v = losses.vcar(F.cross_entropy(logits_adv.float(), y, reduction="none"), y, self.num_classes,
-                        cfg.vcar_mode, cfg.superclass).detach()
+            return losses.fat_loss(logits_adv, y, self.num_classes, cfg.lam, cfg.vcar_mode,
+                                   cfg.superclass, return_vcar=True)
         return losses.fat_trades_loss(logits_nat, logits_adv, y, self.num_classes, cfg.beta, cfg.lam,
-                                      cfg.vcar_mode, cfg.superclass), v
+                                      cfg.vcar_mode, cfg.superclass, return_vcar=True)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, generator=None) -> StepOut:
         """One SGD step on a batch x [N, C, H, W] in [0, 1], y [N]; attack noise from generator."""
@@ -221,9 +218,6 @@ def train(cfg: TrainConfig, out_dir: str | None = None, *, resume: bool = False,
         if trainer.scaler is not None and "scaler" in state:
             trainer.scaler.load_state_dict(state["scaler"])
         start, log = int(state["epoch"]) + 1, [json.loads(r) for r in state["log"]]
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-        atomic_write_json(os.path.join(out_dir, "config.json"), to_dict(cfg))
 
     for epoch in range(start, cfg.epochs):
         lr = trainer.set_epoch_lr(epoch)
@@ -257,6 +251,9 @@ def train(cfg: TrainConfig, out_dir: str | None = None, *, resume: bool = False,
                     "epoch": epoch, "config": to_dict(cfg), "log": [json.dumps(r) for r in log]}
             if trainer.scaler is not None:
                 save["scaler"] = trainer.scaler.state_dict()
+            os.makedirs(out_dir, exist_ok=True)
+            # config.json lands with the first checkpoint: a run that fails early leaves nothing.
+            atomic_write_json(os.path.join(out_dir, "config.json"), to_dict(cfg))
             save_checkpoint(ckpt_path, save)
             atomic_write_text(os.path.join(out_dir, LOG), "".join(json.dumps(r) + "\n" for r in log))
         if on_epoch is not None:
@@ -299,7 +296,8 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    cfg = make_train_config(args.preset, **given(args, TrainConfig))
+    overrides = {k: v for k, v in given(args, TrainConfig).items() if k != "preset"}
+    cfg = make_train_config(args.preset, **overrides)
     if not args.resume and os.path.exists(os.path.join(args.out, CHECKPOINT)):
         raise UserError(f"{args.out} already holds a checkpoint; pass --resume to continue it "
                         f"or choose another --out")

@@ -24,6 +24,11 @@ AUTHORS_SLOTS = 100
 VCAR_MODES = ("paper", "authors")
 
 
+def upcast(t: torch.Tensor) -> torch.Tensor:
+    """fp16/bf16 -> fp32 for the math; fp32 and fp64 stay as they are (fp64 pins tests)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def _per_sample(t: torch.Tensor | float, ref: torch.Tensor) -> torch.Tensor | float:
     """A float stays a float; a per-sample tensor [N] becomes [N, 1, ..., 1] to broadcast on ref."""
     if isinstance(t, torch.Tensor):
@@ -38,8 +43,10 @@ def pgd_step(x_adv: torch.Tensor, x_nat: torch.Tensor, grad: torch.Tensor,
     Math in fp32 whatever the storage dtype; returns x_adv.
     """
     a, e = _per_sample(alpha, x_adv), _per_sample(eps, x_adv)
-    xa, xn = x_adv.float(), x_nat.float()
-    out = xa + a * torch.sign(grad.float())
+    xa, xn = upcast(x_adv), upcast(x_nat)
+    if isinstance(a, torch.Tensor):
+        a, e = a.to(xa.dtype), e.to(xa.dtype)
+    out = xa + a * torch.sign(upcast(grad))
     out = torch.minimum(torch.maximum(out, xn - e), xn + e).clamp_(0.0, 1.0)
     x_adv.copy_(out)
     return x_adv
@@ -48,17 +55,18 @@ def pgd_step(x_adv: torch.Tensor, x_nat: torch.Tensor, grad: torch.Tensor,
 def class_stats(values: torch.Tensor, y: torch.Tensor, num_classes: int):
     """Per-class sums and counts of a per-sample quantity.
 
-    values [N] (any float dtype), y [N] int64 -> (sums [C] fp32, differentiable in values;
-    counts [C] fp32). Sequential index_add: deterministic on CPU.
+    values [N] (any float dtype), y [N] int64 -> (sums [C] fp32 (fp64 for fp64 values),
+    differentiable in values; counts [C] same dtype). Sequential index_add: deterministic on CPU.
     """
-    sums = torch.zeros(num_classes, dtype=torch.float32, device=values.device).index_add(0, y, values.float())
-    counts = torch.bincount(y, minlength=num_classes)[:num_classes].to(torch.float32)
+    v = upcast(values)
+    sums = torch.zeros(num_classes, dtype=v.dtype, device=values.device).index_add(0, y, v)
+    counts = torch.bincount(y, minlength=num_classes)[:num_classes].to(v.dtype)
     return sums, counts
 
 
 def class_ce_stats(logits: torch.Tensor, y: torch.Tensor, num_classes: int):
     """logits [N, C], y [N] -> (per-sample CE [N] fp32, class sums [C] fp32, class counts [C] fp32)."""
-    ce = F.cross_entropy(logits.float(), y, reduction="none")
+    ce = F.cross_entropy(upcast(logits), y, reduction="none")
     sums, counts = class_stats(ce, y, num_classes)
     return ce, sums, counts
 
@@ -117,7 +125,7 @@ def cw_margin(logits: torch.Tensor, y: torch.Tensor, kappa: float = 50.0) -> tor
 
     logits [N, C] -> [N] fp32 (as wzekai99/FAT attack_generator.py cwloss, per sample).
     """
-    z = logits.float()
+    z = upcast(logits)
     onehot = F.one_hot(y, z.shape[1]).to(torch.bool)
     correct = z.gather(1, y[:, None]).squeeze(1)
     other = z.masked_fill(onehot, float("-inf")).amax(1)
@@ -130,6 +138,9 @@ def trades_kl(logits_adv: torch.Tensor, logits_nat: torch.Tensor) -> torch.Tenso
     The same quantity as nn.KLDivLoss(reduction="none")(log_softmax(adv), softmax(nat)).sum(1),
     TRADES' robust regulariser; differentiable in both inputs.
     """
-    logp_adv = F.log_softmax(logits_adv.float(), dim=1)
-    logp_nat = F.log_softmax(logits_nat.float(), dim=1)
-    return (logp_nat.exp() * (logp_nat - logp_adv)).sum(1)
+    logp_adv = F.log_softmax(upcast(logits_adv), dim=1)
+    # softmax (not exp(log_softmax)) for the target, as KLDivLoss is fed in TRADES: near the
+    # start x_adv ~ x the gradient softmax(adv) - p_nat is a cancellation, and its sign, which is
+    # all PGD uses, depends on these last bits.
+    p_nat = F.softmax(upcast(logits_nat), dim=1)
+    return (torch.xlogy(p_nat, p_nat) - p_nat * logp_adv).sum(1)

@@ -8,6 +8,10 @@ import torch
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "ffcv: FFCV data path (numba compile, seconds)")
+
+
 @pytest.fixture
 def tiny_overrides():
     """TrainConfig overrides for a run that takes a second or two on the CPU."""

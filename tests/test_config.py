@@ -45,7 +45,7 @@ def test_presets_then_overrides():
     assert cfg.eps_train == 16 / 255
     cfg = make_train_config("demo", epochs=3)
     assert cfg.dataset == "digits" and cfg.epochs == 3 and cfg.preset == "demo"
-    assert make_eval_config("demo").eps_test == [0.25, 0.3]
+    assert make_eval_config("demo").eps_test == [0.15, 0.25]
     assert make_eval_config(None).eps_test == [16 / 255, 20 / 255]
 
 

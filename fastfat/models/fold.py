@@ -16,6 +16,8 @@ import copy
 import torch
 import torch.nn as nn
 
+from .. import kernels
+
 
 def _unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule wraps the model
@@ -35,17 +37,18 @@ def _pairs(model: nn.Module) -> list[tuple[str, str]]:
 
 @torch.no_grad()
 def _folded(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weight [O, I, kh, kw], bias [O]) of conv followed by eval-mode bn, computed in fp32."""
-    scale = bn.running_var.float().add(bn.eps).rsqrt()
+    """(weight [O, I, kh, kw], bias [O]) of conv followed by eval-mode bn, computed in fp32 or better."""
+    up = kernels.upcast
+    scale = up(bn.running_var).add(bn.eps).rsqrt()
     if bn.weight is not None:
-        scale = scale * bn.weight.float()
-    shift = -bn.running_mean.float()
+        scale = scale * up(bn.weight)
+    shift = -up(bn.running_mean)
     if conv.bias is not None:
-        shift = shift + conv.bias.float()
+        shift = shift + up(conv.bias)
     bias = shift * scale
     if bn.bias is not None:
-        bias = bias + bn.bias.float()
-    weight = conv.weight.float() * scale.view(-1, 1, 1, 1)
+        bias = bias + up(bn.bias)
+    weight = up(conv.weight) * scale.view(-1, 1, 1, 1)
     return weight.to(conv.weight.dtype), bias.to(conv.weight.dtype)
 
 

@@ -1,0 +1,166 @@
+"""Class-wise robust evaluation: clean, FGSM, PGD-K and C&W-inf at several eps_test.
+
+For each test batch, each attack runs once over the batch repeated for every eps_test (per-sample
+eps), so one pass of the data serves every radius. The start noise for (batch, attack, eps) comes
+from a generator keyed by those indices (fastfat.reference.eval_noise_seed), so the numbers do not
+depend on how the work is batched and equal the reference's one-at-a-time evaluation.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import attacks, kernels, metrics
+from .checkpoint import atomic_write_json
+from .config import EvalConfig, add_dataclass_flags, given, make_eval_config
+from .data import build_loader, dataset_info
+from .errors import UserError
+from .models.fold import fold_bn
+from .reference import eval_noise_seed
+from .train import amp_dtype, autocast_ctx, load_model, resolve_device
+
+
+def attack_schedule(attack: str, eps: float) -> tuple[str, int, float]:
+    """(loss, steps, step size) of a canonical attack name at radius eps (the authors' settings)."""
+    if attack == "fgsm":
+        return "ce", 1, eps
+    if attack == "cw":
+        return "cw", 30, eps / 4
+    return "ce", int(attack[3:]), eps / 4   # pgdK
+
+
+def _start_noise(x: torch.Tensor, seed: int, batch: int, attack: str, eps_list) -> torch.Tensor:
+    """U(-1, 1) start noise for x repeated once per eps, each block from its own keyed generator."""
+    blocks = []
+    for e in range(len(eps_list)):
+        g = torch.Generator(device=x.device).manual_seed(eval_noise_seed(seed, batch, attack, e))
+        blocks.append(attacks.uniform_noise(x, g))
+    return torch.cat(blocks)
+
+
+@torch.no_grad()
+def _count(logits, y, num_classes, acc, key):
+    """Add a batch's per-class hits, counts and CE sums to acc[key]."""
+    c, t = metrics.class_correct(logits, y, num_classes)
+    loss_sum, _ = kernels.class_stats(F.cross_entropy(logits, y, reduction="none"), y, num_classes)
+    old = acc.get(key, (0, 0, 0))
+    acc[key] = (old[0] + c, old[1] + t, old[2] + loss_sum.double())
+
+
+def evaluate(model: nn.Module, loader, cfg: EvalConfig, num_classes: int, *,
+             device="cpu", amp: str = "off", progress: bool = False) -> list[dict]:
+    """Evaluate a model under cfg.attacks at cfg.eps_test. Returns one record per (attack, eps):
+    {"attack", "eps", "class_acc": [C fractions], "avg_acc", "vcra" (raw variance), "worst_acc",
+    "class_loss": [C mean CE]}, clean first (attack "clean", eps 0), then attack-major, eps-minor."""
+    device = torch.device(device)
+    ctx_dtype = amp_dtype(amp, device)
+    model.eval()
+    attacked = fold_bn(model) if cfg.fold_bn else model
+    eps_list = list(cfg.eps_test)
+    acc = {}
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(loader), desc="eval", leave=False, dynamic_ncols=True)
+    for b, (x, y) in enumerate(loader):
+        with torch.no_grad(), autocast_ctx(device, ctx_dtype):
+            _count(kernels.upcast(model(x)), y, num_classes, acc, ("clean", 0.0))
+        n = y.numel()
+        x_rep = x.repeat(len(eps_list), 1, 1, 1)
+        y_rep = y.repeat(len(eps_list))
+        for attack in cfg.attacks:
+            loss = attack_schedule(attack, 1.0)[0]
+            steps = attack_schedule(attack, 1.0)[1]
+            eps_rep = torch.tensor([e for e in eps_list for _ in range(n)], device=x.device)
+            alpha_rep = torch.tensor([attack_schedule(attack, e)[2] for e in eps_list for _ in range(n)],
+                                     device=x.device)
+            noise = _start_noise(x, cfg.seed, b, attack, eps_list)
+            x_adv = attacks.pgd(attacked, x_rep, y_rep, eps_rep, alpha_rep, steps, loss=loss,
+                                kappa=cfg.cw_kappa, noise=noise, autocast=autocast_ctx(device, ctx_dtype))
+            with torch.no_grad(), autocast_ctx(device, ctx_dtype):
+                logits = kernels.upcast(attacked(x_adv))
+            for i, e in enumerate(eps_list):
+                _count(logits[i * n:(i + 1) * n], y, num_classes, acc, (attack, e))
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    records = []
+    for (attack, e), (correct, total, loss_sum) in acc.items():
+        class_acc = (correct / total).tolist()
+        records.append({"attack": attack, "eps": e, "class_acc": class_acc, **metrics.summarize(class_acc),
+                        "class_loss": (loss_sum / total).tolist()})
+    return records
+
+
+# ---------------------------------------------------------------------------------------------
+# Printing in the paper's layout
+
+ATTACK_TITLES = {"clean": "clean", "fgsm": "FGSM", "cw": "C&W"}
+
+
+def attack_title(attack: str) -> str:
+    return ATTACK_TITLES.get(attack, attack.upper().replace("PGD", "PGD-"))
+
+
+def eps_label(eps: float) -> str:
+    """The decimal when it is short (0.25), else k/255 when eps is a whole number of 255ths."""
+    if eps == 0 or abs(round(eps, 3) - eps) < 1e-12:
+        return f"{eps:g}"
+    k = eps * 255
+    return f"{round(k)}/255" if abs(k - round(k)) < 1e-6 else f"{eps:.4g}"
+
+
+def table1_row(records: list[dict], label: str = "") -> str:
+    """Header and one row in Table 1's layout: var (x10^-2) and rob.acc (%) per attack and eps_test."""
+    rob = [r for r in records if r["attack"] != "clean"]
+    head1 = ["" if not label else "run"] + [f"{attack_title(r['attack'])} {eps_label(r['eps'])}" for r in rob]
+    cells = [label] + [f"{100 * r['vcra']:.2f} / {100 * r['avg_acc']:.2f}" for r in rob]
+    clean = next((r for r in records if r["attack"] == "clean"), None)
+    if clean is not None:
+        head1.append("clean")
+        cells.append(f"{100 * clean['vcra']:.2f} / {100 * clean['avg_acc']:.2f}")
+    widths = [max(len(a), len(b)) for a, b in zip(head1, cells)]
+    fmt = lambda row: "  ".join(c.rjust(w) for c, w in zip(row, widths))
+    return fmt(head1) + "\n" + fmt(["var / rob.acc" if label else ""] + ["" for _ in cells[1:]]).rstrip() \
+        + "\n" + fmt(cells)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+def evaluate_checkpoint(checkpoint: str, cfg_overrides: dict, *, progress=True):
+    """Load a checkpoint and evaluate it; returns (records, train config, eval config)."""
+    model_device = resolve_device(cfg_overrides.get("device", "auto"))
+    model, tcfg = load_model(checkpoint, model_device)
+    ecfg = make_eval_config(tcfg.preset or None, **cfg_overrides)
+    info = dataset_info(tcfg.dataset)
+    loader = build_loader(ecfg.loader, tcfg.dataset, "test", data_root=ecfg.data_root or tcfg.data_root,
+                          download=False, batch_size=ecfg.batch_size, device=model_device,
+                          channels_last=tcfg.channels_last, limit=ecfg.test_limit)
+    records = evaluate(model, loader, ecfg, info.num_classes, device=model_device, amp=tcfg.amp,
+                       progress=progress)
+    return records, tcfg, ecfg
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a checkpoint class by class (clean, FGSM, PGD-20, C&W)",
+                       description="Evaluate a trained checkpoint under several attacks and eps_test.")
+    p.add_argument("--checkpoint", required=True, help="checkpoint.pt written by fastfat train")
+    p.add_argument("--out", required=True, help="output directory for eval.json")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_dataclass_flags(p, EvalConfig)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    records, tcfg, ecfg = evaluate_checkpoint(args.checkpoint, given(args, EvalConfig),
+                                              progress=not args.no_progress)
+    path = os.path.join(args.out, "eval.json")
+    atomic_write_json(path, records)
+    print(table1_row(records, f"{tcfg.method} {tcfg.model} eps_train {eps_label(tcfg.eps_train)}"))
+    print(f"wrote {path}")
+    return 0

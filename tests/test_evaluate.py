@@ -1,0 +1,65 @@
+"""Evaluation: one pass over all eps_test equals the reference's one-at-a-time numbers."""
+import pytest
+import torch
+
+from fastfat import metrics, reference
+from fastfat.config import make_eval_config, make_train_config
+from fastfat.data import MemoryLoader, make_synthetic
+from fastfat.evaluate import attack_schedule, eps_label, evaluate, table1_row
+from fastfat.train import train
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    cfg = make_train_config(None, dataset="synthetic", model="resnet18", width=4, epochs=2,
+                            batch_size=32, steps=2, step_size="eps/2", eps_train=8 / 255,
+                            lr=0.05, schedule="constant", method="madry")
+    model, _ = train(cfg, str(tmp_path_factory.mktemp("run")), progress=False)
+    return model.eval(), make_synthetic()[1].subset(96)
+
+
+def test_fast_evaluation_equals_reference(trained):
+    model, test = trained
+    ecfg = make_eval_config(None, attacks=["fgsm", "pgd5", "cw"], eps_test=[8 / 255, 16 / 255],
+                            batch_size=32, seed=3)
+    fast = evaluate(model, MemoryLoader(test, 32, False), ecfg, 10)
+    ref = reference.ref_evaluate(model, test, attacks=["fgsm", "pgd5", "cw"],
+                                 eps_list=[8 / 255, 16 / 255], batch_size=32, seed=3)
+    assert [(r["attack"], r["eps"]) for r in fast] == [(r["attack"], r["eps"]) for r in ref]
+    for f, r in zip(fast, ref):
+        assert f["class_acc"] == pytest.approx(r["class_acc"], abs=1.5 / 96), (f["attack"], f["eps"])
+        assert f["class_loss"] == pytest.approx(r["class_loss"], rel=1e-3, abs=1e-4)
+    # robust accuracy falls with eps and under attack
+    by = {(r["attack"], r["eps"]): r["avg_acc"] for r in fast}
+    assert by[("pgd5", 16 / 255)] <= by[("pgd5", 8 / 255)] <= by[("clean", 0.0)]
+
+
+def test_records_are_consistent(trained):
+    model, test = trained
+    ecfg = make_eval_config(None, attacks=["pgd3"], eps_test=[0.05], batch_size=40)
+    recs = evaluate(model, MemoryLoader(test, 40, False), ecfg, 10)
+    for r in recs:
+        acc = torch.tensor(r["class_acc"], dtype=torch.float64)
+        assert len(r["class_acc"]) == 10 and ((acc >= 0) & (acc <= 1)).all()
+        assert r["avg_acc"] == pytest.approx(acc.mean().item())
+        assert r["vcra"] == pytest.approx(acc.var(unbiased=False).item())
+        assert r["worst_acc"] == acc.min().item()
+    # batching does not change the numbers: keyed start noise
+    again = evaluate(model, MemoryLoader(test, 40, False), ecfg, 10)
+    assert again == recs
+
+
+def test_attack_schedules_are_the_authors():
+    assert attack_schedule("fgsm", 0.1) == ("ce", 1, 0.1)
+    assert attack_schedule("pgd20", 0.1) == ("ce", 20, 0.025)
+    assert attack_schedule("cw", 0.1) == ("cw", 30, 0.025)
+
+
+def test_table_row_layout():
+    recs = [{"attack": "clean", "eps": 0.0, "class_acc": [1.0, 0.5], "avg_acc": 0.75, "vcra": 0.0625,
+             "worst_acc": 0.5},
+            {"attack": "pgd20", "eps": 16 / 255, "class_acc": [0.4, 0.2], "avg_acc": 0.3, "vcra": 0.01,
+             "worst_acc": 0.2}]
+    out = table1_row(recs, "madry")
+    assert "PGD-20 16/255" in out and "1.00 / 30.00" in out and "6.25 / 75.00" in out
+    assert eps_label(8 / 255) == "8/255" and eps_label(0.25) == "0.25" and eps_label(0.2) == "0.2"
