@@ -1,0 +1,405 @@
+"""Attacks: hand-checkable properties of the fast path, and fast == reference adversarial examples.
+
+Fast path: fastfat.attacks (input gradients only, sum objectives, kernels.pgd_step, any layout).
+Reference: fastfat.reference.ref_pgd (the authors' shape: loss.backward(), mean CE, NCHW).
+Both draw the same start from the same generator, so they should produce the same adversarial
+examples; the only legitimate differences are sign flips of gradient elements that are zero up
+to rounding (mean vs sum objective, channels_last vs NCHW convolutions), checked at the first
+step where the two trajectories part.
+"""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fastfat import attacks, kernels
+from fastfat.attacks import PGD, cw_inf, fgsm, pgd, uniform_noise
+from fastfat.data import make_synthetic
+from fastfat.models import build_model
+from fastfat.reference import ref_cw, ref_cwloss, ref_fgsm, ref_pgd
+
+EPS, ALPHA = 8 / 255, 2 / 255
+
+
+def _model(name="cnn", seed=0, num_classes=10):
+    torch.manual_seed(seed)
+    return build_model(name, num_classes, width=8).eval()
+
+
+def _batch(n=16, size=16, seed=0, c=10):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 3, size, size, generator=g)
+    x[0, :, :2] = 0.0          # pixels on the box edges, so the [0, 1] clamp is exercised
+    x[1, :, :2] = 1.0
+    return x, torch.randint(0, c, (n,), generator=g)
+
+
+def _gen(seed=1):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A tiny CNN trained naturally for a few epochs on the synthetic set, and a test batch."""
+    tr, te = make_synthetic(n_train=500, n_test=64, seed=0)
+    torch.manual_seed(0)
+    model = build_model("cnn", 10, width=8)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x_all, y_all = tr.images.float() / 255, tr.labels
+    for _ in range(3):
+        for i in range(0, 500, 50):
+            opt.zero_grad()
+            F.cross_entropy(model(x_all[i:i + 50]), y_all[i:i + 50]).backward()
+            opt.step()
+    with torch.no_grad():   # BN running stats as the average over the training set, not lagging
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.reset_running_stats()
+                m.momentum = None
+        model(x_all)
+    model.eval()
+    x, y = te.images.float() / 255, te.labels
+    assert (model(x).argmax(1) == y).float().mean() > 0.8   # it did learn (chance is 0.1)
+    return model, x, y
+
+
+# ---------------------------------------------------------------------------------------------
+# Start-noise convention
+
+@pytest.mark.parametrize("eps", [8 / 255, 16 / 255, 0.031, 0.1, 0.3])
+def test_uniform_start_equals_uniform_eps_bit_for_bit(eps):
+    """The fast path's U(-1, 1) * eps equals the reference's uniform_(-eps, eps), same generator,
+    whatever x's layout (the noise is drawn in NCHW order)."""
+    x, _ = _batch()
+    for xin in (x, x.contiguous(memory_format=torch.channels_last)):
+        fast = uniform_noise(xin, _gen(7)) * eps
+        ref = torch.empty(x.shape).uniform_(-eps, eps, generator=_gen(7))
+        assert torch.equal(fast, ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# Properties of the fast path
+
+@pytest.mark.parametrize("loss", ["ce", "cw", "kl"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_ball_box_and_layout(loss, channels_last):
+    model = _model()
+    x, y = _batch()
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x_before = x.clone()
+    eps = 0.05
+    adv = pgd(model, x, y, eps, 0.02, 5, loss=loss, generator=_gen())
+    assert torch.equal(x, x_before)                       # input untouched
+    assert adv.shape == x.shape and adv.dtype == torch.float32 and not adv.requires_grad
+    assert (adv - x).abs().max() <= eps + 1e-6
+    assert adv.min() >= 0.0 and adv.max() <= 1.0
+    assert (adv != x).any()                               # it did move
+    if channels_last:
+        assert adv.is_contiguous(memory_format=torch.channels_last) and not adv.is_contiguous()
+    else:
+        assert adv.is_contiguous()
+
+
+@pytest.mark.parametrize("loss", ["ce", "cw"])
+def test_per_sample_eps_respected(loss):
+    model = _model()
+    x, y = _batch(n=8)
+    eps = torch.tensor([0.0, 0.01, 0.02, 0.03, 0.05, 0.08, 0.1, 0.2])
+    adv = pgd(model, x, y, eps, eps / 4, 6, loss=loss, generator=_gen())
+    dist = (adv - x).abs().flatten(1).amax(1)
+    assert (dist <= eps + 1e-6).all()
+    assert torch.equal(adv[0], x[0])                      # eps 0: not moved at all
+    assert (dist[1:] > 0.5 * eps[1:]).all()               # the others used their own radius
+
+
+def test_per_sample_eps_equals_float_eps_when_uniform():
+    model = _model()
+    x, y = _batch(n=8)
+    a = pgd(model, x, y, EPS, ALPHA, 4, generator=_gen())
+    b = pgd(model, x, y, torch.full((8,), EPS), torch.full((8,), ALPHA), 4, generator=_gen())
+    assert torch.equal(a, b)
+
+
+def test_per_sample_eps_shape_checked():
+    model = _model()
+    x, y = _batch(n=8)
+    with pytest.raises(ValueError):
+        pgd(model, x, y, torch.full((7,), EPS), ALPHA, 1)
+
+
+def test_unknown_attack_loss():
+    model = _model()
+    x, y = _batch(n=4)
+    with pytest.raises(ValueError):
+        pgd(model, x, y, EPS, ALPHA, 1, loss="hinge")
+
+
+@pytest.mark.parametrize("loss", ["ce", "cw"])
+def test_eps_zero_returns_x(loss):
+    model = _model()
+    x, y = _batch()
+    assert torch.equal(pgd(model, x, y, 0.0, ALPHA, 5, loss=loss, generator=_gen()), x)
+    assert torch.equal(fgsm(model, x, y, 0.0, generator=_gen()), x)
+
+
+def test_zero_steps_no_start_returns_x():
+    model = _model()
+    x, y = _batch()
+    assert torch.equal(pgd(model, x, y, EPS, ALPHA, 0, random_start=False), x)
+
+
+def test_model_mode_restored_per_module():
+    model = _model().train()
+    model.features[1].eval()                              # a mixed-mode model
+    modes = {n: m.training for n, m in model.named_modules()}
+    x, y = _batch(n=8)
+    seen = []
+    hook = model.register_forward_pre_hook(lambda m, inp: seen.append(m.training))
+    for loss in ("ce", "cw", "kl"):
+        pgd(model, x, y, EPS, ALPHA, 2, loss=loss, generator=_gen())
+        assert {n: m.training for n, m in model.named_modules()} == modes
+    hook.remove()
+    assert seen and not any(seen)                         # the attack ran in eval mode
+
+
+def test_batchnorm_stats_untouched():
+    model = _model().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = _batch(n=8)
+    pgd(model, x, y, EPS, ALPHA, 3, generator=_gen())
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_parameter_grads_untouched():
+    model = _model()
+    x, y = _batch(n=8)
+    params = list(model.parameters())
+    pgd(model, x, y, EPS, ALPHA, 3, generator=_gen())
+    assert all(p.grad is None for p in params)            # None stays None
+    for i, p in enumerate(params):
+        p.grad = torch.full_like(p, float(i))
+    grads = [p.grad for p in params]
+    for loss in ("ce", "cw", "kl"):
+        pgd(model, x, y, EPS, ALPHA, 3, loss=loss, generator=_gen())
+    for i, (p, g) in enumerate(zip(params, grads)):
+        assert p.grad is g and torch.equal(g, torch.full_like(p, float(i)))
+
+
+def test_attack_raises_the_loss_on_a_trained_model(trained):
+    model, x, y = trained
+    eps = 16 / 255
+    with torch.no_grad():
+        clean = model(x)
+    ce_clean = F.cross_entropy(clean, y)
+    for adv in (pgd(model, x, y, eps, eps / 4, 10, generator=_gen()), fgsm(model, x, y, eps, generator=_gen())):
+        with torch.no_grad():
+            assert F.cross_entropy(model(adv), y) > ce_clean
+    adv = cw_inf(model, x, y, eps, eps / 4, 10, generator=_gen())
+    with torch.no_grad():
+        # the C&W objective (negative margin) goes up
+        assert ref_cwloss(model(adv), y) > ref_cwloss(clean, y)
+    adv = pgd(model, x, y, eps, eps / 4, 10, loss="kl", generator=_gen())
+    with torch.no_grad():
+        kl = F.kl_div(F.log_softmax(model(adv), 1), F.softmax(clean, 1), reduction="sum")
+    assert kl > 1e-2
+    # and the attacks beat accuracy: PGD lowers it
+    with torch.no_grad():
+        acc_clean = (clean.argmax(1) == y).float().mean()
+        acc_adv = (model(pgd(model, x, y, eps, eps / 4, 10, generator=_gen())).argmax(1) == y).float().mean()
+    assert acc_adv < acc_clean
+
+
+def test_pgd_class_equals_pgd_with_the_same_seed():
+    model = _model()
+    x, y = _batch()
+    atk = PGD(model, eps=EPS, alpha=ALPHA, steps=4)
+    torch.manual_seed(123)
+    a = atk(x, y)
+    torch.manual_seed(123)
+    b = pgd(model, x, y, EPS, ALPHA, 4)
+    assert torch.equal(a, b)
+    torch.manual_seed(124)
+    assert not torch.equal(atk(x, y), a)                  # and it is random
+    assert "eps=" in repr(atk)
+
+
+def test_fgsm_is_one_step_of_eps_after_a_random_start():
+    model = _model()
+    x, y = _batch()
+    eps = 0.05
+    got = fgsm(model, x, y, eps, generator=_gen())
+    # by hand: start, CE gradient sign, step of eps, project, clamp
+    start = (x + torch.empty(x.shape).uniform_(-eps, eps, generator=_gen())).clamp(0, 1).requires_grad_()
+    (g,) = torch.autograd.grad(F.cross_entropy(model(start), y, reduction="sum"), start)
+    want = torch.min(torch.max(start.detach() + eps * g.sign(), x - eps), x + eps).clamp(0, 1)
+    assert torch.equal(got, want)
+    assert torch.equal(fgsm(model, x, y, eps, random_start=False),
+                       pgd(model, x, y, eps, eps, 1, random_start=False))
+
+
+def test_noise_argument_replaces_the_generator():
+    model = _model()
+    x, y = _batch()
+    noise = uniform_noise(x, _gen(9))
+    assert torch.equal(pgd(model, x, y, EPS, ALPHA, 3, noise=noise), pgd(model, x, y, EPS, ALPHA, 3, generator=_gen(9)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Fast == reference
+
+def _objective_grad(model, point, x, y, loss, form, kappa=50.0):
+    """Gradient of an attack objective at `point`, model in eval mode, no parameter grads kept.
+
+    form "ref": the reference's objective (mean CE, authors' cwloss, KLDivLoss on softmax), NCHW.
+    form "fast": the fast path's (summed CE, kernels.cw_margin, kernels.trades_kl) in point's
+    layout, CE rescaled by 1/N to the reference's scale.
+    """
+    model.eval()
+    p = point.detach().clone(memory_format=torch.preserve_format).requires_grad_()
+    with torch.no_grad():
+        nat = model(x)
+    out = model(p)
+    if form == "ref":
+        if loss == "ce":
+            obj = F.cross_entropy(out, y)
+        elif loss == "cw":
+            obj = ref_cwloss(out, y, kappa)
+        else:
+            obj = nn.KLDivLoss(reduction="sum")(F.log_softmax(out, 1), F.softmax(nat, 1))
+    else:
+        if loss == "ce":
+            obj = F.cross_entropy(out, y, reduction="sum") / len(y)
+        elif loss == "cw":
+            obj = kernels.cw_margin(out, y, kappa).sum()
+        else:
+            obj = kernels.trades_kl(out, nat).sum()
+    (g,) = torch.autograd.grad(obj, p, allow_unused=False)
+    return g.contiguous()
+
+
+def _check_rounding_only(model, point, x, y, loss, diff):
+    """The elements where fast and reference first part must be sign flips of gradient elements
+    that are zero within fp32 rounding: the two fp32 gradients have opposite signs there, and the
+    float64 gradient is no larger than the fp32 rounding error seen in that sample."""
+    layout = torch.channels_last if (x.dim() == 4 and not x.is_contiguous()) else torch.contiguous_format
+    g_ref = _objective_grad(model, point.contiguous(), x.contiguous(), y, loss, "ref")
+    g_fast = _objective_grad(model, point.contiguous(memory_format=layout),
+                             x.contiguous(memory_format=layout), y, loss, "fast")
+    m64 = copy.deepcopy(model).double()
+    g64 = _objective_grad(m64, point.double().contiguous(), x.double().contiguous(), y, loss, "ref").float()
+    assert (g_ref.sign() != g_fast.sign())[diff].all(), "fast and reference differ where the gradient signs agree"
+    err = torch.maximum((g_ref - g64).abs(), (g_fast - g64).abs()).flatten(1).amax(1)
+    band = err.view(-1, 1, 1, 1).expand_as(g64)
+    worst = (g64.abs()[diff] / band[diff]).max()
+    assert worst <= 1.0, f"a sign differs where |grad| is {worst:.3g} x the fp32 rounding error"
+
+
+def _lockstep(model, x, y, eps, alpha, steps, loss, seed=1, noise=None):
+    """Run both attacks for k = 1..steps steps from the same start; at the first k where they
+    differ, check the difference is rounding only (_check_rounding_only) at the common point
+    reached after k-1 steps. Returns the final (fast, ref) and the first diverging step or None."""
+    prev = ref_pgd(model, x, y, eps, alpha, 0, loss=loss, generator=_gen(seed), noise=noise)
+    first = None
+    for k in range(1, steps + 1):
+        f = pgd(model, x, y, eps, alpha, k, loss=loss, generator=_gen(seed), noise=noise)
+        r = ref_pgd(model, x, y, eps, alpha, k, loss=loss, generator=_gen(seed), noise=noise)
+        diff = f != r
+        if first is None and diff.any():
+            first = k
+            _check_rounding_only(model, prev, x, y, loss, diff)
+        prev = r
+    return f, r, first
+
+
+@pytest.mark.parametrize("loss", ["ce", "cw"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("arch", ["cnn", "resnet18"])
+def test_fast_equals_reference(loss, layout, arch):
+    model = _model(arch)
+    x, y = _batch(n=16 if arch == "cnn" else 8, size=16 if arch == "cnn" else 8)
+    xin = x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+    steps = 10 if arch == "cnn" else 5
+    f, r, _ = _lockstep(model, xin, y, EPS, ALPHA, steps, loss)
+    assert (f == r).float().mean() >= 0.999
+
+
+def test_fast_equals_reference_on_trained_model(trained):
+    model, x, y = trained
+    eps = 16 / 255
+    for loss in ("ce", "cw"):
+        f, r, _ = _lockstep(model, x, y, eps, eps / 4, 6, loss)
+        assert (f == r).float().mean() >= 0.999
+
+
+def test_fast_equals_reference_without_random_start():
+    model = _model()
+    x, y = _batch()
+    for loss in ("ce", "cw"):
+        f = pgd(model, x, y, EPS, ALPHA, 5, random_start=False, loss=loss)
+        r = ref_pgd(model, x, y, EPS, ALPHA, 5, random_start=False, loss=loss)
+        assert torch.equal(f, r)
+
+
+def test_fgsm_and_cw_fast_equal_reference():
+    model = _model()
+    x, y = _batch()
+    assert torch.equal(fgsm(model, x, y, EPS, generator=_gen()), ref_fgsm(model, x, y, EPS, generator=_gen()))
+    assert torch.equal(cw_inf(model, x, y, EPS, EPS / 4, 30, generator=_gen()),
+                       ref_cw(model, x, y, EPS, generator=_gen()))
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_kl_fast_equals_reference_from_a_wide_start(layout):
+    """TRADES' KL attack, started 0.03 * N(0, 1) away (via `noise`) so that the KL gradient is
+    well above rounding: the trajectories agree."""
+    model = _model()
+    x, y = _batch()
+    xin = x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+    noise = 30.0 * torch.randn(x.shape, generator=_gen(4))
+    f, r, _ = _lockstep(model, xin, y, EPS, ALPHA, 8, "kl", noise=noise)
+    assert (f == r).float().mean() >= 0.999
+
+
+def test_kl_first_step_from_the_trades_start():
+    """From TRADES' own start x + 0.001 N(0, 1), KL(nat || adv) is ~1e-7 and its gradient is
+    ~1e-8, so the sign of a small fraction of elements is decided by rounding (the reference's
+    KLDivLoss and the fast log-softmax form round differently). Pinned: the start is the same,
+    and wherever the first step differs, the gradient is zero within fp32 rounding. (Later steps
+    then follow different, equally valid, trajectories.)"""
+    model = _model()
+    x, y = _batch()
+    assert torch.equal(pgd(model, x, y, EPS, ALPHA, 0, loss="kl", generator=_gen()),
+                       ref_pgd(model, x, y, EPS, ALPHA, 0, loss="kl", generator=_gen()))
+    f, r, _ = _lockstep(model, x, y, EPS, ALPHA, 1, "kl")
+    assert (f == r).float().mean() >= 0.99
+    assert f.min() >= 0 and f.max() <= 1 and (f - x).abs().max() <= EPS + 1e-6
+
+
+def test_reference_computes_parameter_grads_and_restores_mode():
+    """The reference keeps the authors' shape: loss.backward() in the attack fills parameter
+    grads (the cost the fast path avoids); the model's mode comes back."""
+    model = _model().train()
+    x, y = _batch(n=8)
+    ref_pgd(model, x, y, EPS, ALPHA, 2, generator=_gen())
+    assert model.training
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_attacks_module_exports():
+    assert attacks.ATTACK_LOSSES == ("ce", "cw", "kl")
+
+
+def test_rounding_check_is_not_vacuous():
+    """_check_rounding_only rejects a difference where the gradient is large (as a bug would make)."""
+    model = _model()
+    x, y = _batch(n=8)
+    point = ref_pgd(model, x, y, EPS, ALPHA, 0, generator=_gen())
+    g = _objective_grad(model, point, x, y, "ce", "ref")
+    diff = torch.zeros_like(x, dtype=torch.bool)
+    diff.view(-1)[g.abs().argmax()] = True
+    with pytest.raises(AssertionError):
+        _check_rounding_only(model, point, x, y, "ce", diff)
