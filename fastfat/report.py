@@ -326,7 +326,7 @@ def table1(data: Data) -> list[Table]:
         lam_s = f"_lam{lam:g}" if method.startswith("fat-") else ""
         t = Table(slug=f"table1_{dataset}_{method}{lam_s}",
                   title=f"Table 1 ({DATASET_NAMES.get(dataset, dataset)}, {method_label(method, lam)})",
-                  caption="average robust accuracy (rob.acc, %) and variance of class-wise robust "
+                  caption="Average robust accuracy (rob.acc, %) and variance of class-wise robust "
                           "accuracy (var, 10^-2) per attack and eps_test." + _seeds_note(es),
                   stub=["model", "eps_train"],
                   header=_attack_header(cols, 2) + [[("var", 1), ("rob.acc", 1)] * len(cols)],
@@ -365,13 +365,14 @@ def tables34(data: Data) -> list[Table]:
             continue
         eps_rows = sorted({_key(e.eps_train) for e in base_es + fat_es})
         cols = _robust_columns(data, base_es + fat_es)
-        for num, what, title in (("3", "vcra", "variance of class-wise robust accuracy (10^-2)"),
-                                 ("4", "avg_acc", "average robust accuracy (%); bold: the higher")):
+        for num, what, title, extra in (
+                ("3", "vcra", "Variance of class-wise robust accuracy (10^-2)", ""),
+                ("4", "avg_acc", "Average robust accuracy (%)", " Bold: the higher of the pair.")):
             t = Table(slug=f"table{num}_{dataset}_{model}_{fat}_lam{lam:g}",
                       title=f"Table {num} ({DATASET_NAMES.get(dataset, dataset)}, {model_name(model)}, "
                             f"{method_name(base)} vs {method_label(fat, lam)})",
-                      caption=f"{title} for {method_name(base)} and FAT (lambda={lam:g}) per eps_train, "
-                              f"attack and eps_test." + _seeds_note(base_es + fat_es),
+                      caption=f"{title} of {method_name(base)} and FAT (lambda={lam:g}) per eps_train, "
+                              f"attack and eps_test." + extra + _seeds_note(base_es + fat_es),
                       stub=["eps_train"],
                       header=_attack_header(cols, 2) + [[(method_name(base), 1), ("FAT", 1)] * len(cols)],
                       digits=[2] * (2 * len(cols)), blank_repeats=False)
@@ -411,7 +412,7 @@ def table2(data: Data, attack: str, eps: float) -> list[Table]:
         t = Table(slug=f"table2_{dataset}_{model}_{method}{lam_s}",
                   title=f"Table 2 ({DATASET_NAMES.get(dataset, dataset)}, {model_name(model)}, "
                         f"{method_label(method, lam)}, {_attack_title(attack)} at eps_test {_eps_label(eps)})",
-                  caption="robust accuracy (%) per class, var (10^-2) and rob.acc (%) per eps_train"
+                  caption="Robust accuracy (%) per class, var (10^-2) and rob.acc (%) per eps_train"
                           + ("; diff = largest eps_train minus smallest." if len(es) > 1 else ".")
                           + (" Classes whose accuracy moves most." if n > MAX_CLASS_COLUMNS else "")
                           + _seeds_note(es),

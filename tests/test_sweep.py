@@ -114,6 +114,7 @@ def test_grid_expansion_lam_only_for_fat(tmp_path):
     (dict(train="epochs=3"), "train must be a table"),
     (dict(db=None), "no results database"),
     (dict(db=3), "db must be a string"),
+    (dict(threads=0), "threads must be an integer >= 1"),
     (dict(train__preset="fast"), "unknown preset 'fast'"),
 ])
 def test_bad_sweep_files_fail_before_anything_is_written(tmp_path, capsys, changes, message):
