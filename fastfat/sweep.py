@@ -183,7 +183,7 @@ def build_sweep(doc: dict, base: str, *, grid_flags: dict | None = None, train_f
             raise UserError(f"threads must be an integer >= 1, got {threads!r}")
         threads = int(threads)
     if os.path.isdir(db):
-        raise UserError(f"--db {db} is a directory; give a file name such as results.db")
+        raise UserError(f"db {db} is a directory; give a file name such as results.db")
 
     preset = train.pop("preset", None) or None
     try:

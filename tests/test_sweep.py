@@ -324,3 +324,27 @@ def test_store_refuses_foreign_files(tmp_path):
         Store(str(tmp_path / "missing.db"), create=False)
     with Store(str(tmp_path / "ok.db")) as st:
         assert st.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_claim_shares_a_grid_between_processes(tmp_path):
+    """A point running in a live process is left alone; one left by a dead process is taken."""
+    import socket
+
+    from fastfat.store import Point, owner_id
+    with Store(str(tmp_path / "c.db")) as st:
+        for k in ("a", "b", "c"):
+            st.add_point(Point(key=k, method="madry", model="cnn", dataset="digits", eps_train=0.1, lam=0.0,
+                               seed=0, train_config={}, eval_config={}, run_dir=k, epochs_total=1))
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait()
+        host = socket.gethostname()
+        with st.transaction() as db:
+            db.execute("UPDATE points SET status='running', owner=? WHERE key='a'", (f"{host}:{os.getppid()}",))
+            db.execute("UPDATE points SET status='running', owner=? WHERE key='b'", (f"{host}:{dead.pid}",))
+        assert st.claim("a") == "busy"
+        assert st.claim("b") == "claimed" and st.point("b").owner == owner_id()
+        assert st.claim("c") == "claimed"
+        st.finish("c", [], train_seconds=0.0, eval_seconds=0.0)
+        assert st.claim("c") == "done"
+        st.release("b")
+        assert st.point("b").status == "pending" and st.point("b").owner is None
