@@ -9,7 +9,8 @@ var_acc_test.py, and the original TRADES), including what makes it slow:
 - the attack calls `loss.backward()`, so every step also computes all parameter gradients;
 - the model is put in eval mode for the attack and back in train mode for the update;
 - per-class reductions are Python loops over the classes (one host sync per class);
-- fp32, contiguous NCHW, no torch.compile, no AMP, no BN folding, no kernel dispatch.
+- fp32 (float64 when given float64 inputs, for pinning runs), contiguous NCHW, no torch.compile,
+  no AMP, no BN folding, no kernel dispatch.
 
 Conventions shared with the fast path (so the two can be compared bit for bit):
 - uniform random start: `torch.empty(x.shape).uniform_(-eps, eps, generator=g)` drawn in
@@ -52,6 +53,13 @@ SUPERCLASSES = 20
 # ---------------------------------------------------------------------------------------------
 # Attacks (attack_generator.py's pgd, plus the original TRADES KL attack)
 
+def _working_copy(x: torch.Tensor) -> torch.Tensor:
+    """x detached, contiguous NCHW; fp32 unless x is already floating (float64 runs pin the math
+    without fp32 rounding)."""
+    x = x.detach()
+    return (x if x.is_floating_point() else x.float()).contiguous()
+
+
 def ref_cwloss(output: torch.Tensor, target: torch.Tensor, kappa: float = 50.0) -> torch.Tensor:
     """The authors' C&W loss, summed over the batch: -clamp(z_y - max_{j!=y} z_j + kappa, min=0).
 
@@ -71,7 +79,8 @@ def ref_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alph
             generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
     """l_inf PGD as the authors' attack_generator.pgd (loss "ce" / "cw") or TRADES' attack ("kl").
 
-    x [N, C, H, W] in [0, 1] (any layout; the attack runs on a contiguous NCHW fp32 copy),
+    x [N, C, H, W] in [0, 1] (any layout; the attack runs on a contiguous NCHW copy, in x's
+    floating dtype: fp32 as the authors, float64 for pinning runs),
     y [N] int64, eps / alpha floats in pixel units.
     "ce": nn.CrossEntropyLoss() (batch mean), start clamp(x + U(-eps, eps), 0, 1).
     "cw": ref_cwloss with kappa, same start.
@@ -87,18 +96,23 @@ def ref_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alph
         raise ValueError(f"unknown attack loss {loss!r}")
     was_training = model.training
     model.eval()
-    data = x.detach().float().contiguous()
+    data = _working_copy(x)
     if loss == "kl":
         with torch.no_grad():
             p_natural = F.softmax(model(data), dim=1)
         if noise is None:
             noise = torch.randn(data.shape, device=data.device, generator=generator)
-        x_adv = data + 0.001 * noise.float().contiguous()
+        x_adv = data + 0.001 * noise.to(data.dtype).contiguous()
     elif random_start:
-        if noise is None:
+        if noise is not None:
+            delta = noise.to(data.dtype).contiguous() * eps
+        elif data.dtype == torch.float32:
             delta = torch.empty(data.shape, device=data.device).uniform_(-eps, eps, generator=generator)
         else:
-            delta = noise.float().contiguous() * eps
+            # float64 pinning runs: the same fp32 draw (U(-1, 1), which times eps is the fp32
+            # uniform_(-eps, eps) bit for bit), scaled in the working precision as the fast path.
+            delta = torch.empty(data.shape, device=data.device).uniform_(
+                -1.0, 1.0, generator=generator).to(data.dtype) * eps
         x_adv = torch.clamp(data + delta, 0.0, 1.0)
     else:
         x_adv = data.clone()
@@ -258,7 +272,7 @@ def ref_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.
         raise ValueError(f"unknown method {method!r}")
     if attack_loss is None:
         attack_loss = "kl" if method == "trades" else "ce"
-    data = x.detach().float().contiguous()
+    data = _working_copy(x)
     x_adv = None
     if method != "natural":
         x_adv = ref_pgd(model, data, y, eps, alpha, steps, loss=attack_loss, generator=generator)
