@@ -27,9 +27,9 @@ def test_twenty_steps_match_the_reference(method, extra):
     channels_last, BN-folded forward and the reference's NCHW one flip the sign of near-zero
     gradient entries, and those flips grow into visibly different training runs within a few
     steps (see test_first_step_matches_in_fp32). float64 pins the same math without the chaos."""
-    cfg = make_train_config(None, **dict(dataset="synthetic", model="resnet18", width=4, steps=3,
-                                         step_size="eps/2", eps_train=8 / 255, lr=0.05,
-                                         method=method, **extra))
+    base = dict(dataset="synthetic", model="resnet18", width=4, steps=3, step_size="eps/2",
+                eps_train=8 / 255, lr=0.05, method=method)
+    cfg = make_train_config(None, **{**base, **extra})
     tr, _ = make_synthetic(n_train=320)
     fast_model = build_for_config(cfg, "cpu").double()
     ref_model = copy.deepcopy(fast_model).to(memory_format=torch.contiguous_format)
