@@ -320,13 +320,22 @@ def run_point(store, p: GridPoint, run_dir: str, *, progress: bool, overall=None
 def run_sweep(sweep: Sweep, *, progress: bool = True, report: bool = True, report_dir: str | None = None,
               report_options: dict | None = None) -> dict:
     """Run every point not done yet; returns counts {"done", "ran", "skipped", "failed", "busy"}."""
+    if sweep.threads is None:
+        return _run_sweep(sweep, progress, report, report_dir, report_options)
+    # On a shared small CPU, torch's default (one thread per core) in several processes at once
+    # oversubscribes the cores; measured here: 2.1 s per epoch with 1 thread, 39 s with 2.
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(sweep.threads)
+    try:
+        return _run_sweep(sweep, progress, report, report_dir, report_options)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run_sweep(sweep: Sweep, progress, report, report_dir, report_options) -> dict:
     from .store import Point, Store
 
-    if sweep.threads is not None:
-        # On a shared small CPU, torch's default (one thread per core) in several processes at
-        # once oversubscribes the cores; measured here: 2.1 s per epoch with 1 thread, 39 s with 2.
-        import torch
-        torch.set_num_threads(sweep.threads)
     with Store(sweep.db) as store:
         for p in sweep.points:
             store.add_point(Point(

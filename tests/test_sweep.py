@@ -17,6 +17,7 @@ from fastfat.store import Store
 
 TINY = """
 db = "results.db"
+threads = 1
 [grid]
 method = ["madry", "fat-madry"]
 eps_train = ["8/255"]
@@ -90,6 +91,7 @@ def test_grid_expansion_lam_only_for_fat(tmp_path):
     assert p.eval.attacks == ["fgsm", "pgd20"] and p.eval.eps_test == [16 / 255]
     assert s.db == os.path.join(str(tmp_path), "results.db")
     assert s.runs_dir == os.path.join(str(tmp_path), "results_runs")
+    assert s.threads == 1
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -246,14 +248,21 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path):
 
     # Kills at exact moments: right after point 1's epoch-2 checkpoint, and after point 2's last
     # checkpoint but before its results (neither recorded in the database).
+    import torch
+
     from fastfat.train import train
     s = sweep.build_sweep(*sweep.read_sweep_file(_sweep_file(str(tmp_path / "exact")), None))
-    for p, stop in zip(s.points, (2, 4)):
-        def kill_at(row, stop=stop):
-            if row["epoch"] == stop:
-                raise KeyboardInterrupt
-        with pytest.raises(KeyboardInterrupt):
-            train(p.train, os.path.join(s.runs_dir, p.key), resume=True, progress=False, on_epoch=kill_at)
+    before = torch.get_num_threads()
+    torch.set_num_threads(s.threads)   # CPU results are exact for a fixed thread count
+    try:
+        for p, stop in zip(s.points, (2, 4)):
+            def kill_at(row, stop=stop):
+                if row["epoch"] == stop:
+                    raise KeyboardInterrupt
+            with pytest.raises(KeyboardInterrupt):
+                train(p.train, os.path.join(s.runs_dir, p.key), resume=True, progress=False, on_epoch=kill_at)
+    finally:
+        torch.set_num_threads(before)
     counts = sweep.run_sweep(s, progress=False, report=False)
     assert counts["ran"] == 2
     assert _dump(s.db) == want
@@ -348,3 +357,12 @@ def test_claim_shares_a_grid_between_processes(tmp_path):
         assert st.claim("c") == "done"
         st.release("b")
         assert st.point("b").status == "pending" and st.point("b").owner is None
+
+
+def test_threads_are_restored_after_a_sweep(tmp_path):
+    import torch
+    before = torch.get_num_threads()
+    s = sweep.build_sweep(*sweep.read_sweep_file(_sweep_file(str(tmp_path / "t")), None))
+    s.points = []   # nothing to train: only the thread setting is exercised
+    sweep.run_sweep(s, progress=False, report=False)
+    assert torch.get_num_threads() == before
