@@ -41,6 +41,17 @@ def _start_noise(x: torch.Tensor, seed: int, batch: int, attack: str, eps_list) 
     return torch.cat(blocks)
 
 
+def _logits(model, x, device, ctx_dtype) -> torch.Tensor:
+    """fp32 logits of x under no_grad, split over the CPU workers as the attacks are (slices of
+    a batch are independent in eval mode, and the split does not change the numbers)."""
+    def forward(sl):
+        with torch.no_grad(), autocast_ctx(device, ctx_dtype):
+            return kernels.upcast(model(x[sl]))
+    shards = attacks.shard_count(x) if ctx_dtype is None else 1   # autocast state is per thread
+    parts = attacks.sharded(forward, x.shape[0], shards)
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 @torch.no_grad()
 def _count(logits, y, num_classes, acc, key):
     """Add a batch's per-class hits, counts and CE sums to acc[key]."""
@@ -66,10 +77,10 @@ def evaluate(model: nn.Module, loader, cfg: EvalConfig, num_classes: int, *,
         from tqdm import tqdm
         bar = tqdm(total=len(loader), desc="eval", leave=False, dynamic_ncols=True)
     for b, (x, y) in enumerate(loader):
-        with torch.no_grad(), autocast_ctx(device, ctx_dtype):
-            _count(kernels.upcast(model(x)), y, num_classes, acc, ("clean", 0.0))
+        _count(_logits(model, x, device, ctx_dtype), y, num_classes, acc, ("clean", 0.0))
         n = y.numel()
-        x_rep = x.repeat(len(eps_list), 1, 1, 1)
+        # torch.cat keeps x's layout (repeat would turn channels_last into NCHW)
+        x_rep = torch.cat([x] * len(eps_list))
         y_rep = y.repeat(len(eps_list))
         for attack in cfg.attacks:
             loss = attack_schedule(attack, 1.0)[0]
@@ -80,8 +91,7 @@ def evaluate(model: nn.Module, loader, cfg: EvalConfig, num_classes: int, *,
             noise = _start_noise(x, cfg.seed, b, attack, eps_list)
             x_adv = attacks.pgd(attacked, x_rep, y_rep, eps_rep, alpha_rep, steps, loss=loss,
                                 kappa=cfg.cw_kappa, noise=noise, autocast=autocast_ctx(device, ctx_dtype))
-            with torch.no_grad(), autocast_ctx(device, ctx_dtype):
-                logits = kernels.upcast(attacked(x_adv))
+            logits = _logits(attacked, x_adv, device, ctx_dtype)
             for i, e in enumerate(eps_list):
                 _count(logits[i * n:(i + 1) * n], y, num_classes, acc, (attack, e))
         if bar is not None:

@@ -113,6 +113,7 @@ class Trainer:
         self.alpha = cfg.alpha()
         self.forward = torch.compile(model) if cfg.compile else model
         self._folded = None
+        self._attack_forward = None   # the folded copy, compiled when cfg.compile
 
     def set_epoch_lr(self, epoch: int) -> float:
         lr = lr_at(epoch, self.cfg.epochs, self.cfg.lr, self.cfg.schedule)
@@ -121,11 +122,17 @@ class Trainer:
         return lr
 
     def attack_model(self) -> nn.Module:
-        """What the attack differentiates: a BN-folded eval copy (cheaper, same math) or the model."""
+        """What the attack differentiates: a BN-folded eval copy (cheaper, same math) or the model;
+        compiled when cfg.compile."""
         if self.cfg.fold_bn:
-            # Refreshed in place after each step's weights change, so a compiled copy keeps its graph.
+            # Refreshed in place after each step's weights change, so the compiled copy keeps its
+            # graph (its weights are graph inputs, read afresh at every call).
             self._folded = fold_bn(self.model, out=self._folded)
-            return self._folded
+            if self._attack_forward is None:
+                self._attack_forward = torch.compile(self._folded) if self.cfg.compile else self._folded
+            return self._attack_forward
+        # Not self.forward: a compiled graph of the trainable model would compute parameter
+        # gradients in its backward whatever autograd.grad asks for.
         return self.model
 
     def adversarial(self, x, y, generator=None) -> torch.Tensor:
@@ -184,6 +191,45 @@ def _progress(total, desc, enabled, position=0):
     return tqdm(total=total, desc=desc, leave=False, position=position, dynamic_ncols=True)
 
 
+def train_epoch(trainer: Trainer, loader, epoch: int, *, progress: bool = False,
+                position: int = 0) -> dict:
+    """One training epoch (0-based `epoch`): its learning rate, the loader's order and
+    augmentation for the epoch, and the attack noise from epoch_generator(seed, epoch), so any
+    epoch replays exactly. Returns the log row {"epoch" (1-based), "lr", "loss" (mean over
+    samples), "vcar" (mean over steps), "seconds", "images_per_s"}.
+
+    The running sums stay on the device: the host reads them only for the progress bar (every
+    5 steps) and at the end. Raises NonFiniteLoss if the loss is NaN or inf.
+    """
+    cfg, device = trainer.cfg, trainer.device
+    lr = trainer.set_epoch_lr(epoch)
+    loader.set_epoch(epoch)
+    gen = epoch_generator(cfg.seed, epoch, device)
+    bar = _progress(len(loader), f"epoch {epoch + 1}/{cfg.epochs}", progress, position)
+    tot_loss = torch.zeros((), device=device)
+    tot_vcar = torch.zeros((), device=device)
+    seen, steps, t0 = 0, 0, time.perf_counter()
+    for x, y in loader:
+        out = trainer.train_step(x, y, gen)
+        tot_loss += out.loss * y.numel()
+        tot_vcar += out.vcar
+        seen, steps = seen + y.numel(), steps + 1
+        if bar is not None and (steps % 5 == 0 or steps == len(loader)):
+            mean_loss = float(tot_loss) / seen
+            _check_finite(mean_loss, epoch, steps)
+            bar.set_postfix(loss=f"{mean_loss:.4f}", vcar=f"{float(tot_vcar) / steps:.4f}",
+                            lr=f"{lr:g}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+            bar.update(steps - bar.n)
+    if bar is not None:
+        bar.close()
+    secs = time.perf_counter() - t0
+    row = {"epoch": epoch + 1, "lr": lr, "loss": float(tot_loss) / max(seen, 1),
+           "vcar": float(tot_vcar) / max(steps, 1), "seconds": secs,
+           "images_per_s": seen / secs if secs > 0 else 0.0}
+    _check_finite(row["loss"], epoch, steps)
+    return row
+
+
 def train(cfg: TrainConfig, out_dir: str | None = None, *, resume: bool = False,
           progress: bool = True, on_epoch=None, position: int = 0) -> tuple[nn.Module, list[dict]]:
     """Train a model as cfg says. Returns (model, per-epoch log rows).
@@ -220,31 +266,7 @@ def train(cfg: TrainConfig, out_dir: str | None = None, *, resume: bool = False,
         start, log = int(state["epoch"]) + 1, [json.loads(r) for r in state["log"]]
 
     for epoch in range(start, cfg.epochs):
-        lr = trainer.set_epoch_lr(epoch)
-        loader.set_epoch(epoch)
-        gen = epoch_generator(cfg.seed, epoch, device)
-        bar = _progress(len(loader), f"epoch {epoch + 1}/{cfg.epochs}", progress, position)
-        tot_loss = torch.zeros((), device=device)
-        tot_vcar = torch.zeros((), device=device)
-        seen, steps, t0 = 0, 0, time.perf_counter()
-        for x, y in loader:
-            out = trainer.train_step(x, y, gen)
-            tot_loss += out.loss * y.numel()
-            tot_vcar += out.vcar
-            seen, steps = seen + y.numel(), steps + 1
-            if bar is not None and (steps % 5 == 0 or steps == len(loader)):
-                mean_loss = float(tot_loss) / seen
-                _check_finite(mean_loss, epoch, steps)
-                bar.set_postfix(loss=f"{mean_loss:.4f}", vcar=f"{float(tot_vcar) / steps:.4f}",
-                                lr=f"{lr:g}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
-                bar.update(steps - bar.n)
-        if bar is not None:
-            bar.close()
-        secs = time.perf_counter() - t0
-        row = {"epoch": epoch + 1, "lr": lr, "loss": float(tot_loss) / max(seen, 1),
-               "vcar": float(tot_vcar) / max(steps, 1), "seconds": secs,
-               "images_per_s": seen / secs if secs > 0 else 0.0}
-        _check_finite(row["loss"], epoch, steps)
+        row = train_epoch(trainer, loader, epoch, progress=progress, position=position)
         log.append(row)
         if out_dir:
             save = {"model": model.state_dict(), "optimizer": trainer.optimizer.state_dict(),
