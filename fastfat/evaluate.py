@@ -142,16 +142,24 @@ def table1_row(records: list[dict], label: str = "") -> str:
 # ---------------------------------------------------------------------------------------------
 # CLI
 
+def make_test_loader(tcfg, ecfg: EvalConfig, device):
+    """The test loader for a model trained with tcfg, evaluated as ecfg says (sequential, plain).
+
+    The eval config's data_root and test_limit win; else the training run's."""
+    return build_loader(ecfg.loader, tcfg.dataset, "test", data_root=ecfg.data_root or tcfg.data_root,
+                        download=False, batch_size=ecfg.batch_size, device=device,
+                        channels_last=tcfg.channels_last,
+                        limit=ecfg.test_limit if ecfg.test_limit is not None else tcfg.test_limit)
+
+
 def evaluate_checkpoint(checkpoint: str, cfg_overrides: dict, *, progress=True):
     """Load a checkpoint and evaluate it; returns (records, train config, eval config)."""
     model_device = resolve_device(cfg_overrides.get("device", "auto"))
     model, tcfg = load_model(checkpoint, model_device)
     ecfg = make_eval_config(tcfg.preset or None, **cfg_overrides)
     info = dataset_info(tcfg.dataset)
-    loader = build_loader(ecfg.loader, tcfg.dataset, "test", data_root=ecfg.data_root or tcfg.data_root,
-                          download=False, batch_size=ecfg.batch_size, device=model_device,
-                          channels_last=tcfg.channels_last, limit=ecfg.test_limit)
-    records = evaluate(model, loader, ecfg, info.num_classes, device=model_device, amp=tcfg.amp,
+    records = evaluate(model, make_test_loader(tcfg, ecfg, model_device), ecfg, info.num_classes,
+                       device=model_device, amp=tcfg.amp,
                        progress=progress)
     return records, tcfg, ecfg
 

@@ -266,19 +266,10 @@ def summary_line(p: GridPoint, records: list[dict], seconds: float) -> str:
     return s + f" ({seconds:.0f} s)"
 
 
-def _test_loader(tcfg: TrainConfig, ecfg: EvalConfig, device):
-    """The test loader for a trained point, as `fastfat eval` builds it."""
-    from .data import build_loader
-    return build_loader(ecfg.loader, tcfg.dataset, "test", data_root=ecfg.data_root or tcfg.data_root,
-                        download=False, batch_size=ecfg.batch_size, device=device,
-                        channels_last=tcfg.channels_last,
-                        limit=ecfg.test_limit if ecfg.test_limit is not None else tcfg.test_limit)
-
-
 def run_point(store, p: GridPoint, run_dir: str, *, progress: bool, overall=None) -> list[dict]:
     """Train (resuming from run_dir's checkpoint) and evaluate one point; store its results."""
     from .data import dataset_info
-    from .evaluate import evaluate
+    from .evaluate import evaluate, make_test_loader
     from .train import resolve_device, train
 
     done0 = store.point(p.key).epochs_done
@@ -305,7 +296,7 @@ def run_point(store, p: GridPoint, run_dir: str, *, progress: bool, overall=None
         if bar is not None:
             bar.set_postfix_str("evaluating")
         t0 = time.perf_counter()
-        records = evaluate(model, _test_loader(p.train, p.eval, device), p.eval,
+        records = evaluate(model, make_test_loader(p.train, p.eval, device), p.eval,
                            dataset_info(p.train.dataset).num_classes, device=device, amp=p.train.amp)
         eval_s = time.perf_counter() - t0
     finally:
