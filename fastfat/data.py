@@ -162,10 +162,15 @@ def load_dataset(name: str, root: str = "data", download: bool = False) -> tuple
 # Loaders
 # ---------------------------------------------------------------------------------------------
 
-def epoch_generator(seed: int, epoch: int, device) -> torch.Generator:
-    """A generator whose stream depends only on (seed, epoch): resuming at epoch k replays it."""
+STREAMS = {"data": 0, "attack": 1}
+
+
+def epoch_generator(seed: int, epoch: int, device, stream: str = "data") -> torch.Generator:
+    """A generator whose stream depends only on (seed, epoch, stream): resuming at epoch k
+    replays it. stream "data" orders and augments the batches; "attack" draws the training
+    attack's start noise, so the two never reuse each other's random numbers."""
     g = torch.Generator(device=device)
-    g.manual_seed(seed * 1_000_003 + epoch)
+    g.manual_seed((seed * 1_000_003 + epoch) * 2 + STREAMS[stream])
     return g
 
 

@@ -301,7 +301,7 @@ class FFCVLoader:
                 path, batch_size=batch_size, num_workers=num_workers,
                 order=OrderOption.RANDOM if train else OrderOption.SEQUENTIAL,
                 # Random order draws from default_rng(seed + epoch): scale the seed so that
-                # (seed, epoch) pairs do not collide, the same mix as data.epoch_generator.
+                # (seed, epoch) pairs do not collide, as data.epoch_generator does.
                 seed=seed * 1_000_003,
                 indices=None if limit is None else np.arange(self.num_samples, dtype=np.uint64),
                 pipelines={IMAGE_FIELD: image, LABEL_FIELD: label}, drop_last=drop_last)

@@ -17,7 +17,7 @@ Conventions shared with the fast path (so the two can be compared bit for bit):
   contiguous NCHW order; the fast path draws U(-1, 1) and multiplies by eps, which is the same
   float32 numbers (tests/test_attacks.py pins that);
 - TRADES start: `x + 0.001 * torch.randn(x.shape, generator=g)`, not clamped (as TRADES);
-- training attack noise comes from `fastfat.data.epoch_generator(seed, epoch, "cpu")`, drawn
+- training attack noise comes from `fastfat.data.epoch_generator(seed, epoch, "cpu", "attack")`, drawn
   batch after batch in loader order;
 - evaluation start noise for batch b, attack a, eps index e comes from a fresh generator seeded
   with `eval_noise_seed(seed, b, a, e)` (defined here; the fast evaluation imports it).
@@ -303,7 +303,7 @@ def ref_train(cfg, train_set, model: nn.Module, *, attack_loss: str | None = Non
     SGD(lr, momentum, weight_decay); TorchvisionLoader (per-sample RandomCrop + flip, the data
     set's defaults unless cfg overrides them) on train_set.subset(cfg.train_limit); lr from
     ref_lr at the start of each 0-based epoch; attack noise from
-    epoch_generator(cfg.seed, epoch, "cpu"), drawn batch after batch. max_steps stops after that
+    epoch_generator(cfg.seed, epoch, "cpu", "attack"), drawn batch after batch. max_steps stops after that
     many SGD steps in total (for pinning a few steps against the fast trainer).
     Raises FloatingPointError if the loss becomes NaN or inf. Returns the model.
     """
@@ -324,7 +324,7 @@ def ref_train(cfg, train_set, model: nn.Module, *, attack_loss: str | None = Non
         for param_group in optimizer.param_groups:
             param_group["lr"] = lr
         loader.set_epoch(epoch)
-        generator = epoch_generator(cfg.seed, epoch, "cpu")
+        generator = epoch_generator(cfg.seed, epoch, "cpu", "attack")
         for data, target in loader:
             if max_steps is not None and done >= max_steps:
                 return model

@@ -194,7 +194,7 @@ def _progress(total, desc, enabled, position=0):
 def train_epoch(trainer: Trainer, loader, epoch: int, *, progress: bool = False,
                 position: int = 0) -> dict:
     """One training epoch (0-based `epoch`): its learning rate, the loader's order and
-    augmentation for the epoch, and the attack noise from epoch_generator(seed, epoch), so any
+    augmentation for the epoch, and the attack noise from epoch_generator(seed, epoch, "attack"), so any
     epoch replays exactly. Returns the log row {"epoch" (1-based), "lr", "loss" (mean over
     samples), "vcar" (mean over steps), "seconds", "images_per_s"}.
 
@@ -204,7 +204,7 @@ def train_epoch(trainer: Trainer, loader, epoch: int, *, progress: bool = False,
     cfg, device = trainer.cfg, trainer.device
     lr = trainer.set_epoch_lr(epoch)
     loader.set_epoch(epoch)
-    gen = epoch_generator(cfg.seed, epoch, device)
+    gen = epoch_generator(cfg.seed, epoch, device, "attack")
     bar = _progress(len(loader), f"epoch {epoch + 1}/{cfg.epochs}", progress, position)
     tot_loss = torch.zeros((), device=device)
     tot_vcar = torch.zeros((), device=device)

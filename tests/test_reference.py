@@ -243,7 +243,7 @@ def test_ref_train_first_step_is_ref_train_step():
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     R.ref_train_step(model, opt, x, y, method="fat-trades", eps=cfg.eps_train, alpha=cfg.alpha(),
                      steps=cfg.steps, lam=cfg.lam, beta=cfg.beta, mode="authors", superclass=False,
-                     num_classes=10, generator=epoch_generator(cfg.seed, 0, "cpu"))
+                     num_classes=10, generator=epoch_generator(cfg.seed, 0, "cpu", "attack"))
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in a.state_dict().items())
 
 
