@@ -209,19 +209,21 @@ def train_epoch(trainer: Trainer, loader, epoch: int, *, progress: bool = False,
     tot_loss = torch.zeros((), device=device)
     tot_vcar = torch.zeros((), device=device)
     seen, steps, t0 = 0, 0, time.perf_counter()
-    for x, y in loader:
-        out = trainer.train_step(x, y, gen)
-        tot_loss += out.loss * y.numel()
-        tot_vcar += out.vcar
-        seen, steps = seen + y.numel(), steps + 1
-        if bar is not None and (steps % 5 == 0 or steps == len(loader)):
-            mean_loss = float(tot_loss) / seen
-            _check_finite(mean_loss, epoch, steps)
-            bar.set_postfix(loss=f"{mean_loss:.4f}", vcar=f"{float(tot_vcar) / steps:.4f}",
-                            lr=f"{lr:g}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
-            bar.update(steps - bar.n)
-    if bar is not None:
-        bar.close()
+    try:
+        for x, y in loader:
+            out = trainer.train_step(x, y, gen)
+            tot_loss += out.loss * y.numel()
+            tot_vcar += out.vcar
+            seen, steps = seen + y.numel(), steps + 1
+            if bar is not None and (steps % 5 == 0 or steps == len(loader)):
+                mean_loss = float(tot_loss) / seen
+                _check_finite(mean_loss, epoch, steps)
+                bar.set_postfix(loss=f"{mean_loss:.4f}", vcar=f"{float(tot_vcar) / steps:.4f}",
+                                lr=f"{lr:g}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+                bar.update(steps - bar.n)
+    finally:
+        if bar is not None:
+            bar.close()  # also on a diverged loss, so the error line is not buried in a bar
     secs = time.perf_counter() - t0
     row = {"epoch": epoch + 1, "lr": lr, "loss": float(tot_loss) / max(seen, 1),
            "vcar": float(tot_vcar) / max(steps, 1), "seconds": secs,
