@@ -1,0 +1,390 @@
+"""Side by side, in one process: fastfat's fast path against the reference (the authors' code
+shape, fastfat.reference), for one FAT training epoch and one evaluation pass, with proof that
+both compute the same thing.
+
+    python -m bench.compare              # the report (about 10-15 minutes on 2 CPU cores)
+    python -m bench.compare --quick      # a tiny workload in seconds (the smoke test runs it)
+    python -m bench.compare --compile    # also time the fast path under torch.compile
+
+Timing. Each side runs `--repeats` epochs (and evaluations), interleaved fast, ref, ref, fast,
+... so that load from other processes falls on both alike; the table shows the median and the
+minimum, and the speedup is the ratio of medians. One training step of each side runs first,
+untimed, so one-time initialisation (oneDNN primitives, worker threads) is not charged to
+either. Both sides use the same torch thread count (`--threads`, default torch's).
+- fast: fastfat.train.train_epoch (Trainer: PGD on a BN-folded channels_last copy, input
+  gradients only, batch split over the cores; MemoryLoader: data resident as uint8, crop and
+  flip in batch);
+- reference: fastfat.reference.ref_train (loss.backward() at every attack step, NCHW, BN
+  unfolded, torchvision DataLoader with per-sample PIL transforms, per-class Python loop).
+With --compile, the compiled fast path's first epoch (compilation included, fresh inductor
+cache) is shown apart from its steady-state epochs.
+
+Results. The two sides' timed epochs cannot be compared step by step: their augmentations
+draw differently (batched crop/flip vs per-sample PIL transforms), and in fp32 the attack's
+sign(grad) turns last-bit differences (channels_last vs NCHW, folded vs unfolded BN) into
+different trajectories within a few steps. So the match check feeds both the same init, the
+same augmented batches and the same attack start noise, in float64 (as tests/test_train.py),
+and compares the per-step losses and the final weights. Evaluation is compared in fp32 on the
+same model: its start noise is keyed by (seed, batch, attack, eps), so the class accuracies
+must agree up to the rare sample whose prediction a rounding-level sign flip changes.
+
+The last two lines read `fat-epoch speedup: 3.42x (results match)` and
+`eval speedup: 2.10x (results match)`, with "(results differ)" when the check fails.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+from fastfat import reference
+from fastfat.config import make_eval_config
+from fastfat.data import MemoryLoader, epoch_generator
+from fastfat.evaluate import evaluate
+from fastfat.train import Trainer, train_epoch
+
+from .common import fat_config, synthetic32, twin_models
+
+# tests/test_train.py's float64 tolerances
+LOSS_RTOL, W_RTOL, W_ATOL = 1e-4, 1e-4, 1e-6
+
+FULL = dict(images=2048, width=16, batch=128, steps=10, repeats=3, match_steps=4,
+            eval_images=256, eval_batch=256, eval_repeats=3, attacks="fgsm,pgd20,cw",
+            eps_test="4/255,8/255", eval_model_epochs=2)
+QUICK = dict(images=128, width=4, batch=32, steps=2, repeats=1, match_steps=2,
+             eval_images=32, eval_batch=32, eval_repeats=1, attacks="fgsm,pgd3,cw",
+             eps_test="4/255,8/255", eval_model_epochs=2)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny workload (seconds): smoke test only")
+    for k, v in FULL.items():
+        p.add_argument(f"--{k.replace('_', '-')}", type=type(v), default=None,
+                       help=f"default {v} (quick: {QUICK[k]})")
+    p.add_argument("--method", default="fat-madry")
+    p.add_argument("--lam", type=float, default=0.5)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads for both sides (default: torch's, one per core)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time the fast path with torch.compile (cold compile counted apart)")
+    p.add_argument("--json", default=None, help="also write the measurements to this file")
+    args = p.parse_args(argv)
+    base = QUICK if args.quick else FULL
+    for k, v in base.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    return args
+
+
+def say(*a):
+    print(*a, flush=True)
+
+
+def _median_min(ts):
+    return statistics.median(ts), min(ts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training: timing
+
+class FastSide:
+    """The fast path as `fastfat train` runs it: Trainer + MemoryLoader + train_epoch."""
+
+    def __init__(self, cfg, model, train_set):
+        self.trainer = Trainer(cfg, model)
+        self.loader = MemoryLoader(train_set, cfg.batch_size, True, seed=cfg.seed,
+                                   crop_pad=cfg.crop_pad, flip=cfg.flip,
+                                   channels_last=cfg.channels_last, drop_last=cfg.drop_last)
+        self.epoch = 0
+
+    def warm_up(self):
+        x, y = next(iter(self.loader))
+        self.trainer.train_step(x, y, torch.Generator().manual_seed(0))
+
+    def run_epoch(self) -> float:
+        row = train_epoch(self.trainer, self.loader, self.epoch)
+        self.epoch += 1
+        return row["loss"]
+
+
+class RefSide:
+    """The reference as the authors run it: ref_train for one epoch (its own DataLoader with
+    per-sample transforms, SGD, ref_train_step per batch)."""
+
+    def __init__(self, cfg, model, train_set):
+        self.cfg, self.model, self.train_set = cfg, model, train_set
+
+    def warm_up(self):
+        reference.ref_train(self.cfg, self.train_set, self.model, max_steps=1)
+
+    def run_epoch(self) -> float:
+        reference.ref_train(self.cfg, self.train_set, self.model)
+        return float("nan")   # ref_train returns the model only
+
+
+def time_interleaved(sides: dict, repeats: int, label: str) -> dict:
+    """{name: [seconds per run]}: `repeats` runs of each side, in alternating order."""
+    times = {k: [] for k in sides}
+    names = list(sides)
+    for r in range(repeats):
+        order = names if r % 2 == 0 else names[::-1]
+        for k in order:
+            t0 = time.perf_counter()
+            sides[k]()
+            times[k].append(time.perf_counter() - t0)
+            say(f"  {label} {r + 1}/{repeats} {k}: {times[k][-1]:.2f} s")
+    return times
+
+
+# ---------------------------------------------------------------------------------------------
+# Training: results match (float64, same batches)
+
+def training_match(cfg, train_set, steps: int) -> dict:
+    """Per-step losses and final weights of the fast trainer and ref_train_step from the same
+    init, on the same `steps` augmented batches (the fast loader's epoch 0), with the same attack
+    noise stream (epoch_generator(seed, 0)), in float64."""
+    fast_model, ref_model = twin_models(cfg)
+    fast_model, ref_model = fast_model.double(), ref_model.double()
+    trainer = Trainer(cfg, fast_model)
+    ref_opt = torch.optim.SGD(ref_model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                              weight_decay=cfg.weight_decay)
+    loader = MemoryLoader(train_set, cfg.batch_size, True, seed=cfg.seed, crop_pad=cfg.crop_pad,
+                          flip=cfg.flip, channels_last=cfg.channels_last)
+    g_fast, g_ref = epoch_generator(cfg.seed, 0, "cpu"), epoch_generator(cfg.seed, 0, "cpu")
+    rows = []
+    for i, (x, y) in enumerate(loader):
+        if i == steps:
+            break
+        x = x.double()
+        fast_loss = float(trainer.train_step(x, y, g_fast).loss)
+        ref_loss = reference.ref_train_step(
+            ref_model, ref_opt, x.contiguous(), y, method=cfg.method, eps=cfg.eps_train,
+            alpha=cfg.alpha(), steps=cfg.steps, lam=cfg.lam, beta=cfg.beta, mode=cfg.vcar_mode,
+            superclass=cfg.superclass, num_classes=10, generator=g_ref)
+        rows.append((fast_loss, ref_loss))
+    worst_w, close = 0.0, True
+    fast_sd = fast_model.state_dict()
+    for k, v in ref_model.state_dict().items():
+        f = fast_sd[k]
+        if v.is_floating_point():
+            worst_w = max(worst_w, float((f - v).abs().max()))
+            close = close and torch.allclose(f, v, rtol=W_RTOL, atol=W_ATOL)
+        else:
+            close = close and torch.equal(f, v)
+    rel = [abs(a - b) / max(abs(b), 1e-30) for a, b in rows]
+    ok = close and all(r <= LOSS_RTOL for r in rel)
+    return {"losses": rows, "loss_rel_diff": max(rel), "weight_max_abs_diff": worst_w,
+            "weights_close": close, "match": ok}
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+
+def eval_match(fast_recs, ref_recs, class_counts) -> dict:
+    """Cell by cell: the largest class-accuracy difference in samples, and (for information) the
+    largest relative difference of the class-wise mean CE.
+
+    Match: the same cells, and every class accuracy within one sample: the evaluation's results
+    (average, VCRA, worst class) are functions of the class accuracies. The CE after an attack
+    is not held to a tolerance: sign(grad) turns fp32 rounding differences (channels_last and
+    folded BN vs NCHW) into slightly different adversarial examples, which moves the CE of
+    misclassified samples by up to about 1% (C&W, which keeps pushing them for 30 steps, a few
+    %) without changing a prediction."""
+    cells, ok = [], [(r["attack"], r["eps"]) for r in fast_recs] == [(r["attack"], r["eps"]) for r in ref_recs]
+    for f, r in zip(fast_recs, ref_recs):
+        diff = max(abs(a - b) * n for a, b, n in zip(f["class_acc"], r["class_acc"], class_counts))
+        loss_rel = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(f["class_loss"], r["class_loss"]))
+        ok = ok and diff <= 1 + 1e-9
+        cells.append({"attack": f["attack"], "eps": f["eps"], "avg_acc_fast": f["avg_acc"],
+                      "avg_acc_ref": r["avg_acc"], "max_class_diff_samples": round(diff),
+                      "class_loss_max_rel_diff": loss_rel})
+    return {"cells": cells, "match": ok}
+
+
+def eval_model(args, train_set) -> torch.nn.Module:
+    """A model whose class accuracies under attack are neither all 0 nor all 1 at the compare's
+    eps_test, so that agreeing on them means something: the fast trainer, Madry PGD-3 (step
+    eps/2) at eps 16/255 on the un-augmented training set, then BN running statistics
+    recomputed over that set (a few dozen steps leave them lagging far behind the weights)."""
+    cfg = fat_config(width=args.width, batch_size=args.batch, method="madry", eps_train=16 / 255,
+                     steps=3, step_size="eps/2", lr=0.05, crop_pad=0, flip=False)
+    model = twin_models(cfg)[0]
+    trainer = Trainer(cfg, model)
+    loader = MemoryLoader(train_set, cfg.batch_size, True, seed=cfg.seed, channels_last=True)
+    for epoch in range(args.eval_model_epochs):
+        train_epoch(trainer, loader, epoch)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None          # a plain average over the batches below
+    model.train()
+    with torch.no_grad():
+        for x, _ in MemoryLoader(train_set, 256, False):
+            model(x)
+    return model.eval()
+
+
+def load_average() -> float | None:
+    try:
+        return float(open("/proc/loadavg").read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.compile:
+        # count compilation as a user sees it the first time: no inductor cache from earlier runs
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="bench_inductor_"))
+    threads = torch.get_num_threads()
+    cfg = fat_config(width=args.width, batch_size=args.batch, steps=args.steps, method=args.method,
+                     lam=args.lam)
+    train_set, test_set = synthetic32(args.images, args.eval_images)
+    steps_per_epoch = -(-args.images // args.batch)
+
+    say("fastfat: fast path vs reference (the authors' code shape), side by side in one process")
+    say(f"workload: {cfg.method} lam {cfg.lam}, {cfg.model} width {cfg.width}, {args.images} synthetic "
+        f"32x32x3 images, batch {cfg.batch_size} ({steps_per_epoch} steps/epoch), PGD-{cfg.steps} "
+        f"step {cfg.alpha():.4g} eps {cfg.eps_train * 255:.0f}/255, crop pad {cfg.crop_pad} + flip, fp32")
+    say(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+        f"{threads} intra-op threads per side; {args.repeats} interleaved repeats, median")
+    load_start = load_average()
+    result = {"args": vars(args), "threads": threads, "torch": torch.__version__}
+
+    # --- training epoch ----------------------------------------------------------------------
+    fast_model, ref_model = twin_models(cfg)
+    fast, ref = FastSide(cfg, fast_model, train_set), RefSide(cfg, ref_model, train_set)
+    sides = {"fast": fast.run_epoch, "reference": ref.run_epoch}
+    compiled, first_compiled = None, None
+    if args.compile:
+        ccfg = fat_config(width=args.width, batch_size=args.batch, steps=args.steps,
+                          method=args.method, lam=args.lam, compile=True)
+        compiled = FastSide(ccfg, twin_models(ccfg)[0], train_set)
+        say("compiled fast path: first epoch, compilation included ...")
+        t0 = time.perf_counter()
+        compiled.run_epoch()
+        first_compiled = time.perf_counter() - t0
+        sides["fast+compile"] = compiled.run_epoch
+    fast.warm_up()
+    ref.warm_up()
+    say("timing one FAT epoch per side ...")
+    times = time_interleaved(sides, args.repeats, "epoch")
+
+    say("checking results (float64, same init, same batches, same attack starts) ...")
+    match = training_match(cfg, train_set, args.match_steps)
+    if args.compile:
+        cmatch = training_match(ccfg, train_set, args.match_steps)
+        match["match"] = match["match"] and cmatch["match"]
+        match["compiled"] = cmatch
+
+    ref_med = statistics.median(times["reference"])
+    say("")
+    say(f"{'FAT epoch':34s} {'median s':>9s} {'min s':>8s} {'images/s':>9s} {'speedup':>8s}")
+    rows = [("reference (reference.ref_train)", "reference"), ("fast (train.train_epoch)", "fast")]
+    if args.compile:
+        rows.append(("fast + torch.compile", "fast+compile"))
+    for title, k in rows:
+        med, mn = _median_min(times[k])
+        say(f"{title:34s} {med:9.2f} {mn:8.2f} {args.images / med:9.1f} {ref_med / med:7.2f}x")
+    if args.compile:
+        say(f"{'fast + torch.compile, 1st epoch':34s} {first_compiled:9.2f} {'':8s} "
+            f"{args.images / first_compiled:9.1f} {ref_med / first_compiled:7.2f}x  (compilation included)")
+    say("")
+    say(f"results, training: float64, {len(match['losses'])} steps from the same init on the same augmented "
+        f"batches with the same attack starts (the timed fp32 epochs draw different crops/flips per side)")
+    say(f"  {'step':>4s}  {'loss fast':>20s}  {'loss reference':>20s}  {'rel diff':>9s}")
+    for i, (a, b) in enumerate(match["losses"]):
+        say(f"  {i + 1:4d}  {a:20.15f}  {b:20.15f}  {abs(a - b) / max(abs(b), 1e-30):9.1e}")
+    say(f"  final weights: max |fast - reference| {match['weight_max_abs_diff']:.1e} "
+        f"(allclose rtol {W_RTOL:g} atol {W_ATOL:g}: {match['weights_close']}); "
+        f"losses within rel {LOSS_RTOL:g}: {match['loss_rel_diff'] <= LOSS_RTOL}")
+    if args.compile:
+        c = match["compiled"]
+        say(f"  compiled fast path: loss rel diff {c['loss_rel_diff']:.1e}, weights max diff "
+            f"{c['weight_max_abs_diff']:.1e}, match {c['match']}")
+    train_speedup = ref_med / statistics.median(times["fast"])
+    result["train"] = {"times": times, "first_compiled_epoch": first_compiled, "match": match,
+                       "speedup": train_speedup}
+
+    # --- evaluation --------------------------------------------------------------------------
+    attacks = args.attacks.split(",")
+    ecfg = make_eval_config(None, attacks=attacks, eps_test=args.eps_test.split(","),
+                            batch_size=args.eval_batch, seed=0, device="cpu", loader="memory")
+    say("")
+    say(f"training the model to evaluate ({args.eval_model_epochs} epochs of Madry PGD-3 at eps 16/255, "
+        "no augmentation, BN statistics recomputed) ...")
+    model = eval_model(args, train_set)
+    ref_eval_model = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
+    out = {}
+
+    def fast_eval():
+        out["fast"] = evaluate(model, MemoryLoader(test_set, ecfg.batch_size, False), ecfg, 10,
+                               device="cpu")
+
+    def ref_eval():
+        out["reference"] = reference.ref_evaluate(ref_eval_model, test_set, attacks=ecfg.attacks,
+                                                  eps_list=ecfg.eps_test, batch_size=ecfg.batch_size,
+                                                  seed=ecfg.seed, kappa=ecfg.cw_kappa)
+
+    say(f"timing evaluation: {args.eval_images} test images; clean + {', '.join(ecfg.attacks)} at eps "
+        f"{', '.join(f'{e * 255:.0f}/255' for e in ecfg.eps_test)} ...")
+    etimes = time_interleaved({"fast": fast_eval, "reference": ref_eval}, args.eval_repeats, "eval")
+    counts = torch.bincount(test_set.labels, minlength=10).tolist()
+    ematch = eval_match(out["fast"], out["reference"], counts)
+    eref = statistics.median(etimes["reference"])
+    say("")
+    say(f"{'evaluation':34s} {'median s':>9s} {'min s':>8s} {'images/s':>9s} {'speedup':>8s}")
+    for title, k in (("reference (reference.ref_evaluate)", "reference"), ("fast (evaluate.evaluate)", "fast")):
+        med, mn = _median_min(etimes[k])
+        say(f"{title:34s} {med:9.2f} {mn:8.2f} {args.eval_images / med:9.1f} {eref / med:7.2f}x")
+    say("")
+    say("results, evaluation: fp32, same model, same keyed start noise")
+    say(f"  {'attack':>8s} {'eps':>7s}  {'avg acc fast':>12s}  {'avg acc ref':>11s}  "
+        f"{'max class diff':>14s}  {'class CE rel diff':>17s}")
+    for c in ematch["cells"]:
+        eps = f"{c['eps'] * 255:.0f}/255" if c["eps"] else "0"
+        n = c["max_class_diff_samples"]
+        say(f"  {c['attack']:>8s} {eps:>7s}  {100 * c['avg_acc_fast']:11.2f}%  "
+            f"{100 * c['avg_acc_ref']:10.2f}%  {n:6d} sample{' ' if n == 1 else 's'}  "
+            f"{c['class_loss_max_rel_diff']:17.1e}")
+    say("  (match: every class accuracy within one sample. The CE column is information: the attacks'")
+    say("  sign(grad) turns fp32 rounding into slightly different adversarial examples, which moves")
+    say("  the CE of misclassified samples, not their predictions)")
+    eval_speedup = eref / statistics.median(etimes["fast"])
+    result["eval"] = {"times": etimes, "match": ematch, "speedup": eval_speedup}
+    load_end = load_average()
+    result["load_average"] = [load_start, load_end]
+    if load_start is not None and load_end is not None:
+        busy = max(load_start, load_end) > (os.cpu_count() or 1) + 0.5
+        say("")
+        say(f"load average (1 min) at start and end: {load_start:.2f}, {load_end:.2f} on "
+            f"{os.cpu_count()} CPUs" + (" -- other processes were running: the reference's OpenMP "
+                                        "threads lose more to them than the fast path's split attack, "
+                                        "so the speedups above are larger than on an idle machine "
+                                        "(bench/README.md)" if busy else ""))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(result, fh, indent=1, default=str)
+
+    say("")
+    say(f"fat-epoch speedup: {train_speedup:.2f}x ({'results match' if match['match'] else 'results differ'})")
+    say(f"eval speedup: {eval_speedup:.2f}x ({'results match' if ematch['match'] else 'results differ'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

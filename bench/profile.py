@@ -1,0 +1,230 @@
+"""Where the time of one FAT training step goes, fast path and reference side by side.
+
+    python -m bench.profile                 # ResNet18 width 16, batch 128, PGD-10, 1 thread
+    python -m bench.profile --threads 2     # with torch's intra-op threads (and the split attack)
+    python -m bench.profile --ablation      # one attack step, the levers added one at a time
+
+torch.profiler records one step of each side after a warm-up step; the table sums the ops'
+self CPU time into categories (convolution forward / backward, batch
+norm, ReLU and residual adds, loss and class statistics, PGD update, optimizer, other), and
+the phases (attack, training forward + backward, optimizer) by wall time. With --threads > 1
+only the phases are shown: the profiler does not record the attack's worker threads. Loading one batch
+is timed on its own: MemoryLoader (resident uint8, batched crop/flip) against the
+TorchvisionLoader the reference trains from (per-sample PIL transforms).
+One thread by default: the numbers are then stable on a shared machine and add up to the step.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+from collections import defaultdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+from fastfat import reference
+from fastfat.data import MemoryLoader, TorchvisionLoader
+from fastfat.train import Trainer
+
+from .common import batch, fat_config, synthetic32, twin_models
+
+CATEGORIES = [   # (title, substrings of aten op names), first match wins
+    ("conv backward", ("convolution_backward",)),
+    ("conv forward", ("mkldnn_convolution", "aten::convolution", "_convolution", "conv2d")),
+    ("batch norm", ("batch_norm",)),
+    ("ReLU, residual add", ("clamp_min", "relu", "threshold_backward", "aten::add", "aten::add_")),
+    ("loss, class stats", ("softmax", "nll_loss", "cross_entropy", "index_add", "bincount", "aten::var",
+                           "aten::mean", "aten::sum", "masked", "index", "nonzero", "item",
+                           "_local_scalar_dense", "any")),
+    ("PGD update", ("sign", "minimum", "maximum", "clamp", "aten::min", "aten::max", "uniform_")),
+    ("optimizer", ("_foreach", "sgd")),
+    ("pooling, linear", ("pool", "addmm", "aten::mm", "linear")),
+    ("copies, layout", ("copy_", "contiguous", "clone", "to_copy", "empty", "zero_", "fill_")),
+]
+
+
+def categorise(prof) -> dict:
+    out = defaultdict(float)
+    for ev in prof.key_averages():
+        if not ev.key.startswith("aten::") or ev.self_cpu_time_total <= 0:
+            continue
+        name = ev.key.lower()
+        for title, keys in CATEGORIES:
+            if any(k.lower() in name for k in keys):
+                out[title] += ev.self_cpu_time_total / 1e6
+                break
+        else:
+            out["other"] += ev.self_cpu_time_total / 1e6
+    return out
+
+
+@contextlib.contextmanager
+def phase(times: dict, name: str):
+    t0 = time.perf_counter()
+    with record_function(name):
+        yield
+    times[name] = times.get(name, 0.0) + time.perf_counter() - t0
+
+
+def ablation(args) -> int:
+    """One attack step (forward + input gradient) with the levers added one at a time, timed
+    interleaved (median of --repeats) so the ratios are comparable."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from fastfat.models.fold import fold_bn
+
+    cfg = fat_config(width=args.width, batch_size=args.batch)
+    fast_model, ref_model = twin_models(cfg)
+    ref_model.eval()
+    x, y = batch(args.batch)
+    xc = x.contiguous(memory_format=torch.channels_last)
+    cl_model = copy.deepcopy(fast_model).eval()
+    folded = fold_bn(fast_model)
+
+    def full_backward():        # the reference: every parameter gradient too
+        xa = x.detach().requires_grad_(True)
+        ref_model.zero_grad()
+        F.cross_entropy(ref_model(xa), y).backward()
+
+    def input_grad(model, inp):
+        def run():
+            xa = inp.detach().requires_grad_(True)
+            torch.autograd.grad(F.cross_entropy(model(xa), y, reduction="sum"), xa)
+        return run
+
+    variants = {
+        "reference: NCHW, BN, loss.backward()": full_backward,
+        "+ input gradient only": input_grad(ref_model, x),
+        "+ channels_last": input_grad(cl_model, xc),
+        "+ BN folded into the convs": input_grad(folded, xc),
+    }
+    if args.compile:
+        variants["+ torch.compile"] = input_grad(torch.compile(folded), xc)
+    for fn in variants.values():
+        fn()
+    times = {k: [] for k in variants}
+    for r in range(args.repeats):
+        for k in (list(variants) if r % 2 == 0 else list(variants)[::-1]):
+            t0 = time.perf_counter()
+            variants[k]()
+            times[k].append(time.perf_counter() - t0)
+    print(f"one attack step (forward + input gradient): {cfg.model} width {cfg.width}, batch {args.batch}, "
+          f"32x32, {args.threads} torch thread(s), median of {args.repeats}")
+    base = statistics.median(times[next(iter(times))])
+    for k, v in times.items():
+        m = statistics.median(v)
+        print(f"  {k:40s} {1000 * m:8.1f} ms  {base / m:5.2f}x")
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--width", type=int, default=16)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--ablation", action="store_true",
+                   help="time one attack step with the levers added one at a time instead")
+    p.add_argument("--compile", action="store_true", help="ablation: also the torch.compile'd step")
+    p.add_argument("--repeats", type=int, default=7, help="ablation: interleaved repeats")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.ablation:
+        return ablation(args)
+    cfg = fat_config(width=args.width, batch_size=args.batch, steps=args.steps)
+    fast_model, ref_model = twin_models(cfg)
+    x, y = batch(args.batch)
+    xc = x.contiguous(memory_format=torch.channels_last)
+
+    # --- fast: the trainer's step, split into its phases ---
+    trainer = Trainer(cfg, fast_model)
+    fast_phases: dict = {}
+
+    def fast_step(times):
+        with phase(times, "BN fold refresh"):
+            folded = trainer.attack_model()
+        with phase(times, "attack (PGD)"):
+            from fastfat import attacks
+            x_adv = attacks.pgd(folded, xc, y, cfg.eps_train, trainer.alpha, cfg.steps,
+                                generator=torch.Generator().manual_seed(0))
+        with phase(times, "train forward + loss + backward"):
+            trainer.model.train()
+            trainer.optimizer.zero_grad(set_to_none=True)
+            loss, _ = trainer.loss(xc, y, x_adv)
+            loss.backward()
+        with phase(times, "optimizer step"):
+            trainer.optimizer.step()
+
+    # --- reference: ref_train_step, with its attack timed apart ---
+    ref_opt = torch.optim.SGD(ref_model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                              weight_decay=cfg.weight_decay)
+    ref_phases: dict = {}
+    inner_ref_pgd = reference.ref_pgd
+
+    def timed_ref_pgd(*a, **k):
+        with phase(ref_phases, "attack (PGD)"):
+            return inner_ref_pgd(*a, **k)
+
+    def ref_step(times):
+        with phase(times, "whole step"):
+            reference.ref_train_step(ref_model, ref_opt, x, y, method=cfg.method, eps=cfg.eps_train,
+                                     alpha=cfg.alpha(), steps=cfg.steps, lam=cfg.lam,
+                                     mode=cfg.vcar_mode, num_classes=10,
+                                     generator=torch.Generator().manual_seed(0))
+
+    reference.ref_pgd = timed_ref_pgd
+    try:
+        fast_step({})
+        ref_step({})
+        ref_phases.clear()
+        profs = {}
+        with profile(activities=[ProfilerActivity.CPU]) as profs["fast"]:
+            fast_step(fast_phases)
+        with profile(activities=[ProfilerActivity.CPU]) as profs["reference"]:
+            ref_step(ref_phases)
+    finally:
+        reference.ref_pgd = inner_ref_pgd
+    ref_phases["train forward + loss + backward + optimizer"] = (
+        ref_phases.pop("whole step") - ref_phases["attack (PGD)"])
+
+    # --- loading one batch ---
+    data = synthetic32(4 * args.batch)[0]
+    loaders = {"fast": MemoryLoader(data, args.batch, True, crop_pad=4, flip=True),
+               "reference": TorchvisionLoader(data, args.batch, True, crop_pad=4, flip=True)}
+    load = {}
+    for k, loader in loaders.items():
+        next(iter(loader))
+        t0 = time.perf_counter()
+        n = sum(1 for _ in loader)
+        load[k] = (time.perf_counter() - t0) / n
+
+    print(f"one FAT step: {cfg.method} lam {cfg.lam}, {cfg.model} width {cfg.width}, batch {cfg.batch_size}, "
+          f"PGD-{cfg.steps}, 32x32, {args.threads} torch thread(s)")
+    print("\nphases (wall seconds)")
+    for side, phases in (("fast", fast_phases), ("reference", ref_phases)):
+        total = sum(phases.values())
+        print(f"  {side}: {total:.3f} s per step + {load[side]:.3f} s to load the batch")
+        for k, v in phases.items():
+            print(f"    {k:44s} {v:7.3f} s  {100 * v / total:5.1f}%")
+    if args.threads > 1:
+        # the profiler does not see the attack's worker threads: the op table would be partial
+        print("\n(op categories: run with --threads 1; the profiler misses the attack's worker threads)")
+        return 0
+    cats = {k: categorise(v) for k, v in profs.items()}
+    print("\nops by category (self CPU seconds)")
+    print(f"  {'category':24s} {'fast':>8s} {'reference':>10s}")
+    titles = [t for t, _ in CATEGORIES] + ["other"]
+    for t in titles:
+        f, r = cats["fast"].get(t, 0.0), cats["reference"].get(t, 0.0)
+        if f or r:
+            print(f"  {t:24s} {f:8.3f} {r:10.3f}")
+    print(f"  {'total':24s} {sum(cats['fast'].values()):8.3f} {sum(cats['reference'].values()):10.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,22 @@
+"""Smoke test of `python -m bench.compare`: the quick mode runs end to end and prints its
+verdict lines in the agreed form, so the report cannot rot. Not a benchmark (skipped under
+--benchmark-only); timings in quick mode mean nothing and are not asserted."""
+from __future__ import annotations
+
+import json
+import re
+
+from bench import compare
+
+
+def test_compare_quick_runs_and_reports(tmp_path, capsys):
+    out_json = tmp_path / "compare.json"
+    assert compare.main(["--quick", "--json", str(out_json)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert re.fullmatch(r"fat-epoch speedup: \d+\.\d\dx \(results (match|differ)\)", lines[-2]), lines[-2]
+    assert re.fullmatch(r"eval speedup: \d+\.\d\dx \(results (match|differ)\)", lines[-1]), lines[-1]
+    # the checks are real: both sides agree on this tiny workload too
+    assert lines[-2].endswith("(results match)") and lines[-1].endswith("(results match)")
+    result = json.loads(out_json.read_text())
+    assert result["train"]["match"]["weights_close"] and result["eval"]["match"]["match"]
+    assert len(result["train"]["match"]["losses"]) == 2
