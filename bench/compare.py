@@ -152,7 +152,7 @@ def time_interleaved(sides: dict, repeats: int, label: str) -> dict:
 def training_match(cfg, train_set, steps: int) -> dict:
     """Per-step losses and final weights of the fast trainer and ref_train_step from the same
     init, on the same `steps` augmented batches (the fast loader's epoch 0), with the same attack
-    noise stream (epoch_generator(seed, 0)), in float64."""
+    noise stream (epoch_generator(seed, 0, "attack")), in float64."""
     fast_model, ref_model = twin_models(cfg)
     fast_model, ref_model = fast_model.double(), ref_model.double()
     trainer = Trainer(cfg, fast_model)
@@ -160,7 +160,8 @@ def training_match(cfg, train_set, steps: int) -> dict:
                               weight_decay=cfg.weight_decay)
     loader = MemoryLoader(train_set, cfg.batch_size, True, seed=cfg.seed, crop_pad=cfg.crop_pad,
                           flip=cfg.flip, channels_last=cfg.channels_last)
-    g_fast, g_ref = epoch_generator(cfg.seed, 0, "cpu"), epoch_generator(cfg.seed, 0, "cpu")
+    g_fast = epoch_generator(cfg.seed, 0, "cpu", "attack")   # as train_epoch and ref_train draw it
+    g_ref = epoch_generator(cfg.seed, 0, "cpu", "attack")
     rows = []
     for i, (x, y) in enumerate(loader):
         if i == steps:
