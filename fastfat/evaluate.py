@@ -42,13 +42,13 @@ def _start_noise(x: torch.Tensor, seed: int, batch: int, attack: str, eps_list) 
 
 
 def _logits(model, x, device, ctx_dtype) -> torch.Tensor:
-    """fp32 logits of x under no_grad, split over the CPU workers as the attacks are (slices of
-    a batch are independent in eval mode, and the split does not change the numbers)."""
+    """fp32 logits of x under no_grad, split over the CPU workers and into cache-sized slices as
+    the attacks are (slices of a batch are independent in eval mode; the numbers do not change)."""
     def forward(sl):
         with torch.no_grad(), autocast_ctx(device, ctx_dtype):
             return kernels.upcast(model(x[sl]))
     shards = attacks.shard_count(x) if ctx_dtype is None else 1   # autocast state is per thread
-    parts = attacks.sharded(forward, x.shape[0], shards)
+    parts = attacks.sharded(forward, x.shape[0], shards, attacks.chunk_size(x))
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
