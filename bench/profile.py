@@ -90,10 +90,10 @@ def ablation(args) -> int:
         ref_model.zero_grad()
         F.cross_entropy(ref_model(xa), y).backward()
 
-    def input_grad(model, inp):
+    def input_grad(model, inp, target=y):
         def run():
             xa = inp.detach().requires_grad_(True)
-            torch.autograd.grad(F.cross_entropy(model(xa), y, reduction="sum"), xa)
+            torch.autograd.grad(F.cross_entropy(model(xa), target, reduction="sum"), xa)
         return run
 
     variants = {
@@ -102,8 +102,15 @@ def ablation(args) -> int:
         "+ channels_last": input_grad(cl_model, xc),
         "+ BN folded into the convs": input_grad(folded, xc),
     }
+    chunk = 64
+    slices = [input_grad(folded, xc[i:i + chunk], y[i:i + chunk]) for i in range(0, args.batch, chunk)]
+    variants[f"+ {chunk}-sample slices, one after another"] = lambda: [run() for run in slices]
+    if args.threads > 1:
+        from fastfat import attacks
+        variants[f"+ split over {args.threads} 1-thread workers"] = lambda: attacks.sharded(
+            lambda sl: input_grad(folded, xc[sl], y[sl])(), args.batch, args.threads, chunk)
     if args.compile:
-        variants["+ torch.compile"] = input_grad(torch.compile(folded), xc)
+        variants["+ torch.compile (whole batch)"] = input_grad(torch.compile(folded), xc)
     for fn in variants.values():
         fn()
     times = {k: [] for k in variants}
