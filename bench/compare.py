@@ -2,7 +2,7 @@
 shape, fastfat.reference), for one FAT training epoch and one evaluation pass, with proof that
 both compute the same thing.
 
-    python -m bench.compare              # the report (about 10-15 minutes on 2 CPU cores)
+    python -m bench.compare              # the report (4-5 minutes on an idle 2-core machine)
     python -m bench.compare --quick      # a tiny workload in seconds (the smoke test runs it)
     python -m bench.compare --compile    # also time the fast path under torch.compile
 
