@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import math
 import re
+import types
 import typing
 from dataclasses import dataclass, field, fields
 
@@ -251,7 +252,7 @@ def _coerce(name: str, value, tp):
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if value is None and type(None) in args:
         return None
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         tp = next(a for a in args if a is not type(None))
         return _coerce(name, value, tp)
     if typing.get_origin(tp) is list:

@@ -11,13 +11,11 @@ import os
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from . import attacks, kernels, metrics
 from .checkpoint import atomic_write_json
 from .config import EvalConfig, add_dataclass_flags, given, make_eval_config
 from .data import build_loader, dataset_info
-from .errors import UserError
 from .models.fold import fold_bn
 from .reference import eval_noise_seed
 from .train import amp_dtype, autocast_ctx, load_model, resolve_device
@@ -56,7 +54,7 @@ def _logits(model, x, device, ctx_dtype) -> torch.Tensor:
 def _count(logits, y, num_classes, acc, key):
     """Add a batch's per-class hits, counts and CE sums to acc[key]."""
     c, t = metrics.class_correct(logits, y, num_classes)
-    loss_sum, _ = kernels.class_stats(F.cross_entropy(logits, y, reduction="none"), y, num_classes)
+    _, loss_sum, _ = kernels.class_ce_stats(logits, y, num_classes)
     old = acc.get(key, (0, 0, 0))
     acc[key] = (old[0] + c, old[1] + t, old[2] + loss_sum.double())
 
@@ -82,10 +80,9 @@ def evaluate(model: nn.Module, loader, cfg: EvalConfig, num_classes: int, *,
         # torch.cat keeps x's layout (repeat would turn channels_last into NCHW)
         x_rep = torch.cat([x] * len(eps_list))
         y_rep = y.repeat(len(eps_list))
+        eps_rep = torch.tensor([e for e in eps_list for _ in range(n)], device=x.device)
         for attack in cfg.attacks:
-            loss = attack_schedule(attack, 1.0)[0]
-            steps = attack_schedule(attack, 1.0)[1]
-            eps_rep = torch.tensor([e for e in eps_list for _ in range(n)], device=x.device)
+            loss, steps, _ = attack_schedule(attack, 1.0)
             alpha_rep = torch.tensor([attack_schedule(attack, e)[2] for e in eps_list for _ in range(n)],
                                      device=x.device)
             noise = _start_noise(x, cfg.seed, b, attack, eps_list)

@@ -24,7 +24,7 @@ import traceback
 from dataclasses import dataclass, fields
 from importlib import resources
 
-from .config import (EvalConfig, TrainConfig, add_dataclass_flags, canonical_attack, make_eval_config,
+from .config import (EvalConfig, TrainConfig, add_dataclass_flags, make_eval_config,
                      make_train_config, to_dict)
 from .errors import UserError
 

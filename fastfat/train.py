@@ -242,7 +242,6 @@ def train(cfg: TrainConfig, out_dir: str | None = None, *, resume: bool = False,
     Raises NonFiniteLoss (a UserError) if the loss becomes NaN/inf; nothing is saved for that epoch.
     """
     device = resolve_device(cfg.device)
-    info = dataset_info(cfg.dataset)
     state = None
     ckpt_path = os.path.join(out_dir, CHECKPOINT) if out_dir else None
     if resume and ckpt_path and os.path.exists(ckpt_path):

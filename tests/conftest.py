@@ -1,5 +1,4 @@
 """Shared fixtures: tiny, fast configurations for the CPU."""
-import os
 
 import pytest
 import torch

@@ -1,7 +1,6 @@
 """The command line: an end-to-end run, and every bad input of the core issue -> exit 2, one
 stderr line, nothing written."""
 import json
-import os
 import subprocess
 import sys
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from fastfat import metrics, reference
+from fastfat import reference
 from fastfat.config import make_eval_config, make_train_config
 from fastfat.data import MemoryLoader, make_synthetic
 from fastfat.evaluate import attack_schedule, eps_label, evaluate, table1_row
