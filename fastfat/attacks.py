@@ -164,6 +164,17 @@ def _as_batch(v, x: torch.Tensor) -> torch.Tensor | float:
     return float(v)
 
 
+def autocast(device: torch.device | str, dtype: torch.dtype | None):
+    """torch.autocast for device's type at dtype, or a no-op context for dtype None (fp32).
+
+    A fresh context per call: autocast state is per thread, so each worker of a split attack
+    enters its own.
+    """
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
 def uniform_noise(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """U(-1, 1) noise of x's shape, drawn in contiguous NCHW order whatever x's layout.
 
@@ -190,8 +201,7 @@ def _objective(kind: str, logits: torch.Tensor, y: torch.Tensor, kappa: float,
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps, alpha, steps: int,
         random_start: bool = True, loss: str = "ce", kappa: float = 50.0, *,
         generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
-        autocast: contextlib.AbstractContextManager | None = None,
-        threads: int | None = None) -> torch.Tensor:
+        amp: torch.dtype | None = None, threads: int | None = None) -> torch.Tensor:
     """Projected gradient ascent in the l_inf ball of radius eps around x.
 
     x [N, C, H, W] in [0, 1]; y [N] int64; eps, alpha: float or [N] (pixel units); steps >= 0.
@@ -199,12 +209,13 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps, alpha, steps: i
     KL to the natural prediction, start x + 0.001 * N(0, 1) unclamped, as in TRADES).
     random_start ("ce"/"cw"): start at clamp(x + U(-eps, eps), 0, 1), as the authors' code.
     noise: optional start noise of x's shape (U(-1, 1) for ce/cw, N(0, 1) for kl) instead of
-    drawing it from `generator` (or torch's global RNG). autocast: a context for the forward.
-    threads: on the CPU, the batch is split into this many parts attacked at once on
-    single-threaded workers (None: torch.get_num_threads(); 1: one worker, the caller), each
-    part in slices of at most chunk_size(x) samples. Samples are independent in eval mode and
-    the start noise is drawn for the whole batch first, so the split does not change the
-    result. Not split with an autocast context (thread-local state).
+    drawing it from `generator` (or torch's global RNG). amp: None (fp32) or the autocast dtype
+    of the model's forward (torch.bfloat16 / torch.float16); the objective, its input gradient
+    and x_adv stay fp32. threads: on the CPU, the batch is split into this many parts attacked
+    at once on single-threaded workers (None: torch.get_num_threads(); 1: one worker, the
+    caller), each part in slices of at most chunk_size(x) samples. Samples are independent in
+    eval mode and the start noise is drawn for the whole batch first, so the split does not
+    change the result.
     Returns x_adv [N, C, H, W], detached, in x's memory layout.
     """
     if loss not in ATTACK_LOSSES:
@@ -216,14 +227,13 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps, alpha, steps: i
         noise = torch.randn(x.shape, device=x.device, generator=generator)
     elif noise is None and random_start:
         noise = uniform_noise(x, generator)
-    ctx = autocast if autocast is not None else contextlib.nullcontext()
-    shards = shard_count(x, threads) if isinstance(ctx, contextlib.nullcontext) else 1
+    shards = shard_count(x, threads)
     e, a = _as_batch(eps, x), _as_batch(alpha, x)
     cut = lambda v, sl: v[sl] if isinstance(v, torch.Tensor) else v
 
     def attack(sl: slice) -> torch.Tensor:
         return _pgd_slice(model, x[sl], y[sl], cut(e, sl), cut(a, sl), steps, random_start, loss,
-                          kappa, cut(noise, sl), ctx)
+                          kappa, cut(noise, sl), amp)
 
     with eval_mode(model):
         parts = sharded(attack, x.shape[0], shards, chunk_size(x))
@@ -231,12 +241,13 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps, alpha, steps: i
     return out.contiguous(memory_format=_layout(x))
 
 
-def _pgd_slice(model, x, y, e, a, steps, random_start, loss, kappa, noise, ctx) -> torch.Tensor:
-    """pgd on one slice of the batch, model already in eval mode; noise drawn by the caller."""
+def _pgd_slice(model, x, y, e, a, steps, random_start, loss, kappa, noise, amp) -> torch.Tensor:
+    """pgd on one slice of the batch, model already in eval mode; noise drawn by the caller.
+    Runs on the thread it is called from, so grad mode and autocast are set here."""
     with torch.enable_grad():
         p_nat = None
         if loss == "kl":
-            with torch.no_grad(), ctx:
+            with torch.no_grad(), autocast(x.device, amp):
                 p_nat = kernels.upcast(model(x))
             x_adv = (x + 0.001 * noise.to(x.dtype)).contiguous(memory_format=_layout(x))
         elif random_start:
@@ -246,7 +257,7 @@ def _pgd_slice(model, x, y, e, a, steps, random_start, loss, kappa, noise, ctx) 
             x_adv = x.clone()
         for _ in range(steps):
             x_adv.requires_grad_(True)
-            with ctx:
+            with autocast(x.device, amp):
                 logits = model(x_adv)
             obj = _objective(loss, logits, y, kappa, p_nat)
             (grad,) = torch.autograd.grad(obj, x_adv)

@@ -18,7 +18,7 @@ from .config import EvalConfig, add_dataclass_flags, given, make_eval_config
 from .data import build_loader, dataset_info
 from .models.fold import fold_bn
 from .reference import eval_noise_seed
-from .train import amp_dtype, autocast_ctx, load_model, resolve_device
+from .train import amp_dtype, load_model, resolve_device
 
 
 def attack_schedule(attack: str, eps: float) -> tuple[str, int, float]:
@@ -43,10 +43,9 @@ def _logits(model, x, device, ctx_dtype) -> torch.Tensor:
     """fp32 logits of x under no_grad, split over the CPU workers and into cache-sized slices as
     the attacks are (slices of a batch are independent in eval mode; the numbers do not change)."""
     def forward(sl):
-        with torch.no_grad(), autocast_ctx(device, ctx_dtype):
+        with torch.no_grad(), attacks.autocast(device, ctx_dtype):   # per thread, so set here
             return kernels.upcast(model(x[sl]))
-    shards = attacks.shard_count(x) if ctx_dtype is None else 1   # autocast state is per thread
-    parts = attacks.sharded(forward, x.shape[0], shards, attacks.chunk_size(x))
+    parts = attacks.sharded(forward, x.shape[0], attacks.shard_count(x), attacks.chunk_size(x))
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
@@ -87,7 +86,7 @@ def evaluate(model: nn.Module, loader, cfg: EvalConfig, num_classes: int, *,
                                      device=x.device)
             noise = _start_noise(x, cfg.seed, b, attack, eps_list)
             x_adv = attacks.pgd(attacked, x_rep, y_rep, eps_rep, alpha_rep, steps, loss=loss,
-                                kappa=cfg.cw_kappa, noise=noise, autocast=autocast_ctx(device, ctx_dtype))
+                                kappa=cfg.cw_kappa, noise=noise, amp=ctx_dtype)
             logits = _logits(attacked, x_adv, device, ctx_dtype)
             for i, e in enumerate(eps_list):
                 _count(logits[i * n:(i + 1) * n], y, num_classes, acc, (attack, e))

@@ -82,6 +82,25 @@ def test_first_step_matches_in_fp32(method):
             torch.testing.assert_close(fast_model.state_dict()[k], v, rtol=1e-4, atol=1e-6, msg=k)
 
 
+def test_bf16_amp_on_the_cpu():
+    """--amp bf16 on the CPU: the attack and the training forward run under bf16 autocast (the
+    loss moves off the fp32 reference's, so autocast really took effect) and stay within bf16's
+    rounding of it; in float64 autocast does not apply and the step is the fp32 path's math."""
+    over = dict(dataset="synthetic", model="resnet18", width=4, steps=3, step_size="eps/2",
+                eps_train=8 / 255, lr=0.05, method="fat-madry", lam=1.0)
+    cfg, cfg16 = make_train_config(None, **over), make_train_config(None, amp="bf16", **over)
+    tr, _ = make_synthetic(n_train=64)
+    x, y = next(iter(MemoryLoader(tr, 32, False)))
+    losses = {}
+    for name, c, dtype in (("fp32", cfg, torch.float32), ("bf16", cfg16, torch.float32),
+                           ("fp64", cfg, torch.float64), ("bf16 on fp64", cfg16, torch.float64)):
+        trainer = Trainer(c, build_for_config(c, "cpu").to(dtype))
+        losses[name] = float(trainer.train_step(x.to(dtype), y, torch.Generator().manual_seed(1)).loss)
+    assert losses["bf16"] != pytest.approx(losses["fp32"], rel=1e-6)
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=1e-2)
+    assert losses["bf16 on fp64"] == losses["fp64"]
+
+
 def test_lr_schedules_match_reference():
     for schedule in ("paper", "authors", "constant"):
         for epochs in (120, 20, 3):
