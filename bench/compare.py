@@ -5,6 +5,7 @@ both compute the same thing.
     python -m bench.compare              # the report (4-5 minutes on an idle 2-core machine)
     python -m bench.compare --quick      # a tiny workload in seconds (the smoke test runs it)
     python -m bench.compare --compile    # also time the fast path under torch.compile
+    python -m bench.compare --amp bf16   # also the fast path under bf16 autocast (not the same numbers)
 
 Timing. Each side runs `--repeats` epochs (and evaluations), interleaved fast, ref, ref, fast,
 ... so that load from other processes falls on both alike; the table shows the median and the
@@ -77,6 +78,9 @@ def parse_args(argv=None):
                    help="torch intra-op threads for both sides (default: torch's, one per core)")
     p.add_argument("--compile", action="store_true",
                    help="also time the fast path with torch.compile (cold compile counted apart)")
+    p.add_argument("--amp", choices=("off", "bf16"), default="off",
+                   help="bf16: also time the fast path under bf16 autocast (training and evaluation) "
+                        "and show how far its numbers move from the fp32 reference")
     p.add_argument("--json", default=None, help="also write the measurements to this file")
     args = p.parse_args(argv)
     base = QUICK if args.quick else FULL
@@ -188,6 +192,31 @@ def training_match(cfg, train_set, steps: int) -> dict:
             "weights_close": close, "match": ok}
 
 
+def training_drift(cfgs: dict, train_set, steps: int) -> dict:
+    """{name: per-step losses} of the reference and of the fast trainer under each config in
+    cfgs, all in fp32 from the same init on the same `steps` augmented batches with the same
+    attack noise stream: how far each fast variant's fp32/bf16 numbers move from the reference's
+    fp32 ones (training_match pins the math; this shows the rounding)."""
+    ref_cfg = next(iter(cfgs.values()))
+    ref_model = twin_models(ref_cfg)[1]
+    ref_opt = torch.optim.SGD(ref_model.parameters(), lr=ref_cfg.lr, momentum=ref_cfg.momentum,
+                              weight_decay=ref_cfg.weight_decay)
+    loader = MemoryLoader(train_set, ref_cfg.batch_size, True, seed=ref_cfg.seed, crop_pad=ref_cfg.crop_pad,
+                          flip=ref_cfg.flip, channels_last=ref_cfg.channels_last)
+    batches = [b for _, b in zip(range(steps), loader)]
+    g = epoch_generator(ref_cfg.seed, 0, "cpu", "attack")
+    out = {"reference": [reference.ref_train_step(
+        ref_model, ref_opt, x.contiguous(), y, method=ref_cfg.method, eps=ref_cfg.eps_train,
+        alpha=ref_cfg.alpha(), steps=ref_cfg.steps, lam=ref_cfg.lam, beta=ref_cfg.beta,
+        mode=ref_cfg.vcar_mode, superclass=ref_cfg.superclass, num_classes=10, generator=g)
+        for x, y in batches]}
+    for name, c in cfgs.items():
+        trainer = Trainer(c, twin_models(c)[0])
+        g = epoch_generator(c.seed, 0, "cpu", "attack")
+        out[name] = [float(trainer.train_step(x, y, g).loss) for x, y in batches]
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Evaluation
 
@@ -280,6 +309,13 @@ def main(argv=None) -> int:
         compiled.run_epoch()
         first_compiled = time.perf_counter() - t0
         sides["fast+compile"] = compiled.run_epoch
+    amp_cfg = None
+    if args.amp == "bf16":
+        amp_cfg = fat_config(width=args.width, batch_size=args.batch, steps=args.steps,
+                             method=args.method, lam=args.lam, amp="bf16")
+        amp_side = FastSide(amp_cfg, twin_models(amp_cfg)[0], train_set)
+        amp_side.warm_up()
+        sides["fast+bf16"] = amp_side.run_epoch
     fast.warm_up()
     ref.warm_up()
     say("timing one FAT epoch per side ...")
@@ -298,6 +334,8 @@ def main(argv=None) -> int:
     rows = [("reference (reference.ref_train)", "reference"), ("fast (train.train_epoch)", "fast")]
     if args.compile:
         rows.append(("fast + torch.compile", "fast+compile"))
+    if amp_cfg is not None:
+        rows.append(("fast + bf16 autocast", "fast+bf16"))
     for title, k in rows:
         med, mn = _median_min(times[k])
         say(f"{title:34s} {med:9.2f} {mn:8.2f} {args.images / med:9.1f} {ref_med / med:7.2f}x")
@@ -320,6 +358,22 @@ def main(argv=None) -> int:
     train_speedup = ref_med / statistics.median(times["fast"])
     result["train"] = {"times": times, "first_compiled_epoch": first_compiled, "match": match,
                        "speedup": train_speedup}
+    if amp_cfg is not None:
+        say("")
+        say(f"rounding, training: fp32 inputs, {args.match_steps} steps from the same init on the same batches "
+            "and attack starts; per-step loss and its relative difference from the fp32 reference")
+        drift = training_drift({"fast": cfg, "fast+bf16": amp_cfg}, train_set, args.match_steps)
+        say(f"  {'step':>4s}  {'reference':>10s}  {'fast fp32':>10s} {'rel diff':>9s}  {'fast bf16':>10s} {'rel diff':>9s}")
+        rel = lambda a, b: abs(a - b) / max(abs(b), 1e-30)
+        for i, r in enumerate(drift["reference"]):
+            f, h = drift["fast"][i], drift["fast+bf16"][i]
+            say(f"  {i + 1:4d}  {r:10.5f}  {f:10.5f} {rel(f, r):9.1e}  {h:10.5f} {rel(h, r):9.1e}")
+        say("  (the float64 check above covers bf16's code path too: autocast leaves float64 alone. In fp32")
+        say("  the attack's sign(grad) turns rounding into different adversarial examples, so the runs part")
+        say("  within a few steps; bf16 rounds 2^16 times coarser than fp32 and parts from the first step)")
+        result["train"]["bf16"] = {"speedup": ref_med / statistics.median(times["fast+bf16"]),
+                                   "drift": drift,
+                                   "first_step_rel_diff": rel(drift["fast+bf16"][0], drift["reference"][0])}
 
     # --- evaluation --------------------------------------------------------------------------
     attacks = args.attacks.split(",")
@@ -343,13 +397,22 @@ def main(argv=None) -> int:
 
     say(f"timing evaluation: {args.eval_images} test images; clean + {', '.join(ecfg.attacks)} at eps "
         f"{', '.join(f'{e * 255:.0f}/255' for e in ecfg.eps_test)} ...")
-    etimes = time_interleaved({"fast": fast_eval, "reference": ref_eval}, args.eval_repeats, "eval")
+    esides = {"fast": fast_eval, "reference": ref_eval}
+    if amp_cfg is not None:
+        def amp_eval():
+            out["fast+bf16"] = evaluate(model, MemoryLoader(test_set, ecfg.batch_size, False), ecfg, 10,
+                                        device="cpu", amp="bf16")
+        esides["fast+bf16"] = amp_eval
+    etimes = time_interleaved(esides, args.eval_repeats, "eval")
     counts = torch.bincount(test_set.labels, minlength=10).tolist()
     ematch = eval_match(out["fast"], out["reference"], counts)
     eref = statistics.median(etimes["reference"])
     say("")
     say(f"{'evaluation':34s} {'median s':>9s} {'min s':>8s} {'images/s':>9s} {'speedup':>8s}")
-    for title, k in (("reference (reference.ref_evaluate)", "reference"), ("fast (evaluate.evaluate)", "fast")):
+    erows = [("reference (reference.ref_evaluate)", "reference"), ("fast (evaluate.evaluate)", "fast")]
+    if amp_cfg is not None:
+        erows.append(("fast + bf16 autocast", "fast+bf16"))
+    for title, k in erows:
         med, mn = _median_min(etimes[k])
         say(f"{title:34s} {med:9.2f} {mn:8.2f} {args.eval_images / med:9.1f} {eref / med:7.2f}x")
     say("")
@@ -367,6 +430,13 @@ def main(argv=None) -> int:
     say("  the CE of misclassified samples, not their predictions)")
     eval_speedup = eref / statistics.median(etimes["fast"])
     result["eval"] = {"times": etimes, "match": ematch, "speedup": eval_speedup}
+    if amp_cfg is not None:
+        amatch = eval_match(out["fast+bf16"], out["reference"], counts)
+        worst = max(c["max_class_diff_samples"] for c in amatch["cells"])
+        say(f"  bf16 autocast: largest class-accuracy difference from the reference {worst} sample(s) "
+            f"in any cell; avg acc " + ", ".join(
+                f"{c['attack']} {c['eps'] * 255:.0f}/255 {100 * c['avg_acc_fast']:.2f}%" for c in amatch["cells"][1:]))
+        result["eval"]["bf16"] = {"speedup": eref / statistics.median(etimes["fast+bf16"]), "match": amatch}
     load_end = load_average()
     result["load_average"] = [load_start, load_end]
     if load_start is not None and load_end is not None:
@@ -382,6 +452,14 @@ def main(argv=None) -> int:
             json.dump(result, fh, indent=1, default=str)
 
     say("")
+    if amp_cfg is not None:
+        # bf16 cannot meet the float64 check's tolerance, and its runs part from the reference's
+        # at the first step: reported beside the verdicts, never as a match
+        b = result["train"]["bf16"]
+        say(f"with bf16 autocast: fat-epoch speedup {b['speedup']:.2f}x, eval speedup "
+            f"{result['eval']['bf16']['speedup']:.2f}x (results differ at bf16's rounding: first-step loss "
+            f"rel diff {b['first_step_rel_diff']:.1e}, class accuracies within "
+            f"{max(c['max_class_diff_samples'] for c in result['eval']['bf16']['match']['cells'])} sample(s))")
     say(f"fat-epoch speedup: {train_speedup:.2f}x ({'results match' if match['match'] else 'results differ'})")
     say(f"eval speedup: {eval_speedup:.2f}x ({'results match' if ematch['match'] else 'results differ'})")
     return 0

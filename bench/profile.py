@@ -3,11 +3,14 @@
     python -m bench.profile                 # ResNet18 width 16, batch 128, PGD-10, 1 thread
     python -m bench.profile --threads 2     # with torch's intra-op threads (and the split attack)
     python -m bench.profile --ablation      # one attack step, the levers added one at a time
+    python -m bench.profile --amp bf16      # the fast step under bf16 autocast
+    python -m bench.profile --convs         # each convolution alone: the floor under a fast step
 
 torch.profiler records one step of each side after a warm-up step; the table sums the ops'
 self CPU time into categories (convolution forward / backward, batch
 norm, ReLU and residual adds, loss and class statistics, PGD update, optimizer, other), and
-the phases (attack, training forward + backward, optimizer) by wall time. With --threads > 1
+the phases (attack, training forward + backward, optimizer) by wall time, and the floating-point
+work of each step (torch.utils.flop_counter: convolutions and matmuls) with the rate attained. With --threads > 1
 only the phases are shown: the profiler does not record the attack's worker threads. Loading one batch
 is timed on its own: MemoryLoader (resident uint8, batched crop/flip) against the
 TorchvisionLoader the reference trains from (per-sample PIL transforms).
@@ -23,6 +26,8 @@ from collections import defaultdict
 
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 from fastfat import reference
 from fastfat.data import MemoryLoader, TorchvisionLoader
@@ -58,6 +63,24 @@ def categorise(prof) -> dict:
         else:
             out["other"] += ev.self_cpu_time_total / 1e6
     return out
+
+
+class CountFlops(TorchDispatchMode):
+    """Floating-point operations of the ops torch.utils.flop_counter knows (convolutions forward
+    and backward, matmuls), summed. Not FlopCounterMode itself: its module tracker's hooks reject
+    torch.autograd.grad on a leaf, which is how the attack asks for its input gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        count = flop_registry.get(func._overloadpacket)
+        if count is not None:
+            self.total += count(*args, **kwargs, out_val=out)
+        return out
 
 
 @contextlib.contextmanager
@@ -111,6 +134,13 @@ def ablation(args) -> int:
             lambda sl: input_grad(folded, xc[sl], y[sl])(), args.batch, args.threads, chunk)
     if args.compile:
         variants["+ torch.compile (whole batch)"] = input_grad(torch.compile(folded), xc)
+
+    def bf16_grad():            # not the same numbers: bf16 rounding
+        xa = xc.detach().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = folded(xa)
+        torch.autograd.grad(F.cross_entropy(logits.float(), y, reduction="sum"), xa)
+    variants["+ bf16 autocast (bf16 rounding)"] = bf16_grad
     for fn in variants.values():
         fn()
     times = {k: [] for k in variants}
@@ -128,6 +158,75 @@ def ablation(args) -> int:
     return 0
 
 
+def conv_floor(args) -> int:
+    """Each convolution of the attacked model timed alone (forward, and input gradient via
+    aten.convolution_backward), fp32 and bf16, at the attack's slice size: the time a fast FAT
+    step would take if it did nothing but these convolutions at oneDNN's own speed for each
+    shape, against one reference step timed here."""
+    import torch.nn.functional as F
+
+    from fastfat.models.fold import fold_bn
+
+    cfg = fat_config(width=args.width, batch_size=args.batch, steps=args.steps)
+    fast_model, ref_model = twin_models(cfg)
+    folded = fold_bn(fast_model)
+    shapes = []
+    hooks = [m.register_forward_hook(lambda m, i, o: shapes.append((tuple(i[0].shape), m)))
+             for m in folded.modules() if isinstance(m, torch.nn.Conv2d)]
+    chunk = min(64, args.batch)   # the attack's slice (attacks.CHUNK_PIXELS at 32x32)
+    with torch.no_grad():
+        folded(batch(chunk)[0].contiguous(memory_format=torch.channels_last))
+    for h in hooks:
+        h.remove()
+
+    def median_time(fn, n=5):
+        fn()
+        ts = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        return statistics.median(ts)
+
+    total = {torch.float32: [0.0, 0.0], torch.bfloat16: [0.0, 0.0]}   # seconds: forward, input grad
+    flops = 0
+    print(f"each convolution alone, {chunk}-sample slice, channels_last, {args.threads} thread(s): "
+          "GFLOP/s forward / input gradient")
+    print(f"  {'input':>18s} {'weight':>16s} {'stride':>6s} {'fp32':>13s} {'bf16':>13s}")
+    for in_shape, m in shapes:
+        w = m.weight.detach()
+        x = torch.randn(in_shape).contiguous(memory_format=torch.channels_last)
+        out = F.conv2d(x, w, None, m.stride, m.padding)
+        f = 2 * out.numel() * w[0].numel()
+        flops += f
+        row = []
+        for dt in total:
+            xd, wd = x.to(dt), w.to(dt).contiguous(memory_format=torch.channels_last)
+            g = torch.randn_like(out, dtype=dt)
+            fwd = median_time(lambda: F.conv2d(xd, wd, None, m.stride, m.padding))
+            bwd = median_time(lambda: torch.ops.aten.convolution_backward(
+                g, xd, wd, None, list(m.stride), list(m.padding), [1, 1], False, [0, 0], 1,
+                [True, False, False]))
+            total[dt][0] += fwd
+            total[dt][1] += bwd
+            row.append(f"{f / fwd / 1e9:5.0f} / {f / bwd / 1e9:5.0f}")
+        print(f"  {str(list(in_shape)):>18s} {str(list(w.shape)):>16s} {m.stride[0]:6d} {row[0]:>13s} {row[1]:>13s}")
+    x, y = batch(args.batch)
+    opt = torch.optim.SGD(ref_model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+    ref = median_time(lambda: reference.ref_train_step(
+        ref_model, opt, x, y, method=cfg.method, eps=cfg.eps_train, alpha=cfg.alpha(), steps=cfg.steps,
+        lam=cfg.lam, mode=cfg.vcar_mode, num_classes=10, generator=torch.Generator().manual_seed(0)), n=3)
+    scale = args.batch / chunk
+    print(f"\none FAT step, batch {args.batch}, PGD-{cfg.steps}: {cfg.steps} x (forward + input gradient) "
+          "for the attack, and about 3 forwards' worth for training (forward, input and weight gradients)")
+    print(f"  reference step, measured here: {ref:.3f} s")
+    for dt, (fwd, bwd) in total.items():
+        floor = scale * (cfg.steps * (fwd + bwd) + 3 * fwd)
+        print(f"  {str(dt).split('.')[-1]:8s} convolutions alone: {floor:.3f} s per step "
+              f"({flops / fwd / 1e9:.0f} GFLOP/s forward overall), so at most {ref / floor:.2f}x the reference")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=1)
@@ -138,11 +237,17 @@ def main(argv=None) -> int:
                    help="time one attack step with the levers added one at a time instead")
     p.add_argument("--compile", action="store_true", help="ablation: also the torch.compile'd step")
     p.add_argument("--repeats", type=int, default=7, help="ablation: interleaved repeats")
+    p.add_argument("--convs", action="store_true",
+                   help="time each convolution alone (fp32 and bf16): the floor under a fast step")
+    p.add_argument("--amp", choices=("off", "bf16"), default="off",
+                   help="the fast step under bf16 autocast (not the reference's numbers)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.ablation:
         return ablation(args)
-    cfg = fat_config(width=args.width, batch_size=args.batch, steps=args.steps)
+    if args.convs:
+        return conv_floor(args)
+    cfg = fat_config(width=args.width, batch_size=args.batch, steps=args.steps, amp=args.amp)
     fast_model, ref_model = twin_models(cfg)
     x, y = batch(args.batch)
     xc = x.contiguous(memory_format=torch.channels_last)
@@ -157,7 +262,7 @@ def main(argv=None) -> int:
         with phase(times, "attack (PGD)"):
             from fastfat import attacks
             x_adv = attacks.pgd(folded, xc, y, cfg.eps_train, trainer.alpha, cfg.steps,
-                                generator=torch.Generator().manual_seed(0))
+                                generator=torch.Generator().manual_seed(0), amp=trainer.amp)
         with phase(times, "train forward + loss + backward"):
             trainer.model.train()
             trainer.optimizer.zero_grad(set_to_none=True)
@@ -185,8 +290,13 @@ def main(argv=None) -> int:
 
     reference.ref_pgd = timed_ref_pgd
     try:
-        fast_step({})
-        ref_step({})
+        flops = {}
+        for side, step in (("fast", fast_step), ("reference", ref_step)):
+            # doubles as the warm-up step; the counter does not see the attack's worker threads
+            counter = CountFlops() if args.threads == 1 else contextlib.nullcontext()
+            with counter:
+                step({})
+            flops[side] = counter.total if args.threads == 1 else None
         ref_phases.clear()
         profs = {}
         with profile(activities=[ProfilerActivity.CPU]) as profs["fast"]:
@@ -210,13 +320,17 @@ def main(argv=None) -> int:
         load[k] = (time.perf_counter() - t0) / n
 
     print(f"one FAT step: {cfg.method} lam {cfg.lam}, {cfg.model} width {cfg.width}, batch {cfg.batch_size}, "
-          f"PGD-{cfg.steps}, 32x32, {args.threads} torch thread(s)")
+          f"PGD-{cfg.steps}, 32x32, {args.threads} torch thread(s), fast path "
+          f"{'bf16 autocast' if trainer.amp else 'fp32'}")
     print("\nphases (wall seconds)")
     for side, phases in (("fast", fast_phases), ("reference", ref_phases)):
         total = sum(phases.values())
         print(f"  {side}: {total:.3f} s per step + {load[side]:.3f} s to load the batch")
         for k, v in phases.items():
             print(f"    {k:44s} {v:7.3f} s  {100 * v / total:5.1f}%")
+        if flops[side] is not None:
+            print(f"    floating-point work: {flops[side] / 1e9:.1f} GFLOP per step, "
+                  f"{flops[side] / total / 1e9:.0f} GFLOP/s attained")
     if args.threads > 1:
         # the profiler does not see the attack's worker threads: the op table would be partial
         print("\n(op categories: run with --threads 1; the profiler misses the attack's worker threads)")
