@@ -289,7 +289,8 @@ def main(argv=None) -> int:
     say("fastfat: fast path vs reference (the authors' code shape), side by side in one process")
     say(f"workload: {cfg.method} lam {cfg.lam}, {cfg.model} width {cfg.width}, {args.images} synthetic "
         f"32x32x3 images, batch {cfg.batch_size} ({steps_per_epoch} steps/epoch), PGD-{cfg.steps} "
-        f"step {cfg.alpha():.4g} eps {cfg.eps_train * 255:.0f}/255, crop pad {cfg.crop_pad} + flip, fp32")
+        f"step {cfg.alpha():.4g} eps {cfg.eps_train * 255:.0f}/255, crop pad {cfg.crop_pad} + flip, fp32"
+        + (" (and the fast path under bf16 autocast)" if args.amp == "bf16" else ""))
     say(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
         f"{threads} intra-op threads per side; {args.repeats} interleaved repeats, median")
     load_start = load_average()

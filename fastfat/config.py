@@ -89,7 +89,7 @@ class TrainConfig:
     schedule: str = "paper"           # paper (x0.1 at 1/2, x0.01 at 2/3) | authors | constant
     seed: int = 0
     device: str = "auto"              # auto | cpu | cuda | cuda:N
-    amp: str = "auto"                 # auto (bf16 on CUDA, off on CPU) | off | bf16 | fp16 (see train.amp_dtype)
+    amp: str = "auto"                 # auto (bf16 on CUDA, off on CPU) | off | bf16 (fast on CPUs with AVX512-BF16) | fp16
     channels_last: bool = True
     compile: bool = False             # torch.compile the model
     fold_bn: bool = True              # attack a BN-folded copy of the model (eval-mode math)
