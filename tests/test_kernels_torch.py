@@ -65,3 +65,32 @@ def test_paper_vcar_ignores_absent_classes_and_superclass_folds():
     torch.testing.assert_close(R.vcar_from_stats(sums, counts, "paper"), torch.tensor(0.25))
     # superclass: classes 0 -> 4 and 2 -> 14; means / 5 = 0.4 and 0.6 over two present superclasses
     torch.testing.assert_close(R.vcar_from_stats(sums, counts, "paper", superclass=True), torch.tensor(0.01))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_pgd_step_is_the_closed_form_bit_for_bit(dtype, channels_last, per_sample):
+    """The twin's update (in place for fp32/fp64 storage, via an fp32 result for bf16) equals
+    clamp(min(max(x_adv + alpha * sign(grad), x - eps), x + eps), 0, 1) computed out of place in
+    fp32, bit for bit, with points on the ball's and the box's edges and zero gradients."""
+    g = torch.Generator().manual_seed(0)
+    n = 8
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.rand(n, 3, 5, 5, generator=g)
+    x[0] = 0.0
+    x[1] = 1.0
+    eps = torch.linspace(0.02, 0.3, n) if per_sample else 0.1
+    e = eps.view(-1, 1, 1, 1) if per_sample else eps
+    x_adv = (x + (torch.rand(x.shape, generator=g) * 2 - 1) * e).clamp(0, 1)
+    grad = torch.randn(x.shape, generator=g)
+    grad[2] = 0.0
+    alpha = eps / 4 if per_sample else 0.03
+    a = alpha.view(-1, 1, 1, 1) if per_sample else alpha
+    x, x_adv, grad = (t.to(dtype).contiguous(memory_format=fmt) for t in (x, x_adv, grad))
+    xn, xa = x.to(torch.promote_types(dtype, torch.float32)), x_adv.to(torch.promote_types(dtype, torch.float32))
+    want = torch.minimum(torch.maximum(xa + a * torch.sign(grad.to(xa.dtype)), xn - e), xn + e).clamp(0, 1)
+    got = R.pgd_step(x_adv, x, grad, alpha, eps)
+    assert got is x_adv and got.is_contiguous(memory_format=fmt)
+    assert torch.equal(got, want.to(dtype))
+    assert ((got.float() - x.float()).abs() <= 0.3 + 1e-2).all() and got.min() >= 0 and got.max() <= 1
