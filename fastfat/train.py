@@ -11,6 +11,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -49,7 +50,25 @@ def amp_dtype(mode: str, device: torch.device):
     on CPUs without it, bf16 is emulated and much slower."""
     if mode == "off" or (mode == "auto" and device.type != "cuda"):
         return None
+    if mode == "bf16" and device.type == "cpu" and cpu_has_native_bf16() is False:
+        warnings.warn("--amp bf16 on a CPU without AVX512-BF16/AMX: bf16 is emulated here and "
+                      "much slower than fp32 (--amp off)", stacklevel=2)
     return torch.float16 if mode == "fp16" else torch.bfloat16
+
+
+def cpu_has_native_bf16() -> bool | None:
+    """Whether this CPU computes in bf16 natively (x86 AVX512-BF16 or AMX-BF16, ARM BF16);
+    None where /proc/cpuinfo does not say (not Linux)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            text = fh.read()
+    except OSError:
+        return None
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            flags.update(line.split(":", 1)[-1].split())
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
 SCHEDULE_MILESTONES = {

@@ -1,5 +1,6 @@
 """The trainer: pinned to the reference, exact resume, divergence caught, schedules."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -168,3 +169,17 @@ def test_attack_leaves_parameter_grads_and_mode_alone(tiny_overrides):
     assert model.training and all(p.grad is None for p in model.parameters())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "BN stats untouched"
     assert (x_adv - x).abs().max() <= cfg.eps_train + 1e-6 and not torch.equal(x_adv, x)
+
+
+def test_bf16_on_a_cpu_without_native_bf16_warns(monkeypatch):
+    """bf16 emulated on a CPU without AVX512-BF16 is many times slower: say so once, don't fail."""
+    from fastfat import train as T
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(T, "cpu_has_native_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="emulated"):
+        assert T.amp_dtype("bf16", cpu) == torch.bfloat16
+    monkeypatch.setattr(T, "cpu_has_native_bf16", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert T.amp_dtype("bf16", cpu) == torch.bfloat16
+        assert T.amp_dtype("auto", cpu) is None and T.amp_dtype("off", cpu) is None
