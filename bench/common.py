@@ -7,6 +7,7 @@ import dataclasses
 
 import torch
 
+from fastfat import reference
 from fastfat.config import make_train_config
 from fastfat.data import DATASETS, ImageSet, make_synthetic
 from fastfat.train import build_for_config
@@ -39,6 +40,21 @@ def twin_models(cfg):
     fast = build_for_config(cfg, "cpu")
     ref = copy.deepcopy(fast).to(memory_format=torch.contiguous_format)
     return fast, ref
+
+
+def reference_stepper(cfg, model):
+    """step(x, y, generator) -> loss: one reference.ref_train_step of cfg's method and attack on
+    model, with an SGD optimizer of cfg's lr, momentum and weight decay (as ref_train builds it).
+    x may be in any layout: the reference gets it as contiguous NCHW, as the authors' code."""
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                          weight_decay=cfg.weight_decay)
+
+    def step(x, y, generator):
+        return reference.ref_train_step(
+            model, opt, x.contiguous(), y, method=cfg.method, eps=cfg.eps_train, alpha=cfg.alpha(),
+            steps=cfg.steps, lam=cfg.lam, beta=cfg.beta, mode=cfg.vcar_mode,
+            superclass=cfg.superclass, num_classes=10, generator=generator)
+    return step
 
 
 def batch(n: int, seed: int = 0, size: int = 32, num_classes: int = 10):

@@ -52,7 +52,7 @@ from fastfat.data import MemoryLoader, epoch_generator
 from fastfat.evaluate import evaluate
 from fastfat.train import Trainer, train_epoch
 
-from .common import fat_config, synthetic32, twin_models
+from .common import fat_config, reference_stepper, synthetic32, twin_models
 
 # tests/test_train.py's float64 tolerances
 LOSS_RTOL, W_RTOL, W_ATOL = 1e-4, 1e-4, 1e-6
@@ -153,6 +153,13 @@ def time_interleaved(sides: dict, repeats: int, label: str) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Training: results match (float64, same batches)
 
+def first_batches(cfg, train_set, steps: int) -> list:
+    """The first `steps` augmented batches of the fast loader's epoch 0, as train_epoch sees them."""
+    loader = MemoryLoader(train_set, cfg.batch_size, True, seed=cfg.seed, crop_pad=cfg.crop_pad,
+                          flip=cfg.flip, channels_last=cfg.channels_last)
+    return [b for _, b in zip(range(steps), loader)]
+
+
 def training_match(cfg, train_set, steps: int) -> dict:
     """Per-step losses and final weights of the fast trainer and ref_train_step from the same
     init, on the same `steps` augmented batches (the fast loader's epoch 0), with the same attack
@@ -160,23 +167,13 @@ def training_match(cfg, train_set, steps: int) -> dict:
     fast_model, ref_model = twin_models(cfg)
     fast_model, ref_model = fast_model.double(), ref_model.double()
     trainer = Trainer(cfg, fast_model)
-    ref_opt = torch.optim.SGD(ref_model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                              weight_decay=cfg.weight_decay)
-    loader = MemoryLoader(train_set, cfg.batch_size, True, seed=cfg.seed, crop_pad=cfg.crop_pad,
-                          flip=cfg.flip, channels_last=cfg.channels_last)
+    ref_step = reference_stepper(cfg, ref_model)
     g_fast = epoch_generator(cfg.seed, 0, "cpu", "attack")   # as train_epoch and ref_train draw it
     g_ref = epoch_generator(cfg.seed, 0, "cpu", "attack")
     rows = []
-    for i, (x, y) in enumerate(loader):
-        if i == steps:
-            break
+    for x, y in first_batches(cfg, train_set, steps):
         x = x.double()
-        fast_loss = float(trainer.train_step(x, y, g_fast).loss)
-        ref_loss = reference.ref_train_step(
-            ref_model, ref_opt, x.contiguous(), y, method=cfg.method, eps=cfg.eps_train,
-            alpha=cfg.alpha(), steps=cfg.steps, lam=cfg.lam, beta=cfg.beta, mode=cfg.vcar_mode,
-            superclass=cfg.superclass, num_classes=10, generator=g_ref)
-        rows.append((fast_loss, ref_loss))
+        rows.append((float(trainer.train_step(x, y, g_fast).loss), ref_step(x, y, g_ref)))
     worst_w, close = 0.0, True
     fast_sd = fast_model.state_dict()
     for k, v in ref_model.state_dict().items():
@@ -198,18 +195,10 @@ def training_drift(cfgs: dict, train_set, steps: int) -> dict:
     attack noise stream: how far each fast variant's fp32/bf16 numbers move from the reference's
     fp32 ones (training_match pins the math; this shows the rounding)."""
     ref_cfg = next(iter(cfgs.values()))
-    ref_model = twin_models(ref_cfg)[1]
-    ref_opt = torch.optim.SGD(ref_model.parameters(), lr=ref_cfg.lr, momentum=ref_cfg.momentum,
-                              weight_decay=ref_cfg.weight_decay)
-    loader = MemoryLoader(train_set, ref_cfg.batch_size, True, seed=ref_cfg.seed, crop_pad=ref_cfg.crop_pad,
-                          flip=ref_cfg.flip, channels_last=ref_cfg.channels_last)
-    batches = [b for _, b in zip(range(steps), loader)]
+    ref_step = reference_stepper(ref_cfg, twin_models(ref_cfg)[1])
+    batches = first_batches(ref_cfg, train_set, steps)
     g = epoch_generator(ref_cfg.seed, 0, "cpu", "attack")
-    out = {"reference": [reference.ref_train_step(
-        ref_model, ref_opt, x.contiguous(), y, method=ref_cfg.method, eps=ref_cfg.eps_train,
-        alpha=ref_cfg.alpha(), steps=ref_cfg.steps, lam=ref_cfg.lam, beta=ref_cfg.beta,
-        mode=ref_cfg.vcar_mode, superclass=ref_cfg.superclass, num_classes=10, generator=g)
-        for x, y in batches]}
+    out = {"reference": [ref_step(x, y, g) for x, y in batches]}
     for name, c in cfgs.items():
         trainer = Trainer(c, twin_models(c)[0])
         g = epoch_generator(c.seed, 0, "cpu", "attack")

@@ -33,7 +33,7 @@ from fastfat import reference
 from fastfat.data import MemoryLoader, TorchvisionLoader
 from fastfat.train import Trainer
 
-from .common import batch, fat_config, synthetic32, twin_models
+from .common import batch, fat_config, reference_stepper, synthetic32, twin_models
 
 CATEGORIES = [   # (title, substrings of aten op names), first match wins
     ("conv backward", ("convolution_backward",)),
@@ -212,10 +212,8 @@ def conv_floor(args) -> int:
             row.append(f"{f / fwd / 1e9:5.0f} / {f / bwd / 1e9:5.0f}")
         print(f"  {str(list(in_shape)):>18s} {str(list(w.shape)):>16s} {m.stride[0]:6d} {row[0]:>13s} {row[1]:>13s}")
     x, y = batch(args.batch)
-    opt = torch.optim.SGD(ref_model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
-    ref = median_time(lambda: reference.ref_train_step(
-        ref_model, opt, x, y, method=cfg.method, eps=cfg.eps_train, alpha=cfg.alpha(), steps=cfg.steps,
-        lam=cfg.lam, mode=cfg.vcar_mode, num_classes=10, generator=torch.Generator().manual_seed(0)), n=3)
+    ref_step = reference_stepper(cfg, ref_model)
+    ref = median_time(lambda: ref_step(x, y, torch.Generator().manual_seed(0)), n=3)
     scale = args.batch / chunk
     print(f"\none FAT step, batch {args.batch}, PGD-{cfg.steps}: {cfg.steps} x (forward + input gradient) "
           "for the attack, and about 3 forwards' worth for training (forward, input and weight gradients)")
@@ -272,8 +270,7 @@ def main(argv=None) -> int:
             trainer.optimizer.step()
 
     # --- reference: ref_train_step, with its attack timed apart ---
-    ref_opt = torch.optim.SGD(ref_model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                              weight_decay=cfg.weight_decay)
+    run_ref = reference_stepper(cfg, ref_model)
     ref_phases: dict = {}
     inner_ref_pgd = reference.ref_pgd
 
@@ -283,10 +280,7 @@ def main(argv=None) -> int:
 
     def ref_step(times):
         with phase(times, "whole step"):
-            reference.ref_train_step(ref_model, ref_opt, x, y, method=cfg.method, eps=cfg.eps_train,
-                                     alpha=cfg.alpha(), steps=cfg.steps, lam=cfg.lam,
-                                     mode=cfg.vcar_mode, num_classes=10,
-                                     generator=torch.Generator().manual_seed(0))
+            run_ref(x, y, torch.Generator().manual_seed(0))
 
     reference.ref_pgd = timed_ref_pgd
     try:

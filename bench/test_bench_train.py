@@ -6,10 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastfat import reference
 from fastfat.train import Trainer
 
-from .common import batch, fat_config, twin_models
+from .common import batch, fat_config, reference_stepper, twin_models
 
 
 @pytest.mark.benchmark(group="FAT train step: ResNet18, one batch")
@@ -23,12 +22,8 @@ def test_fat_train_step(benchmark, scale, impl):
         xc = x.contiguous(memory_format=torch.channels_last)
         run = lambda: float(trainer.train_step(xc, y, torch.Generator().manual_seed(0)).loss)
     else:
-        opt = torch.optim.SGD(ref_model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                              weight_decay=cfg.weight_decay)
-        run = lambda: reference.ref_train_step(
-            ref_model, opt, x, y, method=cfg.method, eps=cfg.eps_train, alpha=cfg.alpha(),
-            steps=cfg.steps, lam=cfg.lam, mode=cfg.vcar_mode, num_classes=10,
-            generator=torch.Generator().manual_seed(0))
+        step = reference_stepper(cfg, ref_model)
+        run = lambda: step(x, y, torch.Generator().manual_seed(0))
     loss = benchmark.pedantic(run, rounds=scale.rounds, iterations=1, warmup_rounds=1)
     assert loss == loss and loss > 0   # finite and positive
     if benchmark.stats is not None:

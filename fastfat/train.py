@@ -7,6 +7,7 @@ exactly, because every random stream is keyed by (seed, epoch).
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -56,6 +57,7 @@ def amp_dtype(mode: str, device: torch.device):
     return torch.float16 if mode == "fp16" else torch.bfloat16
 
 
+@functools.cache   # the CPU does not change; amp_dtype runs for every trainer and evaluation
 def cpu_has_native_bf16() -> bool | None:
     """Whether this CPU computes in bf16 natively (x86 AVX512-BF16 or AMX-BF16, ARM BF16);
     None where /proc/cpuinfo does not say (not Linux)."""
