@@ -7,10 +7,11 @@ setup(
     description="Fast, correct trainer for robust fairness in adversarial training (Madry, TRADES, FAT)",
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    python_requires=">=3.11",   # tomllib
     # kernels/ lives at the top level of the repo but installs as fastfat.kernels:
     # a top-level import name `kernels` would clash with other packages.
-    packages=["fastfat", "fastfat.models", "fastfat.grids", "fastfat.kernels"],
+    packages=["fastfat", "fastfat.cli", "fastfat.data", "fastfat.models", "fastfat.sweep",
+              "fastfat.grids", "fastfat.kernels"],
     package_dir={"fastfat.kernels": "kernels"},
     package_data={"fastfat.grids": ["*.toml"]},
     install_requires=[
@@ -21,6 +22,8 @@ setup(
         "scipy",
         "matplotlib",
         "tqdm",
+        "pandas",
+        "tabulate",   # pandas' to_markdown
     ],
     extras_require={
         "ffcv": ["ffcv==1.0.2", "numba", "Pillow"],

@@ -48,7 +48,8 @@ import torch
 
 from fastfat import reference
 from fastfat.config import make_eval_config
-from fastfat.data import MemoryLoader, epoch_generator
+from fastfat.data import MemoryLoader
+from fastfat.seeding import epoch_generator
 from fastfat.evaluate import evaluate
 from fastfat.train import Trainer, train_epoch
 

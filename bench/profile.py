@@ -129,8 +129,8 @@ def ablation(args) -> int:
     slices = [input_grad(folded, xc[i:i + chunk], y[i:i + chunk]) for i in range(0, args.batch, chunk)]
     variants[f"+ {chunk}-sample slices, one after another"] = lambda: [run() for run in slices]
     if args.threads > 1:
-        from fastfat import attacks
-        variants[f"+ split over {args.threads} 1-thread workers"] = lambda: attacks.sharded(
+        from fastfat import runtime
+        variants[f"+ split over {args.threads} 1-thread workers"] = lambda: runtime.sharded(
             lambda sl: input_grad(folded, xc[sl], y[sl])(), args.batch, args.threads, chunk)
     if args.compile:
         variants["+ torch.compile (whole batch)"] = input_grad(torch.compile(folded), xc)
@@ -173,7 +173,7 @@ def conv_floor(args) -> int:
     shapes = []
     hooks = [m.register_forward_hook(lambda m, i, o: shapes.append((tuple(i[0].shape), m)))
              for m in folded.modules() if isinstance(m, torch.nn.Conv2d)]
-    chunk = min(64, args.batch)   # the attack's slice (attacks.CHUNK_PIXELS at 32x32)
+    chunk = min(64, args.batch)   # the attack's slice (runtime.CHUNK_PIXELS at 32x32)
     with torch.no_grad():
         folded(batch(chunk)[0].contiguous(memory_format=torch.channels_last))
     for h in hooks:

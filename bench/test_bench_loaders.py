@@ -14,7 +14,7 @@ import os
 import pytest
 
 from fastfat.data import DATASETS, MemoryLoader, TorchvisionLoader, ffcv_installed, make_synthetic
-from fastfat.ffcv_data import keep_torch_threads
+from fastfat.data.ffcv import keep_torch_threads
 
 N, BATCH = 2048, 256
 INFO = dataclasses.replace(DATASETS["synthetic"], size=32, crop_pad=4)
@@ -34,7 +34,7 @@ def make_loader(kind, data, tmp_path_factory):
         return MemoryLoader(data, BATCH, True, **common)
     if kind == "torchvision":
         return TorchvisionLoader(data, BATCH, True, **common)
-    from fastfat.ffcv_data import FFCVLoader, write_betons
+    from fastfat.data.ffcv import FFCVLoader, write_betons
     path = str(tmp_path_factory.mktemp("bench_beton") / "synthetic32_train.beton")
     write_betons([(path, data)])
     loader = FFCVLoader(path, batch_size=BATCH, train=True, info=INFO, **common)

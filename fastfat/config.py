@@ -1,12 +1,11 @@
 """Typed configuration: one dataclass per job, validated at the edge.
 
-The same objects drive the CLI (flags are generated from the fields), the Python API and the
-sweep files. Presets fill fields first; anything the user gives explicitly wins.
+The same objects drive the CLI (fastfat.cli.flags makes a flag of each field, with the field's
+help text), the Python API and the sweep files. Presets fill fields first; anything the user gives explicitly wins.
 eps values are in [0, 1] pixel units and accept fractions such as "8/255".
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import re
@@ -64,42 +63,47 @@ def canonical_attack(name: str) -> str:
 
 # ---------------------------------------------------------------------------------------------
 
+def opt(default=dataclasses.MISSING, help: str = "", *, factory=dataclasses.MISSING):
+    """A config field with its --help text (read by fastfat.cli.flags)."""
+    return field(default=default, default_factory=factory, metadata={"help": help})
+
+
 @dataclass
 class TrainConfig:
     """Everything that defines one training run (one grid point)."""
-    method: str = "madry"             # natural | madry | trades | fat-madry | fat-trades
-    model: str = "resnet18"           # resnet18 | resnet50 | wrn-32-10 (= wrn-34-10) | preactresnet18 | cnn
-    width: int | None = None          # first-stage channels (None: the model's full width)
-    dataset: str = "cifar10"          # cifar10 | cifar100 | digits | synthetic
-    data_root: str = "data"
-    download: bool = False            # fetch CIFAR through torchvision if missing
-    loader: str = "auto"              # auto | memory | torchvision | ffcv
-    eps_train: float = 8 / 255        # l_inf training radius, pixel units
-    steps: int = 10                   # PGD steps of the training attack
-    step_size: str = "0.007"          # number, or relative such as "eps/10"
-    lam: float = 0.0                  # FAT's lambda (weight of VCAR)
-    beta: float = 6.0                 # TRADES' beta
-    vcar_mode: str = "paper"          # paper | authors (design.md section 3)
-    superclass: bool = False          # CIFAR-100: VCAR over the 20 superclasses
-    epochs: int = 120
-    batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 2e-4
-    schedule: str = "paper"           # paper (x0.1 at 1/2, x0.01 at 2/3) | authors | constant
-    seed: int = 0
-    device: str = "auto"              # auto | cpu | cuda | cuda:N
-    amp: str = "auto"                 # auto (bf16 on CUDA, off on CPU) | off | bf16 (fast on CPUs with AVX512-BF16) | fp16
-    channels_last: bool = True
-    compile: bool = False             # torch.compile the model
-    fold_bn: bool = True              # attack a BN-folded copy of the model (eval-mode math)
-    crop_pad: int | None = None       # None: the data set's default
-    flip: bool | None = None          # None: the data set's default
-    train_limit: int | None = None    # train on the first N samples only
-    test_limit: int | None = None     # evaluate on the first N test samples only
-    drop_last: bool = False
-    num_workers: int = 0              # torchvision loader only
-    preset: str = ""                  # which preset filled the defaults (recorded, not re-applied)
+    method: str = opt("madry", "natural | madry | trades | fat-madry | fat-trades")
+    model: str = opt("resnet18", "resnet18 | resnet50 | wrn-32-10 (= wrn-34-10) | preactresnet18 | cnn")
+    width: int | None = opt(None, "first-stage channels (None: the model's full width)")
+    dataset: str = opt("cifar10", "cifar10 | cifar100 | digits | synthetic")
+    data_root: str = opt("data", "where the data set files are (or go, with --download)")
+    download: bool = opt(False, "fetch CIFAR through torchvision if missing")
+    loader: str = opt("auto", "auto | memory | torchvision | ffcv")
+    eps_train: float = opt(8 / 255, "l_inf training radius, pixel units")
+    steps: int = opt(10, "PGD steps of the training attack")
+    step_size: str = opt("0.007", "number, or relative such as \"eps/10\"")
+    lam: float = opt(0.0, "FAT's lambda (weight of VCAR)")
+    beta: float = opt(6.0, "TRADES' beta")
+    vcar_mode: str = opt("paper", "paper (Eq. 12) | authors (their code's VCAR)")
+    superclass: bool = opt(False, "CIFAR-100: VCAR over the 20 superclasses")
+    epochs: int = opt(120, "training epochs")
+    batch_size: int = opt(128, "training batch size")
+    lr: float = opt(0.1, "initial SGD learning rate")
+    momentum: float = opt(0.9, "SGD momentum")
+    weight_decay: float = opt(2e-4, "SGD weight decay")
+    schedule: str = opt("paper", "paper (x0.1 at 1/2, x0.01 at 2/3) | authors | constant")
+    seed: int = opt(0, "seeds the initial weights, batch order, augmentation and attack noise")
+    device: str = opt("auto", "auto | cpu | cuda | cuda:N")
+    amp: str = opt("auto", "auto (bf16 on CUDA, off on CPU) | off | bf16 (fast on CPUs with AVX512-BF16) | fp16")
+    channels_last: bool = opt(True, "channels_last memory layout for the model and batches")
+    compile: bool = opt(False, "torch.compile the model")
+    fold_bn: bool = opt(True, "attack a BN-folded copy of the model (eval-mode math)")
+    crop_pad: int | None = opt(None, "None: the data set's default")
+    flip: bool | None = opt(None, "None: the data set's default")
+    train_limit: int | None = opt(None, "train on the first N samples only")
+    test_limit: int | None = opt(None, "evaluate on the first N test samples only")
+    drop_last: bool = opt(False, "drop the last partial training batch")
+    num_workers: int = opt(0, "torchvision loader only")
+    preset: str = opt("", "which preset filled the defaults (recorded, not re-applied)")
 
     @property
     def has_lambda(self) -> bool:
@@ -152,16 +156,16 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     """What to evaluate a trained model with."""
-    attacks: list[str] = field(default_factory=lambda: ["fgsm", "pgd20", "cw"])
-    eps_test: list[float] = field(default_factory=lambda: [16 / 255, 20 / 255])
-    batch_size: int = 256
-    cw_kappa: float = 50.0
-    seed: int = 0
-    test_limit: int | None = None     # evaluate on the first N test samples only
-    device: str = "auto"
-    loader: str = "auto"
-    data_root: str | None = None      # None: the training run's
-    fold_bn: bool = True
+    attacks: list[str] = opt(factory=lambda: ["fgsm", "pgd20", "cw"], help="fgsm | pgdK (e.g. pgd20) | cw")
+    eps_test: list[float] = opt(factory=lambda: [16 / 255, 20 / 255], help="l_inf test radii, pixel units (8/255 accepted)")
+    batch_size: int = opt(256, "evaluation batch size")
+    cw_kappa: float = opt(50.0, "C&W margin kappa")
+    seed: int = opt(0, "seeds the attacks' start noise")
+    test_limit: int | None = opt(None, "evaluate on the first N test samples only")
+    device: str = opt("auto", "auto | cpu | cuda | cuda:N")
+    loader: str = opt("auto", "auto | memory | torchvision | ffcv")
+    data_root: str | None = opt(None, "None: the training run's")
+    fold_bn: bool = opt(True, "attack a BN-folded copy of the model (eval-mode math)")
 
     def validate(self) -> "EvalConfig":
         if not self.attacks:
@@ -228,7 +232,7 @@ def make_eval_config(preset: str | None = None, **overrides) -> EvalConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# dict / JSON / argparse plumbing, driven by the dataclass fields
+# dict / JSON plumbing, driven by the dataclass fields
 
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
@@ -289,47 +293,6 @@ def _coerce(name: str, value, tp):
             raise UserError(f"{name}: expected a string, got {value!r}")
         return str(value)
     return value
-
-
-def add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip=(), rename=None) -> None:
-    """One --flag per field of cls, defaulting to SUPPRESS so only given flags override presets.
-
-    Values are parsed later by from_dict (one parser for CLI, API and sweep files).
-    """
-    rename = rename or {}
-    hints = typing.get_type_hints(cls)
-    for f in fields(cls):
-        if f.name in skip:
-            continue
-        flag = "--" + rename.get(f.name, f.name).replace("_", "-")
-        tp = hints[f.name]
-        comment = _field_comment(cls, f.name)
-        if tp is bool or (typing.get_args(tp) and bool in typing.get_args(tp)):
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                                default=argparse.SUPPRESS, help=comment)
-        elif typing.get_origin(tp) is list:
-            parser.add_argument(flag, dest=f.name, nargs="+", default=argparse.SUPPRESS,
-                                metavar=f.name.upper(), help=comment)
-        else:
-            parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS,
-                                metavar=f.name.upper(), help=comment)
-
-
-def given(args: argparse.Namespace, cls) -> dict:
-    """The fields of cls that were given on the command line."""
-    names = {f.name for f in fields(cls)}
-    return {k: v for k, v in vars(args).items() if k in names}
-
-
-def _field_comment(cls, name: str) -> str:
-    """The trailing comment of a field in its class source, used as --help text."""
-    import inspect
-    try:
-        src = inspect.getsource(cls)
-    except (OSError, TypeError):
-        return ""
-    m = re.search(rf"^\s+{name}:.*?#\s*(.*)$", src, re.M)
-    return m.group(1).replace("%", "%%") if m else ""
 
 
 # ---------------------------------------------------------------------------------------------

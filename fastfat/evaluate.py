@@ -2,23 +2,21 @@
 
 For each test batch, each attack runs once over the batch repeated for every eps_test (per-sample
 eps), so one pass of the data serves every radius. The start noise for (batch, attack, eps) comes
-from a generator keyed by those indices (fastfat.reference.eval_noise_seed), so the numbers do not
+from a generator keyed by those indices (fastfat.seeding.eval_noise_seed), so the numbers do not
 depend on how the work is batched and equal the reference's one-at-a-time evaluation.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import torch.nn as nn
 
 from . import attacks, kernels, metrics
-from .checkpoint import atomic_write_json
-from .config import EvalConfig, add_dataclass_flags, given, make_eval_config
+from .config import EvalConfig, make_eval_config
 from .data import build_loader, dataset_info
 from .models.fold import fold_bn
-from .reference import eval_noise_seed
-from .train import amp_dtype, load_model, resolve_device
+from .runtime import amp_dtype, autocast, chunk_size, progress_bar, resolve_device, shard_count, sharded
+from .seeding import eval_noise_seed
+from .train import load_model
 
 
 def attack_schedule(attack: str, eps: float) -> tuple[str, int, float]:
@@ -43,9 +41,9 @@ def _logits(model, x, device, ctx_dtype) -> torch.Tensor:
     """fp32 logits of x under no_grad, split over the CPU workers and into cache-sized slices as
     the attacks are (slices of a batch are independent in eval mode; the numbers do not change)."""
     def forward(sl):
-        with torch.no_grad(), attacks.autocast(device, ctx_dtype):   # per thread, so set here
+        with torch.no_grad(), autocast(device, ctx_dtype):   # per thread, so set here
             return kernels.upcast(model(x[sl]))
-    parts = attacks.sharded(forward, x.shape[0], attacks.shard_count(x), attacks.chunk_size(x))
+    parts = sharded(forward, x.shape[0], shard_count(x), chunk_size(x))
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
@@ -69,10 +67,7 @@ def evaluate(model: nn.Module, loader, cfg: EvalConfig, num_classes: int, *,
     attacked = fold_bn(model) if cfg.fold_bn else model
     eps_list = list(cfg.eps_test)
     acc = {}
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=len(loader), desc="eval", leave=False, dynamic_ncols=True)
+    bar = progress_bar(len(loader), "eval", progress)
     for b, (x, y) in enumerate(loader):
         _count(_logits(model, x, device, ctx_dtype), y, num_classes, acc, ("clean", 0.0))
         n = y.numel()
@@ -136,7 +131,7 @@ def table1_row(records: list[dict], label: str = "") -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# CLI
+# From a checkpoint
 
 def make_test_loader(tcfg, ecfg: EvalConfig, device):
     """The test loader for a model trained with tcfg, evaluated as ecfg says (sequential, plain).
@@ -158,23 +153,3 @@ def evaluate_checkpoint(checkpoint: str, cfg_overrides: dict, *, progress=True):
                        device=model_device, amp=tcfg.amp,
                        progress=progress)
     return records, tcfg, ecfg
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate a checkpoint class by class (clean, FGSM, PGD-20, C&W)",
-                       description="Evaluate a trained checkpoint under several attacks and eps_test.")
-    p.add_argument("--checkpoint", required=True, help="checkpoint.pt written by fastfat train")
-    p.add_argument("--out", required=True, help="output directory for eval.json")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_dataclass_flags(p, EvalConfig)
-    p.set_defaults(func=run)
-
-
-def run(args) -> int:
-    records, tcfg, ecfg = evaluate_checkpoint(args.checkpoint, given(args, EvalConfig),
-                                              progress=not args.no_progress)
-    path = os.path.join(args.out, "eval.json")
-    atomic_write_json(path, records)
-    print(table1_row(records, f"{tcfg.method} {tcfg.model} eps_train {eps_label(tcfg.eps_train)}"))
-    print(f"wrote {path}")
-    return 0

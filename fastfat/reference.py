@@ -17,12 +17,10 @@ Conventions shared with the fast path (so the two can be compared bit for bit):
   contiguous NCHW order; the fast path draws U(-1, 1) and multiplies by eps, which is the same
   float32 numbers (tests/test_attacks.py pins that);
 - TRADES start: `x + 0.001 * torch.randn(x.shape, generator=g)`, not clamped (as TRADES);
-- training attack noise comes from `fastfat.data.epoch_generator(seed, epoch, "cpu", "attack")`, drawn
-  batch after batch in loader order;
-- evaluation start noise for batch b, attack a, eps index e comes from a fresh generator seeded
-  with `eval_noise_seed(seed, b, a, e)` (defined here; the fast evaluation imports it).
+- the random streams (data order, training attack noise, evaluation start noise) follow the
+  contract in fastfat.seeding, which both sides import.
 
-Where the paper and the authors' code disagree, both are available (design.md section 3):
+Where the paper and the authors' code disagree, both are available (the README's "fidelity modes"):
 VCAR mode "paper" (population variance over the classes present) or "authors" (100 slots,
 unbiased torch.var). Known deviations from the authors' files, on purpose:
 - superclass VCAR uses CIFAR-100's own coarse labels; the authors' cifar100_super_map.json puts
@@ -45,6 +43,7 @@ import torch.nn.functional as F
 # Data, not logic: CIFAR-100 fine label -> coarse label (checked against the dataset's own
 # superclass table in tests/test_losses.py).
 from .kernels import CIFAR100_COARSE
+from .seeding import epoch_generator, eval_noise_seed
 
 AUTHORS_SLOTS = 100   # the authors' `torch.zeros(100)` vector of class means
 SUPERCLASSES = 20
@@ -307,7 +306,7 @@ def ref_train(cfg, train_set, model: nn.Module, *, attack_loss: str | None = Non
     many SGD steps in total (for pinning a few steps against the fast trainer).
     Raises FloatingPointError if the loss becomes NaN or inf. Returns the model.
     """
-    from .data import TorchvisionLoader, dataset_info, epoch_generator
+    from .data import TorchvisionLoader, dataset_info
 
     info = dataset_info(cfg.dataset)
     pad = info.crop_pad if cfg.crop_pad is None else cfg.crop_pad
@@ -366,42 +365,6 @@ def ref_summary(class_acc) -> dict:
     """avg_acc = np.mean, vcra = np.var (population), worst_acc = min, over the present classes."""
     a = np.array([v for v in class_acc if not math.isnan(v)], dtype=np.float64)
     return {"avg_acc": float(np.mean(a)), "vcra": float(np.var(a)), "worst_acc": float(np.min(a))}
-
-
-_ATTACK_CODES = {"clean": 0, "fgsm": 1, "cw": 2}
-_PGD_CODE_BASE = 16          # pgdK -> 16 + K
-_MAX_CODE = 1 << 20          # attack codes stay below this
-_MAX_EPS_INDEX = 1 << 10
-_SEED_MASK = (1 << 63) - 1   # torch.Generator.manual_seed takes 64-bit values; stay positive
-
-
-def attack_code(name: str) -> int:
-    """A fixed integer per attack name: clean 0, fgsm 1, cw 2, pgdK 16 + K."""
-    if name in _ATTACK_CODES:
-        return _ATTACK_CODES[name]
-    m = re.fullmatch(r"pgd(\d+)", name)
-    if m and 1 <= int(m.group(1)) < _MAX_CODE - _PGD_CODE_BASE:
-        return _PGD_CODE_BASE + int(m.group(1))
-    raise ValueError(f"unknown attack {name!r}; expected clean, fgsm, cw or pgdK")
-
-
-def eval_noise_seed(seed: int, batch_index: int, attack_name: str, eps_index: int) -> int:
-    """The seed of the start noise for one (batch, attack, eps) cell of an evaluation.
-
-    Plain integer arithmetic (no hash(), which Python salts per process), so the reference
-    and the fast evaluation draw identical starts whatever order they visit the cells in:
-    seed -> batch -> attack code -> eps index, each level in its own radix, masked to 63 bits.
-    """
-    for name, v in (("seed", seed), ("batch_index", batch_index), ("eps_index", eps_index)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise ValueError(f"{name} must be a non-negative int, got {v!r}")
-    if eps_index >= _MAX_EPS_INDEX:
-        raise ValueError(f"eps_index must be < {_MAX_EPS_INDEX}, got {eps_index}")
-    code = attack_code(attack_name)
-    s = (seed * 1_000_003 + batch_index) & _SEED_MASK
-    s = (s * _MAX_CODE + code) & _SEED_MASK
-    s = (s * _MAX_EPS_INDEX + eps_index) & _SEED_MASK
-    return s
 
 
 def _attack_batch(model, data, target, attack: str, eps: float, kappa: float, generator):

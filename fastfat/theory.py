@@ -44,10 +44,8 @@ Accuracies are fractions; VCRA is the population variance over the two classes,
 """
 from __future__ import annotations
 
-import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -55,6 +53,7 @@ from scipy.optimize import minimize, minimize_scalar
 from scipy.stats import norm
 
 from .errors import UserError
+from .files import atomic_write_json, atomic_write_png
 
 DEFAULTS = dict(d=10, mu_pos=0.5, mu_neg=0.5, sigma_pos=1.0, sigma_neg=1.5, alpha=0.6,
                 eps_test=0.3, n=100_000, repeats=5, seed=0)
@@ -367,103 +366,40 @@ def plot(path: str, eps_grid, sim: list[dict], m: Mixture, eps_test: float, n_ru
                  f"lines: closed forms (Thm 5.3); points: trained models, mean of {n_runs} runs, "
                  f"bars +-2 SE", fontsize=9)
     fig.tight_layout()
-    _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=80), binary=True)
+    atomic_write_png(path, fig, dpi=80)
     plt.close(fig)
 
 
-def _atomic_write(path: str, write, binary: bool = False) -> None:
-    """Write to a temp file in the same directory, then rename: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)               # mkstemp makes 0600; give the usual mode
-    try:
-        with os.fdopen(fd, "wb" if binary else "w") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def _eps_list(text: str) -> list[float]:
-    try:
-        vals = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"--eps-train must be comma-separated numbers, got {text!r}") from None
-    if not vals:
-        raise UserError("--eps-train is empty")
-    return sorted(set(vals))
-
-
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "theory", help="Section 5: closed-form vs simulated class-wise robustness of linear "
-                       "classifiers on a Gaussian mixture")
-    p.add_argument("--out", required=True, help="directory for theory.json and theory.png")
-    p.add_argument("--d", type=int, default=DEFAULTS["d"], help="dimension (default %(default)s)")
-    p.add_argument("--mu-pos", type=float, default=DEFAULTS["mu_pos"], help="mu+ (default %(default)s)")
-    p.add_argument("--mu-neg", type=float, default=DEFAULTS["mu_neg"], help="mu- (default %(default)s)")
-    p.add_argument("--sigma-pos", type=float, default=DEFAULTS["sigma_pos"], help="sigma+ (default %(default)s)")
-    p.add_argument("--sigma-neg", type=float, default=DEFAULTS["sigma_neg"], help="sigma- (default %(default)s)")
-    p.add_argument("--alpha", type=float, default=DEFAULTS["alpha"], help="prior of class +1 (default %(default)s)")
-    p.add_argument("--eps-train", default=",".join(f"{e:g}" for e in DEFAULT_EPS_TRAIN),
-                   help="comma-separated eps_train grid (default %(default)s)")
-    p.add_argument("--eps-test", type=float, default=DEFAULTS["eps_test"], help="default %(default)s")
-    p.add_argument("--n", type=int, default=DEFAULTS["n"],
-                   help="training samples, and as many test samples (default %(default)s)")
-    p.add_argument("--repeats", type=int, default=DEFAULTS["repeats"],
-                   help="independent simulation replicates, for the error bars (default %(default)s)")
-    p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="default %(default)s")
-    p.set_defaults(func=run)
-
-
-def run(args) -> int:
-    # validate everything, including the closed forms at every grid point, before writing
-    m = Mixture(args.d, args.mu_pos, args.mu_neg, args.sigma_pos, args.sigma_neg, args.alpha).validate()
-    eps_grid = _eps_list(args.eps_train)
-    if not (math.isfinite(args.eps_test) and args.eps_test >= 0):
-        raise UserError(f"--eps-test must be >= 0, got {args.eps_test}")
-    if args.n < 100:
-        raise UserError(f"--n must be at least 100, got {args.n}")
-    if args.repeats < 2:
-        raise UserError(f"--repeats must be at least 2 (the error bars need a spread), got {args.repeats}")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise UserError(f"--out {args.out} exists and is not a directory")
-    theory = [theory_point(m, e, args.eps_test) for e in eps_grid]   # raises on bad eps_train
+def run_theory(m: Mixture, eps_grid: list[float], eps_test: float, n: int, seed: int, repeats: int,
+               out: str) -> dict:
+    """Closed forms and simulation at every eps_train of eps_grid; writes out/theory.png and
+    out/theory.json (atomically) and returns the JSON's content. Checks everything first."""
+    m.validate()
+    if not (math.isfinite(eps_test) and eps_test >= 0):
+        raise UserError(f"--eps-test must be >= 0, got {eps_test}")
+    if n < 100:
+        raise UserError(f"--n must be at least 100, got {n}")
+    if repeats < 2:
+        raise UserError(f"--repeats must be at least 2 (the error bars need a spread), got {repeats}")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--out {out} exists and is not a directory")
+    theory = [theory_point(m, e, eps_test) for e in eps_grid]   # raises on bad eps_train
     theory_vca = [theory_point(m, e, 0.0) for e in eps_grid]
 
-    sim = simulate(m, eps_grid, args.eps_test, args.n, args.seed, args.repeats)
+    sim = simulate(m, eps_grid, eps_test, n, seed, repeats)
     z = [abs(s[k] - t[k]) / s[f"se_{k}"] if s[f"se_{k}"] > 0 else 0.0
          for s, t in zip(sim, theory) for k in ("acc_pos", "acc_neg")]
     result = dict(
-        params=dict(asdict(m), eps_train=eps_grid, eps_test=args.eps_test, n=args.n,
-                    repeats=args.repeats, seed=args.seed),
+        params=dict(asdict(m), eps_train=eps_grid, eps_test=eps_test, n=n, repeats=repeats, seed=seed),
         K=K_constant(m),
         points=[dict(eps_train=e, theory=t, vca_theory=v["vcra"], simulation=s)
                 for e, t, v, s in zip(eps_grid, theory, theory_vca, sim)],
         max_abs_z_classwise=max(z),
-        theorem_5_5=theorem_5_5_check(m, eps_grid, args.eps_test, [t["vcra"] for t in theory],
+        theorem_5_5=theorem_5_5_check(m, eps_grid, eps_test, [t["vcra"] for t in theory],
                                       [s["vcra"] for s in sim]),
-        theorem_5_7=theorem_5_7_check(m, eps_grid, args.eps_test),
+        theorem_5_7=theorem_5_7_check(m, eps_grid, eps_test),
     )
-    os.makedirs(args.out, exist_ok=True)
-    png = os.path.join(args.out, "theory.png")
-    plot(png, eps_grid, sim, m, args.eps_test, args.repeats)
-    _atomic_write(os.path.join(args.out, "theory.json"), lambda f: json.dump(result, f, indent=1))
-
-    print(f"K = {result['K']:.4f}   (d log(alpha sigma- / ((1-alpha) sigma+)))")
-    print(" eps_train  acc+ th/sim     acc- th/sim     avg th/sim      VCRA x1e-2 th/sim")
-    for e, t, s in zip(eps_grid, theory, sim):
-        print(f" {e:9.3f}  {t['acc_pos']:.3f}/{s['acc_pos']:.3f}   {t['acc_neg']:.3f}/{s['acc_neg']:.3f}"
-              f"   {t['avg']:.3f}/{s['avg']:.3f}   {100 * t['vcra']:.3f}/{100 * s['vcra']:.3f}")
-    c55 = result["theorem_5_5"]
-    print(f"Theorem 5.5 (sigma- >= sigma+: {c55['applies']}; class -1 the weaker at eps_train=0: "
-          f"{c55['class_minus_weaker_at_eps_train_0']}): VCRA increasing in eps_train: "
-          f"theory {c55['theory_increasing']}, simulation {c55['simulation_increasing']}")
-    held = [r for r in result["theorem_5_7"] if r["conditions"]]
-    print(f"Theorem 5.7: VCRA(adv) >= VCRA(nat) at {sum(r['holds'] for r in held)}/{len(held)} "
-          f"grid points meeting its conditions (equal-variance models)")
-    print(f"largest |simulation - theory| of class-wise accuracy: {result['max_abs_z_classwise']:.1f} SE")
-    print(f"wrote {png} and {os.path.join(args.out, 'theory.json')}")
-    return 0
+    os.makedirs(out, exist_ok=True)
+    plot(os.path.join(out, "theory.png"), eps_grid, sim, m, eps_test, repeats)
+    atomic_write_json(os.path.join(out, "theory.json"), result)
+    return result

@@ -7,12 +7,10 @@ exactly, because every random stream is keyed by (seed, epoch).
 """
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
 import time
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -20,58 +18,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import attacks, kernels, losses
-from .checkpoint import atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
-from .config import TrainConfig, add_dataclass_flags, from_dict, given, make_train_config, to_dict
-from .data import build_loader, dataset_info, epoch_generator
+from .config import TrainConfig, from_dict, to_dict
+from .data import build_loader, dataset_info
 from .errors import UserError
+from .files import atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
 from .models import build_model
 from .models.fold import fold_bn
+from .runtime import amp_dtype, autocast, progress_bar, resolve_device
+from .seeding import epoch_generator
 
 
 # ---------------------------------------------------------------------------------------------
 # Small pieces
-
-def resolve_device(spec: str) -> torch.device:
-    """'auto' -> cuda if available else cpu; otherwise the named device (checked)."""
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(spec)
-    except RuntimeError:
-        raise UserError(f"unknown device {spec!r}; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {spec} asked for, but CUDA is not available here")
-    return dev
-
-
-def amp_dtype(mode: str, device: torch.device):
-    """The autocast dtype, or None for fp32. 'auto': bf16 on CUDA; fp32 on the CPU, where the
-    fast path reproduces the reference's numbers. 'bf16' on a CPU with native bf16 (AVX512-BF16:
-    this machine) makes an attack step about 1.8x faster at bf16's rounding (bench/README.md);
-    on CPUs without it, bf16 is emulated and much slower."""
-    if mode == "off" or (mode == "auto" and device.type != "cuda"):
-        return None
-    if mode == "bf16" and device.type == "cpu" and cpu_has_native_bf16() is False:
-        warnings.warn("--amp bf16 on a CPU without AVX512-BF16/AMX: bf16 is emulated here and "
-                      "much slower than fp32 (--amp off)", stacklevel=2)
-    return torch.float16 if mode == "fp16" else torch.bfloat16
-
-
-@functools.cache   # the CPU does not change; amp_dtype runs for every trainer and evaluation
-def cpu_has_native_bf16() -> bool | None:
-    """Whether this CPU computes in bf16 natively (x86 AVX512-BF16 or AMX-BF16, ARM BF16);
-    None where /proc/cpuinfo does not say (not Linux)."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            text = fh.read()
-    except OSError:
-        return None
-    flags = set()
-    for line in text.splitlines():
-        if line.startswith(("flags", "Features")):
-            flags.update(line.split(":", 1)[-1].split())
-    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
-
 
 SCHEDULE_MILESTONES = {
     # (fraction of the epochs at which it starts, lr multiplier): 120 epochs -> 60/80 and 60/90/110
@@ -161,7 +119,7 @@ class Trainer:
         """(loss, vcar) for the method; model in train mode. x, x_adv [N, C, H, W], y [N]."""
         cfg, zero = self.cfg, torch.zeros((), device=x.device)
         ce = lambda logits: F.cross_entropy(kernels.upcast(logits), y)
-        with attacks.autocast(self.device, self.amp):
+        with autocast(self.device, self.amp):
             if cfg.method == "natural":
                 return ce(self.forward(x)), zero
             logits_adv = self.forward(x_adv)
@@ -200,13 +158,6 @@ CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"
 
 
-def _progress(total, desc, enabled, position=0):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-    return tqdm(total=total, desc=desc, leave=False, position=position, dynamic_ncols=True)
-
-
 def train_epoch(trainer: Trainer, loader, epoch: int, *, progress: bool = False,
                 position: int = 0) -> dict:
     """One training epoch (0-based `epoch`): its learning rate, the loader's order and
@@ -221,7 +172,7 @@ def train_epoch(trainer: Trainer, loader, epoch: int, *, progress: bool = False,
     lr = trainer.set_epoch_lr(epoch)
     loader.set_epoch(epoch)
     gen = epoch_generator(cfg.seed, epoch, device, "attack")
-    bar = _progress(len(loader), f"epoch {epoch + 1}/{cfg.epochs}", progress, position)
+    bar = progress_bar(len(loader), f"epoch {epoch + 1}/{cfg.epochs}", progress, position=position)
     tot_loss = torch.zeros((), device=device)
     tot_vcar = torch.zeros((), device=device)
     seen, steps, t0 = 0, 0, time.perf_counter()
@@ -318,31 +269,3 @@ def load_model(path: str, device="cpu") -> tuple[nn.Module, TrainConfig]:
     except Exception as e:
         raise UserError(f"checkpoint {path} does not fit its own config ({type(e).__name__})") from None
     return model.eval(), cfg
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("train", help="train one model (Madry, TRADES, FAT, natural)",
-                       description="Train one model. Flags override the preset's values.")
-    p.add_argument("--preset", default=None, help="paper | authors | demo: a starting point for every field")
-    p.add_argument("--out", required=True, help="output directory (config.json, checkpoint.pt, log.jsonl)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_dataclass_flags(p, TrainConfig, skip=("preset",))
-    p.set_defaults(func=run)
-
-
-def run(args) -> int:
-    overrides = {k: v for k, v in given(args, TrainConfig).items() if k != "preset"}
-    cfg = make_train_config(args.preset, **overrides)
-    if not args.resume and os.path.exists(os.path.join(args.out, CHECKPOINT)):
-        raise UserError(f"{args.out} already holds a checkpoint; pass --resume to continue it "
-                        f"or choose another --out")
-    _, log = train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
-    if log:
-        r = log[-1]
-        print(f"trained {cfg.method} {cfg.model} on {cfg.dataset}, eps_train {cfg.eps_train:.4f}: "
-              f"{r['epoch']} epochs, last loss {r['loss']:.4f}; checkpoint {os.path.join(args.out, CHECKPOINT)}")
-    return 0

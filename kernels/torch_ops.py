@@ -29,7 +29,7 @@ def upcast(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
-def _per_sample(t: torch.Tensor | float, ref: torch.Tensor) -> torch.Tensor | float:
+def per_sample(t: torch.Tensor | float, ref: torch.Tensor) -> torch.Tensor | float:
     """A float stays a float; a per-sample tensor [N] becomes [N, 1, ..., 1] to broadcast on ref."""
     if isinstance(t, torch.Tensor):
         return t.to(device=ref.device, dtype=torch.float32).view(-1, *([1] * (ref.dim() - 1)))
@@ -42,7 +42,7 @@ def pgd_step(x_adv: torch.Tensor, x_nat: torch.Tensor, grad: torch.Tensor,
 
     Math in fp32 whatever the storage dtype; returns x_adv.
     """
-    a, e = _per_sample(alpha, x_adv), _per_sample(eps, x_adv)
+    a, e = per_sample(alpha, x_adv), per_sample(eps, x_adv)
     xa, xn = upcast(x_adv), upcast(x_nat)
     if isinstance(a, torch.Tensor):
         a, e = a.to(xa.dtype), e.to(xa.dtype)

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastfat import attacks, kernels
+from fastfat import attacks, kernels, runtime
 from fastfat.attacks import PGD, cw_inf, fgsm, pgd, uniform_noise
 from fastfat.data import make_synthetic
 from fastfat.models import build_model
@@ -435,10 +435,10 @@ def test_split_and_sliced_attack_equals_one_piece(monkeypatch, amp, loss):
     for bit, in fp32 and under bf16 autocast (each worker enters its own autocast)."""
     model = _model("resnet18")
     x, y = _batch(n=32)
-    monkeypatch.setattr(attacks, "CHUNK_PIXELS", 10 ** 9)
+    monkeypatch.setattr(runtime, "CHUNK_PIXELS", 10 ** 9)
     whole = pgd(model, x, y, EPS, ALPHA, 3, loss=loss, generator=_gen(), amp=amp, threads=1)
-    monkeypatch.setattr(attacks, "CHUNK_PIXELS", 1)       # slices of MIN_SHARD samples
-    assert attacks.chunk_size(x) == attacks.MIN_SHARD
+    monkeypatch.setattr(runtime, "CHUNK_PIXELS", 1)       # slices of MIN_SHARD samples
+    assert runtime.chunk_size(x) == runtime.MIN_SHARD
     split = pgd(model, x, y, EPS, ALPHA, 3, loss=loss, generator=_gen(), amp=amp, threads=2)
     assert torch.equal(whole, split)
     assert torch.get_num_threads() == 1                   # the workers left the caller's count alone

@@ -2,9 +2,9 @@ import argparse
 
 import pytest
 
-from fastfat.config import (EvalConfig, TrainConfig, add_dataclass_flags, canonical_attack,
-                            from_dict, given, make_eval_config, make_train_config, parse_eps,
-                            resolve_step, to_dict)
+from fastfat.cli.flags import add_dataclass_flags, given
+from fastfat.config import (EvalConfig, TrainConfig, canonical_attack, from_dict, make_eval_config,
+                            make_train_config, parse_eps, resolve_step, to_dict)
 from fastfat.errors import UserError
 
 

@@ -22,7 +22,7 @@ from fastfat import cli
 from fastfat.data import (DATASETS, ImageSet, MemoryLoader, beton_paths, build_loader,
                           ffcv_installed, load_dataset)
 from fastfat.errors import UserError
-from fastfat.ffcv_data import keep_torch_threads
+from fastfat.data.ffcv import keep_torch_threads
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 with keep_torch_threads():   # importing ffcv sets torch's thread count to 1
@@ -237,7 +237,7 @@ def test_files_that_do_not_fit_the_dataset_are_refused(converted, tmp_path):
     with pytest.raises(UserError, match=r"images are 8x8x1 but cifar10 images are 32x32x3"):
         build_loader("ffcv", "cifar10", "train", data_root=str(tmp_path), batch_size=8)
     # CIFAR-sized images with 100 classes, read as cifar10.
-    from fastfat.ffcv_data import write_betons
+    from fastfat.data.ffcv import write_betons
     many = ImageSet(torch.zeros(200, 3, 32, 32, dtype=torch.uint8), torch.arange(200) % 100, 100)
     write_betons([(beton_paths(str(tmp_path), "cifar10")[1], many)])
     with pytest.raises(UserError, match=r"labels span 0..99 but cifar10 has 10 classes"):

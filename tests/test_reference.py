@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from fastfat import reference as R
+from fastfat import seeding
 from fastfat.config import make_train_config
 from fastfat.data import TorchvisionLoader, make_synthetic
 from fastfat.models import build_model
@@ -93,27 +94,27 @@ def test_eval_noise_seed_is_deterministic_distinct_and_in_range():
         for b in range(40):
             for a in attacks:
                 for e in range(4):
-                    s = R.eval_noise_seed(seed, b, a, e)
-                    assert s == R.eval_noise_seed(seed, b, a, e)
+                    s = seeding.eval_noise_seed(seed, b, a, e)
+                    assert s == seeding.eval_noise_seed(seed, b, a, e)
                     assert 0 <= s < 2 ** 63
                     assert s not in seen, (seen.get(s), (seed, b, a, e))
                     seen[s] = (seed, b, a, e)
     # fixed values: the function is plain arithmetic, not salted per process
-    assert R.eval_noise_seed(0, 0, "fgsm", 0) == 1 << 10
-    assert R.eval_noise_seed(1, 2, "pgd20", 1) == ((1_000_003 + 2) * (1 << 20) + 36) * (1 << 10) + 1
-    torch.Generator().manual_seed(R.eval_noise_seed(10 ** 9, 10 ** 6, "pgd1000", 1000))  # accepted
+    assert seeding.eval_noise_seed(0, 0, "fgsm", 0) == 1 << 10
+    assert seeding.eval_noise_seed(1, 2, "pgd20", 1) == ((1_000_003 + 2) * (1 << 20) + 36) * (1 << 10) + 1
+    torch.Generator().manual_seed(seeding.eval_noise_seed(10 ** 9, 10 ** 6, "pgd1000", 1000))  # accepted
 
 
 def test_eval_noise_seed_rejects_bad_input():
     with pytest.raises(ValueError):
-        R.eval_noise_seed(0, 0, "autoattack", 0)
+        seeding.eval_noise_seed(0, 0, "autoattack", 0)
     with pytest.raises(ValueError):
-        R.eval_noise_seed(0, -1, "fgsm", 0)
+        seeding.eval_noise_seed(0, -1, "fgsm", 0)
     with pytest.raises(ValueError):
-        R.eval_noise_seed(0, 0, "fgsm", 1 << 10)
+        seeding.eval_noise_seed(0, 0, "fgsm", 1 << 10)
     with pytest.raises(ValueError):
-        R.eval_noise_seed(0, 0, "pgd0", 0)
-    assert R.attack_code("pgd1") != R.attack_code("fgsm")
+        seeding.eval_noise_seed(0, 0, "pgd0", 0)
+    assert seeding.attack_code("pgd1") != seeding.attack_code("fgsm")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,7 +231,7 @@ def test_ref_train_is_deterministic_and_trains():
 
 def test_ref_train_first_step_is_ref_train_step():
     """One step of ref_train = the loader's first batch + ref_train_step with epoch 0's generator."""
-    from fastfat.data import epoch_generator
+    from fastfat.seeding import epoch_generator
 
     tr, _ = make_synthetic(n_train=64, n_test=16, seed=0)
     cfg = _cfg(method="fat-trades", vcar_mode="authors")
@@ -290,7 +291,7 @@ def test_ref_evaluate_start_noise_follows_eval_noise_seed():
     recs = R.ref_evaluate(model, te, attacks=["fgsm"], eps_list=eps_list, batch_size=16, seed=seed)
     preds, ys = [], []
     for b, (x, y) in enumerate(TorchvisionLoader(te, 16, False)):
-        g = torch.Generator().manual_seed(R.eval_noise_seed(seed, b, "fgsm", 1))
+        g = torch.Generator().manual_seed(seeding.eval_noise_seed(seed, b, "fgsm", 1))
         adv = R.ref_fgsm(model, x, y, 0.1, generator=g)
         with torch.no_grad():
             preds.append(model(adv).argmax(1))

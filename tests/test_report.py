@@ -7,8 +7,9 @@ import os
 import numpy as np
 import pytest
 
-from fastfat import cli, report
-from fastfat.store import Point, Store
+from fastfat import cli
+from fastfat.sweep import report
+from fastfat.sweep.store import Point, Store
 
 # (method, lam, eps_train, seed) -> class accuracies per (attack, eps_test); 4 classes.
 ACC = {

@@ -11,9 +11,10 @@ import time
 
 import pytest
 
-from fastfat import cli, sweep
+from fastfat import cli
+from fastfat.sweep import grid, runner
 from fastfat.errors import UserError
-from fastfat.store import Store
+from fastfat.sweep.store import Store
 
 TINY = """
 db = "results.db"
@@ -78,7 +79,7 @@ def _dump(results_db):
 def test_grid_expansion_lam_only_for_fat(tmp_path):
     doc = _doc(grid__method=["natural", "madry", "fat-madry"], grid__eps_train=[0.1, "8/255"],
                grid__lam=[0.0, 0.5], grid__seed=[0, 1])
-    s = sweep.build_sweep(doc, str(tmp_path))
+    s = grid.build_sweep(doc, str(tmp_path))
     ids = [(p.train.method, round(p.train.eps_train, 6), p.train.lam, p.train.seed) for p in s.points]
     # natural: no radius, no lambda; madry: no lambda; fat-madry: every lambda
     assert sorted(ids) == sorted(
@@ -169,10 +170,10 @@ def test_flags_override_the_file(tmp_path, capsys):
     assert "fat-madry cnn digits eps_train 0.01569 lam 1 seed 0" in out
     args = cli.build_parser().parse_args(["sweep", str(p), "--eval-batch-size", "7", "--batch-size", "16",
                                           "--eval-seed", "3"])
-    doc, base = sweep.read_sweep_file(args.config, None)
+    doc, base = grid.read_sweep_file(args.config, None)
     v = vars(args)
-    s = sweep.build_sweep(doc, base, train_flags={k: x for k, x in v.items() if k in sweep.TRAIN_FIELDS
-                                                  and k not in sweep.AXES},
+    s = grid.build_sweep(doc, base, train_flags={k: x for k, x in v.items() if k in grid.TRAIN_FIELDS
+                                                  and k not in grid.AXES},
                           eval_flags={k[5:]: x for k, x in v.items() if k.startswith("eval.")})
     assert s.points[0].train.batch_size == 16 and s.points[0].eval.batch_size == 7
     assert s.points[0].eval.seed == 3 and s.points[0].train.seed == 0
@@ -181,10 +182,10 @@ def test_flags_override_the_file(tmp_path, capsys):
 
 def test_packaged_demo_grid(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert "demo" in sweep.packaged_grids()
+    assert "demo" in grid.packaged_grids()
     assert cli.main(["sweep", "--grid", "demo", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    s = sweep.build_sweep(*sweep.read_sweep_file(None, "demo"))
+    s = grid.build_sweep(*grid.read_sweep_file(None, "demo"))
     assert f"{len(s.points)} points; database {tmp_path / 'demo.db'}" in out
     methods = {p.train.method for p in s.points}
     assert methods == {"madry", "fat-madry"}
@@ -206,8 +207,8 @@ def _sweep_file(d, text=TINY):
 
 
 def _run(path, **kw):
-    s = sweep.build_sweep(*sweep.read_sweep_file(path, None))
-    return s, sweep.run_sweep(s, progress=False, report=kw.pop("report", False), **kw)
+    s = grid.build_sweep(*grid.read_sweep_file(path, None))
+    return s, runner.run_sweep(s, progress=False, report=kw.pop("report", False), **kw)
 
 
 def test_resume_after_kill_equals_uninterrupted(tmp_path):
@@ -251,7 +252,7 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path):
     import torch
 
     from fastfat.train import train
-    s = sweep.build_sweep(*sweep.read_sweep_file(_sweep_file(str(tmp_path / "exact")), None))
+    s = grid.build_sweep(*grid.read_sweep_file(_sweep_file(str(tmp_path / "exact")), None))
     before = torch.get_num_threads()
     torch.set_num_threads(s.threads)   # CPU results are exact for a fixed thread count
     try:
@@ -263,7 +264,7 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path):
                 train(p.train, os.path.join(s.runs_dir, p.key), resume=True, progress=False, on_epoch=kill_at)
     finally:
         torch.set_num_threads(before)
-    counts = sweep.run_sweep(s, progress=False, report=False)
+    counts = runner.run_sweep(s, progress=False, report=False)
     assert counts["ran"] == 2
     assert _dump(s.db) == want
 
@@ -339,7 +340,7 @@ def test_claim_shares_a_grid_between_processes(tmp_path):
     """A point running in a live process is left alone; one left by a dead process is taken."""
     import socket
 
-    from fastfat.store import Point, owner_id
+    from fastfat.sweep.store import Point, owner_id
     with Store(str(tmp_path / "c.db")) as st:
         for k in ("a", "b", "c"):
             st.add_point(Point(key=k, method="madry", model="cnn", dataset="digits", eps_train=0.1, lam=0.0,
@@ -362,7 +363,7 @@ def test_claim_shares_a_grid_between_processes(tmp_path):
 def test_threads_are_restored_after_a_sweep(tmp_path):
     import torch
     before = torch.get_num_threads()
-    s = sweep.build_sweep(*sweep.read_sweep_file(_sweep_file(str(tmp_path / "t")), None))
+    s = grid.build_sweep(*grid.read_sweep_file(_sweep_file(str(tmp_path / "t")), None))
     s.points = []   # nothing to train: only the thread setting is exercised
-    sweep.run_sweep(s, progress=False, report=False)
+    runner.run_sweep(s, progress=False, report=False)
     assert torch.get_num_threads() == before

@@ -173,7 +173,7 @@ def test_attack_leaves_parameter_grads_and_mode_alone(tiny_overrides):
 
 def test_bf16_on_a_cpu_without_native_bf16_warns(monkeypatch):
     """bf16 emulated on a CPU without AVX512-BF16 is many times slower: say so once, don't fail."""
-    from fastfat import train as T
+    from fastfat import runtime as T
     cpu = torch.device("cpu")
     monkeypatch.setattr(T, "cpu_has_native_bf16", lambda: False)
     with pytest.warns(UserWarning, match="emulated"):

@@ -1,4 +1,5 @@
-"""Atomic files and verified checkpoints.
+"""Every file fastfat writes goes through here: one atomic write (bytes, text, JSON, PNG figures)
+and verified checkpoints.
 
 A checkpoint is a plain dict of tensors, numbers and strings, so it loads with
 torch.load(..., weights_only=True). It carries a SHA-256 digest of its own contents: a file
@@ -6,6 +7,7 @@ that unpickles but was altered (or truncated) is refused with one clear message.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -19,24 +21,43 @@ from .errors import UserError
 FORMAT = "fastfat-checkpoint-v1"
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write data to path so that readers see the old file or the new one, never a part."""
+def temp_prefix(path: str) -> str:
+    """The name prefix of the temporary files written for path (".NAME."; suffix ".tmp")."""
+    return "." + os.path.basename(path) + "."
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_path(path: str):
+    """A temporary path beside `path` to write the file to: renamed onto `path` when the block
+    ends normally, removed when it raises, so readers see the old file or the new one, never a
+    part. For writers that want a path (FFCV); atomic_write_bytes is built on it."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=temp_prefix(path), suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results are meant to be shared
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write data to path atomically (atomic_path), synced to disk before the rename."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def atomic_write_text(path: str, text: str) -> None:
@@ -45,6 +66,13 @@ def atomic_write_text(path: str, text: str) -> None:
 
 def atomic_write_json(path: str, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
+
+
+def atomic_write_png(path: str, fig, **savefig_kwargs) -> None:
+    """A matplotlib figure as a PNG file, atomically (rendered in memory, then written)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", **savefig_kwargs)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _digest(state: dict) -> str:

@@ -1,17 +1,15 @@
-"""The `fastfat` command. Each subcommand lives in the module that does its job and registers
-itself through `add_parser(subparsers)`; this file only routes and turns UserError into one
-stderr line and exit code 2."""
+"""The `fastfat` command: one module per subcommand (train, eval, sweep, report, data, theory),
+each with `add_parser(subparsers)` and its console output; this file routes and turns a
+UserError into one `fastfat: error:` line and exit code 2."""
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
-from .errors import UserError
+from ..errors import UserError
+from . import data, eval, report, sweep, theory, train
 
-# subcommand modules, each with add_parser(subparsers) that sets `func(args) -> int|None`
-SUBCOMMANDS = ("fastfat.train", "fastfat.evaluate", "fastfat.sweep", "fastfat.report",
-               "fastfat.data_convert", "fastfat.theory")
+SUBCOMMANDS = (train, eval, sweep, report, data, theory)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,8 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fast adversarial training for robust fairness: Madry, TRADES and FAT, "
                     "class-wise robust evaluation, eps_train x lambda sweeps.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in SUBCOMMANDS:
-        importlib.import_module(name).add_parser(sub)
+    for module in SUBCOMMANDS:
+        module.add_parser(sub)
     return parser
 
 

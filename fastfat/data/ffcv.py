@@ -1,6 +1,6 @@
 """FFCV data path: .beton files written by `fastfat data convert`, read by FFCVLoader.
 
-File layout (one file per split, `data.beton_paths`): two fields, in this order,
+File layout (one file per split, `beton_paths`): two fields, in this order,
   image: RGBImageField(write_mode='raw') for 3-channel sets (CIFAR), stored HWC uint8;
          NDArrayField(uint8, (H, W, C)) for other channel counts (digits: 8x8x1), since
          RGBImageField only takes 3 channels. Both are raw bytes, so pixels come back exact.
@@ -21,14 +21,16 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
-from .data import DatasetInfo, ImageSet
-from .errors import UserError
+from ..errors import UserError
+from ..files import atomic_path
+from ..seeding import scaled_seed
+from .datasets import DatasetInfo, ImageSet
+from .loaders import EpochLoader
 
 IMAGE_FIELD, LABEL_FIELD = "image", "label"
 _RGB_TYPE_ID, _INT_TYPE_ID, _NDARRAY_TYPE_ID = 2, 1, 4   # ffcv.types.TYPE_ID_HANDLER keys
@@ -46,6 +48,23 @@ def keep_torch_threads():
             torch.set_num_threads(n)
 
 
+def beton_paths(data_root: str, dataset: str) -> tuple[str, str]:
+    """Where `fastfat data convert` puts a data set's FFCV files: DATA_ROOT/<name>_{train,test}.beton."""
+    return (os.path.join(data_root, f"{dataset}_train.beton"),
+            os.path.join(data_root, f"{dataset}_test.beton"))
+
+
+def ffcv_installed() -> bool:
+    threads = torch.get_num_threads()
+    try:
+        import ffcv  # noqa: F401
+    except Exception:  # ImportError, or a broken native build
+        return False
+    finally:
+        torch.set_num_threads(threads)  # importing ffcv sets torch to one thread
+    return True
+
+
 def require_ffcv(purpose: str = "the FFCV loader") -> None:
     """Import ffcv (keeping torch's thread count) or raise a UserError saying how to install it."""
     with keep_torch_threads():
@@ -60,12 +79,6 @@ def require_ffcv(purpose: str = "the FFCV loader") -> None:
 # ---------------------------------------------------------------------------------------------
 # Writing
 # ---------------------------------------------------------------------------------------------
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
 
 class _Samples:
     """Indexable (image HWC uint8, label int) pairs, the shape DatasetWriter asks for."""
@@ -100,27 +113,17 @@ def write_betons(jobs: list[tuple[str, ImageSet]], num_workers: int = 1) -> None
         folder = os.path.dirname(os.path.abspath(path))
         if shutil.disk_usage(folder).free < need:
             raise UserError(f"not enough free space in {folder} for {path} (~{need >> 20} MiB)")
-    done: list[tuple[str, str]] = []
-    try:
+    # Every file lands under a temporary name and is renamed only once all are complete, so
+    # a failure leaves the old files in place.
+    with contextlib.ExitStack() as stack:
         for path, data in jobs:
-            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
-                                       prefix="." + os.path.basename(path), suffix=".tmp")
-            os.close(fd)
-            done.append((tmp, path))
-            os.chmod(tmp, 0o666 & ~_umask())   # mkstemp makes 0600; give the usual file mode
+            tmp = stack.enter_context(atomic_path(path))
             c = data.images.shape[1]
             image = (RGBImageField(write_mode="raw") if c == 3
                      else NDArrayField(np.dtype("uint8"), tuple(data.images.shape[2:]) + (c,)))
             writer = DatasetWriter(tmp, {IMAGE_FIELD: image, LABEL_FIELD: IntField()},
                                    page_size=MIN_PAGE_SIZE, num_workers=num_workers)
             writer.from_indexed_dataset(_Samples(data))
-        for tmp, path in done:
-            os.replace(tmp, path)
-        done.clear()
-    finally:
-        for tmp, _ in done:
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,7 +250,7 @@ def _seed_operation(seed: int):
     return SeedAugmentation()
 
 
-class FFCVLoader:
+class FFCVLoader(EpochLoader):
     """Batches from a .beton file through an FFCV pipeline; MemoryLoader's interface.
 
     train=True: random order seeded per (seed, epoch) (set_epoch), then RandomTranslate with
@@ -301,17 +304,10 @@ class FFCVLoader:
                 path, batch_size=batch_size, num_workers=num_workers,
                 order=OrderOption.RANDOM if train else OrderOption.SEQUENTIAL,
                 # Random order draws from default_rng(seed + epoch): scale the seed so that
-                # (seed, epoch) pairs do not collide, as data.epoch_generator does.
-                seed=seed * 1_000_003,
+                # (seed, epoch) pairs do not collide, as seeding.epoch_generator does.
+                seed=scaled_seed(seed),
                 indices=None if limit is None else np.arange(self.num_samples, dtype=np.uint64),
                 pipelines={IMAGE_FIELD: image, LABEL_FIELD: label}, drop_last=drop_last)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        n = self.num_samples
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self):
         self._loader.next_epoch = self.epoch if self.train else 0

@@ -23,7 +23,7 @@ import sqlite3
 import time
 from dataclasses import dataclass, field
 
-from .errors import UserError
+from ..errors import UserError
 
 SCHEMA_VERSION = 1
 STATUSES = ("pending", "running", "done", "failed")

@@ -26,9 +26,9 @@ import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from .checkpoint import atomic_write_text
-from .config import canonical_attack, parse_eps
-from .errors import UserError
+from ..files import atomic_write_text
+from ..config import canonical_attack, parse_eps
+from ..errors import UserError
 
 METHOD_NAMES = {"natural": "Natural", "madry": "Madry", "trades": "TRADES",
                 "fat-madry": "FAT-Madry", "fat-trades": "FAT-TRADES"}
@@ -55,12 +55,12 @@ def class_names(dataset: str, n: int) -> list[str]:
 
 
 def _eps_label(eps: float) -> str:
-    from .evaluate import eps_label
+    from ..evaluate import eps_label
     return eps_label(eps) if eps > 0 else "0"
 
 
 def _attack_title(attack: str) -> str:
-    from .evaluate import attack_title
+    from ..evaluate import attack_title
     return attack_title(attack)
 
 
@@ -658,29 +658,3 @@ def write_report(db_path: str, out_dir: str, attack: str | None = None, eps: flo
     atomic_write_text(path, "\n".join(md))
     written.append(path)
     return written
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("report", help="the paper's tables and figures from a results database",
-                       description="Write Markdown, CSV and LaTeX tables (the paper's Tables 1-4) "
-                                   "and PNG figures from a sweep's results database.")
-    p.add_argument("db", metavar="DB", help="results database written by fastfat sweep")
-    p.add_argument("--out", metavar="DIR", help="output directory (default: <db stem>_report/ beside DB)")
-    p.add_argument("--attack", help="attack for Table 2 and the figures (default: pgd20, else the first)")
-    p.add_argument("--eps", help="eps_test for Table 2 and the figures (default: the smallest)")
-    p.set_defaults(func=run)
-
-
-def run(args) -> int:
-    from .sweep import default_report_dir
-    attack = canonical_attack(args.attack) if args.attack else None
-    eps = parse_eps(args.eps) if args.eps is not None else None
-    if not os.path.isfile(args.db):
-        raise UserError(f"results database not found: {args.db}")
-    out = args.out or default_report_dir(args.db)
-    written = write_report(args.db, out, attack, eps)
-    print(f"wrote {len(written)} files to {out} (start with {os.path.join(out, 'report.md')})")
-    return 0

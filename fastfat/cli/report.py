@@ -1,0 +1,31 @@
+"""`fastfat report`: the paper's tables and figures from a sweep's results database."""
+from __future__ import annotations
+
+import os
+
+from ..config import canonical_attack, parse_eps
+from ..errors import UserError
+from ..sweep.report import write_report
+from ..sweep.grid import default_report_dir
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("report", help="the paper's tables and figures from a results database",
+                       description="Write Markdown, CSV and LaTeX tables (the paper's Tables 1-4) "
+                                   "and PNG figures from a sweep's results database.")
+    p.add_argument("db", metavar="DB", help="results database written by fastfat sweep")
+    p.add_argument("--out", metavar="DIR", help="output directory (default: <db stem>_report/ beside DB)")
+    p.add_argument("--attack", help="attack for Table 2 and the figures (default: pgd20, else the first)")
+    p.add_argument("--eps", help="eps_test for Table 2 and the figures (default: the smallest)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    attack = canonical_attack(args.attack) if args.attack else None
+    eps = parse_eps(args.eps) if args.eps is not None else None
+    if not os.path.isfile(args.db):
+        raise UserError(f"results database not found: {args.db}")
+    out = args.out or default_report_dir(args.db)
+    written = write_report(args.db, out, attack, eps)
+    print(f"wrote {len(written)} files to {out} (start with {os.path.join(out, 'report.md')})")
+    return 0

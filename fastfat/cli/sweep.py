@@ -1,0 +1,80 @@
+"""`fastfat sweep`: train and evaluate a grid into one results database, then write the report."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from ..config import EvalConfig, TrainConfig
+from ..sweep.grid import AXES, EVAL_PREFIXED, TRAIN_FIELDS, build_sweep, read_sweep_file
+from ..sweep.runner import run_sweep
+from .flags import add_dataclass_flags
+
+
+class _Prefixed:
+    """Lets add_dataclass_flags add EvalConfig's flags under their own dest ('eval.NAME')."""
+
+    def __init__(self, parser):
+        self.parser = parser
+
+    def add_argument(self, *flags, dest, **kw):
+        return self.parser.add_argument(*flags, dest="eval." + dest, **kw)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "sweep", help="train and evaluate a grid (method x eps_train x lam x model x dataset x seed)",
+        description="Train and evaluate every point of a grid into one SQLite results database, "
+                    "then write the report. Re-running the same command resumes an interrupted "
+                    "sweep and skips finished points. Every sweep-file key is also a flag; flags win.")
+    p.add_argument("config", nargs="?", metavar="CONFIG.toml",
+                   help="sweep file ([grid], [train], [eval], db, report)")
+    p.add_argument("--grid", metavar="NAME", help="a grid shipped with fastfat instead of a file (demo)")
+    p.add_argument("--db", help="results database (default: the file's db, relative to the file)")
+    p.add_argument("--report", metavar="DIR", help="report directory (default: <db stem>_report/)")
+    p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: the file's threads, else torch's)")
+    p.add_argument("--dry-run", action="store_true", help="validate and list the points; train nothing")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--preset", default=argparse.SUPPRESS, help="[train] preset: paper | authors | demo")
+    g = p.add_argument_group("grid axes (each replaces the file's list)")
+    for axis in AXES:
+        g.add_argument("--" + axis.replace("_", "-"), dest="grid." + axis, nargs="+",
+                       default=argparse.SUPPRESS, metavar=axis.upper())
+    t = p.add_argument_group("[train] fields")
+    add_dataclass_flags(t, TrainConfig, skip=AXES + ("preset",))
+    e = p.add_argument_group("[eval] fields")
+    add_dataclass_flags(_Prefixed(e), EvalConfig,
+                        rename={n: "eval_" + n for n in EVAL_PREFIXED})
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    doc, base = read_sweep_file(args.config, args.grid)
+    v = vars(args)
+    grid_flags = {k[5:]: x for k, x in v.items() if k.startswith("grid.")}
+    train_flags = {k: x for k, x in v.items() if k in TRAIN_FIELDS and k not in AXES}
+    eval_flags = {k[5:]: x for k, x in v.items() if k.startswith("eval.")}
+    sweep = build_sweep(doc, base, grid_flags=grid_flags, train_flags=train_flags,
+                        eval_flags=eval_flags, db=args.db, report=args.report, threads=args.threads)
+    progress = not args.no_progress
+    if args.dry_run:
+        for p in sweep.points:
+            print(f"{p.key}  {p.label()}")
+        print(f"{len(sweep.points)} points; database {sweep.db}; runs in {sweep.runs_dir}")
+        return 0
+    print(f"sweep: {len(sweep.points)} points into {sweep.db}", flush=True)
+    t0 = time.perf_counter()
+    counts = run_sweep(sweep, progress=progress, report=not args.no_report)
+    mins = (time.perf_counter() - t0) / 60
+    msg = (f"sweep: {counts['done']}/{counts['points']} points done ({counts['ran']} run now, "
+           f"{counts['skipped']} already done), {counts['failed']} failed; {mins:.1f} min; "
+           f"results in {sweep.db}")
+    if counts["busy"]:
+        msg += f"; {counts['busy']} running in another process"
+    print(msg)
+    if counts["failed"]:
+        print("sweep: run the same command again to retry the failed points "
+              "(they resume from their last checkpoint)", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,34 @@
+"""`fastfat train`: train one model as a TrainConfig says, into an output directory."""
+from __future__ import annotations
+
+import os
+
+from ..config import TrainConfig, make_train_config
+from ..errors import UserError
+from ..train import CHECKPOINT, train
+from .flags import add_dataclass_flags, given
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("train", help="train one model (Madry, TRADES, FAT, natural)",
+                       description="Train one model. Flags override the preset's values.")
+    p.add_argument("--preset", default=None, help="paper | authors | demo: a starting point for every field")
+    p.add_argument("--out", required=True, help="output directory (config.json, checkpoint.pt, log.jsonl)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_dataclass_flags(p, TrainConfig, skip=("preset",))
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    overrides = {k: v for k, v in given(args, TrainConfig).items() if k != "preset"}
+    cfg = make_train_config(args.preset, **overrides)
+    if not args.resume and os.path.exists(os.path.join(args.out, CHECKPOINT)):
+        raise UserError(f"{args.out} already holds a checkpoint; pass --resume to continue it "
+                        f"or choose another --out")
+    _, log = train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
+    if log:
+        r = log[-1]
+        print(f"trained {cfg.method} {cfg.model} on {cfg.dataset}, eps_train {cfg.eps_train:.4f}: "
+              f"{r['epoch']} epochs, last loss {r['loss']:.4f}; checkpoint {os.path.join(args.out, CHECKPOINT)}")
+    return 0

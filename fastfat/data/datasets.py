@@ -1,0 +1,153 @@
+"""Data sets as uint8 tensors (`ImageSet`): CIFAR-10/100 read from torchvision's on-disk format,
+scikit-learn's bundled digits, and a synthetic set for tests; `DatasetInfo` holds their shapes.
+
+CIFAR files are read straight from torchvision's on-disk format (the python pickle batches), so
+torchvision downloads them when asked and tests can fabricate files in the same format.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Static facts about a data set: shapes and the augmentation it is trained with."""
+    name: str
+    num_classes: int
+    channels: int
+    size: int          # images are size x size
+    crop_pad: int      # RandomCrop padding used for training
+    flip: bool         # horizontal flip is label-preserving for this data
+
+
+DATASETS = {
+    "cifar10": DatasetInfo("cifar10", 10, 3, 32, 4, True),
+    "cifar100": DatasetInfo("cifar100", 100, 3, 32, 4, True),
+    # Digits are 8x8: a 4-pixel shift would move half the digit out; mirrored digits change meaning.
+    "digits": DatasetInfo("digits", 10, 1, 8, 1, False),
+    "synthetic": DatasetInfo("synthetic", 10, 3, 16, 2, True),
+}
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    """DatasetInfo for a data set name; UserError naming the choices if unknown."""
+    try:
+        return DATASETS[name.lower()]
+    except KeyError:
+        raise UserError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}") from None
+
+
+@dataclass
+class ImageSet:
+    """A labelled image set held as tensors: images uint8 [N, C, H, W], labels int64 [N]."""
+    images: torch.Tensor
+    labels: torch.Tensor
+    num_classes: int
+
+    def __len__(self) -> int:
+        return self.labels.numel()
+
+    def to(self, device) -> "ImageSet":
+        return ImageSet(self.images.to(device), self.labels.to(device), self.num_classes)
+
+    def subset(self, n: int | None) -> "ImageSet":
+        """The first n samples (all when n is None)."""
+        if n is None or n >= len(self):
+            return self
+        return ImageSet(self.images[:n], self.labels[:n], self.num_classes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+_CIFAR_FILES = {
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels"),
+    "cifar100": ("cifar-100-python", ["train"], ["test"], b"fine_labels"),
+}
+
+
+def _read_cifar(name: str, root: str, download: bool) -> tuple[ImageSet, ImageSet]:
+    folder, train_files, test_files, label_key = _CIFAR_FILES[name]
+    base = os.path.join(root, folder)
+    missing = [f for f in train_files + test_files if not os.path.isfile(os.path.join(base, f))]
+    if missing and download:
+        import torchvision  # only needed to fetch the files
+        cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+        try:
+            cls(root=root, train=True, download=True)
+        except Exception as e:  # offline, disk full, ...: say what failed, in one line
+            raise UserError(f"could not download {name} into {root}: {e}") from None
+        missing = [f for f in train_files + test_files if not os.path.isfile(os.path.join(base, f))]
+    if missing:
+        raise UserError(f"{name} files missing in {base}: {', '.join(missing)} "
+                        f"(pass --download to fetch them, or --data-root to point at them)")
+
+    def read(files):
+        xs, ys = [], []
+        for f in files:
+            path = os.path.join(base, f)
+            try:
+                with open(path, "rb") as fh:
+                    d = pickle.load(fh, encoding="bytes")
+                x = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+                y = np.asarray(d[label_key], dtype=np.int64)
+            except Exception as e:
+                raise UserError(f"cannot read {path}: not a CIFAR batch file ({type(e).__name__})") from None
+            if len(x) != len(y):
+                raise UserError(f"cannot read {path}: {len(x)} images but {len(y)} labels")
+            xs.append(x)
+            ys.append(y)
+        return ImageSet(torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys)),
+                        DATASETS[name].num_classes)
+
+    return read(train_files), read(test_files)
+
+
+DIGITS_TRAIN = 1300  # the rest (497) is the test split
+
+
+def _load_digits() -> tuple[ImageSet, ImageSet]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    # 0..16 grey levels -> 0..255, so the digits go through the same uint8 path as CIFAR.
+    x = np.rint(d.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
+    y = d.target.astype(np.int64)
+    perm = np.random.RandomState(0).permutation(len(y))  # fixed, seeded split
+    tr, te = perm[:DIGITS_TRAIN], perm[DIGITS_TRAIN:]
+    mk = lambda idx: ImageSet(torch.from_numpy(x[idx]), torch.from_numpy(y[idx]), 10)
+    return mk(tr), mk(te)
+
+
+def make_synthetic(n_train: int = 500, n_test: int = 200, seed: int = 0,
+                   info: DatasetInfo = DATASETS["synthetic"]) -> tuple[ImageSet, ImageSet]:
+    """A tiny learnable set for tests: one random template per class plus pixel noise, uint8."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (info.channels, info.size, info.size)
+    templates = torch.rand((info.num_classes, *shape), generator=g)
+
+    def draw(n):
+        y = torch.arange(n) % info.num_classes
+        y = y[torch.randperm(n, generator=g)]
+        x = 0.6 * templates[y] + 0.4 * torch.rand((n, *shape), generator=g)
+        return ImageSet((x * 255).round().to(torch.uint8), y, info.num_classes)
+
+    return draw(n_train), draw(n_test)
+
+
+def load_dataset(name: str, root: str = "data", download: bool = False) -> tuple[ImageSet, ImageSet]:
+    """(train, test) ImageSets for cifar10 | cifar100 | digits | synthetic, on the CPU."""
+    info = dataset_info(name)
+    if info.name in _CIFAR_FILES:
+        return _read_cifar(info.name, root, download)
+    if info.name == "digits":
+        return _load_digits()
+    return make_synthetic()

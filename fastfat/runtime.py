@@ -1,0 +1,202 @@
+"""Where and how computation runs: the device, the AMP dtype and autocast, progress bars, and the
+CPU shard pool that splits an attack's batch over single-threaded workers.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import queue
+import threading
+import warnings
+
+import torch
+
+from .errors import UserError
+
+
+def resolve_device(spec: str) -> torch.device:
+    """'auto' -> cuda if available else cpu; otherwise the named device (checked)."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(spec)
+    except RuntimeError:
+        raise UserError(f"unknown device {spec!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {spec} asked for, but CUDA is not available here")
+    return dev
+
+
+def amp_dtype(mode: str, device: torch.device):
+    """The autocast dtype, or None for fp32. 'auto': bf16 on CUDA; fp32 on the CPU, where the
+    fast path reproduces the reference's numbers. 'bf16' on a CPU with native bf16 (AVX512-BF16:
+    this machine) makes an attack step about 1.8x faster at bf16's rounding (bench/README.md);
+    on CPUs without it, bf16 is emulated and much slower."""
+    if mode == "off" or (mode == "auto" and device.type != "cuda"):
+        return None
+    if mode == "bf16" and device.type == "cpu" and cpu_has_native_bf16() is False:
+        warnings.warn("--amp bf16 on a CPU without AVX512-BF16/AMX: bf16 is emulated here and "
+                      "much slower than fp32 (--amp off)", stacklevel=2)
+    return torch.float16 if mode == "fp16" else torch.bfloat16
+
+
+@functools.cache   # the CPU does not change; amp_dtype runs for every trainer and evaluation
+def cpu_has_native_bf16() -> bool | None:
+    """Whether this CPU computes in bf16 natively (x86 AVX512-BF16 or AMX-BF16, ARM BF16);
+    None where /proc/cpuinfo does not say (not Linux)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            text = fh.read()
+    except OSError:
+        return None
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            flags.update(line.split(":", 1)[-1].split())
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def autocast(device: torch.device | str, dtype: torch.dtype | None):
+    """torch.autocast for device's type at dtype, or a no-op context for dtype None (fp32).
+
+    A fresh context per call: autocast state is per thread, so each worker of a split attack
+    enters its own.
+    """
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+def progress_bar(total: int, desc: str, enabled: bool = True, *, position: int = 0,
+                 unit: str = "it", initial: int = 0, leave: bool = False):
+    """A tqdm bar, or None when not enabled (callers test for None: no bar, no cost)."""
+    if not enabled:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, position=position,
+                leave=leave, dynamic_ncols=True)
+
+
+# ---------------------------------------------------------------------------------------------
+MIN_SHARD = 8   # samples per CPU worker below which splitting the batch costs more than it saves
+# Samples x height x width of the largest slice a CPU worker attacks at a time (64 CIFAR images).
+# A large batch's activations overflow the caches and the memory-bound ops (ReLU, residual adds
+# and their backward) slow down; measured here, one attack step of ResNet18 width 16 on 512
+# CIFAR-sized samples took 495 ms in one piece, 377 ms as 128-sample slices, 369 ms as 64
+# (width 64: 256 samples 2.72 s at once, 2.47 s as 64s).
+CHUNK_PIXELS = 64 * 32 * 32
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU batch sharding
+#
+# torch's intra-op parallelism splits every op across the cores and meets at a barrier after
+# each one: hundreds of barriers per PGD step, and on a small shared CPU one descheduled thread
+# stalls the other at every one of them (measured here, ResNet18 width 16, batch 128, PGD-10,
+# with other jobs on the two cores: a FAT training step took 5.1 s with the attack on 2 OpenMP
+# threads, 2.3 s with it as two 64-sample halves on two single-threaded workers; on an idle
+# machine the split is still 4% (128 samples) to 9% (512) faster for a 10-step attack).
+# An attack in eval mode treats samples independently, so each core can take a contiguous slice
+# of the batch with no barrier until the join.
+
+class _ShardPool:
+    """Daemon worker threads, each with a single torch intra-op thread, running one job each."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.pid = os.getpid()
+        self.lock = threading.Lock()          # one sharded call at a time
+        self.jobs = [queue.Queue() for _ in range(n)]
+        self.idents: set[int] = set()
+        keep = torch.get_num_threads()
+        ready = threading.Barrier(n + 1)
+        for i in range(n):
+            threading.Thread(target=self._work, args=(i, ready), daemon=True,
+                             name=f"fastfat-shard-{i}").start()
+        ready.wait()
+        # torch.set_num_threads in a worker also sets the process-wide default that new threads
+        # start from; the workers have taken theirs, so put the caller's back.
+        torch.set_num_threads(keep)
+
+    def _work(self, i: int, ready: threading.Barrier) -> None:
+        torch.set_num_threads(1)
+        torch.get_num_threads()    # initialise this thread's OpenMP count now, at 1
+        self.idents.add(threading.get_ident())
+        ready.wait()
+        while True:
+            fn, arg, done = self.jobs[i].get()
+            try:
+                done.put((i, fn(arg), None))
+            except BaseException as e:  # noqa: BLE001 - handed to the caller, re-raised there
+                done.put((i, None, e))
+
+    def map(self, fn, args: list) -> list:
+        """[fn(a) for a in args], job i on worker i; the first exception is re-raised here."""
+        with self.lock:
+            done = queue.Queue()
+            for i, a in enumerate(args):
+                self.jobs[i].put((fn, a, done))
+            out, err = [None] * len(args), None
+            for _ in args:
+                i, value, e = done.get()
+                out[i] = value
+                err = err or e
+        if err is not None:
+            raise err
+        return out
+
+
+_POOLS: dict[int, _ShardPool] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def _pool(n: int) -> _ShardPool:
+    with _POOLS_LOCK:
+        pool = _POOLS.get(n)
+        if pool is None or pool.pid != os.getpid():   # a forked child has no workers
+            pool = _POOLS[n] = _ShardPool(n)
+        return pool
+
+
+def shard_count(x: torch.Tensor, threads: int | None = None) -> int:
+    """How many slices a batch x is split into: torch's thread count on the CPU (threads=None),
+    1 on GPUs, inside a worker, or when the slices would be smaller than MIN_SHARD samples."""
+    if threads is None:
+        threads = torch.get_num_threads() if x.device.type == "cpu" else 1
+    for pool in list(_POOLS.values()):
+        if threading.get_ident() in pool.idents:
+            return 1                                   # already on a worker: no nesting
+    return max(1, min(int(threads), x.shape[0] // MIN_SHARD))
+
+
+def shard_slices(n: int, shards: int) -> list[slice]:
+    """`shards` contiguous slices covering range(n), sizes differing by at most one."""
+    bounds = [n * i // shards for i in range(shards + 1)]
+    return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+def chunk_size(x: torch.Tensor) -> int | None:
+    """The most samples of x a CPU worker handles at a time (CHUNK_PIXELS / (H * W), at least
+    MIN_SHARD); None (no limit) off the CPU, where large batches are what keeps a GPU busy."""
+    if x.device.type != "cpu":
+        return None
+    hw = x.shape[-2] * x.shape[-1] if x.dim() == 4 else 1
+    return max(MIN_SHARD, CHUNK_PIXELS // max(hw, 1))
+
+
+def sharded(fn, n: int, shards: int, chunk: int | None = None) -> list:
+    """fn(slice) for contiguous slices covering range(n), in order: at least `shards` slices and
+    none longer than `chunk` samples (when given). With shards > 1 each CPU worker thread (one
+    intra-op thread each) takes a contiguous run of slices, one after another; with 1 they run
+    inline. fn must treat samples independently and set any thread-local state it needs (grad
+    mode, autocast) itself."""
+    count = max(shards, -(-n // chunk)) if chunk else shards
+    slices = shard_slices(n, max(1, min(count, n)))
+    if shards <= 1:
+        return [fn(s) for s in slices]
+    runs = shard_slices(len(slices), shards)
+    per_worker = _pool(shards).map(lambda run: [fn(s) for s in slices[run]], runs)
+    return [r for rs in per_worker for r in rs]
+
+

@@ -1,0 +1,227 @@
+"""A sweep's grid: the sweep file (TOML) or a packaged grid, read, expanded and validated into
+GridPoints, each with the key that names it.
+
+A sweep file (TOML) names the grid (the cartesian product of method, eps_train, lam, model,
+dataset and seed lists), the training fields shared by every point ([train]) and the evaluation
+([eval]); every key is also a flag. The whole grid is validated before anything is written.
+
+Each point trains in its own run directory next to the database (<db stem>_runs/<key>/) with a
+checkpoint per epoch, and its results go into the store in one transaction with status "done".
+Running the same command again resumes the interrupted point from its last checkpoint and skips
+finished ones; training and evaluation are deterministic on the CPU, so the results equal an
+uninterrupted sweep's. At the end the report (fastfat.report) is written.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import sys
+import time
+import tomllib
+import traceback
+from dataclasses import dataclass, fields
+from importlib import resources
+
+from ..config import EvalConfig, TrainConfig, make_eval_config, make_train_config, to_dict
+from ..errors import UserError
+
+# The grid's axes, in the order points are run (the last varies fastest).
+AXES = ("dataset", "model", "method", "seed", "eps_train", "lam")
+TOP_KEYS = ("db", "report", "threads", "grid", "train", "eval")
+TRAIN_FIELDS = tuple(f.name for f in fields(TrainConfig))
+EVAL_FIELDS = tuple(f.name for f in fields(EvalConfig))
+# Eval fields whose names a training field already uses get an --eval- prefix on the command line.
+EVAL_PREFIXED = tuple(n for n in EVAL_FIELDS if n in TRAIN_FIELDS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading and validating a sweep
+
+@dataclass
+class GridPoint:
+    """One point: its validated configs, the key that names it and its run directory."""
+    key: str
+    train: TrainConfig
+    eval: EvalConfig
+
+    def label(self) -> str:
+        t = self.train
+        lam = f" lam {t.lam:g}" if t.has_lambda else ""
+        return f"{t.method} {t.model} {t.dataset} eps_train {t.eps_train:.4g}{lam} seed {t.seed}"
+
+
+@dataclass
+class Sweep:
+    """A validated sweep: where its database and report go, and its points in run order."""
+    db: str
+    report: str | None
+    points: list[GridPoint]
+    threads: int | None = None   # torch intra-op threads (None: torch's default)
+
+    @property
+    def runs_dir(self) -> str:
+        return runs_dir(self.db)
+
+
+def runs_dir(db: str) -> str:
+    stem = os.path.splitext(os.path.basename(db))[0]
+    return os.path.join(os.path.dirname(os.path.abspath(db)), f"{stem}_runs")
+
+
+def default_report_dir(db: str) -> str:
+    stem = os.path.splitext(os.path.basename(db))[0]
+    return os.path.join(os.path.dirname(os.path.abspath(db)), f"{stem}_report")
+
+
+def packaged_grids() -> list[str]:
+    """Names of the grids shipped in fastfat/grids/ (usable as --grid NAME)."""
+    return sorted(p.name[:-5] for p in resources.files("fastfat.grids").iterdir()
+                  if p.name.endswith(".toml"))
+
+
+def read_sweep_file(path: str | None, grid: str | None) -> tuple[dict, str]:
+    """The parsed TOML and the directory its relative paths are relative to.
+
+    A packaged grid's paths are relative to the working directory (the package is read-only).
+    """
+    if path and grid:
+        raise UserError("give a sweep file or --grid NAME, not both")
+    if grid:
+        names = packaged_grids()
+        if grid not in names:
+            raise UserError(f"unknown packaged grid {grid!r}; choose one of {', '.join(names)}")
+        text = resources.files("fastfat.grids").joinpath(f"{grid}.toml").read_text("utf-8")
+        where, base = f"grid {grid}", os.getcwd()
+    elif path:
+        try:
+            with open(path, "rb") as f:
+                text = f.read().decode("utf-8")
+        except OSError as e:
+            raise UserError(f"cannot read sweep file {path}: {e.strerror}") from None
+        except UnicodeDecodeError:
+            raise UserError(f"{path}: not a UTF-8 text file") from None
+        where, base = path, os.path.dirname(os.path.abspath(path))
+    else:
+        return {}, os.getcwd()
+    try:
+        return tomllib.loads(text), base
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{where}: not valid TOML ({e})") from None
+
+
+def _check_table(doc: dict, name: str) -> dict:
+    t = doc.get(name, {})
+    if not isinstance(t, dict):
+        raise UserError(f"{name} must be a table ([{name}]), got {type(t).__name__}")
+    return dict(t)
+
+
+def _scalar_list(axis: str, value) -> list:
+    """A grid axis as a list of scalars (a single scalar is a one-element list)."""
+    if not isinstance(value, list):
+        value = [value]
+    if not value:
+        raise UserError(f"grid.{axis} is empty; give at least one value")
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+            raise UserError(f"grid.{axis}: expected a list of numbers or strings, got {v!r}")
+    return value
+
+
+def build_sweep(doc: dict, base: str, *, grid_flags: dict | None = None, train_flags: dict | None = None,
+                eval_flags: dict | None = None, db: str | None = None, report: str | None = None,
+                threads=None) -> Sweep:
+    """Validate a sweep file's content merged with flags (flags win) into a Sweep.
+
+    Raises UserError naming the key or grid point at fault; nothing is written.
+    """
+    unknown = sorted(set(doc) - set(TOP_KEYS))
+    if unknown:
+        raise UserError(f"unknown key(s) in the sweep file: {', '.join(unknown)}; "
+                        f"valid: {', '.join(TOP_KEYS)}")
+    grid = _check_table(doc, "grid")
+    train = _check_table(doc, "train")
+    evals = _check_table(doc, "eval")
+    bad = sorted(set(grid) - set(AXES))
+    if bad:
+        raise UserError(f"unknown grid axis {', '.join(bad)}; the grid's axes are {', '.join(AXES)} "
+                        f"(other training fields go in [train])")
+    bad = sorted(set(train) - set(TRAIN_FIELDS))
+    if bad:
+        raise UserError(f"unknown [train] key(s): {', '.join(bad)}; valid: {', '.join(TRAIN_FIELDS)}")
+    bad = sorted(set(evals) - set(EVAL_FIELDS))
+    if bad:
+        raise UserError(f"unknown [eval] key(s): {', '.join(bad)}; valid: {', '.join(EVAL_FIELDS)}")
+    grid.update(grid_flags or {})
+    train.update(train_flags or {})
+    evals.update(eval_flags or {})
+    both = sorted(set(grid) & set(train))
+    if both:
+        raise UserError(f"{', '.join(both)} given both as a grid axis and in [train]; keep one")
+    if not grid:
+        raise UserError("the grid is empty: give [grid] lists (axes: " + ", ".join(AXES) + ")")
+
+    for key in ("db", "report"):
+        if key in doc and not isinstance(doc[key], str):
+            raise UserError(f"{key} must be a string (a path), got {doc[key]!r}")
+    if db is None:
+        if "db" not in doc:
+            raise UserError("no results database: set db = \"results.db\" in the sweep file or pass --db")
+        db = os.path.join(base, doc["db"])
+    if report is None and "report" in doc:
+        report = os.path.join(base, doc["report"])
+    threads = doc.get("threads") if threads is None else threads
+    if threads is not None:
+        try:
+            ok = not isinstance(threads, (bool, float)) and int(threads) >= 1
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise UserError(f"threads must be an integer >= 1, got {threads!r}")
+        threads = int(threads)
+    if os.path.isdir(db):
+        raise UserError(f"db {db} is a directory; give a file name such as results.db")
+
+    preset = train.pop("preset", None) or None
+    try:
+        ecfg = make_eval_config(preset, **evals)
+    except UserError as e:
+        raise UserError(f"[eval]: {e}") from None
+
+    # in the file's order: the first axis varies slowest, and errors name points the same way
+    axes = {a: _scalar_list(a, grid[a]) for a in grid}
+    points, seen = [], {}
+    names = list(axes)
+    for combo in itertools.product(*(range(len(axes[a])) for a in names)):
+        coords = {a: axes[a][i] for a, i in zip(names, combo)}
+        where = "grid point " + ", ".join(f"{a}={coords[a]}" for a in names)
+        try:
+            cfg = make_train_config(preset, **train, **coords)
+        except UserError as e:
+            raise UserError(f"{where}: {e}") from None
+        if not cfg.has_lambda:
+            if "lam" in axes and combo[names.index("lam")] > 0:
+                continue  # lam does not apply: one point for the whole lam list
+            cfg.lam = 0.0
+        if cfg.method == "natural":
+            if "eps_train" in axes and combo[names.index("eps_train")] > 0:
+                continue  # natural training has no radius: one point, plotted at eps_train 0
+            cfg.eps_train = 0.0
+        ident = (cfg.dataset, cfg.model, cfg.method, cfg.seed, cfg.eps_train, cfg.lam)
+        if ident in seen:
+            raise UserError(f"duplicate grid point: {where} is the same point as {seen[ident]} "
+                            f"(a value is repeated in a grid list, e.g. 8/255 and 0.031372549)")
+        seen[ident] = where
+        points.append(GridPoint(point_key(cfg), cfg, ecfg))
+    return Sweep(db=db, report=report, points=points, threads=threads)
+
+
+def point_key(cfg: TrainConfig) -> str:
+    """A readable, file-name-safe key; the hash covers every training field, so a changed
+    [train] value makes new points instead of resuming the old checkpoints."""
+    digest = hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:8]
+    lam = f"_lam{cfg.lam:g}" if cfg.has_lambda else ""
+    return (f"{cfg.dataset}_{cfg.model}_{cfg.method}_eps{cfg.eps_train:.4g}{lam}"
+            f"_s{cfg.seed}_{digest}")
