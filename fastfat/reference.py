@@ -22,9 +22,9 @@ Conventions shared with the fast path (so the two can be compared bit for bit):
 
 Where the paper and the authors' code disagree, both are available (the README's "fidelity modes"):
 VCAR mode "paper" (population variance over the classes present) or "authors" (100 slots,
-unbiased torch.var). Known deviations from the authors' files, on purpose:
-- superclass VCAR uses CIFAR-100's own coarse labels; the authors' cifar100_super_map.json puts
-  fine class 39 (keyboard) in superclass 9 instead of 5 (so superclass 9 has 6 members, 5 has 4);
+unbiased torch.var; superclass folding by their cifar100_super_map.json, which puts fine class 39
+in superclass 9 where CIFAR-100 says 5) and the "authors" schedule is their adjust_learning_rate
+called with epoch + 1. Known deviations from the authors' files, on purpose:
 - a class whose mean loss is NaN propagates NaN (the authors skip any NaN class mean, which
   would hide a diverged run); absent classes are skipped in both;
 - ref_pgd restores the model's mode after the attack (the authors leave it in eval mode and
@@ -40,9 +40,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# Data, not logic: CIFAR-100 fine label -> coarse label (checked against the dataset's own
-# superclass table in tests/test_losses.py).
-from .kernels import CIFAR100_COARSE
+# Data, not logic: CIFAR-100 fine label -> coarse label, the dataset's own table (checked
+# against it in tests/test_losses.py) and the authors' cifar100_super_map.json.
+from .kernels import CIFAR100_COARSE, CIFAR100_COARSE_AUTHORS
 from .seeding import epoch_generator, eval_noise_seed
 
 AUTHORS_SLOTS = 100   # the authors' `torch.zeros(100)` vector of class means
@@ -157,10 +157,11 @@ def ref_vcar(per_sample_loss: torch.Tensor, y: torch.Tensor, num_classes: int, m
     """Variance of class-wise adversarial risk, with a Python loop over the classes.
 
     mode "authors": a vector of max(100, C) zeros, entry i = mean loss of class i (left 0 when
-      absent), torch.var (unbiased). superclass: the 100 entries summed into CIFAR-100's 20
-      superclasses, divided by 5, torch.var over the 20.
+      absent), torch.var (unbiased). superclass: the 100 entries summed into 20 superclasses by
+      the authors' cifar100_super_map.json, divided by 5, torch.var over the 20.
     mode "paper": population variance of the class means over the classes present (superclass:
-      over the superclasses with at least one present class, of the same /5 sums).
+      CIFAR-100's own superclasses, over those with at least one present class, of the same /5
+      sums).
     Differentiable in per_sample_loss; computed in its dtype (so gradcheck can run in double).
     """
     if mode not in ("paper", "authors"):
@@ -178,13 +179,14 @@ def ref_vcar(per_sample_loss: torch.Tensor, y: torch.Tensor, num_classes: int, m
             present.append(i)
 
     if superclass:
+        coarse = CIFAR100_COARSE_AUTHORS if mode == "authors" else CIFAR100_COARSE
         super_loss = torch.zeros(SUPERCLASSES, dtype=dtype, device=device)
         for i in range(100):
-            super_loss[CIFAR100_COARSE[i]] += loss_list[i]
+            super_loss[coarse[i]] += loss_list[i]
         super_loss = super_loss / 5
         if mode == "authors":
             return torch.var(super_loss)
-        present_super = sorted({CIFAR100_COARSE[i] for i in present})
+        present_super = sorted({coarse[i] for i in present})
         values = super_loss[present_super]
     else:
         if mode == "authors":
@@ -231,11 +233,10 @@ def ref_lr(epoch: int, epochs: int, lr: float, schedule: str) -> float:
     """Learning rate of a 0-based epoch.
 
     "paper": x0.1 from epoch round(epochs/2), x0.01 from round(2*epochs/3) (120 -> 60, 80).
-    "authors": x0.1 from round(epochs/2), x0.01 from round(3*epochs/4), x0.005 from
-      round(11*epochs/12) (120 -> 60, 90, 110). The authors' own loop calls
-      adjust_learning_rate(epoch + 1) with these thresholds, i.e. decays one epoch earlier
-      (from 0-based epoch 59); fastfat counts the thresholds in 0-based epochs, so 60 epochs
-      run at the full rate.
+    "authors": their adjust_learning_rate(epoch + 1): x0.1 once epoch + 1 >= round(epochs/2),
+      x0.01 from round(3*epochs/4), x0.005 from round(11*epochs/12) (120 epochs -> 0-based
+      epochs 59, 89, 109: their loop passes the 1-based epoch, so the first drop comes after
+      59 epochs at the full rate).
     "constant": lr.
     Python's round (half to even) on the exact fractions, e.g. 15 epochs "paper" -> 8, 10.
     """
@@ -248,9 +249,10 @@ def ref_lr(epoch: int, epochs: int, lr: float, schedule: str) -> float:
                       (round(11 * epochs / 12), 0.005)]
     else:
         raise ValueError(f"unknown schedule {schedule!r}")
+    at = epoch + 1 if schedule == "authors" else epoch
     out = lr
     for start, mult in milestones:   # successive ifs, as adjust_learning_rate
-        if epoch >= start:
+        if at >= start:
             out = lr * mult
     return out
 

@@ -40,10 +40,13 @@ SCHEDULE_MILESTONES = {
 
 
 def lr_at(epoch: int, epochs: int, lr: float, schedule: str) -> float:
-    """Piecewise-constant learning rate for a 0-based epoch."""
+    """Piecewise-constant learning rate for a 0-based epoch. "authors" counts its milestones in
+    1-based epochs, as their loop calls adjust_learning_rate(optimizer, epoch + 1): with 120
+    epochs the rate drops at 0-based epochs 59, 89 and 109."""
+    at = epoch + 1 if schedule == "authors" else epoch
     mult = 1.0
     for frac, m in SCHEDULE_MILESTONES[schedule]:
-        if epoch >= round(frac * epochs):
+        if at >= round(frac * epochs):
             mult = m
     return lr * mult
 

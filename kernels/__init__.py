@@ -16,11 +16,12 @@ import os
 import torch
 
 from . import torch_ops
-from .torch_ops import AUTHORS_SLOTS, CIFAR100_COARSE, VCAR_MODES, per_sample, upcast, vcar_from_stats
+from .torch_ops import (AUTHORS_SLOTS, CIFAR100_COARSE, CIFAR100_COARSE_AUTHORS, VCAR_MODES, per_sample,
+                        superclass_map, upcast, vcar_from_stats)
 
 __all__ = ["backend", "pgd_step", "class_stats", "class_ce_stats", "fat_ce_loss", "vcar_from_stats",
            "cw_margin", "trades_kl", "upcast",
-           "CIFAR100_COARSE", "AUTHORS_SLOTS", "VCAR_MODES"]
+           "CIFAR100_COARSE", "CIFAR100_COARSE_AUTHORS", "superclass_map", "AUTHORS_SLOTS", "VCAR_MODES"]
 
 
 @functools.lru_cache(maxsize=None)

@@ -18,6 +18,18 @@ CIFAR100_COARSE = (
     16, 19, 2, 4, 6, 19, 5, 5, 8, 19, 18, 1, 2, 15, 6, 0, 17, 8, 14, 13,
 )
 
+# wzekai99/FAT's cifar100_super_map.json: the same table except fine label 39 (keyboard), which
+# it puts in superclass 9 (CIFAR-100 says 5; so its superclass 9 has 6 members and 5 has 4).
+# Their --superclass numbers were computed with it, so "authors" VCAR mode uses it.
+CIFAR100_COARSE_AUTHORS = CIFAR100_COARSE[:39] + (9,) + CIFAR100_COARSE[40:]
+
+
+def superclass_map(mode: str) -> tuple[int, ...]:
+    """The fine -> coarse table a VCAR mode folds CIFAR-100 with: the authors' map in "authors"
+    mode, the dataset's own in "paper" mode."""
+    return CIFAR100_COARSE_AUTHORS if mode == "authors" else CIFAR100_COARSE
+
+
 # The authors' code keeps a vector of 100 class means whatever the data set (pgd_var.py).
 AUTHORS_SLOTS = 100
 
@@ -93,7 +105,7 @@ def vcar_from_stats(sums: torch.Tensor, counts: torch.Tensor, mode: str = "paper
       unbiased variance (divides by 99), as wzekai99/FAT pgd_var.py.
     superclass (C = 100 only): class means summed into CIFAR-100's 20 superclasses and divided
       by 5; then the variance over 20 (unbiased in "authors" mode; population over the superclasses
-      with a present class in "paper" mode).
+      with a present class in "paper" mode). The fine -> coarse table is superclass_map(mode).
     Differentiable in sums. Returns a 0-dim fp32 tensor.
     """
     if mode not in VCAR_MODES:
@@ -103,7 +115,7 @@ def vcar_from_stats(sums: torch.Tensor, counts: torch.Tensor, mode: str = "paper
     if superclass:
         if sums.numel() != 100:
             raise ValueError("superclass VCAR needs the 100 classes of CIFAR-100")
-        coarse = torch.tensor(CIFAR100_COARSE, device=sums.device)
+        coarse = torch.tensor(superclass_map(mode), device=sums.device)
         means = torch.zeros(20, dtype=means.dtype, device=means.device).index_add(0, coarse, means) / 5.0
         present = (torch.zeros(20, dtype=means.dtype, device=means.device).index_add(0, coarse, present) > 0).to(means.dtype)
         slots = 20

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fastfat import losses
-from fastfat.kernels import CIFAR100_COARSE
+from fastfat.kernels import CIFAR100_COARSE, CIFAR100_COARSE_AUTHORS, superclass_map
 from fastfat.reference import ref_fat_loss, ref_fat_trades_loss, ref_trades_loss, ref_vcar
 
 MODES = ("paper", "authors")
@@ -176,6 +176,28 @@ def test_vcar_superclass_by_hand():
         fast, ref = _both_vcar(loss, y, 100, mode, superclass=True)
         assert fast == pytest.approx(want[mode], rel=1e-6)
         assert ref == pytest.approx(want[mode], rel=1e-6)
+
+
+def test_authors_superclass_map_is_their_json():
+    """wzekai99/FAT's cifar100_super_map.json equals CIFAR-100's table except fine 39 (keyboard),
+    which it puts in superclass 9 instead of 5."""
+    diff = [i for i in range(100) if CIFAR100_COARSE_AUTHORS[i] != CIFAR100_COARSE[i]]
+    assert diff == [39] and CIFAR100_COARSE[39] == 5 and CIFAR100_COARSE_AUTHORS[39] == 9
+    assert list(CIFAR100_COARSE_AUTHORS).count(9) == 6 and list(CIFAR100_COARSE_AUTHORS).count(5) == 4
+    assert superclass_map("authors") == CIFAR100_COARSE_AUTHORS and superclass_map("paper") == CIFAR100_COARSE
+
+
+def test_vcar_superclass_uses_each_modes_map():
+    """A loss on fine class 39 lands in superclass 9 in authors mode and in 5 in paper mode."""
+    y = [39, 12, 22]          # 12 (bridge) is in superclass 9, 22 (clock) in 5
+    loss = [3.0, 1.0, 2.0]
+    authors = _unbiased_var([0.0] * 5 + [2.0 / 5] + [0.0] * 3 + [(3.0 + 1.0) / 5] + [0.0] * 10)
+    paper = _pop_var([(3.0 + 2.0) / 5, 1.0 / 5])
+    assert authors != pytest.approx(_unbiased_var([0.0] * 5 + [5.0 / 5] + [0.0] * 3 + [1.0 / 5] + [0.0] * 10))
+    for mode, want in (("authors", authors), ("paper", paper)):
+        fast, ref = _both_vcar(loss, y, 100, mode, superclass=True)
+        assert fast == pytest.approx(want, rel=1e-6)
+        assert ref == pytest.approx(want, rel=1e-6)
 
 
 def test_superclass_needs_100_classes():

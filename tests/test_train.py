@@ -108,7 +108,31 @@ def test_lr_schedules_match_reference():
             for e in range(epochs):
                 assert lr_at(e, epochs, 0.1, schedule) == pytest.approx(reference.ref_lr(e, epochs, 0.1, schedule))
     assert [lr_at(e, 120, 0.1, "paper") for e in (59, 60, 79, 80)] == pytest.approx([0.1, 0.01, 0.01, 0.001])
-    assert [lr_at(e, 120, 0.1, "authors") for e in (89, 90, 109, 110)] == pytest.approx([0.01, 0.001, 0.001, 0.0005])
+    # The authors' loop calls adjust_learning_rate(optimizer, epoch + 1) with thresholds 60/90/110:
+    # 0-based epochs 59, 89 and 109 already run at the lower rates.
+    assert [lr_at(e, 120, 0.1, "authors") for e in (58, 59, 88, 89, 108, 109)] == \
+        pytest.approx([0.1, 0.01, 0.01, 0.001, 0.001, 0.0005])
+
+
+def test_authors_preset_reproduces_their_schedule():
+    """Their adjust_learning_rate, written out as in pgd_var.py, called as their loop calls it."""
+    def theirs(epoch_1based, lr=0.1):
+        out = lr
+        if epoch_1based >= 60:
+            out = lr * 0.1
+        if epoch_1based >= 90:
+            out = lr * 0.01
+        if epoch_1based >= 110:
+            out = lr * 0.005
+        return out
+
+    cfg = make_train_config("authors", dataset="digits", model="cnn", width=4, device="cpu")
+    trainer = Trainer(cfg, build_for_config(cfg, torch.device("cpu")))
+    assert [trainer.set_epoch_lr(e) for e in range(120)] == pytest.approx([theirs(e + 1) for e in range(120)])
+    assert trainer.set_epoch_lr(59) == pytest.approx(0.01)
+    # the paper's stated schedule keeps its 0-based milestones (x0.1 at 60, x0.01 at 80)
+    paper = make_train_config("paper", dataset="digits", model="cnn", width=4, device="cpu")
+    assert [lr_at(e, 120, 0.1, paper.schedule) for e in (59, 60, 79, 80)] == pytest.approx([0.1, 0.01, 0.01, 0.001])
 
 
 def test_resume_continues_exactly(tmp_path, tiny_overrides):
