@@ -128,6 +128,31 @@ def test_fold_bn_matches_eval_and_leaves_original(name):
         torch.testing.assert_close(g2, g1, rtol=1e-4, atol=1e-5)
 
 
+def _logits_and_input_grad(model, x, w):
+    x = x.clone().requires_grad_(True)
+    out = model(x)
+    (g,) = torch.autograd.grad((out * w).sum(), x)
+    return out.detach(), g
+
+
+def _assert_same_function(model, folded, x, tol):
+    """Logits and input gradients of `folded` equal `model`'s to tol of their largest magnitude."""
+    w = torch.randn(x.shape[0], 10, dtype=x.dtype)
+    (ref, g_ref), (out, g_out) = _logits_and_input_grad(model, x, w), _logits_and_input_grad(folded, x, w)
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol * ref.abs().max().item())
+    torch.testing.assert_close(g_out, g_ref, rtol=tol, atol=tol * g_ref.abs().max().item())
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_fold_bn_float64_equals_eval_model(name):
+    """In float64 folding is the same function up to rounding (~1e-16 relative observed)."""
+    model = _randomize_bn(_narrow(name)).double().eval()
+    folded = fold_bn(model)
+    assert all(t.dtype == torch.float64 for t in folded.parameters())
+    for hw in (32, 8):
+        _assert_same_function(model, folded, torch.rand(3, 3, hw, hw, dtype=torch.float64), 1e-12)
+
+
 def test_fold_bn_refresh_in_place_tracks_updates():
     model = _randomize_bn(_narrow("resnet18"))
     folded = fold_bn(model)

@@ -1,10 +1,11 @@
 """BatchNorm folding for the attack's forward/backward passes.
 
 During PGD the model is in eval mode, so a BN right after a conv is a fixed per-channel affine
-map and can be merged into the conv: w' = w * g / sqrt(v + eps), b' = beta + (b - m) * g /
-sqrt(v + eps). That removes one memory-bound pass (forward and backward) per conv. Which convs
-are followed by which BN is declared by each model's `_fold_pairs()`; pre-activation BNs (PreAct,
-WRN) come before a ReLU and stay as they are (in eval mode).
+map and can be merged into the conv (torch.nn.utils.fusion.fuse_conv_bn_weights):
+w' = w * g / sqrt(v + eps), b' = beta + (b - m) * g / sqrt(v + eps). That removes one
+memory-bound pass (forward and backward) per conv. Which convs are followed by which BN is
+declared by each model's `_fold_pairs()`; pre-activation BNs (PreAct, WRN) come before a ReLU
+and stay as they are (in eval mode).
 
 `fold_bn(model)` returns an eval-mode copy with its own storage and no parameter grads;
 `fold_bn(model, out=folded)` refreshes an earlier copy in place after an optimizer step, with no
@@ -15,6 +16,7 @@ import copy
 
 import torch
 import torch.nn as nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from .. import kernels
 
@@ -37,19 +39,16 @@ def _pairs(model: nn.Module) -> list[tuple[str, str]]:
 
 @torch.no_grad()
 def _folded(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weight [O, I, kh, kw], bias [O]) of conv followed by eval-mode bn, computed in fp32 or better."""
+    """(weight [O, I, kh, kw], bias [O]) of conv followed by eval-mode bn, in conv's dtype.
+
+    torch's own fuse_conv_bn_weights does the arithmetic; fp16/bf16 operands are upcast to fp32
+    for it (fp32 and fp64 stay as they are) and the result cast back."""
     up = kernels.upcast
-    scale = up(bn.running_var).add(bn.eps).rsqrt()
-    if bn.weight is not None:
-        scale = scale * up(bn.weight)
-    shift = -up(bn.running_mean)
-    if conv.bias is not None:
-        shift = shift + up(conv.bias)
-    bias = shift * scale
-    if bn.bias is not None:
-        bias = bias + up(bn.bias)
-    weight = up(conv.weight) * scale.view(-1, 1, 1, 1)
-    return weight.to(conv.weight.dtype), bias.to(conv.weight.dtype)
+    opt = lambda t: None if t is None else up(t)
+    weight, bias = fuse_conv_bn_weights(up(conv.weight), opt(conv.bias), up(bn.running_mean),
+                                        up(bn.running_var), bn.eps, opt(bn.weight), opt(bn.bias))
+    # it returns nn.Parameters (requires_grad as conv.weight's): plain tensors here
+    return weight.detach().to(conv.weight.dtype), bias.detach().to(conv.weight.dtype)
 
 
 def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
