@@ -1,4 +1,5 @@
-"""Model zoo: shapes, aliases, memory formats, known parameter counts, BN folding."""
+"""Model zoo: shapes, aliases, memory formats, known parameter counts, compile capture, BN folding
+(exactness in float64, which BNs fold, in-place refresh)."""
 import pytest
 import torch
 
@@ -6,7 +7,13 @@ from fastfat.errors import UserError
 from fastfat.models import ALIASES, MODEL_NAMES, build_model, canonical_model_name, fold_bn
 
 NARROW = {"resnet18": 8, "resnet50": 4, "wrn-32-10": 8, "preactresnet18": 8, "cnn": 8}
-POST_ACTIVATION = ["resnet18", "resnet50", "cnn"]
+# BatchNorm2d modules before / after fold_bn (the structure does not depend on the width).
+# Post-activation models fold them all. Pre-activation ones fold each block's bn2 into its conv1
+# and keep each block's bn1 and the final BN: PreActResNet18 8 blocks -> 2*8+1 = 17 before, 8+1 = 9
+# after; WRN-34-10 3 stages x 5 blocks -> 2*15+1 = 31 before, 15+1 = 16 after.
+BN_BEFORE = {"resnet18": 20, "resnet50": 53, "cnn": 3, "preactresnet18": 17, "wrn-32-10": 31}
+BN_AFTER = {"resnet18": 0, "resnet50": 0, "cnn": 0, "preactresnet18": 9, "wrn-32-10": 16}
+PRE_ACTIVATION = {"preactresnet18": "PreActBlock", "wrn-32-10": "WideBlock"}
 
 
 def _narrow(name, num_classes=10, in_channels=3, seed=0):
@@ -111,10 +118,7 @@ def test_fold_bn_matches_eval_and_leaves_original(name):
     ptrs = {t.data_ptr() for t in list(model.parameters()) + list(model.buffers())}
     assert not ptrs & {t.data_ptr() for t in list(folded.parameters()) + list(folded.buffers())}
     n_bn = lambda m: sum(isinstance(x, torch.nn.BatchNorm2d) for x in m.modules())
-    if name in POST_ACTIVATION:
-        assert n_bn(folded) == 0
-    else:
-        assert n_bn(folded) == n_bn(model)
+    assert (n_bn(model), n_bn(folded)) == (BN_BEFORE[name], BN_AFTER[name])
 
     model.eval()
     for in_ch_x in [torch.rand(2, 3, 32, 32), torch.rand(2, 3, 8, 8)]:
@@ -153,19 +157,49 @@ def test_fold_bn_float64_equals_eval_model(name):
         _assert_same_function(model, folded, torch.rand(3, 3, hw, hw, dtype=torch.float64), 1e-12)
 
 
-def test_fold_bn_refresh_in_place_tracks_updates():
-    model = _randomize_bn(_narrow("resnet18"))
+@pytest.mark.parametrize("name", PRE_ACTIVATION)
+def test_fold_bn_pre_activation_folds_bn2_into_conv1(name):
+    """Every block's bn2 is gone (conv1 carries it as a bias); its bn1 and the final BN remain."""
+    model = _randomize_bn(_narrow(name))
     folded = fold_bn(model)
-    ids = [id(p) for p in folded.parameters()]
+    blocks = [n for n, m in model.named_modules() if type(m).__name__ == PRE_ACTIVATION[name]]
+    assert len(blocks) == {"preactresnet18": 8, "wrn-32-10": 15}[name]
+    mods = dict(folded.named_modules())
+    final = "bn" if name == "preactresnet18" else "bn1"
+    kept = {n for n, m in mods.items() if isinstance(m, torch.nn.BatchNorm2d)}
+    assert kept == {f"{b}.bn1" for b in blocks} | {final}
+    for b in blocks:
+        assert isinstance(mods[f"{b}.bn2"], torch.nn.Identity)
+        assert mods[f"{b}.conv1"].bias is not None
+        assert model.get_submodule(f"{b}.conv1").bias is None  # the original is untouched
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_fold_bn_refresh_in_place_tracks_updates(name, dtype):
+    """fold_bn(model, out=folded) after a weight and BN-statistics change: the same tensors
+    (a compiled copy keeps its graph), bit-equal to a fresh fold, equal to the eval-mode model."""
+    model = _randomize_bn(_narrow(name)).to(dtype)
+    folded = fold_bn(model)
+    tensors = [(n, id(t), t.data_ptr()) for n, t in
+               list(folded.named_parameters()) + list(folded.named_buffers())]
+    x = torch.rand(2, 3, 32, 32, dtype=dtype)
+    stale = folded(x)
     with torch.no_grad():  # an "optimizer step" plus new BN statistics
         for p in model.parameters():
-            p.add_(0.01 * torch.randn_like(p))
+            p.add_(0.05 * torch.randn_like(p))
     _randomize_bn(model)
     assert fold_bn(model, out=folded) is folded
-    assert [id(p) for p in folded.parameters()] == ids
-    x = torch.rand(2, 3, 32, 32)
-    torch.testing.assert_close(folded(x), model.eval()(x), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(folded(x), fold_bn(model)(x), rtol=0, atol=0)
+    assert [(n, id(t), t.data_ptr()) for n, t in
+            list(folded.named_parameters()) + list(folded.named_buffers())] == tensors
+    fresh = fold_bn(model)
+    assert folded.state_dict().keys() == fresh.state_dict().keys()
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(folded.state_dict()[k], v), k
+    out = folded(x)
+    assert not torch.allclose(out, stale)  # the refresh did change something
+    torch.testing.assert_close(out, fresh(x), rtol=0, atol=0)
+    _assert_same_function(model.eval(), folded, x, 1e-12 if dtype == torch.float64 else 1e-4)
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)

@@ -1,7 +1,8 @@
 """The Madry/TRADES wide ResNet usually called WRN-34-10 (the FAT paper's "WRN-32-10"):
 depth 34 -> 5 pre-activation BasicBlocks per stage, stem conv of 16 channels, stages of
 160/320/640 channels, final BN-ReLU, global average pool, linear head, TRADES initialisation.
-`width` is the first stage's channels (default 160 = 16 * 10); the stem scales with it."""
+`width` is the first stage's channels (default 160 = 16 * 10); the stem scales with it.
+fold_bn folds each block's bn2 into its conv1: 16 of the 31 BNs remain in the folded copy."""
 from __future__ import annotations
 
 import math
@@ -71,7 +72,15 @@ class WideResNet(nn.Module):
         return self.fc(torch.flatten(out, 1))
 
     def _fold_pairs(self) -> list[tuple[str, str]]:
-        return []  # every BN precedes a ReLU: nothing to fold
+        """(conv, bn) module names where the BN directly follows the conv: read by fold_bn.
+
+        Each block's conv1 -> bn2 -> ReLU -> conv2 (conv1's only consumer is bn2), so bn2 folds
+        into conv1: 15 of the 31 BNs of WRN-34-10. The 15 bn1 and the final bn1 remain (16),
+        each before a ReLU and after a residual sum, except block1.0.bn1: it follows the stem
+        conv, which has no other consumer when block1.0 projects, but is left unfolded (one
+        16-channel pass, the smallest)."""
+        return [(f"{name}.conv1", f"{name}.bn2") for name, m in self.named_modules()
+                if isinstance(m, WideBlock)]
 
 
 def wrn34_10(num_classes: int = 10, width: int = 160, in_channels: int = 3) -> WideResNet:
