@@ -21,12 +21,23 @@ def _cast(s, what):
     return [(f"{what}.float()", s, f)] if s != f else []
 
 
+def _pgd_step(s):
+    if s == f:
+        # fp32 storage: torch_ops.pgd_step updates x_adv in place and reuses sign(grad)'s tensor
+        # as the one scratch for both bounds, so no alpha * sign temporary and no copy back.
+        return [("sign(grad) -> scratch", f, f), ("x_adv.add_(scratch, alpha=a)", 2 * f, f),
+                ("sub(x_nat, eps, out=scratch)", f, f), ("maximum(.., out=x_adv)", 2 * f, f),
+                ("add(x_nat, eps, out=scratch)", f, f), ("minimum(.., out=x_adv)", 2 * f, f),
+                ("x_adv.clamp_(0, 1)", f, f)]
+    # bf16/fp16 storage: the out-of-place fp32 path, then one cast back into x_adv
+    return _cast(s, "x_adv") + _cast(s, "x_nat") + _cast(s, "grad") + [
+        ("sign(grad)", f, f), ("alpha * sign", f, f), ("x_adv + step", 2 * f, f),
+        ("x_nat - eps", f, f), ("maximum", 2 * f, f), ("x_nat + eps", f, f),
+        ("minimum", 2 * f, f), ("clamp_(0, 1)", f, f), ("x_adv.copy_(out)", f, s)]
+
+
 TORCH_PASSES = {
-    "pgd_step": lambda s: (
-        _cast(s, "x_adv") + _cast(s, "x_nat") + _cast(s, "grad") + [
-            ("sign(grad)", f, f), ("alpha * sign", f, f), ("x_adv + step", 2 * f, f),
-            ("x_nat - eps", f, f), ("maximum", 2 * f, f), ("x_nat + eps", f, f),
-            ("minimum", 2 * f, f), ("clamp_(0, 1)", f, f), ("x_adv.copy_(out)", f, s)]),
+    "pgd_step": _pgd_step,
     "class_ce_stats / fat_ce_loss forward": lambda s: (
         _cast(s, "logits") + [("log_softmax", f, f)]),          # nll gathers 1 of C; index_add on [N]
     "fat_ce_loss backward": lambda s: [
