@@ -1,15 +1,10 @@
 """A sweep's grid: the sweep file (TOML) or a packaged grid, read, expanded and validated into
-GridPoints, each with the key that names it.
+GridPoints, each with the key that names it and the store row (Point) it starts as.
 
 A sweep file (TOML) names the grid (the cartesian product of method, eps_train, lam, model,
 dataset and seed lists), the training fields shared by every point ([train]) and the evaluation
 ([eval]); every key is also a flag. The whole grid is validated before anything is written.
-
-Each point trains in its own run directory next to the database (<db stem>_runs/<key>/) with a
-checkpoint per epoch, and its results go into the store in one transaction with status "done".
-Running the same command again resumes the interrupted point from its last checkpoint and skips
-finished ones; training and evaluation are deterministic on the CPU, so the results equal an
-uninterrupted sweep's. At the end the report (fastfat.report) is written.
+Running the points is runner.py's job.
 """
 from __future__ import annotations
 
@@ -17,15 +12,14 @@ import hashlib
 import itertools
 import json
 import os
-import sys
-import time
 import tomllib
-import traceback
 from dataclasses import dataclass, fields
 from importlib import resources
 
 from ..config import EvalConfig, TrainConfig, make_eval_config, make_train_config, to_dict
 from ..errors import UserError
+from .labels import lam_suffix
+from .store import Point
 
 # The grid's axes, in the order points are run (the last varies fastest).
 AXES = ("dataset", "model", "method", "seed", "eps_train", "lam")
@@ -41,15 +35,22 @@ EVAL_PREFIXED = tuple(n for n in EVAL_FIELDS if n in TRAIN_FIELDS)
 
 @dataclass
 class GridPoint:
-    """One point: its validated configs, the key that names it and its run directory."""
+    """One point: its validated configs and the key that names it."""
     key: str
     train: TrainConfig
     eval: EvalConfig
 
     def label(self) -> str:
         t = self.train
-        lam = f" lam {t.lam:g}" if t.has_lambda else ""
+        lam = lam_suffix(t.method, t.lam, " lam ")
         return f"{t.method} {t.model} {t.dataset} eps_train {t.eps_train:.4g}{lam} seed {t.seed}"
+
+    def to_point(self, run_dir: str) -> Point:
+        """The store's row for this point, pending; run_dir is relative to the database."""
+        t = self.train
+        return Point(key=self.key, method=t.method, model=t.model, dataset=t.dataset,
+                     eps_train=t.eps_train, lam=t.lam, seed=t.seed, train_config=to_dict(t),
+                     eval_config=to_dict(self.eval), run_dir=run_dir, epochs_total=t.epochs)
 
 
 @dataclass
@@ -222,6 +223,5 @@ def point_key(cfg: TrainConfig) -> str:
     """A readable, file-name-safe key; the hash covers every training field, so a changed
     [train] value makes new points instead of resuming the old checkpoints."""
     digest = hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:8]
-    lam = f"_lam{cfg.lam:g}" if cfg.has_lambda else ""
-    return (f"{cfg.dataset}_{cfg.model}_{cfg.method}_eps{cfg.eps_train:.4g}{lam}"
-            f"_s{cfg.seed}_{digest}")
+    lam = lam_suffix(cfg.method, cfg.lam)
+    return f"{cfg.dataset}_{cfg.model}_{cfg.method}_eps{cfg.eps_train:.4g}{lam}_s{cfg.seed}_{digest}"

@@ -18,6 +18,7 @@ from ..config import to_dict
 from ..errors import UserError
 from ..runtime import progress_bar
 from .grid import GridPoint, Sweep, default_report_dir
+from .labels import lam_suffix
 
 
 # ---------------------------------------------------------------------------------------------
@@ -41,7 +42,7 @@ def summary_line(p: GridPoint, records: list[dict], seconds: float) -> str:
                 next(r for r in rob if r["eps"] == first))
     clean = next((r for r in records if r["attack"] == "clean"), None)
     t = p.train
-    lam = f" lam {t.lam:g}" if t.has_lambda else ""
+    lam = lam_suffix(t.method, t.lam, " lam ")
     s = (f"{t.method} {t.model} eps_train {eps_label(t.eps_train)}{lam} seed {t.seed}: "
          f"{attack_title(pick['attack'])} @ {eps_label(pick['eps'])} rob.acc {100 * pick['avg_acc']:.2f}% "
          f"var {100 * pick['vcra']:.2f}e-2")
@@ -110,17 +111,12 @@ def run_sweep(sweep: Sweep, *, progress: bool = True, report: bool = True, repor
 
 
 def _run_sweep(sweep: Sweep, progress, report, report_dir, report_options) -> dict:
-    from .store import Point, Store
+    from .store import Store
 
+    db_dir = os.path.dirname(os.path.abspath(sweep.db))
     with Store(sweep.db) as store:
         for p in sweep.points:
-            store.add_point(Point(
-                key=p.key, method=p.train.method, model=p.train.model, dataset=p.train.dataset,
-                eps_train=p.train.eps_train, lam=p.train.lam, seed=p.train.seed,
-                train_config=to_dict(p.train), eval_config=to_dict(p.eval),
-                run_dir=os.path.relpath(os.path.join(sweep.runs_dir, p.key),
-                                        os.path.dirname(os.path.abspath(sweep.db))),
-                epochs_total=p.train.epochs))
+            store.add_point(p.to_point(os.path.relpath(os.path.join(sweep.runs_dir, p.key), db_dir)))
             store.sync_eval_config(p.key, to_dict(p.eval))
         have = {q.key: q for q in store.points(keys=[p.key for p in sweep.points], with_results=False)}
         todo = [p for p in sweep.points if have[p.key].status != "done"]

@@ -84,7 +84,8 @@ CREATE TABLE IF NOT EXISTS class_acc (
 
 @dataclass
 class Point:
-    """One grid point as the store keeps it."""
+    """One grid point, the sweep's one record of it: its row in the points table (made by
+    grid.GridPoint.to_point), with its results attached when read back (the report reads these)."""
     key: str
     method: str
     model: str

@@ -1,0 +1,68 @@
+"""How a sweep names things: which methods take FAT's lambda, the lambda suffix of keys, slugs and
+labels, and the display names of methods, models, data sets, classes, attacks and radii."""
+from __future__ import annotations
+
+FAT_PREFIX = "fat-"   # FAT on a base method: fat-madry, fat-trades
+METHOD_NAMES = {"natural": "Natural", "madry": "Madry", "trades": "TRADES",
+                "fat-madry": "FAT-Madry", "fat-trades": "FAT-TRADES"}
+MODEL_NAMES = {"resnet18": "ResNet18", "resnet50": "ResNet50", "wrn-32-10": "WRN-32-10",
+               "preactresnet18": "PreActResNet18", "cnn": "CNN"}
+DATASET_NAMES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "digits": "digits",
+                 "synthetic": "synthetic"}
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                   "ship", "truck")
+METHOD_ORDER = ("natural", "madry", "trades", "fat-madry", "fat-trades")
+
+
+def has_lambda(method: str) -> bool:
+    """Whether the method is FAT on a base method, the only methods with a lambda (the same
+    test as TrainConfig.has_lambda, for a bare method name)."""
+    return method.startswith(FAT_PREFIX)
+
+
+def base_method(method: str) -> str:
+    """The base method under FAT ('fat-madry' -> 'madry'); other methods are their own base."""
+    return method[len(FAT_PREFIX):] if has_lambda(method) else method
+
+
+def lam_text(method: str, lam: float) -> str:
+    """lambda as printed ('0.5'), or '' for a method without one."""
+    return f"{lam:g}" if has_lambda(method) else ""
+
+
+def lam_suffix(method: str, lam: float, sep: str = "_lam") -> str:
+    """lambda appended to a name: '_lam0.5' in keys, slugs and file names (sep ' lam ' in log
+    lines), '' for a method without one."""
+    return sep + lam_text(method, lam) if has_lambda(method) else ""
+
+
+def method_name(m: str) -> str:
+    return METHOD_NAMES.get(m, m)
+
+
+def method_label(method: str, lam: float) -> str:
+    """Method with its lambda, as the tables name it: 'FAT-Madry (lambda=0.5)', 'Madry'."""
+    return f"{method_name(method)} (lambda={lam:g})" if has_lambda(method) else method_name(method)
+
+
+def model_name(m: str) -> str:
+    return MODEL_NAMES.get(m, m)
+
+
+def dataset_name(d: str) -> str:
+    return DATASET_NAMES.get(d, d)
+
+
+def class_names(dataset: str, n: int) -> list[str]:
+    return list(CIFAR10_CLASSES) if dataset == "cifar10" and n == 10 else [str(i) for i in range(n)]
+
+
+def eps_label(eps: float) -> str:
+    """A radius as the tables print it (0.25, 8/255; 0 for natural training)."""
+    from ..evaluate import eps_label
+    return eps_label(eps) if eps > 0 else "0"
+
+
+def attack_title(attack: str) -> str:
+    from ..evaluate import attack_title
+    return attack_title(attack)
