@@ -74,11 +74,12 @@ def evaluate(model: nn.Module, loader, cfg: EvalConfig, num_classes: int, *,
         # torch.cat keeps x's layout (repeat would turn channels_last into NCHW)
         x_rep = torch.cat([x] * len(eps_list))
         y_rep = y.repeat(len(eps_list))
-        eps_rep = torch.tensor([e for e in eps_list for _ in range(n)], device=x.device)
+        # float64, so a float64 evaluation keeps eps exact; fp32 inputs round it once, as a float would
+        eps_rep = torch.tensor([e for e in eps_list for _ in range(n)], dtype=torch.float64, device=x.device)
         for attack in cfg.attacks:
             loss, steps, _ = attack_schedule(attack, 1.0)
             alpha_rep = torch.tensor([attack_schedule(attack, e)[2] for e in eps_list for _ in range(n)],
-                                     device=x.device)
+                                     dtype=torch.float64, device=x.device)
             noise = _start_noise(x, cfg.seed, b, attack, eps_list)
             x_adv = attacks.pgd(attacked, x_rep, y_rep, eps_rep, alpha_rep, steps, loss=loss,
                                 kappa=cfg.cw_kappa, noise=noise, amp=ctx_dtype)

@@ -382,7 +382,8 @@ def _attack_batch(model, data, target, attack: str, eps: float, kappa: float, ge
 
 
 def ref_evaluate(model: nn.Module, test_set, attacks=("fgsm", "pgd20", "cw"), eps_list=(16 / 255, 20 / 255),
-                 batch_size: int = 128, seed: int = 0, kappa: float = 50.0) -> list[dict]:
+                 batch_size: int = 128, seed: int = 0, kappa: float = 50.0,
+                 dtype: torch.dtype = torch.float32) -> list[dict]:
     """Clean and robust class-wise accuracy, the authors' way: one pass over the test set per
     (attack, eps), attacks one after another, eps one at a time, model in eval mode.
 
@@ -391,6 +392,7 @@ def ref_evaluate(model: nn.Module, test_set, attacks=("fgsm", "pgd20", "cw"), ep
     "clean" (eps 0.0) first, then attack-major, eps-minor. fgsm: one step of eps after a random
     start; pgdK: K steps of eps/4; cw: 30 steps of eps/4 with kappa. The start for batch b,
     attack a, eps index e is drawn from torch.Generator().manual_seed(eval_noise_seed(seed, b, a, e)).
+    dtype: the batches' dtype (float64 with a float64 model, for pinning runs).
     """
     from .data import TorchvisionLoader
 
@@ -402,6 +404,7 @@ def ref_evaluate(model: nn.Module, test_set, attacks=("fgsm", "pgd20", "cw"), ep
     for attack, eps_index, eps in cells:
         preds, losses, targets = [], [], []
         for batch_index, (data, target) in enumerate(loader):
+            data = data.to(dtype)
             if attack != "clean":
                 g = torch.Generator().manual_seed(eval_noise_seed(seed, batch_index, attack, eps_index))
                 data = _attack_batch(model, data, target, attack, eps, kappa, g)

@@ -42,9 +42,11 @@ def upcast(t: torch.Tensor) -> torch.Tensor:
 
 
 def per_sample(t: torch.Tensor | float, ref: torch.Tensor) -> torch.Tensor | float:
-    """A float stays a float; a per-sample tensor [N] becomes [N, 1, ..., 1] to broadcast on ref."""
+    """A float stays a float; a per-sample tensor [N] becomes [N, 1, ..., 1] to broadcast on ref,
+    in fp32 (float64 when ref is float64, so float64 pinning runs keep eps exact)."""
     if isinstance(t, torch.Tensor):
-        return t.to(device=ref.device, dtype=torch.float32).view(-1, *([1] * (ref.dim() - 1)))
+        dtype = torch.float64 if ref.dtype == torch.float64 else torch.float32
+        return t.to(device=ref.device, dtype=dtype).view(-1, *([1] * (ref.dim() - 1)))
     return float(t)
 
 

@@ -13,22 +13,48 @@ from fastfat.train import train
 def trained(tmp_path_factory):
     cfg = make_train_config(None, dataset="synthetic", model="resnet18", width=4, epochs=2,
                             batch_size=32, steps=2, step_size="eps/2", eps_train=8 / 255,
-                            lr=0.05, schedule="constant", method="madry")
+                            lr=0.05, schedule="constant", method="madry", device="cpu")
     model, _ = train(cfg, str(tmp_path_factory.mktemp("run")), progress=False)
     return model.eval(), make_synthetic()[1].subset(96)
 
 
-def test_fast_evaluation_equals_reference(trained):
-    model, test = trained
+def _both(model, test, dtype):
     ecfg = make_eval_config(None, attacks=["fgsm", "pgd5", "cw"], eps_test=[8 / 255, 16 / 255],
-                            batch_size=32, seed=3)
-    fast = evaluate(model, MemoryLoader(test, 32, False), ecfg, 10)
+                            batch_size=32, seed=3, device="cpu")
+    batches = [(x.to(dtype), y) for x, y in MemoryLoader(test, 32, False)]
+    fast = evaluate(model.to(dtype), batches, ecfg, 10)
     ref = reference.ref_evaluate(model, test, attacks=["fgsm", "pgd5", "cw"],
-                                 eps_list=[8 / 255, 16 / 255], batch_size=32, seed=3)
+                                 eps_list=[8 / 255, 16 / 255], batch_size=32, seed=3, dtype=dtype)
+    model.float()
     assert [(r["attack"], r["eps"]) for r in fast] == [(r["attack"], r["eps"]) for r in ref]
+    return fast, ref
+
+
+def test_fast_evaluation_equals_reference_in_float64(trained):
+    """In float64 the fast path (BN folded, every eps in one batch, channels_last, split over
+    workers) and the reference (one eps at a time, NCHW) agree to rounding: no attack step's
+    gradient sign is near enough to zero to flip, so class accuracies are equal and class
+    losses agree to 1e-12 (eps and step sizes stay float64 all the way to the update)."""
+    model, test = trained
+    fast, ref = _both(model, test, torch.float64)
     for f, r in zip(fast, ref):
-        assert f["class_acc"] == pytest.approx(r["class_acc"], abs=1.5 / 96), (f["attack"], f["eps"])
-        assert f["class_loss"] == pytest.approx(r["class_loss"], rel=1e-3, abs=1e-4)
+        assert f["class_acc"] == r["class_acc"], (f["attack"], f["eps"])
+        assert f["class_loss"] == pytest.approx(r["class_loss"], rel=1e-12, abs=1e-15)
+
+
+def test_fast_evaluation_equals_reference_in_fp32(trained):
+    """In fp32 both sides round differently (folded BN, layouts, and oneDNN picks kernels by CPU
+    and batch shape), so a gradient entry near zero can change sign in some attack step and move
+    a sample's adversarial example: the numbers may differ by that, not more. Class accuracies
+    within one sample per class; class losses within 1% (one moved sample among ~10 per class
+    changes its class mean loss by about that on this model)."""
+    model, test = trained
+    fast, ref = _both(model, test, torch.float32)
+    per_class = torch.bincount(test.labels, minlength=10).double()
+    for f, r in zip(fast, ref):
+        diff = (torch.tensor(f["class_acc"]) - torch.tensor(r["class_acc"])).abs() * per_class
+        assert diff.max() <= 1 + 1e-9, (f["attack"], f["eps"], diff)
+        assert f["class_loss"] == pytest.approx(r["class_loss"], rel=1e-2, abs=1e-3)
     # robust accuracy falls with eps and under attack
     by = {(r["attack"], r["eps"]): r["avg_acc"] for r in fast}
     assert by[("pgd5", 16 / 255)] <= by[("pgd5", 8 / 255)] <= by[("clean", 0.0)]
