@@ -202,7 +202,7 @@ PRESETS: dict[str, dict[str, dict]] = {
     },
     # CPU-sized: the offline digits set, the small CNN (a narrow ResNet18 learns digits poorly
     # under attack), PGD-5; eps_test at and above eps_train, the regime where the paper's
-    # tradeoff shows (design.md section 4).
+    # tradeoff shows (see fastfat/grids/demo.toml).
     "demo": {
         "train": dict(dataset="digits", model="cnn", width=32, steps=5, step_size="eps/4",
                       eps_train=0.15, epochs=15, lr=0.05, batch_size=64, schedule="paper",

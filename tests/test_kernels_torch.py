@@ -47,7 +47,7 @@ except RuntimeError as e:
 
 
 def test_authors_vcar_on_cifar10_is_the_padded_unbiased_variance():
-    # design.md: 90 zero slots make the authors' term (10 s2 + 9 m2) / 99.
+    # 90 zero slots of the authors' 100 make their term (10 s2 + 9 m2) / 99.
     g = torch.Generator().manual_seed(0)
     sums, counts = torch.rand(10, generator=g) * 20, torch.randint(1, 9, (10,), generator=g).float()
     means = sums / counts

@@ -152,7 +152,7 @@ def test_vcar_one_class_present_paper_is_zero():
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_vcar_authors_cifar10_identity(seed):
-    """design.md: on CIFAR-10 the authors' term is (10 s2 + 9 m^2) / 99."""
+    """On CIFAR-10 the authors' term (100 slots, 90 always zero, unbiased) is (10 s2 + 9 m^2) / 99."""
     g = torch.Generator().manual_seed(seed)
     y = torch.arange(40) % 10
     loss = torch.rand(40, generator=g) * 3
