@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fastfat import cli
-from fastfat.sweep import report
+from fastfat.sweep import figures, report
 from fastfat.sweep.store import Point, Store
 
 # (method, lam, eps_train, seed) -> class accuracies per (attack, eps_test); 4 classes.
@@ -183,7 +183,7 @@ def test_report_md_lists_runs_and_figures(out):
 
 def test_figure_series(db):
     data = report.load(db)
-    figs = report.figures(data, "pgd20", 0.25)
+    figs = figures.make_figures(data, "pgd20", 0.25)
     # Figures 1-2: one line per model, var and rob.acc against eps_train
     ax_v, ax_a = figs["fig_eps_train_digits_madry"].axes
     (lv,), (la,) = ax_v.get_lines(), ax_a.get_lines()
@@ -215,12 +215,23 @@ def test_figure_series(db):
     assert list(bars) == ["0.1", "0.2"]
     assert bars["0.2"] == pytest.approx([90, 60, 20, 10])
     for f in figs.values():
-        report._plt().close(f)
+        figures.pyplot().close(f)
 
 
 def test_pareto_front_function():
     pts = [(1.0, 50.0), (2.0, 60.0), (1.5, 40.0), (3.0, 60.0), (0.5, 10.0)]
-    assert report.pareto_front(pts) == [(0.5, 10.0), (1.0, 50.0), (2.0, 60.0)]
+    assert figures.pareto_front(pts) == [(0.5, 10.0), (1.0, 50.0), (2.0, 60.0)]
+
+
+def test_labels():
+    from fastfat.sweep import labels
+    assert [labels.has_lambda(m) for m in labels.METHOD_ORDER] == [False, False, False, True, True]
+    assert labels.base_method("fat-trades") == "trades" and labels.base_method("madry") == "madry"
+    assert labels.method_label("fat-trades", 1.0) == "FAT-TRADES (lambda=1)"
+    assert labels.method_label("madry", 0.0) == "Madry"
+    assert (labels.lam_suffix("fat-madry", 0.5), labels.lam_suffix("madry", 0.5)) == ("_lam0.5", "")
+    assert labels.lam_suffix("fat-madry", 2.0, " lam ") == " lam 2"
+    assert (labels.lam_text("fat-madry", 0.25), labels.lam_text("natural", 0.0)) == ("0.25", "")
 
 
 def test_report_choice_and_errors(db, tmp_path, capsys):

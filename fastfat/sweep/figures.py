@@ -1,0 +1,147 @@
+"""`fastfat report`'s figures (matplotlib, Agg), at the attack and eps_test of Table 2: var and
+rob.acc against eps_train, one line per model (the paper's Figures 1-2) and one line per method
+for each model; rob.acc against var for the base method and every lambda, the Pareto front
+highlighted; class-wise robust accuracy bars per eps_train. Each is written as a PNG.
+"""
+from __future__ import annotations
+
+import pandas as pd
+
+from ..files import atomic_write_png
+from .labels import (METHOD_ORDER, attack_title, base_method, class_names, dataset_name, eps_label,
+                     has_lambda, lam_suffix, method_label, method_name, model_name)
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no display)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_vs_eps(series: dict[str, list[tuple[float, float, float]]], title: str):
+    """var (10^-2) and rob.acc (%) against eps_train; series: label -> [(eps_train, var, acc)]."""
+    plt = pyplot()
+    fig, (ax_v, ax_a) = plt.subplots(1, 2, figsize=(9, 3.4), dpi=100)
+    for label, pts in series.items():
+        pts = sorted(pts)
+        xs = [p[0] for p in pts]
+        ax_v.plot(xs, [p[1] for p in pts], marker="o", label=label)
+        ax_a.plot(xs, [p[2] for p in pts], marker="o", label=label)
+    ax_v.set_ylabel("var of class-wise rob. acc (10$^{-2}$)")
+    ax_a.set_ylabel("average robust accuracy (%)")
+    for ax in (ax_v, ax_a):
+        ax.set_xlabel(r"$\epsilon_{train}$")
+        ax.grid(alpha=0.3)
+    ax_a.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (var, acc) points no other point beats on both (lower var and higher acc), by var."""
+    front = [p for p in points
+             if not any(q[0] <= p[0] and q[1] >= p[1] and (q[0] < p[0] or q[1] > p[1]) for q in points)]
+    return sorted(set(front))
+
+
+def plot_pareto(series: dict[str, list[tuple[float, float, float]]], title: str):
+    """rob.acc (%) against var (10^-2); series: label (e.g. per lambda) -> [(eps_train, var, acc)].
+    Each point is marked with its eps_train; the Pareto front over all points is a line."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4.2), dpi=100)
+    allpts = []
+    for label, pts in series.items():
+        ax.scatter([p[1] for p in pts], [p[2] for p in pts], label=label, s=30)
+        for eps_train, v, a in pts:
+            ax.annotate(eps_label(eps_train), (v, a), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        allpts += [(p[1], p[2]) for p in pts]
+    front = pareto_front(allpts)
+    ax.plot([p[0] for p in front], [p[1] for p in front], color="black", lw=1.2, ls="--",
+            marker="o", mfc="none", ms=10, label="Pareto front")
+    ax.set_xlabel("var of class-wise rob. acc (10$^{-2}$), lower is fairer")
+    ax.set_ylabel("average robust accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_classwise(names: list[str], series: dict[str, list[float]], title: str):
+    """Grouped bars: robust accuracy (%) per class, one bar series per label (eps_train)."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(names) * max(1, len(series)) / 2), 3.6), dpi=100)
+    k = max(1, len(series))
+    width = 0.8 / k
+    for i, (label, vals) in enumerate(series.items()):
+        xs = [c + (i - (k - 1) / 2) * width for c in range(len(names))]
+        ax.bar(xs, vals, width=width, label=label)
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=45 if max(len(n) for n in names) > 3 else 0, fontsize=8)
+    ax.set_ylabel("robust accuracy (%)")
+    ax.set_xlabel("class")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7, title=r"$\epsilon_{train}$", title_fontsize=7)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def _points(rows) -> list[tuple[float, float, float]]:
+    """(eps_train, var in 10^-2, rob.acc in %) of each row."""
+    return list(zip(rows.eps_train, 100 * rows.vcra, 100 * rows.avg_acc))
+
+
+def make_figures(data, attack: str, eps: float) -> dict:
+    """Every figure of the report (report.Data at one attack and eps_test): file stem -> Figure."""
+    figs = {}
+    at = f"{attack_title(attack)} at eps_test {eps_label(eps)}"
+    rows = data.at(attack, eps)
+    # Figures 1-2: one line per model, per data set and method.
+    for (dataset, method, lam), g in rows.groupby(["dataset", "method", "lam"], sort=False):
+        series = {name: _points(mg) for name, mg in g.groupby(g.model.map(model_name), sort=False)}
+        figs[f"fig_eps_train_{dataset}_{method}{lam_suffix(method, lam)}"] = plot_vs_eps(
+            series, f"{method_label(method, lam)} on {dataset_name(dataset)}, {at}")
+    # The same axes with one line per method (and lambda), per data set and model.
+    trained = rows[rows.method != "natural"]
+    for (dataset, model), g in trained.groupby(["dataset", "model"], sort=False):
+        label = pd.Series([method_label(m, lam).replace("lambda=", "λ=")
+                           for m, lam in zip(g.method, g.lam)], index=g.index)
+        series = {name: _points(mg) for name, mg in g.groupby(label, sort=False)}
+        if len(series) > 1:
+            figs[f"fig_methods_{dataset}_{model}"] = plot_vs_eps(
+                series, f"{model_name(model)} on {dataset_name(dataset)}, {at}")
+    # Pareto: the base method and every lambda of its FAT, per data set and model.
+    for (dataset, model), g in rows.groupby(["dataset", "model"], sort=False):
+        for fat in filter(has_lambda, METHOD_ORDER):
+            base = base_method(fat)
+            mine = g[g.method.isin([base, fat])]
+            if not (mine.method == fat).any():
+                continue
+            mine = (mine.assign(is_fat=mine.method == fat)
+                    .sort_values(["is_fat", "lam", "eps_train"], kind="stable"))
+            label = pd.Series([f"FAT λ={lam:g}" if f else method_name(base)
+                               for f, lam in zip(mine.is_fat, mine.lam)], index=mine.index)
+            series = {name: _points(mg) for name, mg in mine.groupby(label, sort=False)}
+            figs[f"fig_pareto_{dataset}_{model}_{fat}"] = plot_pareto(
+                series, f"{model_name(model)} on {dataset_name(dataset)}: "
+                        f"{method_name(base)} and FAT over lambda, {at}")
+    # Class-wise bars per eps_train.
+    for (dataset, model, method, lam), g in rows.groupby(["dataset", "model", "method", "lam"], sort=False):
+        g = g.sort_values("eps_train", kind="stable")
+        series = {eps_label(e): [100 * a for a in accs] for e, accs in zip(g.eps_train, g.class_acc)}
+        figs[f"fig_classwise_{dataset}_{model}_{method}{lam_suffix(method, lam)}"] = plot_classwise(
+            class_names(dataset, len(g.class_acc.iloc[0])), series,
+            f"{method_label(method, lam)}, {model_name(model)} on {dataset_name(dataset)}, {at}")
+    return figs
+
+
+def save_figure(fig, path: str) -> None:
+    """Write a figure as a PNG file (atomically) and close it."""
+    try:
+        atomic_write_png(path, fig)
+    finally:
+        pyplot().close(fig)
