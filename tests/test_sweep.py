@@ -95,6 +95,20 @@ def test_grid_expansion_lam_only_for_fat(tmp_path):
     assert s.threads == 1
 
 
+def test_grid_point_builds_its_store_row(tmp_path):
+    from fastfat.config import to_dict
+    madry, fat = grid.build_sweep(_doc(), str(tmp_path)).points
+    row = fat.to_point("results_runs/x")
+    assert (row.key, row.method, row.model, row.dataset, row.lam, row.seed, row.epochs_total, row.run_dir) == \
+        (fat.key, "fat-madry", "cnn", "digits", 0.5, 0, 4, "results_runs/x")
+    assert row.eps_train == 8 / 255 and row.status == "pending" and row.results == []
+    assert row.train_config == to_dict(fat.train) and row.eval_config == to_dict(fat.eval)
+    # lambda in the key and the label of a FAT point only
+    assert fat.key.split("_")[4] == "lam0.5" and "_lam" not in madry.key
+    assert fat.label() == "fat-madry cnn digits eps_train 0.03137 lam 0.5 seed 0"
+    assert madry.label() == "madry cnn digits eps_train 0.03137 seed 0"
+
+
 @pytest.mark.parametrize("changes, message", [
     (dict(colour="red"), "unknown key(s) in the sweep file: colour"),
     (dict(grid__width=[4, 8]), "unknown grid axis width"),
