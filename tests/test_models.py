@@ -211,3 +211,23 @@ def test_torch_compile_single_graph(name):
     compiled = torch.compile(model, backend="eager", fullgraph=True)  # capture only: cheap
     torch.testing.assert_close(compiled(x), model(x))
     torch.testing.assert_close(fold_bn(compiled)(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_fold_is_torchs_fuse_conv_bn_map():
+    """fold_bn computes torch.nn.utils.fusion.fuse_conv_bn_weights' map: the weight bit for bit,
+    the bias to an fp32 ulp (it associates the product differently, see fold._folded)."""
+    from torch.nn.utils.fusion import fuse_conv_bn_weights
+
+    from fastfat.models.fold import _folded
+    torch.manual_seed(0)
+    conv, bn = torch.nn.Conv2d(8, 16, 3, bias=False), torch.nn.BatchNorm2d(16)
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.normal_()
+        bn.bias.normal_()
+    w, b = _folded(conv, bn)
+    tw, tb = fuse_conv_bn_weights(conv.weight, None, bn.running_mean, bn.running_var, bn.eps,
+                                  bn.weight, bn.bias)
+    assert torch.equal(w, tw.detach())
+    torch.testing.assert_close(b, tb.detach(), rtol=0, atol=4 * torch.finfo(torch.float32).eps * tb.abs().max().item())

@@ -1,7 +1,7 @@
 """BatchNorm folding for the attack's forward/backward passes.
 
 During PGD the model is in eval mode, so a BN right after a conv is a fixed per-channel affine
-map and can be merged into the conv (torch.nn.utils.fusion.fuse_conv_bn_weights):
+map and can be merged into the conv (the map of torch.nn.utils.fusion.fuse_conv_bn_weights; see _folded):
 w' = w * g / sqrt(v + eps), b' = beta + (b - m) * g / sqrt(v + eps). That removes one
 memory-bound pass (forward and backward) per conv. Which convs are followed by which BN is
 declared by each model's `_fold_pairs()`. The post-activation models (ResNet18/50, the CNN) fold
@@ -18,7 +18,6 @@ import copy
 
 import torch
 import torch.nn as nn
-from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from .. import kernels
 
@@ -41,16 +40,27 @@ def _pairs(model: nn.Module) -> list[tuple[str, str]]:
 
 @torch.no_grad()
 def _folded(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weight [O, I, kh, kw], bias [O]) of conv followed by eval-mode bn, in conv's dtype.
+    """(weight [O, I, kh, kw], bias [O]) of conv followed by eval-mode bn, computed in fp32 or
+    better and returned in conv's dtype.
 
-    torch's own fuse_conv_bn_weights does the arithmetic; fp16/bf16 operands are upcast to fp32
-    for it (fp32 and fp64 stay as they are) and the result cast back."""
+    The same map as torch.nn.utils.fusion.fuse_conv_bn_weights, whose weight it equals bit for
+    bit. Its bias is ((b - m) * rsqrt(v + eps)) * g + beta, which rounds differently in fp32 (up
+    to an ulp) from (b - m) * (rsqrt(v + eps) * g) + beta here; an ulp in the attack copy's bias
+    flips a gradient sign now and then and so moves every fp32 training run, so this keeps the
+    association fastfat's numbers (and resumed runs trained before) were computed with. The
+    float64 test pins both to the eval-mode model."""
     up = kernels.upcast
-    opt = lambda t: None if t is None else up(t)
-    weight, bias = fuse_conv_bn_weights(up(conv.weight), opt(conv.bias), up(bn.running_mean),
-                                        up(bn.running_var), bn.eps, opt(bn.weight), opt(bn.bias))
-    # it returns nn.Parameters (requires_grad as conv.weight's): plain tensors here
-    return weight.detach().to(conv.weight.dtype), bias.detach().to(conv.weight.dtype)
+    scale = up(bn.running_var).add(bn.eps).rsqrt()
+    if bn.weight is not None:
+        scale = scale * up(bn.weight)
+    shift = -up(bn.running_mean)
+    if conv.bias is not None:
+        shift = shift + up(conv.bias)
+    bias = shift * scale
+    if bn.bias is not None:
+        bias = bias + up(bn.bias)
+    weight = up(conv.weight) * scale.view(-1, 1, 1, 1)
+    return weight.to(conv.weight.dtype), bias.to(conv.weight.dtype)
 
 
 def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
