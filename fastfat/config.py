@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields
 from .errors import UserError
 
 METHODS = ("natural", "madry", "trades", "fat-madry", "fat-trades")
+FAT_PREFIX = "fat-"   # FAT on a base method: fat-madry, fat-trades
 SCHEDULES = ("paper", "authors", "constant")
 LOADERS = ("auto", "memory", "torchvision", "ffcv")
 AMP_MODES = ("auto", "off", "bf16", "fp16")
@@ -48,17 +49,28 @@ def resolve_step(spec: str | float, eps: float) -> float:
     return parse_eps(s)
 
 
+def has_lambda(method: str) -> bool:
+    """Whether a method is FAT on a base method, the only methods with a lambda."""
+    return method.startswith(FAT_PREFIX)
+
+
 def canonical_attack(name: str) -> str:
-    """'fgsm' | 'pgdK' (e.g. 'pgd20', 'PGD-20') | 'cw' (C&W-inf, also 'cw-inf', 'cw30')."""
+    """'fgsm' | 'pgdK' (e.g. 'pgd20', 'PGD-20') | 'cw' (C&W-inf, also 'cw-inf', 'cw30') |
+    'aa' (standard AutoAttack, also 'autoattack') | 'apgd' (its APGD-CE + APGD-T pair)."""
     s = name.strip().lower().replace("-", "").replace("_", "").replace("&", "")
     if s == "fgsm":
         return "fgsm"
     if s in ("cw", "cwinf", "cw30"):
         return "cw"
+    if s in ("aa", "autoattack"):
+        return "aa"
+    if s == "apgd":
+        return "apgd"
     m = re.fullmatch(r"pgd(\d+)", s)
     if m and int(m.group(1)) >= 1:
         return f"pgd{int(m.group(1))}"
-    raise UserError(f"unknown attack {name!r}; choose from fgsm, pgd20 (pgdK for K steps), cw")
+    raise UserError(f"unknown attack {name!r}; choose from fgsm, pgd20 (pgdK for K steps), cw, "
+                    f"aa (AutoAttack), apgd (APGD-CE + APGD-T)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,7 +119,7 @@ class TrainConfig:
 
     @property
     def has_lambda(self) -> bool:
-        return self.method.startswith("fat-")
+        return has_lambda(self.method)
 
     def alpha(self) -> float:
         """The training attack's step size in pixel units."""
@@ -156,7 +168,7 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     """What to evaluate a trained model with."""
-    attacks: list[str] = opt(factory=lambda: ["fgsm", "pgd20", "cw"], help="fgsm | pgdK (e.g. pgd20) | cw")
+    attacks: list[str] = opt(factory=lambda: ["fgsm", "pgd20", "cw"], help="fgsm | pgdK (e.g. pgd20) | cw | aa (AutoAttack) | apgd (APGD-CE + APGD-T)")
     eps_test: list[float] = opt(factory=lambda: [16 / 255, 20 / 255], help="l_inf test radii, pixel units (8/255 accepted)")
     batch_size: int = opt(256, "evaluation batch size")
     cw_kappa: float = opt(50.0, "C&W margin kappa")

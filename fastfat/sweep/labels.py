@@ -2,7 +2,8 @@
 labels, and the display names of methods, models, data sets, classes, attacks and radii."""
 from __future__ import annotations
 
-FAT_PREFIX = "fat-"   # FAT on a base method: fat-madry, fat-trades
+from ..config import FAT_PREFIX, has_lambda
+
 METHOD_NAMES = {"natural": "Natural", "madry": "Madry", "trades": "TRADES",
                 "fat-madry": "FAT-Madry", "fat-trades": "FAT-TRADES"}
 MODEL_NAMES = {"resnet18": "ResNet18", "resnet50": "ResNet50", "wrn-32-10": "WRN-32-10",
@@ -12,12 +13,6 @@ DATASET_NAMES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "digits": "digi
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
                    "ship", "truck")
 METHOD_ORDER = ("natural", "madry", "trades", "fat-madry", "fat-trades")
-
-
-def has_lambda(method: str) -> bool:
-    """Whether the method is FAT on a base method, the only methods with a lambda (the same
-    test as TrainConfig.has_lambda, for a bare method name)."""
-    return method.startswith(FAT_PREFIX)
 
 
 def base_method(method: str) -> str:
