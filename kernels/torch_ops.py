@@ -6,6 +6,8 @@ branching on tensor values), so the same code runs unchanged inside torch.compil
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -28,6 +30,13 @@ def superclass_map(mode: str) -> tuple[int, ...]:
     """The fine -> coarse table a VCAR mode folds CIFAR-100 with: the authors' map in "authors"
     mode, the dataset's own in "paper" mode."""
     return CIFAR100_COARSE_AUTHORS if mode == "authors" else CIFAR100_COARSE
+
+
+@functools.lru_cache(maxsize=None)
+def _coarse_index(mode: str, device: torch.device) -> torch.Tensor:
+    """superclass_map(mode) as an int64 tensor on device, built once: torch.tensor(list,
+    device=cuda) is a host-to-device copy, which would sync at every VCAR evaluation."""
+    return torch.tensor(superclass_map(mode), device=device)
 
 
 # The authors' code keeps a vector of 100 class means whatever the data set (pgd_var.py).
@@ -58,8 +67,8 @@ def pgd_step(x_adv: torch.Tensor, x_nat: torch.Tensor, grad: torch.Tensor,
     """
     a, e = per_sample(alpha, x_adv), per_sample(eps, x_adv)
     xa, xn = upcast(x_adv), upcast(x_nat)
-    if isinstance(a, torch.Tensor):
-        a, e = a.to(xa.dtype), e.to(xa.dtype)
+    # each on its own: one may be a float and the other a per-sample tensor
+    a, e = (v.to(xa.dtype) if isinstance(v, torch.Tensor) else v for v in (a, e))
     step = torch.sign(upcast(grad))
     if xa is x_adv and step.dtype == x_adv.dtype and step.shape == x_adv.shape:
         # fp32/fp64 storage: update in place and reuse one scratch tensor for both bounds. Fresh
@@ -83,12 +92,19 @@ def class_stats(values: torch.Tensor, y: torch.Tensor, num_classes: int):
     """Per-class sums and counts of a per-sample quantity.
 
     values [N] (any float dtype), y [N] int64 -> (sums [C] fp32 (fp64 for fp64 values),
-    differentiable in values; counts [C] same dtype). Sequential index_add: deterministic on CPU.
+    differentiable in values; counts [C] same dtype). Deterministic and without a host sync on
+    every device: on the CPU a sequential index_add and bincount; elsewhere (CUDA) a masked sum
+    over the [N, C] one-hot, a fixed-order tree reduction (index_add would use float atomics,
+    bincount syncs to size its output).
     """
     v = upcast(values)
-    sums = torch.zeros(num_classes, dtype=v.dtype, device=values.device).index_add(0, y, v)
-    counts = torch.bincount(y, minlength=num_classes)[:num_classes].to(v.dtype)
-    return sums, counts
+    if values.device.type == "cpu":
+        sums = torch.zeros(num_classes, dtype=v.dtype, device=values.device).index_add(0, y, v)
+        counts = torch.bincount(y, minlength=num_classes)[:num_classes].to(v.dtype)
+        return sums, counts
+    hit = y[:, None] == torch.arange(num_classes, device=y.device)
+    sums = torch.where(hit, v[:, None], torch.zeros((), dtype=v.dtype, device=v.device)).sum(0)
+    return sums, hit.sum(0).to(v.dtype)
 
 
 def class_ce_stats(logits: torch.Tensor, y: torch.Tensor, num_classes: int):
@@ -117,7 +133,7 @@ def vcar_from_stats(sums: torch.Tensor, counts: torch.Tensor, mode: str = "paper
     if superclass:
         if sums.numel() != 100:
             raise ValueError("superclass VCAR needs the 100 classes of CIFAR-100")
-        coarse = torch.tensor(superclass_map(mode), device=sums.device)
+        coarse = _coarse_index(mode, sums.device)
         means = torch.zeros(20, dtype=means.dtype, device=means.device).index_add(0, coarse, means) / 5.0
         present = (torch.zeros(20, dtype=means.dtype, device=means.device).index_add(0, coarse, present) > 0).to(means.dtype)
         slots = 20

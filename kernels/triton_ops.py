@@ -18,14 +18,16 @@ compiler once, when triton is imported, and triton.jit decides when it decorates
 TRITON_INTERPRET=1 must be set before triton is first imported; one process is either
 interpreting (CPU tensors, tests) or compiling (CUDA tensors, ahead-of-time compiles).
 
-Limits (documented fallbacks to the torch twin): storage dtypes other than fp32/fp16/bf16;
-pgd_step when the three tensors do not share one dense layout with the batch dim outermost;
-row kernels when C > MAX_CLASSES (one row must fit one tile: a wider head would need an online
-softmax over column chunks).
+Limits (fallbacks to the torch twin, each counted and warned about once, kernels/fallbacks.py):
+storage dtypes other than fp32/fp16/bf16; pgd_step when the three tensors do not share one
+dense layout with the batch dim outermost; row kernels when C > MAX_CLASSES (one row must fit
+one tile: a wider head would need an online softmax over column chunks); empty inputs.
+Launches run on the tensors' CUDA device (torch.cuda.device), whatever the current device is.
 Labels must lie in [0, C) (torch raises on others; these kernels cannot check without a host sync).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -33,7 +35,7 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from . import torch_ops
+from . import fallbacks, torch_ops
 from .torch_ops import vcar_from_stats
 
 MAX_CLASSES = 8192
@@ -147,6 +149,8 @@ def _cw_kernel(z_ptr, y_ptr, out_ptr, g_ptr, dz_ptr, N, C, stride_z, stride_dz, 
 
     backward (as torch's autograd of torch_ops.cw_margin): where margin > 0, dz_iy = -g_i and
     g_i is shared evenly by the tied maxima among j != y_i (amax's rule); 0 elsewhere.
+    NaN as torch: a NaN logit makes the row's output NaN; a NaN among j != y_i also makes
+    dz_ij NaN for every j != y_i.
     """
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -161,6 +165,9 @@ def _cw_kernel(z_ptr, y_ptr, out_ptr, g_ptr, dz_ptr, N, C, stride_z, stride_dz, 
     zy = tl.sum(tl.where(hit, z, 0.0), axis=1)
     others = tl.where(hit, float("-inf"), z)
     zo = tl.max(others, axis=1)
+    # tl.max drops NaN where torch's amax returns it: a NaN among the others makes the row NaN.
+    nan_row = tl.sum((others != others).to(tl.int32), axis=1) > 0
+    zo = tl.where(nan_row, float("nan"), zo)
     margin = zy - zo + kappa
     if BACKWARD:
         g = tl.load(g_ptr + rows * stride_g, mask=rmask, other=0.0)
@@ -168,6 +175,8 @@ def _cw_kernel(z_ptr, y_ptr, out_ptr, g_ptr, dz_ptr, N, C, stride_z, stride_dz, 
         tie = (others == zo[:, None]) & m2
         cnt = tl.maximum(tl.sum(tie.to(tl.float32), axis=1), 1.0)
         dz = tl.where(hit, -s[:, None], 0.0) + tl.where(tie, (s / cnt)[:, None], 0.0)
+        # torch's amax backward on a NaN row divides by a zero tie count: NaN off the target.
+        dz = tl.where(hit, dz, tl.where(nan_row[:, None], float("nan"), dz))
         tl.store(dz_ptr + rows64[:, None] * stride_dz + cols[None, :], dz.to(dz_ptr.dtype.element_ty), mask=m2)
     else:
         out = -tl.maximum(margin, 0.0, propagate_nan=tl.PropagateNan.ALL)
@@ -239,8 +248,23 @@ INTERPRETED = _interpreted(_ce_kernel)
 _MODE_MISMATCH = INTERPRETED != _interpreted(tl.sum)
 
 
-def _run(launch: Launch) -> None:
-    launch.fn[launch.grid](*launch.args.values(), **launch.constexprs, num_warps=launch.num_warps)
+def _launch_device(launch: Launch) -> torch.device | None:
+    return next((v.device for v in launch.args.values() if isinstance(v, torch.Tensor)), None)
+
+
+def _device_guard(device: torch.device | None):
+    """torch.cuda.device(device) when it is not the current CUDA device (Triton launches on the
+    current device and its current stream); a no-op context otherwise."""
+    if device is not None and device.type == "cuda" and device.index is not None \
+            and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def _run(launch: Launch):
+    """Launch on the device of the launch's tensors; returns Triton's compiled kernel."""
+    with _device_guard(_launch_device(launch)):
+        return launch.fn[launch.grid](*launch.args.values(), **launch.constexprs, num_warps=launch.num_warps)
 
 
 def _check_device(t: torch.Tensor) -> None:
@@ -260,9 +284,20 @@ def _row_blocks(n_rows: int, width: int) -> tuple[int, int]:
     return block_n, block_c
 
 
-def _rows_ok(logits: torch.Tensor, num_classes: int) -> bool:
-    """Logits [N, C] the row kernels take: a supported dtype, N > 0, a row fits one tile."""
-    return logits.dtype in DTYPES and logits.shape[0] > 0 and max(logits.shape[1], num_classes) <= MAX_CLASSES
+def _rows_unsupported(op: str, logits: torch.Tensor, num_classes: int, other: torch.Tensor | None = None) -> bool:
+    """Whether the row kernels cannot take logits [N, C] (and `other`, TRADES' natural logits):
+    an unsupported dtype, N = 0, or a row wider than one tile. If so, the fallback is recorded."""
+    dtypes = [logits.dtype] + ([other.dtype] if other is not None else [])
+    why = ""
+    if any(d not in DTYPES for d in dtypes):
+        why = f"dtype {', '.join(map(str, dtypes))} (the kernels take fp32/fp16/bf16)"
+    elif logits.shape[0] == 0:
+        why = "empty input"
+    elif max(logits.shape[1], num_classes) > MAX_CLASSES:
+        why = f"{max(logits.shape[1], num_classes)} classes > MAX_CLASSES = {MAX_CLASSES}"
+    if why:
+        fallbacks.record(op, why)
+    return bool(why)
 
 
 def _rowmajor(t: torch.Tensor) -> torch.Tensor:
@@ -283,12 +318,26 @@ def _flat_layout_ok(x_adv, x_nat, grad) -> bool:
     return x_adv.dim() == 4 and x_adv.is_contiguous(memory_format=torch.channels_last)
 
 
+def _pgd_unsupported(x_adv, x_nat, grad) -> str:
+    """Why the pgd_step kernel cannot take these tensors ("" if it can)."""
+    if x_adv.dtype not in DTYPES:
+        return f"dtype {x_adv.dtype} (the kernel takes fp32/fp16/bf16)"
+    if x_adv.numel() == 0:
+        return "empty input"
+    if not _flat_layout_ok(x_adv, x_nat, grad):
+        return (f"x_adv, x_nat and grad differ in shape or strides, or are not dense NCHW/channels_last "
+                f"(strides {x_adv.stride()}, {x_nat.stride()}, {grad.stride()})")
+    return ""
+
+
 def plan_pgd_step(x_adv, x_nat, grad, alpha, eps) -> Launch:
     numel = x_adv.numel()
     per_sample = isinstance(alpha, torch.Tensor) or isinstance(eps, torch.Tensor)
     if per_sample:
         # Both as fp32 [N] (or [1]) vectors; a float partner becomes a 1-element vector.
-        vec = [(v if isinstance(v, torch.Tensor) else torch.tensor([float(v)]))
+        # torch.full on the device, not torch.tensor(...).to(device): no host-to-device copy (a
+        # sync) per step when one of the two is a float.
+        vec = [(v if isinstance(v, torch.Tensor) else torch.full((1,), float(v), device=x_adv.device))
                .to(device=x_adv.device, dtype=torch.float32).reshape(-1).contiguous() for v in (alpha, eps)]
         if any(v.numel() not in (1, x_adv.shape[0]) for v in vec):
             raise ValueError("per-sample alpha/eps must have 1 or N = x_adv.shape[0] elements")
@@ -313,7 +362,9 @@ def pgd_step(x_adv, x_nat, grad, alpha, eps):
     x_adv, x_nat, grad: same shape, fp32/fp16/bf16, contiguous NCHW or channels_last (no copies);
     alpha, eps: floats or fp32 per-sample tensors [N]. Math in fp32. Returns x_adv.
     """
-    if not _flat_layout_ok(x_adv, x_nat, grad) or x_adv.numel() == 0 or x_adv.dtype not in DTYPES:
+    why = _pgd_unsupported(x_adv, x_nat, grad)
+    if why:
+        fallbacks.record("pgd_step", why)
         return torch_ops.pgd_step(x_adv, x_nat, grad, alpha, eps)
     _check_device(x_adv)
     _run(plan_pgd_step(x_adv, x_nat, grad, alpha, eps))
@@ -412,7 +463,11 @@ class _ClassStats(torch.autograd.Function):
 
 def class_stats(values, y, num_classes):
     """values [N] (float), y [N] int64 -> (sums [C] fp32 differentiable in values, counts [C] fp32)."""
-    if num_classes > MAX_CLASSES or values.numel() == 0 or values.dtype not in DTYPES:
+    why = (f"dtype {values.dtype} (the kernels take fp32/fp16/bf16)" if values.dtype not in DTYPES else
+           "empty input" if values.numel() == 0 else
+           f"{num_classes} classes > MAX_CLASSES = {MAX_CLASSES}" if num_classes > MAX_CLASSES else "")
+    if why:
+        fallbacks.record("class_stats", why)
         return torch_ops.class_stats(values, y, num_classes)
     return _ClassStats.apply(values, y, num_classes)
 
@@ -440,7 +495,7 @@ def class_ce_stats(logits, y, num_classes):
 
     One pass over logits; ce and sums are differentiable in logits (fused backward kernel).
     """
-    if not _rows_ok(logits, num_classes):
+    if _rows_unsupported("class_ce_stats", logits, num_classes):
         return torch_ops.class_ce_stats(logits, y, num_classes)
     return _ClassCEStats.apply(_rowmajor(logits), y.contiguous(), num_classes)
 
@@ -480,7 +535,7 @@ def fat_ce_loss(logits, y, num_classes, lam, mode="paper", superclass=False, ce_
     """
     if mode not in torch_ops.VCAR_MODES:
         raise ValueError(f"unknown VCAR mode {mode!r}; expected one of {torch_ops.VCAR_MODES}")
-    if not _rows_ok(logits, num_classes):
+    if _rows_unsupported("fat_ce_loss", logits, num_classes):
         return torch_ops.fat_ce_loss(logits, y, num_classes, lam, mode, superclass, ce_weight)
     return _FatCELoss.apply(_rowmajor(logits), y.contiguous(), num_classes, lam, mode, superclass, ce_weight)
 
@@ -525,7 +580,7 @@ class _CWMargin(torch.autograd.Function):
 
 def cw_margin(logits, y, kappa=50.0):
     """logits [N, C], y [N] -> -clamp(z_y - max_{j != y} z_j + kappa, min=0), [N] fp32, differentiable."""
-    if not _rows_ok(logits, logits.shape[1]):
+    if _rows_unsupported("cw_margin", logits, logits.shape[1]):
         return torch_ops.cw_margin(logits, y, kappa)
     return _CWMargin.apply(_rowmajor(logits), y.contiguous(), kappa)
 
@@ -571,6 +626,6 @@ class _TradesKL(torch.autograd.Function):
 
 def trades_kl(logits_adv, logits_nat):
     """KL(softmax(nat) || softmax(adv)) per sample: [N, C] x2 -> [N] fp32, differentiable in both."""
-    if not (_rows_ok(logits_adv, logits_adv.shape[1]) and logits_nat.dtype in DTYPES):
+    if _rows_unsupported("trades_kl", logits_adv, logits_adv.shape[1], logits_nat):
         return torch_ops.trades_kl(logits_adv, logits_nat)
     return _TradesKL.apply(_rowmajor(logits_adv), _rowmajor(logits_nat))

@@ -25,15 +25,28 @@ def test_dispatch_chooses_triton_for_cuda_tensors(monkeypatch):
         K.backend(CUDA_LIKE)
 
 
-def test_dispatch_falls_back_silently_without_triton():
-    """A process where `import triton` fails: CUDA tensors go to torch; forcing triton says why."""
+def test_dispatch_without_triton_falls_back_counted_and_warned_once():
+    """A process where `import triton` fails: CUDA tensors go to torch, each such call counted
+    and the first warned about with the import error; CPU tensors are no fallback; forcing
+    triton says why."""
     code = """
-import os, sys, torch
+import os, sys, warnings, torch
 sys.modules["triton"] = None          # `import triton` now raises ImportError
 import fastfat.kernels as K
 from types import SimpleNamespace
-assert K.backend(SimpleNamespace(is_cuda=True)) == "torch"
+cuda_like = SimpleNamespace(is_cuda=True)
+assert K.backend(cuda_like) == "torch"
 x = torch.rand(2, 3, 4, 4); K.pgd_step(x, x.clone(), torch.randn_like(x), 0.1, 0.1)
+assert K.fallback_counts() == {}, K.fallback_counts()
+with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter("always")
+    for _ in range(3):
+        assert K._impl(cuda_like, "pgd_step") is K.torch_ops
+print("warnings:", len(w), "|", w[0].category.__name__, "|", w[0].message)
+print("counts:", K.fallback_counts())
+os.environ["FASTFAT_KERNELS"] = "torch"
+K.reset_fallback_counts(); K._impl(cuda_like, "pgd_step")
+assert K.fallback_counts() == {}, "FASTFAT_KERNELS=torch is a choice, not a fallback"
 os.environ["FASTFAT_KERNELS"] = "triton"
 try:
     K.backend(x)
@@ -44,6 +57,25 @@ except RuntimeError as e:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "raised: FASTFAT_KERNELS=triton but the Triton kernels cannot be imported" in out.stdout
+    assert "warnings: 1 | KernelFallbackWarning | fastfat.kernels: pgd_step runs on the torch twin, not " \
+           "Triton: Triton did not import (ModuleNotFoundError: import of triton halted" in out.stdout, out.stdout
+    assert "counts: {'pgd_step: Triton did not import (ModuleNotFoundError: import of triton halted; None in " \
+           "sys.modules)': 3}" in out.stdout, out.stdout
+
+
+def test_triton_launches_on_the_tensors_device(monkeypatch):
+    """Triton launches on the current CUDA device: a launch for tensors on another device runs
+    under torch.cuda.device(that device); on the current one, the CPU or meta, nothing changes."""
+    pytest.importorskip("triton")
+    import contextlib
+    from fastfat.kernels import triton_ops as T
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    guard = T._device_guard(torch.device("cuda:1"))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    for dev in (torch.device("cuda:0"), torch.device("cpu"), None):
+        assert isinstance(T._device_guard(dev), contextlib.nullcontext)
+    x = torch.empty(4, 3, 2, 2, device="meta")
+    assert T._launch_device(T.plan_pgd_step(x, x, x, 0.1, 0.1)) == torch.device("meta")
 
 
 def test_authors_vcar_on_cifar10_is_the_padded_unbiased_variance():
@@ -69,7 +101,7 @@ def test_paper_vcar_ignores_absent_classes_and_superclass_folds():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("per_sample", [False, True])
+@pytest.mark.parametrize("per_sample", [False, True, "alpha only", "eps only"])
 def test_pgd_step_is_the_closed_form_bit_for_bit(dtype, channels_last, per_sample):
     """The twin's update (in place for fp32/fp64 storage, via an fp32 result for bf16) equals
     clamp(min(max(x_adv + alpha * sign(grad), x - eps), x + eps), 0, 1) computed out of place in
@@ -80,13 +112,17 @@ def test_pgd_step_is_the_closed_form_bit_for_bit(dtype, channels_last, per_sampl
     x = torch.rand(n, 3, 5, 5, generator=g)
     x[0] = 0.0
     x[1] = 1.0
-    eps = torch.linspace(0.02, 0.3, n) if per_sample else 0.1
+    eps = torch.linspace(0.02, 0.3, n) if per_sample else 0.1   # (a string counts as True)
     e = eps.view(-1, 1, 1, 1) if per_sample else eps
     x_adv = (x + (torch.rand(x.shape, generator=g) * 2 - 1) * e).clamp(0, 1)
     grad = torch.randn(x.shape, generator=g)
     grad[2] = 0.0
     alpha = eps / 4 if per_sample else 0.03
     a = alpha.view(-1, 1, 1, 1) if per_sample else alpha
+    if per_sample == "alpha only":     # a per-sample step with a float radius (and the reverse below)
+        eps = e = 0.1
+    elif per_sample == "eps only":
+        alpha = a = 0.03
     x, x_adv, grad = (t.to(dtype).contiguous(memory_format=fmt) for t in (x, x_adv, grad))
     xn, xa = x.to(torch.promote_types(dtype, torch.float32)), x_adv.to(torch.promote_types(dtype, torch.float32))
     want = torch.minimum(torch.maximum(xa + a * torch.sign(grad.to(xa.dtype)), xn - e), xn + e).clamp(0, 1)

@@ -9,6 +9,7 @@ Calls go through the public dispatch (FASTFAT_KERNELS=triton), so the wiring is 
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -101,12 +102,34 @@ def test_pgd_step_mixed_float_and_tensor_and_nan():
     assert out[5, 1, 2, 3] == before and out[6, 0, 0, 0].isnan() and out.isnan().sum() == 1
 
 
-def test_pgd_step_mismatched_layouts_fall_back():
+def test_pgd_step_tensor_alpha_with_float_eps():
+    """A per-sample step with a float radius (the float becomes a 1-element vector on the
+    device), and the reverse, equal the twin."""
+    for per in ("alpha", "eps"):
+        x_adv, x_nat, grad = pgd_inputs(torch.float32, True)
+        vec = torch.linspace(0.0, 0.1, x_adv.shape[0])
+        alpha, eps = (vec, 8 / 255) if per == "alpha" else (2 / 255, vec)
+        ref = R.pgd_step(x_adv.clone(), x_nat, grad, alpha, eps)
+        assert torch.equal(K.pgd_step(x_adv, x_nat, grad, alpha, eps), ref), per
+
+
+def test_pgd_step_mismatched_layouts_fall_back_counted_and_warned():
     x_adv, x_nat, grad = pgd_inputs(torch.float32, True)
     x_nat = x_nat.contiguous()                      # strides differ: the torch twin serves
     assert not T._flat_layout_ok(x_adv, x_nat, grad)
     ref = R.pgd_step(x_adv.clone(), x_nat, grad, 2 / 255, 8 / 255)
-    assert torch.equal(K.pgd_step(x_adv, x_nat, grad, 2 / 255, 8 / 255), ref)
+    K.reset_fallback_counts()
+    T.fallbacks._WARNED.clear()
+    with pytest.warns(K.KernelFallbackWarning, match="pgd_step runs on the torch twin.*strides"):
+        assert torch.equal(K.pgd_step(x_adv, x_nat, grad, 2 / 255, 8 / 255), ref)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")              # once per reason
+        K.pgd_step(x_adv, x_nat, grad, 2 / 255, 8 / 255)
+    ((key, n),) = K.fallback_counts().items()
+    assert key.startswith("pgd_step: x_adv, x_nat and grad differ") and n == 2
+    K.reset_fallback_counts()
+    K.pgd_step(*pgd_inputs(torch.float32, True), 2 / 255, 8 / 255)
+    assert K.fallback_counts() == {}                # Triton served: nothing counted
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,6 +260,25 @@ def test_cw_margin(c, kappa):
     (out * up).sum().backward()
     (ref * up).sum().backward()
     grad_close(zt.grad, zr.grad, torch.float32)
+
+
+def test_cw_margin_nan_like_torch():
+    """A NaN logit makes the row NaN as in torch, also among the non-target logits (where
+    tl.max alone would drop it); the gradient has torch's NaNs too (amax's backward divides by a
+    zero tie count on such a row), and finite rows are untouched."""
+    z, y = logits_labels(40, 10)
+    y[:3] = 0
+    z[0, 5] = float("nan")                          # a non-target logit
+    z[1, 0] = float("nan")                          # the target logit
+    z[2, 9] = float("nan")                          # a non-target, in the last column
+    zt, zr = z.clone().requires_grad_(), z.clone().requires_grad_()
+    out, ref = K.cw_margin(zt, y, 50.0), R.cw_margin(zr, y, 50.0)
+    assert out[:3].isnan().all() and not out[3:].isnan().any()
+    close(out, ref, rtol=0)
+    out.sum().backward()
+    ref.sum().backward()
+    close(zt.grad, zr.grad, rtol=0)
+    assert zt.grad[0, 1:].isnan().all() and zt.grad[0, 0] == 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
