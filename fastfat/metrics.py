@@ -15,10 +15,13 @@ def _pred(pred_or_logits: torch.Tensor) -> torch.Tensor:
 
 
 def class_correct(pred_or_logits: torch.Tensor, y: torch.Tensor, num_classes: int):
-    """(correct [C], total [C]) as float64 counts; pred [N] or logits [N, C], y [N]."""
+    """(correct [C], total [C]) as float64 counts; pred [N] or logits [N, C], y [N].
+
+    Both by index_add into a fixed-size vector: no host sync (torch.bincount syncs twice on
+    CUDA to size its output), and exact (integer counts in float64) whatever the order."""
     hit = (_pred(pred_or_logits) == y).to(torch.float64)
     correct = torch.zeros(num_classes, dtype=torch.float64, device=y.device).index_add_(0, y, hit)
-    total = torch.bincount(y, minlength=num_classes)[:num_classes].to(torch.float64)
+    total = torch.zeros(num_classes, dtype=torch.float64, device=y.device).index_add_(0, y, torch.ones_like(hit))
     return correct, total
 
 

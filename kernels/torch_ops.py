@@ -98,10 +98,15 @@ def class_stats(values: torch.Tensor, y: torch.Tensor, num_classes: int):
     bincount syncs to size its output).
     """
     v = upcast(values)
-    if values.device.type == "cpu":
-        sums = torch.zeros(num_classes, dtype=v.dtype, device=values.device).index_add(0, y, v)
-        counts = torch.bincount(y, minlength=num_classes)[:num_classes].to(v.dtype)
-        return sums, counts
+    if values.device.type != "cpu":
+        return _class_stats_onehot(v, y, num_classes)
+    sums = torch.zeros(num_classes, dtype=v.dtype, device=values.device).index_add(0, y, v)
+    counts = torch.bincount(y, minlength=num_classes)[:num_classes].to(v.dtype)
+    return sums, counts
+
+
+def _class_stats_onehot(v: torch.Tensor, y: torch.Tensor, num_classes: int):
+    """class_stats off the CPU: sums and counts reduced over a [N, C] one-hot mask."""
     hit = y[:, None] == torch.arange(num_classes, device=y.device)
     sums = torch.where(hit, v[:, None], torch.zeros((), dtype=v.dtype, device=v.device)).sum(0)
     return sums, hit.sum(0).to(v.dtype)

@@ -130,3 +130,20 @@ def test_pgd_step_is_the_closed_form_bit_for_bit(dtype, channels_last, per_sampl
     assert got is x_adv and got.is_contiguous(memory_format=fmt)
     assert torch.equal(got, want.to(dtype))
     assert ((got.float() - x.float()).abs() <= 0.3 + 1e-2).all() and got.min() >= 0 and got.max() <= 1
+
+
+def test_class_stats_off_the_cpu_is_a_sync_free_onehot_sum(syncing_ops):
+    """The twin's class_stats for CUDA tensors (run here on CPU tensors): no syncing op, no
+    float atomics (a masked reduction), the CPU path's numbers (float64: to rounding; counts
+    exact) and its gradient."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 10, (300,), generator=g)
+    y[y == 4] = 5                                          # an absent class
+    v = (torch.rand(300, generator=g, dtype=torch.float64) * 3).requires_grad_()
+    assert syncing_ops(R._class_stats_onehot, v, y, 10) == set()
+    sums, counts = R._class_stats_onehot(v, y, 10)
+    sums_r, counts_r = R.class_stats(v, y, 10)
+    torch.testing.assert_close(sums, sums_r, rtol=1e-14, atol=0)
+    assert torch.equal(counts, counts_r) and counts[4] == 0
+    up = torch.randn(10, generator=g, dtype=torch.float64)
+    assert torch.equal(*(torch.autograd.grad((s * up).sum(), v)[0] for s in (sums, sums_r)))

@@ -104,3 +104,15 @@ def test_metrics_fast_equal_reference(c, n):
     torch.testing.assert_close(means_f.double(), torch.tensor(means_r, dtype=torch.float64),
                                rtol=1e-5, atol=0, equal_nan=True)
     assert var_f == pytest.approx(var_r, rel=1e-5)   # fp32 class means vs float64
+
+
+def test_class_correct_has_no_syncing_op(syncing_ops):
+    """No bincount (two host syncs per call on CUDA, 14 per evaluation batch): fixed-size
+    index_add counts, the same numbers."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 10, (200,), generator=g)
+    logits = torch.randn(200, 10, generator=g)
+    assert syncing_ops(metrics.class_correct, logits, y, 10) == set()
+    correct, total = metrics.class_correct(logits, y, 10)
+    assert total.tolist() == torch.bincount(y, minlength=10).double().tolist()
+    assert correct.tolist() == [float(((logits.argmax(1) == y) & (y == c)).sum()) for c in range(10)]
