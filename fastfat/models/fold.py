@@ -11,7 +11,11 @@ stay (in eval mode): 9 of 17 BNs remain in PreActResNet18, 16 of 31 in WRN-34-10
 
 `fold_bn(model)` returns an eval-mode copy with its own storage and no parameter grads;
 `fold_bn(model, out=folded)` refreshes an earlier copy in place after an optimizer step, with no
-allocation of modules, so a torch.compile'd attack on `folded` keeps its compiled graph."""
+allocation of modules, so a torch.compile'd attack on `folded` keeps its compiled graph. The
+refresh runs once per training step, so its arithmetic is batched over all pairs in
+torch._foreach ops (on CUDA about 10 kernel launches plus one per pair, where a pair at a time
+made about 250 for ResNet18). `dtype` (the AMP dtype) stores the convs' and linear layers'
+weights in it, so that autocast does not re-cast them at every forward of the attack."""
 from __future__ import annotations
 
 import copy
@@ -39,28 +43,44 @@ def _pairs(model: nn.Module) -> list[tuple[str, str]]:
 
 
 @torch.no_grad()
-def _folded(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weight [O, I, kh, kw], bias [O]) of conv followed by eval-mode bn, computed in fp32 or
-    better and returned in conv's dtype.
+def _fold_into(convs: list[nn.Conv2d], bns: list[nn.BatchNorm2d], weights: list[torch.Tensor],
+               biases: list[torch.Tensor]) -> None:
+    """weights[i], biases[i] <- (weight [O, I, kh, kw], bias [O]) of convs[i] followed by
+    eval-mode bns[i], computed in fp32 or better and written into the given tensors (cast on the
+    write, so they may be bf16/fp16).
 
     The same map as torch.nn.utils.fusion.fuse_conv_bn_weights, whose weight it equals bit for
     bit. Its bias is ((b - m) * rsqrt(v + eps)) * g + beta, which rounds differently in fp32 (up
     to an ulp) from (b - m) * (rsqrt(v + eps) * g) + beta here; an ulp in the attack copy's bias
     flips a gradient sign now and then and so moves every fp32 training run, so this keeps the
     association fastfat's numbers (and resumed runs trained before) were computed with. The
-    float64 test pins both to the eval-mode model."""
+    float64 test pins both to the eval-mode model. Each step below is one torch._foreach op over
+    all pairs, the same elementwise arithmetic as a pair at a time."""
     up = kernels.upcast
-    scale = up(bn.running_var).add(bn.eps).rsqrt()
-    if bn.weight is not None:
-        scale = scale * up(bn.weight)
-    shift = -up(bn.running_mean)
-    if conv.bias is not None:
-        shift = shift + up(conv.bias)
-    bias = shift * scale
-    if bn.bias is not None:
-        bias = bias + up(bn.bias)
-    weight = up(conv.weight) * scale.view(-1, 1, 1, 1)
-    return weight.to(conv.weight.dtype), bias.to(conv.weight.dtype)
+    scale = torch._foreach_add([up(bn.running_var) for bn in bns], [float(bn.eps) for bn in bns])
+    torch._foreach_rsqrt_(scale)
+    gamma = [(i, up(bn.weight)) for i, bn in enumerate(bns) if bn.weight is not None]
+    if gamma:
+        torch._foreach_mul_([scale[i] for i, _ in gamma], [g for _, g in gamma])
+    shift = torch._foreach_neg([up(bn.running_mean) for bn in bns])
+    conv_b = [(i, up(c.bias)) for i, c in enumerate(convs) if c.bias is not None]
+    if conv_b:
+        torch._foreach_add_([shift[i] for i, _ in conv_b], [b for _, b in conv_b])
+    bias = torch._foreach_mul(shift, scale)
+    beta = [(i, up(bn.bias)) for i, bn in enumerate(bns) if bn.bias is not None]
+    if beta:
+        torch._foreach_add_([bias[i] for i, _ in beta], [b for _, b in beta])
+    torch._foreach_copy_(biases, bias)
+    for conv, w, sc in zip(convs, weights, scale):   # one broadcast multiply per pair, into place
+        torch.mul(up(conv.weight), sc.view(-1, 1, 1, 1), out=w)
+
+
+def _folded(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) of conv followed by eval-mode bn, in conv's dtype (_fold_into of one pair)."""
+    w = torch.empty_like(conv.weight)
+    b = torch.empty(conv.out_channels, dtype=conv.weight.dtype, device=conv.weight.device)
+    _fold_into([conv], [bn], [w], [b])
+    return w, b
 
 
 def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -69,12 +89,16 @@ def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
 
 
 @torch.no_grad()
-def fold_bn(model: nn.Module, out: nn.Module | None = None) -> nn.Module:
+def fold_bn(model: nn.Module, out: nn.Module | None = None, dtype: torch.dtype | None = None) -> nn.Module:
     """Eval-only copy of `model` with every declared (conv, BN) pair merged into the conv.
 
     The copy shares no storage with `model`, is in eval mode and has requires_grad=False on all
     parameters (the attack only needs input gradients). With `out` (an earlier result of
-    fold_bn on the same architecture) the folded weights are copied into it in place."""
+    fold_bn on the same architecture) the folded weights are copied into it in place.
+    dtype (the autocast dtype, for a copy that only runs under autocast): the convs' and linear
+    layers' weights and biases are stored in it, rounded from the fold as autocast would round
+    them at each forward (BNs that remain stay fp32, as autocast runs them); None keeps the
+    model's dtype. Refreshing `out` keeps the dtypes it was made with."""
     model = _unwrap(model)
     pairs = _pairs(model)
     mods = dict(model.named_modules())
@@ -89,13 +113,20 @@ def fold_bn(model: nn.Module, out: nn.Module | None = None) -> nn.Module:
         folded = copy.deepcopy(model, memo)
         for c, b in pairs:
             conv = folded.get_submodule(c)
-            w, bias = _folded(mods[c], mods[b])
-            conv.weight = nn.Parameter(w, requires_grad=False)
-            conv.bias = nn.Parameter(bias, requires_grad=False)
+            conv.bias = nn.Parameter(torch.empty(conv.out_channels, dtype=conv.weight.dtype,
+                                                 device=conv.weight.device), requires_grad=False)
             _set_module(folded, b, nn.Identity())
+        if dtype is not None:
+            for m in folded.modules():
+                if isinstance(m, (nn.Conv2d, nn.Linear)):
+                    m.to(dtype)
+        _fold_into([mods[c] for c, _ in pairs], [mods[b] for _, b in pairs],
+                   [folded.get_submodule(c).weight for c, _ in pairs],
+                   [folded.get_submodule(c).bias for c, _ in pairs])
         return folded.eval().requires_grad_(False)
 
-    # refresh in place: copy the unfolded tensors, recompute the folded ones
+    # refresh in place: copy the unfolded tensors (one foreach copy, cast where the copy's dtype
+    # differs), compute the folded ones into place
     out = _unwrap(out)
     folded_names = {f"{c}.weight" for c, _ in pairs} | {f"{c}.bias" for c, _ in pairs}
     src = dict(model.named_parameters())
@@ -104,12 +135,11 @@ def fold_bn(model: nn.Module, out: nn.Module | None = None) -> nn.Module:
     stray = [n for n, _ in targets if n not in folded_names and n not in src]
     if stray:
         raise ValueError(f"`out` was not folded from this architecture (e.g. {stray[0]!r})")
-    for name, t in targets:
-        if name not in folded_names:
-            t.copy_(src[name])
-    for c, b in pairs:
-        w, bias = _folded(mods[c], mods[b])
-        conv = out.get_submodule(c)
-        conv.weight.copy_(w)
-        conv.bias.copy_(bias)
+    plain = [(t, src[name]) for name, t in targets if name not in folded_names]
+    if plain:
+        torch._foreach_copy_([t for t, _ in plain], [s for _, s in plain])
+    if pairs:
+        convs = [out.get_submodule(c) for c, _ in pairs]
+        _fold_into([mods[c] for c, _ in pairs], [mods[b] for _, b in pairs],
+                   [m.weight for m in convs], [m.bias for m in convs])
     return out.eval()
