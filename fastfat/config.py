@@ -108,6 +108,10 @@ class TrainConfig:
     amp: str = opt("auto", "auto (bf16 on CUDA, off on CPU) | off | bf16 (fast on CPUs with AVX512-BF16) | fp16")
     channels_last: bool = opt(True, "channels_last memory layout for the model and batches")
     compile: bool = opt(False, "torch.compile the model")
+    tf32: bool = opt(False, "CUDA: TF32 for fp32 matmuls and convolutions (faster, 10-bit mantissas)")
+    cudnn_benchmark: bool = opt(False, "CUDA: let cuDNN time its algorithms per shape (faster, not reproducible)")
+    deterministic: bool = opt(False, "CUDA: deterministic algorithms only, so a resumed run repeats "
+                                     "an uninterrupted one bit for bit (slower)")
     fold_bn: bool = opt(True, "attack a BN-folded copy of the model (eval-mode math)")
     crop_pad: int | None = opt(None, "None: the data set's default")
     flip: bool | None = opt(None, "None: the data set's default")
@@ -178,6 +182,9 @@ class EvalConfig:
     loader: str = opt("auto", "auto | memory | torchvision | ffcv")
     data_root: str | None = opt(None, "None: the training run's")
     fold_bn: bool = opt(True, "attack a BN-folded copy of the model (eval-mode math)")
+    amp: str = opt("off", "off (fp32, the paper's protocol) | bf16 | fp16: autocast for the attacks "
+                          "and logits (recorded in eval.json)")
+    tf32: bool = opt(False, "CUDA: TF32 for fp32 matmuls and convolutions (recorded in eval.json)")
 
     def validate(self) -> "EvalConfig":
         if not self.attacks:
@@ -193,6 +200,7 @@ class EvalConfig:
         if self.test_limit is not None:
             _int_at_least("test_limit", self.test_limit, 1)
         _choice("loader", self.loader, LOADERS)
+        _choice("amp", self.amp, AMP_MODES[1:])
         return self
 
 

@@ -1,5 +1,6 @@
-"""Where and how computation runs: the device, the AMP dtype and autocast, progress bars, and the
-CPU shard pool that splits an attack's batch over single-threaded workers.
+"""Where and how computation runs: the device, the AMP dtype and autocast, the process-wide CUDA
+switches (TF32, cuDNN autotuning, determinism), device sync, progress bars, and the CPU shard
+pool that splits an attack's batch over single-threaded workers.
 """
 from __future__ import annotations
 
@@ -66,6 +67,73 @@ def autocast(device: torch.device | str, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the device's queued work (CUDA); a no-op on the CPU. Call before reading the
+    clock: CUDA calls return when queued, so time read without it is the queueing time."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Process-wide CUDA switches (TF32, cuDNN autotuning, determinism)
+
+def backend_flags() -> dict:
+    """The process-wide switches that change GPU numbers or speed, as they are now; recorded
+    beside every GPU measurement. (On the CPU none of them changes anything.)"""
+    def read(get):
+        try:
+            return get()
+        except RuntimeError as e:   # torch refuses to read a mix of its legacy and new TF32 APIs
+            return f"unreadable ({e})"
+    return {"tf32_matmul": read(lambda: torch.backends.cuda.matmul.allow_tf32),
+            "tf32_cudnn": read(lambda: torch.backends.cudnn.allow_tf32),
+            "cudnn_benchmark": torch.backends.cudnn.benchmark,
+            "cudnn_deterministic": torch.backends.cudnn.deterministic,
+            "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+            "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG")}
+
+
+def set_backends(device: torch.device | str, *, tf32: bool = False, cudnn_benchmark: bool = False,
+                 deterministic: bool = False) -> dict:
+    """Set the CUDA switches for a run on `device`; returns the previous state (backend_flags()),
+    for restore_backends. Nothing changes for other devices: the CPU has no TF32 or cuDNN, and
+    is deterministic for a fixed thread count.
+
+    tf32: TF32 for fp32 matmuls and convolutions (torch's default for cuDNN is on, which makes
+    "fp32" on Ampere+ GPUs TF32: 10-bit mantissas); off unless asked. cudnn_benchmark: let cuDNN
+    time its algorithms per shape (faster steady state, not reproducible). deterministic:
+    cudnn.deterministic, torch.use_deterministic_algorithms(True) (ops without a deterministic
+    CUDA kernel then raise) and CUBLAS_WORKSPACE_CONFIG=:4096:8 unless set; cudnn_benchmark off.
+    deterministic=False does not undo an earlier True (restore_backends does).
+    """
+    prev = backend_flags()
+    if torch.device(device).type != "cuda":
+        return prev
+    torch.backends.cuda.matmul.allow_tf32 = bool(tf32)
+    torch.backends.cudnn.allow_tf32 = bool(tf32)
+    torch.backends.cudnn.benchmark = bool(cudnn_benchmark) and not deterministic
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.deterministic = True
+        torch.use_deterministic_algorithms(True)
+    return prev
+
+
+def restore_backends(state: dict) -> None:
+    """Put back a state that backend_flags() / set_backends() returned."""
+    for key, attr in (("tf32_matmul", torch.backends.cuda.matmul), ("tf32_cudnn", torch.backends.cudnn)):
+        if isinstance(state[key], bool):
+            attr.allow_tf32 = state[key]
+    torch.backends.cudnn.benchmark = state["cudnn_benchmark"]
+    torch.backends.cudnn.deterministic = state["cudnn_deterministic"]
+    torch.use_deterministic_algorithms(state["deterministic_algorithms"])
+    if state["cublas_workspace_config"] is None:
+        os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+    else:
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = state["cublas_workspace_config"]
 
 
 def progress_bar(total: int, desc: str, enabled: bool = True, *, position: int = 0,

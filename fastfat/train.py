@@ -24,7 +24,7 @@ from .errors import UserError
 from .files import atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
 from .models import build_model
 from .models.fold import fold_bn
-from .runtime import amp_dtype, autocast, progress_bar, resolve_device
+from .runtime import amp_dtype, autocast, progress_bar, resolve_device, set_backends, synchronize
 from .seeding import epoch_generator
 
 
@@ -76,10 +76,17 @@ class StepOut:
 
 
 class Trainer:
-    """Holds the model, optimizer and AMP state, and runs one training step at a time."""
+    """Holds the model, optimizer and AMP state, and runs one training step at a time.
 
-    def __init__(self, cfg: TrainConfig, model: nn.Module, device: torch.device | str = "cpu"):
+    device: where the model is; None (the default) reads it off the model's parameters. On CUDA
+    the config's process-wide switches (tf32, cudnn_benchmark, deterministic) are set here."""
+
+    def __init__(self, cfg: TrainConfig, model: nn.Module, device: torch.device | str | None = None):
+        if device is None:
+            device = next(model.parameters()).device
         self.cfg, self.model, self.device = cfg, model, torch.device(device)
+        set_backends(self.device, tf32=cfg.tf32, cudnn_benchmark=cfg.cudnn_benchmark,
+                     deterministic=cfg.deterministic)
         self.num_classes = dataset_info(cfg.dataset).num_classes
         self.optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay)
@@ -104,7 +111,8 @@ class Trainer:
         if self.cfg.fold_bn:
             # Refreshed in place after each step's weights change, so the compiled copy keeps its
             # graph (its weights are graph inputs, read afresh at every call).
-            self._folded = fold_bn(self.model, out=self._folded)
+            # Stored in the AMP dtype (autocast would re-cast fp32 weights at every forward).
+            self._folded = fold_bn(self.model, out=self._folded, dtype=self.amp)
             if self._attack_forward is None:
                 self._attack_forward = torch.compile(self._folded) if self.cfg.compile else self._folded
             return self._attack_forward
@@ -178,6 +186,7 @@ def train_epoch(trainer: Trainer, loader, epoch: int, *, progress: bool = False,
     bar = progress_bar(len(loader), f"epoch {epoch + 1}/{cfg.epochs}", progress, position=position)
     tot_loss = torch.zeros((), device=device)
     tot_vcar = torch.zeros((), device=device)
+    synchronize(device)   # CUDA queues work: the clock starts and stops with the device idle
     seen, steps, t0 = 0, 0, time.perf_counter()
     try:
         for x, y in loader:
@@ -194,6 +203,7 @@ def train_epoch(trainer: Trainer, loader, epoch: int, *, progress: bool = False,
     finally:
         if bar is not None:
             bar.close()  # also on a diverged loss, so the error line is not buried in a bar
+    synchronize(device)
     secs = time.perf_counter() - t0
     row = {"epoch": epoch + 1, "lr": lr, "loss": float(tot_loss) / max(seen, 1),
            "vcar": float(tot_vcar) / max(steps, 1), "seconds": secs,

@@ -207,3 +207,30 @@ def test_bf16_on_a_cpu_without_native_bf16_warns(monkeypatch):
         warnings.simplefilter("error")
         assert T.amp_dtype("bf16", cpu) == torch.bfloat16
         assert T.amp_dtype("auto", cpu) is None and T.amp_dtype("off", cpu) is None
+
+
+def test_trainer_reads_its_device_off_the_model(tiny_overrides):
+    """Trainer(cfg, model) without a device: the model's device, not the CPU (a CUDA model would
+    otherwise resolve amp "auto" to off and train under CPU autocast)."""
+    cfg = make_train_config(None, **tiny_overrides)
+    model = build_for_config(cfg, "cpu").to("meta")
+    trainer = Trainer(cfg, model)
+    assert trainer.device == torch.device("meta")
+    assert Trainer(cfg, build_for_config(cfg, "cpu")).device == torch.device("cpu")
+
+
+def test_epoch_clock_reads_after_a_device_sync(monkeypatch, tiny_overrides):
+    """train_epoch's seconds and images/s: the clock is read only right after a device sync,
+    before the first step and after the last (CUDA calls return when queued)."""
+    import fastfat.train as T
+    cfg = make_train_config(None, **tiny_overrides)
+    trainer = Trainer(cfg, build_for_config(cfg, "cpu"))
+    events = []
+    monkeypatch.setattr(T, "synchronize", lambda device: events.append("sync"))
+    real_clock = T.time.perf_counter
+    monkeypatch.setattr(T.time, "perf_counter", lambda: events.append("clock") or real_clock())
+    step = trainer.train_step
+    monkeypatch.setattr(trainer, "train_step", lambda *a: events.append("step") or step(*a))
+    loader = MemoryLoader(make_synthetic()[0].subset(64), 32, True)
+    T.train_epoch(trainer, loader, 0)
+    assert events == ["sync", "clock", "step", "step", "sync", "clock"]

@@ -96,9 +96,9 @@ def fold_bn(model: nn.Module, out: nn.Module | None = None, dtype: torch.dtype |
     parameters (the attack only needs input gradients). With `out` (an earlier result of
     fold_bn on the same architecture) the folded weights are copied into it in place.
     dtype (the autocast dtype, for a copy that only runs under autocast): the convs' and linear
-    layers' weights and biases are stored in it, rounded from the fold as autocast would round
-    them at each forward (BNs that remain stay fp32, as autocast runs them); None keeps the
-    model's dtype. Refreshing `out` keeps the dtypes it was made with."""
+    layers' fp32 weights and biases are stored in it, rounded from the fold as autocast would
+    round them at each forward (remaining BNs and float64 models stay as they are, as autocast
+    leaves them); None keeps the model's dtype. Refreshing `out` keeps the dtypes it was made with."""
     model = _unwrap(model)
     pairs = _pairs(model)
     mods = dict(model.named_modules())
@@ -117,8 +117,8 @@ def fold_bn(model: nn.Module, out: nn.Module | None = None, dtype: torch.dtype |
                                                  device=conv.weight.device), requires_grad=False)
             _set_module(folded, b, nn.Identity())
         if dtype is not None:
-            for m in folded.modules():
-                if isinstance(m, (nn.Conv2d, nn.Linear)):
+            for m in folded.modules():   # autocast casts fp32 only (float64 runs stay float64)
+                if isinstance(m, (nn.Conv2d, nn.Linear)) and m.weight.dtype == torch.float32:
                     m.to(dtype)
         _fold_into([mods[c] for c, _ in pairs], [mods[b] for _, b in pairs],
                    [folded.get_submodule(c).weight for c, _ in pairs],
