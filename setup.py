@@ -24,6 +24,9 @@ setup(
         "tqdm",
         "pandas",
         "tabulate",   # pandas' to_markdown
+        # the AutoAttack authors' package (attacks `aa`, `apgd`); pinned, since robust accuracy
+        # is only comparable under one version of the attack. Its wheel declares no dependencies.
+        "pyautoattack==0.2.0",
     ],
     extras_require={
         "ffcv": ["ffcv==1.0.2", "numba", "Pillow"],

@@ -1,20 +1,22 @@
-"""Class-wise robust evaluation: clean, FGSM, PGD-K and C&W-inf at several eps_test.
+"""Class-wise evaluation: clean, FGSM, PGD-K, C&W-inf and AutoAttack (aa, apgd) at several eps_test.
 
 For each test batch, each attack runs once over the batch repeated for every eps_test (per-sample
 eps), so one pass of the data serves every radius. The start noise for (batch, attack, eps) comes
 from a generator keyed by those indices (fastfat.seeding.eval_noise_seed), so the numbers do not
 depend on how the work is batched and equal the reference's one-at-a-time evaluation.
+AutoAttack (fastfat.autoattack) runs once per batch and eps, seeded by the key of (batch, "aa", eps).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
-from . import attacks, kernels, metrics
+from . import attacks, autoattack, kernels, metrics
 from .config import EvalConfig, make_eval_config
 from .data import build_loader, dataset_info
 from .models.fold import fold_bn
-from .runtime import amp_dtype, autocast, chunk_size, progress_bar, resolve_device, shard_count, sharded
+from .runtime import (amp_dtype, autocast, chunk_size, progress_bar, resolve_device, set_backends, shard_count,
+                      sharded)
 from .seeding import eval_noise_seed
 from .train import load_model
 
@@ -48,23 +50,41 @@ def _logits(model, x, device, ctx_dtype) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _count(logits, y, num_classes, acc, key):
-    """Add a batch's per-class hits, counts and CE sums to acc[key]."""
-    c, t = metrics.class_correct(logits, y, num_classes)
+def _count(logits, y, num_classes, acc, key, pred=None):
+    """Add a batch's per-class hits, counts and CE sums to acc[key]; hits from pred [N] when
+    given (AutoAttack's own verdict per sample), else from the logits."""
+    c, t = metrics.class_correct(logits if pred is None else pred, y, num_classes)
     _, loss_sum, _ = kernels.class_ce_stats(logits, y, num_classes)
     old = acc.get(key, (0, 0, 0))
     acc[key] = (old[0] + c, old[1] + t, old[2] + loss_sum.double())
 
 
+def _repeated(cache: dict, key, values, n: int, device) -> torch.Tensor:
+    """values[i] repeated n times each, [len(values) * n] float64 (so a float64 evaluation keeps
+    eps exact; fp32 inputs round it once, as a float would); built once per key, since a
+    host-to-device copy syncs."""
+    if key not in cache:
+        cache[key] = torch.tensor([v for v in values for _ in range(n)], dtype=torch.float64, device=device)
+    return cache[key]
+
+
 def evaluate(model: nn.Module, loader, cfg: EvalConfig, num_classes: int, *,
-             device="cpu", amp: str = "off", progress: bool = False) -> list[dict]:
+             device="cpu", amp: str | None = None, progress: bool = False) -> list[dict]:
     """Evaluate a model under cfg.attacks at cfg.eps_test. Returns one record per (attack, eps):
     {"attack", "eps", "class_acc": [C fractions], "avg_acc", "vcra" (raw variance), "worst_acc",
-    "class_loss": [C mean CE]}, clean first (attack "clean", eps 0), then attack-major, eps-minor."""
+    "class_loss": [C mean CE], "amp", "tf32"}, clean first (attack "clean", eps 0), then
+    attack-major, eps-minor (amp: None takes cfg.amp);
+    aa / apgd records add "attack_settings" (fastfat.autoattack.settings: pyautoattack's version
+    and parameters)."""
+    # amp (None: cfg.amp, "off" by default: the paper evaluates in fp32) and TF32 (cfg.tf32, set
+    # process-wide for CUDA) change the numbers, so every record says which were used.
+    amp = cfg.amp if amp is None else amp
     device = torch.device(device)
     ctx_dtype = amp_dtype(amp, device)
+    set_backends(device, tf32=cfg.tf32)
     model.eval()
-    attacked = fold_bn(model) if cfg.fold_bn else model
+    attacked = fold_bn(model, dtype=ctx_dtype) if cfg.fold_bn else model
+    radii = {}   # per-sample eps and steps per batch size, for _repeated
     eps_list = list(cfg.eps_test)
     acc = {}
     bar = progress_bar(len(loader), "eval", progress)
@@ -74,12 +94,15 @@ def evaluate(model: nn.Module, loader, cfg: EvalConfig, num_classes: int, *,
         # torch.cat keeps x's layout (repeat would turn channels_last into NCHW)
         x_rep = torch.cat([x] * len(eps_list))
         y_rep = y.repeat(len(eps_list))
-        # float64, so a float64 evaluation keeps eps exact; fp32 inputs round it once, as a float would
-        eps_rep = torch.tensor([e for e in eps_list for _ in range(n)], dtype=torch.float64, device=x.device)
+        eps_rep = _repeated(radii, ("eps", n), eps_list, n, x.device)
         for attack in cfg.attacks:
+            if attack in autoattack.ATTACKS:
+                _autoattack(attacked, x, y, attack, cfg.seed, b, eps_list, num_classes, acc,
+                            device, ctx_dtype)
+                continue
             loss, steps, _ = attack_schedule(attack, 1.0)
-            alpha_rep = torch.tensor([attack_schedule(attack, e)[2] for e in eps_list for _ in range(n)],
-                                     dtype=torch.float64, device=x.device)
+            alpha_rep = _repeated(radii, (attack, n), [attack_schedule(attack, e)[2] for e in eps_list], n,
+                                  x.device)
             noise = _start_noise(x, cfg.seed, b, attack, eps_list)
             x_adv = attacks.pgd(attacked, x_rep, y_rep, eps_rep, alpha_rep, steps, loss=loss,
                                 kappa=cfg.cw_kappa, noise=noise, amp=ctx_dtype)
@@ -94,14 +117,27 @@ def evaluate(model: nn.Module, loader, cfg: EvalConfig, num_classes: int, *,
     for (attack, e), (correct, total, loss_sum) in acc.items():
         class_acc = (correct / total).tolist()
         records.append({"attack": attack, "eps": e, "class_acc": class_acc, **metrics.summarize(class_acc),
-                        "class_loss": (loss_sum / total).tolist()})
+                        "class_loss": (loss_sum / total).tolist(), "amp": amp, "tf32": cfg.tf32})
+        if attack in autoattack.ATTACKS:
+            records[-1]["attack_settings"] = autoattack.settings(attack, num_classes)
     return records
+
+
+def _autoattack(attacked, x, y, attack, seed, b, eps_list, num_classes, acc, device, ctx_dtype):
+    """Count a batch under AutoAttack (aa | apgd) at each eps: robust per sample as pyautoattack
+    finds it, class loss on its adversarial examples. Seeded per (seed, batch, eps), the same for
+    aa and apgd: apgd is then exactly aa's first two attacks, and never below aa per sample."""
+    for i, e in enumerate(eps_list):
+        x_adv, pred = autoattack.run(attacked, x, y, attack, e, eval_noise_seed(seed, b, "aa", i),
+                                     num_classes, amp=ctx_dtype)
+        _count(_logits(attacked, x_adv.to(x.dtype), device, ctx_dtype), y, num_classes, acc,
+               (attack, e), pred=pred)
 
 
 # ---------------------------------------------------------------------------------------------
 # Printing in the paper's layout
 
-ATTACK_TITLES = {"clean": "clean", "fgsm": "FGSM", "cw": "C&W"}
+ATTACK_TITLES = {"clean": "clean", "fgsm": "FGSM", "cw": "C&W", "aa": "AA", "apgd": "APGD"}
 
 
 def attack_title(attack: str) -> str:
@@ -151,6 +187,6 @@ def evaluate_checkpoint(checkpoint: str, cfg_overrides: dict, *, progress=True):
     ecfg = make_eval_config(tcfg.preset or None, **cfg_overrides)
     info = dataset_info(tcfg.dataset)
     records = evaluate(model, make_test_loader(tcfg, ecfg, model_device), ecfg, info.num_classes,
-                       device=model_device, amp=tcfg.amp,
+                       device=model_device,
                        progress=progress)
     return records, tcfg, ecfg

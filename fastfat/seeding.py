@@ -5,7 +5,9 @@ how, draws each random number of a run, so that resuming, splitting and re-batch
 - training attack start noise: epoch_generator(seed, epoch, device, "attack"), batch after batch;
 - per-sample torchvision transforms: sample_seed(epoch_seed, i);
 - evaluation start noise for (batch b, attack a, eps index e): a fresh generator seeded with
-  eval_noise_seed(seed, b, a, e).
+  eval_noise_seed(seed, b, a, e); AutoAttack, which draws from torch's global generator, gets
+  eval_noise_seed(seed, b, "aa", e) as its seed (inside torch.random.fork_rng) for both `aa` and
+  `apgd`, so `apgd` runs exactly the first two attacks of `aa`.
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ def scaled_seed(seed: int) -> int:
     return seed * SEED_SCALE
 
 
-_ATTACK_CODES = {"clean": 0, "fgsm": 1, "cw": 2}
+_ATTACK_CODES = {"clean": 0, "fgsm": 1, "cw": 2, "aa": 3}
 _PGD_CODE_BASE = 16          # pgdK -> 16 + K
 _MAX_CODE = 1 << 20          # attack codes stay below this
 _MAX_EPS_INDEX = 1 << 10
@@ -46,13 +48,13 @@ _SEED_MASK = (1 << 63) - 1   # torch.Generator.manual_seed takes 64-bit values; 
 
 
 def attack_code(name: str) -> int:
-    """A fixed integer per attack name: clean 0, fgsm 1, cw 2, pgdK 16 + K."""
+    """A fixed integer per attack name: clean 0, fgsm 1, cw 2, aa 3 (AutoAttack), pgdK 16 + K."""
     if name in _ATTACK_CODES:
         return _ATTACK_CODES[name]
     m = re.fullmatch(r"pgd(\d+)", name)
     if m and 1 <= int(m.group(1)) < _MAX_CODE - _PGD_CODE_BASE:
         return _PGD_CODE_BASE + int(m.group(1))
-    raise ValueError(f"unknown attack {name!r}; expected clean, fgsm, cw or pgdK")
+    raise ValueError(f"unknown attack {name!r}; expected clean, fgsm, cw, aa or pgdK")
 
 
 def eval_noise_seed(seed: int, batch_index: int, attack_name: str, eps_index: int) -> int:

@@ -32,8 +32,11 @@ def test_canonical_attack_names():
     assert canonical_attack("C&W") == "cw"
     assert canonical_attack("cw-inf") == "cw"
     assert canonical_attack("FGSM") == "fgsm"
-    with pytest.raises(UserError):
-        canonical_attack("deepfool")
+    assert canonical_attack("AutoAttack") == canonical_attack("AA") == "aa"
+    assert canonical_attack("APGD") == "apgd"
+    for bad in ("deepfool", "apgd20", "pgd", "aa1"):
+        with pytest.raises(UserError):
+            canonical_attack(bad)
 
 
 def test_presets_then_overrides():

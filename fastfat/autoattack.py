@@ -1,0 +1,131 @@
+"""AutoAttack (pyautoattack, its authors' package) as fastfat's attacks `aa` and `apgd`: which
+samples of a batch stay robust at one radius, and the settings that eval.json records.
+
+`aa` is the standard version (APGD-CE, APGD-T with 9 targets, FAB-T with 9 targets, Square with
+5000 queries, 100 iterations each); `apgd` is its first two attacks, the cheap strong pair, with
+the same settings, so its robust set after them is the one standard AutoAttack starts FAB-T from.
+A sample is robust only if it is classified correctly and no attack of the ensemble fooled it.
+
+pyautoattack draws from torch's global generator, reseeding it with the attack's seed before each
+attack; fastfat evaluate gives it fastfat.seeding.eval_noise_seed(seed, batch, "aa", eps index)
+for aa and apgd alike, and the caller's global generator state is saved and restored around it.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import pyautoattack
+import torch
+import torch.nn as nn
+from pyautoattack.autopgd_base import APGDAttack, APGDAttack_targeted
+
+from .runtime import autocast
+
+ATTACKS = ("aa", "apgd")
+VERSION = pyautoattack.__version__
+
+# pyautoattack's attack names per fastfat attack, in the order they run
+ENSEMBLES = {"aa": ("apgd-ce", "apgd-t", "fab-t", "square"), "apgd": ("apgd-ce", "apgd-t")}
+
+# The standard version's l_inf settings (pyautoattack's AutoAttack constructor and
+# _set_version("standard")). Tests may lower n_iter and square_n_queries; fastfat eval never does.
+STANDARD = dict(n_iter=100, apgd_ce_restarts=1, apgd_t_restarts=1, n_target_classes=9, rho=0.75,
+                fab_t_restarts=1, square_n_queries=5000, square_p_init=0.8)
+TUNABLE = ("n_iter", "square_n_queries")
+
+
+def settings(attack: str, num_classes: int, **overrides) -> dict:
+    """The settings of `attack` ("aa" | "apgd") on a num_classes problem, as eval.json records
+    them: package and version, norm, the attacks run in order and their parameters (n_iter is
+    each of APGD-CE's, APGD-T's and FAB-T's iteration count; the target count is capped at
+    num_classes - 1). overrides: n_iter, square_n_queries (tests only)."""
+    if attack not in ENSEMBLES:
+        raise ValueError(f"unknown AutoAttack attack {attack!r}; expected one of {ATTACKS}")
+    unknown = set(overrides) - set(TUNABLE)
+    if unknown:
+        raise ValueError(f"unknown AutoAttack setting(s) {sorted(unknown)}; valid: {list(TUNABLE)}")
+    s = {**STANDARD, **overrides}
+    s["n_target_classes"] = min(s["n_target_classes"], num_classes - 1)
+    if attack == "apgd":
+        for k in ("fab_t_restarts", "square_n_queries", "square_p_init"):
+            del s[k]
+    return {"package": "pyautoattack", "version": VERSION, "norm": "Linf",
+            "attacks": list(ENSEMBLES[attack]), **s}
+
+
+class _Logits(nn.Module):
+    """The logits pyautoattack sees: model(x) with x cast to the model's dtype and layout, the
+    forward under autocast at `amp`, the logits in fp32. pyautoattack works in fp32 (FAB fails on
+    float64 logits); a float64 model still computes its forward and input gradient in float64."""
+
+    def __init__(self, model: nn.Module, amp: torch.dtype | None):
+        super().__init__()
+        self.model, self.amp = model, amp
+        p = next(model.parameters())
+        self.dtype = p.dtype if p.is_floating_point() else torch.float32
+        conv = next((q for q in model.parameters() if q.dim() == 4), None)
+        cl = conv is not None and conv.is_contiguous(memory_format=torch.channels_last) \
+            and not conv.is_contiguous()
+        self.layout = torch.channels_last if cl else torch.contiguous_format
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(dtype=self.dtype)
+        if x.dim() == 4:
+            x = x.contiguous(memory_format=self.layout)
+        with autocast(x.device, self.amp):
+            return self.model(x).float()
+
+
+@contextlib.contextmanager
+def _input_grads_only(model: nn.Module):
+    """requires_grad False on every parameter for the block (restored after): FAB calls
+    backward(), which would otherwise accumulate into the parameters' .grad."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, r in flags:
+            p.requires_grad_(r)
+
+
+def build(model: nn.Module, attack: str, eps: float, seed: int, num_classes: int, *,
+          amp: torch.dtype | None = None, device=None, **overrides) -> pyautoattack.AutoAttack:
+    """A pyautoattack.AutoAttack for `attack` at l_inf radius eps (pixel units) with the settings
+    of settings(attack, num_classes, **overrides), on `model` as _Logits wraps it."""
+    s = settings(attack, num_classes, **overrides)
+    device = device if device is not None else next(model.parameters()).device
+    logits = _Logits(model, amp)
+    aa = pyautoattack.AutoAttack(logits, norm="Linf", eps=eps, seed=seed, device=device,
+                                 version="custom", attacks=list(s["attacks"]))
+    aa.verbose = False
+    # APGD derives its step-size checkpoints from n_iter in its constructor: build anew, with
+    # the arguments AutoAttack's constructor uses
+    apgd = dict(n_iter=s["n_iter"], norm="Linf", eps=eps, seed=seed, eot_iter=1, rho=s["rho"],
+                verbose=False, device=device, logger=aa.logger)
+    aa.apgd = APGDAttack(logits, n_restarts=s["apgd_ce_restarts"], **apgd)
+    aa.apgd_targeted = APGDAttack_targeted(logits, n_restarts=s["apgd_t_restarts"],
+                                           n_target_classes=s["n_target_classes"], **apgd)
+    aa.fab.n_iter, aa.fab.n_restarts = s["n_iter"], s.get("fab_t_restarts", 1)
+    aa.fab.n_target_classes = s["n_target_classes"]
+    aa.square.n_queries = s.get("square_n_queries", 5000)
+    return aa
+
+
+def run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: str, eps: float, seed: int,
+        num_classes: int, *, amp: torch.dtype | None = None,
+        **overrides) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run `attack` ("aa" | "apgd") on one batch at radius eps; the model must be in eval mode.
+
+    x [N, C, H, W] in [0, 1]; y [N] int64; eps in pixel units; seed: the attack's seed (the same
+    seed, model and batch give the same result). Only input gradients are computed: parameters'
+    requires_grad are off during the run and their .grad untouched. torch's global generator
+    state is restored after. Returns (x_adv [N, C, H, W] fp32: the adversarial example of each
+    fooled sample, x itself elsewhere; pred [N] int64: the model's class for x_adv as pyautoattack
+    found it). A sample is robust iff pred == y: classified correctly and fooled by no attack of
+    the ensemble (a clean misclassification keeps its wrong clean prediction)."""
+    aa = build(model, attack, eps, seed, num_classes, amp=amp, device=x.device, **overrides)
+    devices = [x.device] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), _input_grads_only(model):
+        x_adv, pred = aa.run_standard_evaluation(x.detach().float(), y, batch_size=x.shape[0])
+    return x_adv, pred
