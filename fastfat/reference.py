@@ -298,24 +298,26 @@ def ref_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.
 
 
 def ref_train(cfg, train_set, model: nn.Module, *, attack_loss: str | None = None,
-              max_steps: int | None = None) -> nn.Module:
+              max_steps: int | None = None, device: torch.device | str | None = None) -> nn.Module:
     """Train `model` in place as cfg (fastfat.config.TrainConfig) says, the authors' way.
 
     SGD(lr, momentum, weight_decay); TorchvisionLoader (per-sample RandomCrop + flip, the data
-    set's defaults unless cfg overrides them) on train_set.subset(cfg.train_limit); lr from
-    ref_lr at the start of each 0-based epoch; attack noise from
-    epoch_generator(cfg.seed, epoch, "cpu", "attack"), drawn batch after batch. max_steps stops after that
-    many SGD steps in total (for pinning a few steps against the fast trainer).
+    set's defaults unless cfg overrides them) on train_set.subset(cfg.train_limit), each batch
+    moved to `device` (None: the model's), as their `data.cuda()`; lr from ref_lr at the start of
+    each 0-based epoch; attack noise from epoch_generator(cfg.seed, epoch, device, "attack"),
+    drawn batch after batch. max_steps stops after that many SGD steps in total (for pinning a
+    few steps against the fast trainer).
     Raises FloatingPointError if the loss becomes NaN or inf. Returns the model.
     """
     from .data import TorchvisionLoader, dataset_info
 
+    device = torch.device(device) if device is not None else next(model.parameters()).device
     info = dataset_info(cfg.dataset)
     pad = info.crop_pad if cfg.crop_pad is None else cfg.crop_pad
     flip = info.flip if cfg.flip is None else cfg.flip
     loader = TorchvisionLoader(train_set.subset(cfg.train_limit), cfg.batch_size, True, seed=cfg.seed,
                                crop_pad=pad, flip=flip, num_workers=cfg.num_workers,
-                               drop_last=cfg.drop_last)
+                               drop_last=cfg.drop_last, device=device)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
     alpha = cfg.alpha()
@@ -325,7 +327,7 @@ def ref_train(cfg, train_set, model: nn.Module, *, attack_loss: str | None = Non
         for param_group in optimizer.param_groups:
             param_group["lr"] = lr
         loader.set_epoch(epoch)
-        generator = epoch_generator(cfg.seed, epoch, "cpu", "attack")
+        generator = epoch_generator(cfg.seed, epoch, device, "attack")
         for data, target in loader:
             if max_steps is not None and done >= max_steps:
                 return model
@@ -383,21 +385,29 @@ def _attack_batch(model, data, target, attack: str, eps: float, kappa: float, ge
 
 def ref_evaluate(model: nn.Module, test_set, attacks=("fgsm", "pgd20", "cw"), eps_list=(16 / 255, 20 / 255),
                  batch_size: int = 128, seed: int = 0, kappa: float = 50.0,
-                 dtype: torch.dtype = torch.float32) -> list[dict]:
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+                 loader: str = "torchvision") -> list[dict]:
     """Clean and robust class-wise accuracy, the authors' way: one pass over the test set per
     (attack, eps), attacks one after another, eps one at a time, model in eval mode.
 
-    test_set: fastfat.data.ImageSet (served by TorchvisionLoader, sequential, no augmentation).
+    test_set: fastfat.data.ImageSet, served sequentially without augmentation by TorchvisionLoader
+    (loader "torchvision", the authors' data path) or by MemoryLoader in NCHW (loader "memory": the
+    same batches, for a machine without torchvision), each batch moved to `device` (None: the
+    model's).
     Returns records {"attack", "eps", "class_acc", "avg_acc", "vcra", "worst_acc", "class_loss"},
     "clean" (eps 0.0) first, then attack-major, eps-minor. fgsm: one step of eps after a random
     start; pgdK: K steps of eps/4; cw: 30 steps of eps/4 with kappa. The start for batch b,
-    attack a, eps index e is drawn from torch.Generator().manual_seed(eval_noise_seed(seed, b, a, e)).
+    attack a, eps index e is drawn from torch.Generator(device).manual_seed(eval_noise_seed(seed, b, a, e)).
     dtype: the batches' dtype (float64 with a float64 model, for pinning runs).
     """
-    from .data import TorchvisionLoader
+    from .data import MemoryLoader, TorchvisionLoader
 
+    device = torch.device(device) if device is not None else next(model.parameters()).device
     num_classes = test_set.num_classes
-    loader = TorchvisionLoader(test_set, batch_size, False)
+    if loader not in ("torchvision", "memory"):
+        raise ValueError(f"unknown loader {loader!r}; expected torchvision or memory")
+    loader = (TorchvisionLoader(test_set, batch_size, False, device=device) if loader == "torchvision" else
+              MemoryLoader(test_set, batch_size, False, device=device, channels_last=False))
     model.eval()
     cells = [("clean", 0, 0.0)] + [(a, e, float(eps)) for a in attacks for e, eps in enumerate(eps_list)]
     records = []
@@ -406,7 +416,7 @@ def ref_evaluate(model: nn.Module, test_set, attacks=("fgsm", "pgd20", "cw"), ep
         for batch_index, (data, target) in enumerate(loader):
             data = data.to(dtype)
             if attack != "clean":
-                g = torch.Generator().manual_seed(eval_noise_seed(seed, batch_index, attack, eps_index))
+                g = torch.Generator(device=device).manual_seed(eval_noise_seed(seed, batch_index, attack, eps_index))
                 data = _attack_batch(model, data, target, attack, eps, kappa, g)
             with torch.no_grad():
                 output = model(data)

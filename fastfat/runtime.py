@@ -96,26 +96,31 @@ def backend_flags() -> dict:
             "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG")}
 
 
-def set_backends(device: torch.device | str, *, tf32: bool = False, cudnn_benchmark: bool = False,
+def set_backends(device: torch.device | str, *, tf32: bool | None = None, cudnn_benchmark: bool | None = None,
                  deterministic: bool = False) -> dict:
     """Set the CUDA switches for a run on `device`; returns the previous state (backend_flags()),
     for restore_backends. Nothing changes for other devices: the CPU has no TF32 or cuDNN, and
     is deterministic for a fixed thread count.
 
     tf32: TF32 for fp32 matmuls and convolutions (torch's default for cuDNN is on, which makes
-    "fp32" on Ampere+ GPUs TF32: 10-bit mantissas); off unless asked. cudnn_benchmark: let cuDNN
+    "fp32" on Ampere+ GPUs TF32: 10-bit mantissas); the Trainer and evaluate pass their config's
+    (default off), so TF32 is only ever on when asked. cudnn_benchmark: let cuDNN
     time its algorithms per shape (faster steady state, not reproducible). deterministic:
     cudnn.deterministic, torch.use_deterministic_algorithms(True) (ops without a deterministic
     CUDA kernel then raise) and CUBLAS_WORKSPACE_CONFIG=:4096:8 unless set; cudnn_benchmark off.
-    deterministic=False does not undo an earlier True (restore_backends does).
+    None (tf32, cudnn_benchmark) and deterministic=False leave a switch as it is (restore_backends
+    undoes them).
     """
     prev = backend_flags()
     if torch.device(device).type != "cuda":
         return prev
-    torch.backends.cuda.matmul.allow_tf32 = bool(tf32)
-    torch.backends.cudnn.allow_tf32 = bool(tf32)
-    torch.backends.cudnn.benchmark = bool(cudnn_benchmark) and not deterministic
+    if tf32 is not None:
+        torch.backends.cuda.matmul.allow_tf32 = bool(tf32)
+        torch.backends.cudnn.allow_tf32 = bool(tf32)
+    if cudnn_benchmark is not None:
+        torch.backends.cudnn.benchmark = bool(cudnn_benchmark)
     if deterministic:
+        torch.backends.cudnn.benchmark = False
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.backends.cudnn.deterministic = True
         torch.use_deterministic_algorithms(True)

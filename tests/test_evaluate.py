@@ -1,4 +1,6 @@
 """Evaluation: one pass over all eps_test equals the reference's one-at-a-time numbers."""
+import importlib.util
+
 import pytest
 import torch
 
@@ -8,23 +10,30 @@ from fastfat.data import MemoryLoader, make_synthetic
 from fastfat.evaluate import attack_schedule, eps_label, evaluate, table1_row
 from fastfat.train import train
 
+# The reference's own data path needs torchvision; a GPU machine may lack it (the same batches).
+REF_LOADER = "torchvision" if importlib.util.find_spec("torchvision") else "memory"
+
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, device):
+    """A model trained on `device` (the evaluation runs there too: the loaders below put their
+    batches on it), and a test set."""
     cfg = make_train_config(None, dataset="synthetic", model="resnet18", width=4, epochs=2,
                             batch_size=32, steps=2, step_size="eps/2", eps_train=8 / 255,
-                            lr=0.05, schedule="constant", method="madry", device="cpu")
+                            lr=0.05, schedule="constant", method="madry", device=str(device))
     model, _ = train(cfg, str(tmp_path_factory.mktemp("run")), progress=False)
     return model.eval(), make_synthetic()[1].subset(96)
 
 
 def _both(model, test, dtype):
+    device = next(model.parameters()).device
     ecfg = make_eval_config(None, attacks=["fgsm", "pgd5", "cw"], eps_test=[8 / 255, 16 / 255],
-                            batch_size=32, seed=3, device="cpu")
-    batches = [(x.to(dtype), y) for x, y in MemoryLoader(test, 32, False)]
-    fast = evaluate(model.to(dtype), batches, ecfg, 10)
+                            batch_size=32, seed=3, device=str(device))
+    batches = [(x.to(dtype), y) for x, y in MemoryLoader(test, 32, False, device=device)]
+    fast = evaluate(model.to(dtype), batches, ecfg, 10, device=device)
     ref = reference.ref_evaluate(model, test, attacks=["fgsm", "pgd5", "cw"],
-                                 eps_list=[8 / 255, 16 / 255], batch_size=32, seed=3, dtype=dtype)
+                                 eps_list=[8 / 255, 16 / 255], batch_size=32, seed=3, dtype=dtype,
+                                 device=device, loader=REF_LOADER)
     model.float()
     assert [(r["attack"], r["eps"]) for r in fast] == [(r["attack"], r["eps"]) for r in ref]
     return fast, ref
@@ -60,18 +69,19 @@ def test_fast_evaluation_equals_reference_in_fp32(trained):
     assert by[("pgd5", 16 / 255)] <= by[("pgd5", 8 / 255)] <= by[("clean", 0.0)]
 
 
-def test_records_are_consistent(trained):
+def test_records_are_consistent(trained, device):
     model, test = trained
     ecfg = make_eval_config(None, attacks=["pgd3"], eps_test=[0.05], batch_size=40)
-    recs = evaluate(model, MemoryLoader(test, 40, False), ecfg, 10)
+    recs = evaluate(model, MemoryLoader(test, 40, False, device=device), ecfg, 10, device=device)
     for r in recs:
         acc = torch.tensor(r["class_acc"], dtype=torch.float64)
         assert len(r["class_acc"]) == 10 and ((acc >= 0) & (acc <= 1)).all()
         assert r["avg_acc"] == pytest.approx(acc.mean().item())
         assert r["vcra"] == pytest.approx(acc.var(unbiased=False).item())
         assert r["worst_acc"] == acc.min().item()
+    assert all(r["amp"] == "off" and r["tf32"] is False for r in recs)   # fp32 unless asked, recorded
     # batching does not change the numbers: keyed start noise
-    again = evaluate(model, MemoryLoader(test, 40, False), ecfg, 10)
+    again = evaluate(model, MemoryLoader(test, 40, False, device=device), ecfg, 10, device=device)
     assert again == recs
 
 
@@ -89,3 +99,34 @@ def test_table_row_layout():
     out = table1_row(recs, "madry")
     assert "PGD-20 16/255" in out and "1.00 / 30.00" in out and "6.25 / 75.00" in out
     assert eps_label(8 / 255) == "8/255" and eps_label(0.25) == "0.25" and eps_label(0.2) == "0.2"
+
+
+def test_per_sample_radii_are_built_once_per_batch_size(trained, device, monkeypatch):
+    """The per-sample eps and step tensors (a host-to-device copy each, a sync on CUDA) are
+    built once per batch size, not for every batch: batches of 40, 40 and 16."""
+    import fastfat.evaluate as E
+    model, test = trained
+    calls = []
+    real = torch.tensor
+    monkeypatch.setattr(E.torch, "tensor", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ecfg = make_eval_config(None, attacks=["fgsm", "pgd2"], eps_test=[8 / 255, 16 / 255], batch_size=32)
+    assert len(test) == 96
+    evaluate(model, MemoryLoader(test, 40, False, device=device), ecfg, 10, device=device)
+    assert len(calls) == 2 * (1 + 2)          # (eps, fgsm step, pgd2 step) x (sizes 40, 16)
+
+
+def test_evaluation_amp_is_explicit_and_recorded(tmp_path, device):
+    """A checkpoint trained under bf16 autocast is evaluated in fp32 unless EvalConfig.amp asks
+    otherwise (the paper's protocol); either way every record says which. bf16 evaluation is
+    really bf16 (its class losses move)."""
+    from fastfat.evaluate import evaluate_checkpoint
+    cfg = make_train_config(None, dataset="synthetic", model="cnn", width=4, epochs=1, batch_size=32,
+                            steps=1, step_size="eps/2", eps_train=8 / 255, lr=0.05, train_limit=64,
+                            test_limit=32, schedule="constant", amp="bf16", device=str(device))
+    train(cfg, str(tmp_path), progress=False)
+    over = dict(attacks=["pgd2"], eps_test=[8 / 255], device=str(device), loader="memory")
+    fp32, _, ecfg = evaluate_checkpoint(str(tmp_path / "checkpoint.pt"), over, progress=False)
+    assert ecfg.amp == "off" and {r["amp"] for r in fp32} == {"off"}
+    bf16, _, _ = evaluate_checkpoint(str(tmp_path / "checkpoint.pt"), dict(over, amp="bf16"), progress=False)
+    assert {r["amp"] for r in bf16} == {"bf16"}
+    assert bf16[0]["class_loss"] != fp32[0]["class_loss"]

@@ -16,11 +16,13 @@ def test_set_backends_sets_cuda_switches_and_restores():
         assert prev == before
         now = runtime.backend_flags()
         assert now["tf32_matmul"] is True and now["tf32_cudnn"] is True and now["cudnn_benchmark"] is True
-        runtime.set_backends(torch.device("cuda:0"), deterministic=True)
+        runtime.set_backends(torch.device("cuda:0"), tf32=False, deterministic=True)
         now = runtime.backend_flags()
-        assert now["tf32_matmul"] is False and now["tf32_cudnn"] is False   # off unless asked
+        assert now["tf32_matmul"] is False and now["tf32_cudnn"] is False
         assert now["deterministic_algorithms"] and now["cudnn_deterministic"]
         assert now["cudnn_benchmark"] is False and now["cublas_workspace_config"]
+        runtime.set_backends(torch.device("cuda"))                          # None: left as they are
+        assert runtime.backend_flags() == now
     finally:
         runtime.restore_backends(before)
     assert runtime.backend_flags() == before

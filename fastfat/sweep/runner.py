@@ -83,7 +83,7 @@ def run_point(store, p: GridPoint, run_dir: str, *, progress: bool, overall=None
             bar.set_postfix_str("evaluating")
         t0 = time.perf_counter()
         records = evaluate(model, make_test_loader(p.train, p.eval, device), p.eval,
-                           dataset_info(p.train.dataset).num_classes, device=device, amp=p.train.amp)
+                           dataset_info(p.train.dataset).num_classes, device=device)  # amp: p.eval.amp
         eval_s = time.perf_counter() - t0
     finally:
         if bar is not None:
