@@ -79,7 +79,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps, alpha, steps: i
     noise: optional start noise of x's shape (U(-1, 1) for ce/cw, N(0, 1) for kl) instead of
     drawing it from `generator` (or torch's global RNG). amp: None (fp32) or the autocast dtype
     of the model's forward (torch.bfloat16 / torch.float16); the objective, its input gradient
-    and x_adv stay fp32. threads: on the CPU, the batch is split into this many parts attacked
+    and x_adv stay fp32 (under fp16 the backward is loss-scaled per sample: _input_grad). threads: on the CPU, the batch is split into this many parts attacked
     at once on single-threaded workers (None: torch.get_num_threads(); 1: one worker, the
     caller), each part in slices of at most chunk_size(x) samples. Samples are independent in
     eval mode and the start noise is drawn for the whole batch first, so the split does not
@@ -127,11 +127,30 @@ def _pgd_slice(model, x, y, e, a, steps, random_start, loss, kappa, noise, amp) 
             x_adv.requires_grad_(True)
             with autocast(x.device, amp):
                 logits = model(x_adv)
-            obj = _objective(loss, logits, y, kappa, p_nat)
-            (grad,) = torch.autograd.grad(obj, x_adv)
+            grad = _input_grad(loss, logits, y, kappa, p_nat, x_adv, amp)
             x_adv = x_adv.detach()
             kernels.pgd_step(x_adv, x, grad, a, e)
     return x_adv.detach()
+
+
+def _input_grad(kind, logits, y, kappa, p_nat, x_adv, amp) -> torch.Tensor:
+    """d objective / d x_adv for logits = model(x_adv).
+
+    Under fp16 autocast the model's backward runs in fp16, where the logit gradient of a
+    confident sample (softmax - onehot, 1e-8 and below) flushes to zero, its input gradient with
+    it, and the attack stalls: robustness would be overestimated. So there the objective's
+    gradient is taken in fp32 first and each sample's row scaled by a power of two to a largest
+    entry in [0.5, 1) (loss scaling per sample: exact, and the update uses only the sign, which
+    a positive per-sample factor keeps, samples being independent in eval mode). fp32 and bf16
+    (fp32's range) take the plain gradient: their numbers are unchanged.
+    """
+    if amp != torch.float16:
+        return torch.autograd.grad(_objective(kind, logits, y, kappa, p_nat), x_adv)[0]
+    z = logits.detach().float().requires_grad_(True)
+    (g,) = torch.autograd.grad(_objective(kind, z, y, kappa, p_nat), z)
+    _, exponent = torch.frexp(g.abs().amax(dim=1, keepdim=True))
+    scale = torch.ldexp(torch.ones_like(g[:, :1]), (-exponent).clamp(max=126))   # 2^127 is fp32's top
+    return torch.autograd.grad(logits, x_adv, grad_outputs=(g * scale).to(logits.dtype))[0]
 
 
 def _layout(x: torch.Tensor):

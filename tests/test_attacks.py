@@ -23,21 +23,21 @@ from fastfat.reference import ref_cw, ref_cwloss, ref_fgsm, ref_pgd
 EPS, ALPHA = 8 / 255, 2 / 255
 
 
-def _model(name="cnn", seed=0, num_classes=10):
+def _model(name="cnn", seed=0, num_classes=10, device="cpu"):
     torch.manual_seed(seed)
-    return build_model(name, num_classes, width=8).eval()
+    return build_model(name, num_classes, width=8).eval().to(device)
 
 
-def _batch(n=16, size=16, seed=0, c=10):
+def _batch(n=16, size=16, seed=0, c=10, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(n, 3, size, size, generator=g)
     x[0, :, :2] = 0.0          # pixels on the box edges, so the [0, 1] clamp is exercised
     x[1, :, :2] = 1.0
-    return x, torch.randint(0, c, (n,), generator=g)
+    return x.to(device), torch.randint(0, c, (n,), generator=g).to(device)
 
 
-def _gen(seed=1):
-    return torch.Generator().manual_seed(seed)
+def _gen(seed=1, device="cpu"):
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 @pytest.fixture(scope="module")
@@ -84,14 +84,14 @@ def test_uniform_start_equals_uniform_eps_bit_for_bit(eps):
 
 @pytest.mark.parametrize("loss", ["ce", "cw", "kl"])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_ball_box_and_layout(loss, channels_last):
-    model = _model()
-    x, y = _batch()
+def test_ball_box_and_layout(loss, channels_last, device):
+    model = _model(device=device)
+    x, y = _batch(device=device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     x_before = x.clone()
     eps = 0.05
-    adv = pgd(model, x, y, eps, 0.02, 5, loss=loss, generator=_gen())
+    adv = pgd(model, x, y, eps, 0.02, 5, loss=loss, generator=_gen(device=device))
     assert torch.equal(x, x_before)                       # input untouched
     assert adv.shape == x.shape and adv.dtype == torch.float32 and not adv.requires_grad
     assert (adv - x).abs().max() <= eps + 1e-6
@@ -104,23 +104,25 @@ def test_ball_box_and_layout(loss, channels_last):
 
 
 @pytest.mark.parametrize("loss", ["ce", "cw"])
-def test_per_sample_eps_respected(loss):
-    model = _model()
-    x, y = _batch(n=8)
-    eps = torch.tensor([0.0, 0.01, 0.02, 0.03, 0.05, 0.08, 0.1, 0.2])
-    adv = pgd(model, x, y, eps, eps / 4, 6, loss=loss, generator=_gen())
+def test_per_sample_eps_respected(loss, device):
+    model = _model(device=device)
+    x, y = _batch(n=8, device=device)
+    eps = torch.tensor([0.0, 0.01, 0.02, 0.03, 0.05, 0.08, 0.1, 0.2], device=device)
+    adv = pgd(model, x, y, eps, eps / 4, 6, loss=loss, generator=_gen(device=device))
     dist = (adv - x).abs().flatten(1).amax(1)
     assert (dist <= eps + 1e-6).all()
     assert torch.equal(adv[0], x[0])                      # eps 0: not moved at all
     assert (dist[1:] > 0.5 * eps[1:]).all()               # the others used their own radius
 
 
-def test_per_sample_eps_equals_float_eps_when_uniform():
-    model = _model()
-    x, y = _batch(n=8)
-    a = pgd(model, x, y, EPS, ALPHA, 4, generator=_gen())
-    b = pgd(model, x, y, torch.full((8,), EPS), torch.full((8,), ALPHA), 4, generator=_gen())
-    assert torch.equal(a, b)
+def test_per_sample_eps_equals_float_eps_when_uniform(device):
+    model = _model(device=device)
+    x, y = _batch(n=8, device=device)
+    a = pgd(model, x, y, EPS, ALPHA, 4, generator=_gen(device=device))
+    for eps, alpha in ((torch.full((8,), EPS), torch.full((8,), ALPHA)), (torch.full((8,), EPS), ALPHA),
+                       (EPS, torch.full((8,), ALPHA))):
+        b = pgd(model, x, y, eps, alpha, 4, generator=_gen(device=device))
+        assert torch.equal(a, b)
 
 
 def test_per_sample_eps_shape_checked():
@@ -350,14 +352,15 @@ def test_fast_equals_reference_without_random_start():
         assert torch.equal(f, r)
 
 
-def test_fgsm_and_cw_fast_equal_reference():
+def test_fgsm_and_cw_fast_equal_reference(device):
     """As above, in float64 (exact on every CPU)."""
-    model = _model().double()
-    x, y = _batch()
+    model = _model(device=device).double()
+    x, y = _batch(device=device)
     x = x.double()
-    assert torch.equal(fgsm(model, x, y, EPS, generator=_gen()), ref_fgsm(model, x, y, EPS, generator=_gen()))
-    assert torch.equal(cw_inf(model, x, y, EPS, EPS / 4, 30, generator=_gen()),
-                       ref_cw(model, x, y, EPS, generator=_gen()))
+    g = lambda: _gen(device=device)
+    assert torch.equal(fgsm(model, x, y, EPS, generator=g()), ref_fgsm(model, x, y, EPS, generator=g()))
+    assert torch.equal(cw_inf(model, x, y, EPS, EPS / 4, 30, generator=g()),
+                       ref_cw(model, x, y, EPS, generator=g()))
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
@@ -419,14 +422,14 @@ def test_rounding_check_is_not_vacuous():
 
 
 @pytest.mark.parametrize("loss", ["ce", "cw", "kl"])
-def test_fast_equals_reference_in_float64(loss):
+def test_fast_equals_reference_in_float64(loss, device):
     """float64 model and input (how the trainer is pinned): both keep the dtype, draw the same
     start, and agree; even TRADES' KL start is well above float64 rounding."""
-    model = _model().double()
-    x, y = _batch()
+    model = _model(device=device).double()
+    x, y = _batch(device=device)
     x = x.double()
-    f = pgd(model, x, y, EPS, ALPHA, 6, loss=loss, generator=_gen())
-    r = ref_pgd(model, x, y, EPS, ALPHA, 6, loss=loss, generator=_gen())
+    f = pgd(model, x, y, EPS, ALPHA, 6, loss=loss, generator=_gen(device=device))
+    r = ref_pgd(model, x, y, EPS, ALPHA, 6, loss=loss, generator=_gen(device=device))
     assert f.dtype == r.dtype == torch.float64
     assert torch.equal(f, r)
 
@@ -493,3 +496,54 @@ def test_bf16_attack_is_as_strong_as_fp32(trained):
     acc32 = (l32.argmax(1) == y).sum().item()
     acc16 = (l16.argmax(1) == y).sum().item()
     assert 0 < acc32 < len(y) and abs(acc16 - acc32) <= 2, (acc16, acc32)
+
+
+def _confident_model(device):
+    """The CNN with its head scaled up: on _batch's images every top logit leads by 25 or
+    more, so softmax - onehot is ~1e-11 and below, under fp16's smallest subnormal (6e-8)."""
+    model = _model().to(device)
+    with torch.no_grad():
+        model.linear.weight.mul_(4000.0)
+    return model
+
+
+def test_fp16_attack_is_loss_scaled_per_sample(device):
+    """Under fp16 autocast an unscaled backward flushes a confident sample's logit gradient to
+    zero, so its input gradient is 0 and PGD does not move it; the attack scales each sample's
+    logit gradient to [0.5, 1) first, so every sample gets a gradient, with the fp32 gradient's
+    signs (where those are not a rounding matter)."""
+    model = _confident_model(device)
+    x, y = (t.to(device) for t in _batch(n=16))
+    y = model(x).argmax(1).detach()                       # the model's own (confident) labels
+    p = x.clone().requires_grad_(True)
+    with torch.autocast(device.type, dtype=torch.float16):
+        logits = model(p)
+    plain = torch.autograd.grad(attacks._objective("ce", logits, y, 50.0, None), p)[0]
+    dead = plain.flatten(1).abs().amax(1) == 0
+    assert dead.sum() >= 4, "the setup must have samples whose unscaled fp16 gradient is 0"
+    for loss in ("ce", "cw"):
+        p = x.clone().requires_grad_(True)
+        with torch.autocast(device.type, dtype=torch.float16):
+            logits = model(p)
+        g16 = attacks._input_grad(loss, logits, y, 0.0, None, p, torch.float16)
+        p32 = x.clone().requires_grad_(True)
+        g32 = torch.autograd.grad(attacks._objective(loss, model(p32), y, 0.0, None), p32)[0]
+        live = g32.flatten(1).abs().amax(1) > 0
+        assert (g16.flatten(1).abs().amax(1) > 0)[live].all(), loss
+        big = g32.abs() > 1e-2 * g32.flatten(1).abs().amax(1).view(-1, 1, 1, 1)
+        assert (g16.sign() == g32.sign())[big].float().mean() > 0.95, loss
+    x_adv = pgd(model, x, y, EPS, ALPHA, 1, random_start=False, amp=torch.float16)
+    assert ((x_adv - x).flatten(1).abs().amax(1) > 0)[dead].all()
+
+
+def test_fp32_and_bf16_attacks_take_the_plain_gradient(monkeypatch):
+    """The per-sample scaling is fp16's only: fp32 and bf16 gradients are the plain ones, so
+    their numbers do not move."""
+    model = _model()
+    x, y = _batch(n=8)
+    for amp in (None, torch.bfloat16):
+        p = x.clone().requires_grad_(True)
+        with runtime.autocast("cpu", amp):
+            logits = model(p)
+        want = torch.autograd.grad(attacks._objective("ce", logits, y, 50.0, None), p, retain_graph=True)[0]
+        assert torch.equal(attacks._input_grad("ce", logits, y, 50.0, None, p, amp), want)
