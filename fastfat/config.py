@@ -185,6 +185,7 @@ class EvalConfig:
     amp: str = opt("off", "off (fp32, the paper's protocol) | bf16 | fp16: autocast for the attacks "
                           "and logits (recorded in eval.json)")
     tf32: bool = opt(False, "CUDA: TF32 for fp32 matmuls and convolutions (recorded in eval.json)")
+    worst_k: int = opt(3, "fairness: worst_k_acc is the mean accuracy of the k worst classes")
 
     def validate(self) -> "EvalConfig":
         if not self.attacks:
@@ -196,6 +197,7 @@ class EvalConfig:
         for e in self.eps_test:
             _range("eps_test", e, 0.0, 1.0, low_open=True)
         _int_at_least("batch_size", self.batch_size, 1)
+        _int_at_least("worst_k", self.worst_k, 1)
         _range("cw_kappa", self.cw_kappa, 0.0, math.inf)
         if self.test_limit is not None:
             _int_at_least("test_limit", self.test_limit, 1)

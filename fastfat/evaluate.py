@@ -72,8 +72,8 @@ def evaluate(model: nn.Module, loader, cfg: EvalConfig, num_classes: int, *,
              device="cpu", amp: str | None = None, progress: bool = False) -> list[dict]:
     """Evaluate a model under cfg.attacks at cfg.eps_test. Returns one record per (attack, eps):
     {"attack", "eps", "class_acc": [C fractions], "avg_acc", "vcra" (raw variance), "worst_acc",
-    "class_loss": [C mean CE], "amp", "tf32"}, clean first (attack "clean", eps 0), then
-    attack-major, eps-minor (amp: None takes cfg.amp);
+    "worst_k_acc", "worst_k", "nstd" (metrics.summarize), "class_loss": [C mean CE], "amp", "tf32"},
+    clean first (attack "clean", eps 0), then attack-major, eps-minor (amp: None takes cfg.amp);
     aa / apgd records add "attack_settings" (fastfat.autoattack.settings: pyautoattack's version
     and parameters)."""
     # amp (None: cfg.amp, "off" by default: the paper evaluates in fp32) and TF32 (cfg.tf32, set
@@ -116,7 +116,7 @@ def evaluate(model: nn.Module, loader, cfg: EvalConfig, num_classes: int, *,
     records = []
     for (attack, e), (correct, total, loss_sum) in acc.items():
         class_acc = (correct / total).tolist()
-        records.append({"attack": attack, "eps": e, "class_acc": class_acc, **metrics.summarize(class_acc),
+        records.append({"attack": attack, "eps": e, "class_acc": class_acc, **metrics.summarize(class_acc, cfg.worst_k),
                         "class_loss": (loss_sum / total).tolist(), "amp": amp, "tf32": cfg.tf32})
         if attack in autoattack.ATTACKS:
             records[-1]["attack_settings"] = autoattack.settings(attack, num_classes)

@@ -1,4 +1,5 @@
-"""Class-wise metrics, as the paper reports them.
+"""Class-wise metrics: the paper's (class accuracy, VCRA) and the fairness measures beyond the
+variance (worst class, mean of the k worst, std / mean, the trade-off score rho).
 
 Accuracies are fractions in [0, 1] (tables print %); VCRA / VCA are the population variance
 (ddof 0) of the class accuracies, which the paper prints x100 as "10^-2" units.
@@ -54,6 +55,37 @@ def worst_class_accuracy(class_acc) -> float:
     return float(a[~a.isnan()].min())
 
 
+def worst_k_accuracy(class_acc, k: int = 3) -> float:
+    """Mean of the k lowest class accuracies (all present classes if fewer than k). On many
+    classes the single worst is near 0 and says little; the k worst move with the method."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    a = torch.as_tensor(class_acc, dtype=torch.float64)
+    a = a[~a.isnan()]
+    return float(a.sort().values[:k].mean())
+
+
+def normalized_std(class_acc) -> float | None:
+    """Population standard deviation of the class accuracies over their mean (the coefficient
+    of variation): spread relative to the level, comparable across eps and attacks. None when
+    the mean is 0 (every class at 0: undefined; None so that eval.json stays valid JSON)."""
+    a = torch.as_tensor(class_acc, dtype=torch.float64)
+    a = a[~a.isnan()]
+    mean = a.mean()
+    return None if mean == 0 else float(((a - mean) ** 2).mean().sqrt() / mean)
+
+
+def tradeoff_rho(worst_new: float, avg_new: float, worst_base: float, avg_base: float) -> float:
+    """The trade-off score of a method against its base method:
+    rho = (worst_new - worst_base) / worst_base - (avg_base - avg_new) / avg_base,
+    the relative gain in worst-class accuracy minus the relative loss in average accuracy
+    (> 0: the worst class gained more than the average lost). Accuracies are fractions;
+    NaN when worst_base or avg_base is 0 (no relative change is defined)."""
+    if worst_base == 0 or avg_base == 0:
+        return float("nan")
+    return (worst_new - worst_base) / worst_base - (avg_base - avg_new) / avg_base
+
+
 def classwise_loss(per_sample_loss: torch.Tensor, y: torch.Tensor, num_classes: int):
     """(class-wise mean loss [C] fp32, NaN where absent; population variance over present classes)."""
     sums, counts = kernels.class_stats(per_sample_loss.detach(), y, num_classes)
@@ -62,7 +94,9 @@ def classwise_loss(per_sample_loss: torch.Tensor, y: torch.Tensor, num_classes: 
     return means, float(((present - present.mean()) ** 2).mean())
 
 
-def summarize(class_acc) -> dict:
-    """The derived numbers for one attack: avg_acc, vcra (raw), worst_acc."""
+def summarize(class_acc, k: int = 3) -> dict:
+    """The derived numbers for one attack: avg_acc, vcra (raw), worst_acc, worst_k_acc (mean of
+    the k worst classes) with worst_k = k, and nstd (std / mean; None when the mean is 0)."""
     return {"avg_acc": average_accuracy(class_acc), "vcra": vcra(class_acc),
-            "worst_acc": worst_class_accuracy(class_acc)}
+            "worst_acc": worst_class_accuracy(class_acc), "worst_k_acc": worst_k_accuracy(class_acc, k),
+            "worst_k": k, "nstd": normalized_std(class_acc)}

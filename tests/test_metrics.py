@@ -16,6 +16,7 @@ HAND_ACC = [2 / 3, 1 / 2, 2 / 3]
 HAND_AVG = 11 / 18
 HAND_VCRA = ((1 / 18) ** 2 * 2 + (2 / 18) ** 2) / 3    # = 1/162
 HAND_WORST = 1 / 2
+HAND_NSTD = (1 / 162) ** 0.5 / (11 / 18)                # = sqrt(2) / 11
 
 
 def _logits_for(pred, c):
@@ -47,9 +48,36 @@ def test_summary_numbers_by_hand():
     assert metrics.vca(acc) == pytest.approx(HAND_VCRA, abs=1e-15)   # same statistic on clean accuracy
     assert metrics.worst_class_accuracy(acc) == HAND_WORST
     assert metrics.summarize(acc) == pytest.approx({"avg_acc": HAND_AVG, "vcra": HAND_VCRA,
-                                                    "worst_acc": HAND_WORST}, abs=1e-15)
+                                                    "worst_acc": HAND_WORST, "worst_k_acc": HAND_AVG,
+                                                    "worst_k": 3, "nstd": HAND_NSTD}, abs=1e-15)
     # plain lists work too, and agree with numpy's population variance
     assert metrics.vcra(HAND_ACC) == pytest.approx(float(np.var(HAND_ACC)), abs=1e-15)
+
+
+def test_fairness_metrics_by_hand():
+    acc = [0.9, 0.2, float("nan"), 0.5, 0.4, 0.8]          # a NaN (absent) class is left out
+    assert metrics.worst_k_accuracy(acc, 1) == 0.2 == metrics.worst_class_accuracy(acc)
+    assert metrics.worst_k_accuracy(acc, 2) == pytest.approx(0.3, abs=1e-15)
+    assert metrics.worst_k_accuracy(acc, 3) == pytest.approx(1.1 / 3, abs=1e-15)
+    assert metrics.worst_k_accuracy(acc, 9) == pytest.approx(0.56, abs=1e-15)   # k > classes: all
+    # mean 0.56, deviations .34 -.36 -.06 -.16 .24: variance 0.332 / 5, std / mean
+    assert metrics.normalized_std(acc) == pytest.approx((0.332 / 5) ** 0.5 / 0.56, abs=1e-15)
+    assert HAND_NSTD == pytest.approx(2 ** 0.5 / 11, abs=1e-15)
+    assert metrics.normalized_std([0.3] * 4) == 0.0
+    assert metrics.normalized_std([0.0] * 4) is None            # 0 / 0: undefined, JSON null
+    s = metrics.summarize(acc, k=2)
+    assert (s["worst_k"], s["worst_k_acc"]) == (2, pytest.approx(0.3, abs=1e-15))
+    with pytest.raises(ValueError):
+        metrics.worst_k_accuracy(acc, 0)
+
+
+def test_tradeoff_rho_by_hand():
+    # base: worst 0.20, avg 0.50; new: worst 0.30 (+50%), avg 0.45 (-10%): rho = 0.5 - 0.1
+    assert metrics.tradeoff_rho(0.30, 0.45, 0.20, 0.50) == pytest.approx(0.4, abs=1e-15)
+    # same numbers: 0; a lower worst class and a higher average: -0.25 + 0.2
+    assert metrics.tradeoff_rho(0.2, 0.5, 0.2, 0.5) == 0.0
+    assert metrics.tradeoff_rho(0.15, 0.6, 0.20, 0.50) == pytest.approx(-0.05, abs=1e-15)
+    assert math.isnan(metrics.tradeoff_rho(0.1, 0.5, 0.0, 0.5))
 
 
 def test_vcra_is_population_variance_not_unbiased():
