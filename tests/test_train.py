@@ -5,7 +5,7 @@ import warnings
 import pytest
 import torch
 
-from fastfat import reference
+from fastfat import reference, runtime
 from fastfat.config import make_train_config
 from fastfat.data import MemoryLoader, make_synthetic
 from fastfat.errors import UserError
@@ -20,7 +20,7 @@ from fastfat.train import NonFiniteLoss, Trainer, build_for_config, lr_at, train
     ("fat-trades", dict(lam=1.0, beta=6.0, vcar_mode="authors")),
     ("natural", dict(eps_train=0.0)),
 ])
-def test_twenty_steps_match_the_reference(method, extra):
+def test_twenty_steps_match_the_reference(method, extra, device):
     """Same init, same batches, same attack starts: the fast trainer (channels_last, BN folded
     for the attack, input gradients only) ends 20 SGD steps with the reference's weights.
 
@@ -32,13 +32,13 @@ def test_twenty_steps_match_the_reference(method, extra):
                 eps_train=8 / 255, lr=0.05, method=method)
     cfg = make_train_config(None, **{**base, **extra})
     tr, _ = make_synthetic(n_train=320)
-    fast_model = build_for_config(cfg, "cpu").double()
+    fast_model = build_for_config(cfg, device).double()
     ref_model = copy.deepcopy(fast_model).to(memory_format=torch.contiguous_format)
     trainer = Trainer(cfg, fast_model)
     ref_opt = torch.optim.SGD(ref_model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                               weight_decay=cfg.weight_decay)
-    batches = [(x.double(), y) for x, y in list(MemoryLoader(tr, 16, False))[:20]]
-    g_fast, g_ref = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    batches = [(x.double(), y) for x, y in list(MemoryLoader(tr, 16, False, device=device))[:20]]
+    g_fast, g_ref = (torch.Generator(device=device).manual_seed(5) for _ in range(2))
     for x, y in batches:
         out = trainer.train_step(x.contiguous(memory_format=torch.channels_last), y, g_fast)
         ref_loss = reference.ref_train_step(
@@ -53,12 +53,12 @@ def test_twenty_steps_match_the_reference(method, extra):
         else:
             assert torch.equal(fast_sd[k], ref_sd[k]), k
     # the weights really moved, so the comparison above means something
-    init = build_for_config(cfg, "cpu").state_dict()
+    init = build_for_config(cfg, device).state_dict()
     assert not torch.allclose(init["linear.weight"].double(), fast_sd["linear.weight"])
 
 
 @pytest.mark.parametrize("method", ["madry", "fat-madry", "fat-trades"])
-def test_first_step_matches_in_fp32(method):
+def test_first_step_matches_in_fp32(method, device):
     """fp32, the production dtype: one step from the same state gives the reference's loss and
     weights (rtol 1e-5 on the loss, 1e-4 on the weights). TRADES' KL attack is left to the
     float64 test: its first gradient, softmax(adv) - softmax(nat) at x_adv ~ x, is a
@@ -66,17 +66,17 @@ def test_first_step_matches_in_fp32(method):
     cfg = make_train_config(None, dataset="synthetic", model="resnet18", width=4, steps=3,
                             step_size="eps/2", eps_train=8 / 255, lr=0.05, method=method, lam=1.0)
     tr, _ = make_synthetic(n_train=64)
-    fast_model = build_for_config(cfg, "cpu")
+    fast_model = build_for_config(cfg, device)
     ref_model = copy.deepcopy(fast_model).to(memory_format=torch.contiguous_format)
     trainer = Trainer(cfg, fast_model)
     ref_opt = torch.optim.SGD(ref_model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                               weight_decay=cfg.weight_decay)
-    x, y = next(iter(MemoryLoader(tr, 32, False)))
-    out = trainer.train_step(x, y, torch.Generator().manual_seed(1))
+    x, y = next(iter(MemoryLoader(tr, 32, False, device=device)))
+    out = trainer.train_step(x, y, torch.Generator(device=device).manual_seed(1))
     ref_loss = reference.ref_train_step(ref_model, ref_opt, x.contiguous(), y, method=method,
                                         eps=cfg.eps_train, alpha=cfg.alpha(), steps=cfg.steps,
-                                        lam=cfg.lam, beta=cfg.beta, mode=cfg.vcar_mode,
-                                        num_classes=10, generator=torch.Generator().manual_seed(1))
+                                        lam=cfg.lam, beta=cfg.beta, mode=cfg.vcar_mode, num_classes=10,
+                                        generator=torch.Generator(device=device).manual_seed(1))
     assert float(out.loss) == pytest.approx(ref_loss, rel=1e-5)
     for k, v in ref_model.state_dict().items():
         if v.is_floating_point():
@@ -135,8 +135,20 @@ def test_authors_preset_reproduces_their_schedule():
     assert [lr_at(e, 120, 0.1, paper.schedule) for e in (59, 60, 79, 80)] == pytest.approx([0.1, 0.01, 0.01, 0.001])
 
 
-def test_resume_continues_exactly(tmp_path, tiny_overrides):
-    cfg = make_train_config(None, **dict(tiny_overrides, method="fat-madry", lam=0.5, epochs=3))
+def test_resume_continues_exactly(tmp_path, tiny_overrides, device):
+    """A run cut after its first epoch and resumed ends with the uninterrupted run's losses and
+    weights, bit for bit. On CUDA that needs the deterministic switch (cuDNN's algorithm choice,
+    atomics in weight gradients); on the CPU it holds as it is."""
+    cfg = make_train_config(None, **dict(tiny_overrides, method="fat-madry", lam=0.5, epochs=3,
+                                         deterministic=device.type == "cuda"))
+    flags = runtime.backend_flags()
+    try:
+        _resume_continues_exactly(tmp_path, cfg)
+    finally:
+        runtime.restore_backends(flags)
+
+
+def _resume_continues_exactly(tmp_path, cfg):
     full, log_full = train(cfg, str(tmp_path / "full"), progress=False)
 
     class Stop(Exception):
@@ -182,11 +194,12 @@ def test_training_learns_and_logs(tmp_path, tiny_overrides):
     assert len(lines) == 3 and (tmp_path / "config.json").exists()
 
 
-def test_attack_leaves_parameter_grads_and_mode_alone(tiny_overrides):
+def test_attack_leaves_parameter_grads_and_mode_alone(tiny_overrides, device):
     cfg = make_train_config(None, **tiny_overrides)
-    model = build_for_config(cfg, "cpu")
+    model = build_for_config(cfg, device)
     trainer = Trainer(cfg, model)
-    x, y = next(iter(MemoryLoader(make_synthetic()[0], 8, False)))
+    assert trainer.device == device
+    x, y = next(iter(MemoryLoader(make_synthetic()[0], 8, False, device=device)))
     model.train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x_adv = trainer.adversarial(x, y)
@@ -209,21 +222,23 @@ def test_bf16_on_a_cpu_without_native_bf16_warns(monkeypatch):
         assert T.amp_dtype("auto", cpu) is None and T.amp_dtype("off", cpu) is None
 
 
-def test_trainer_reads_its_device_off_the_model(tiny_overrides):
+def test_trainer_reads_its_device_off_the_model(tiny_overrides, device):
     """Trainer(cfg, model) without a device: the model's device, not the CPU (a CUDA model would
     otherwise resolve amp "auto" to off and train under CPU autocast)."""
-    cfg = make_train_config(None, **tiny_overrides)
+    cfg = make_train_config(None, **dict(tiny_overrides, device="cpu"))
     model = build_for_config(cfg, "cpu").to("meta")
     trainer = Trainer(cfg, model)
     assert trainer.device == torch.device("meta")
-    assert Trainer(cfg, build_for_config(cfg, "cpu")).device == torch.device("cpu")
+    trainer = Trainer(cfg, build_for_config(cfg, device))
+    assert trainer.device == device
+    assert trainer.amp == (torch.bfloat16 if device.type == "cuda" else None)   # amp "auto"
 
 
 def test_epoch_clock_reads_after_a_device_sync(monkeypatch, tiny_overrides):
     """train_epoch's seconds and images/s: the clock is read only right after a device sync,
     before the first step and after the last (CUDA calls return when queued)."""
     import fastfat.train as T
-    cfg = make_train_config(None, **tiny_overrides)
+    cfg = make_train_config(None, **dict(tiny_overrides, device="cpu"))
     trainer = Trainer(cfg, build_for_config(cfg, "cpu"))
     events = []
     monkeypatch.setattr(T, "synchronize", lambda device: events.append("sync"))
