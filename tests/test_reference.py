@@ -1,24 +1,30 @@
 """The reference implementation's own sanity: formulas, schedule, seeds, train step, train, evaluate."""
+import importlib.util
 import math
 
 import pytest
 import torch
 
 from fastfat import reference as R
-from fastfat import seeding
+from fastfat import runtime, seeding
 from fastfat.config import make_train_config
 from fastfat.data import TorchvisionLoader, make_synthetic
 from fastfat.models import build_model
 
 
-def _model(seed=0, width=4):
+def _model(seed=0, width=4, device="cpu"):
     torch.manual_seed(seed)
-    return build_model("cnn", 10, width=width)
+    return build_model("cnn", 10, width=width).to(device)
 
 
-def _batch(n=16, seed=0):
+def _batch(n=16, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    return torch.rand(n, 3, 16, 16, generator=g), torch.arange(n) % 10
+    return torch.rand(n, 3, 16, 16, generator=g).to(device), (torch.arange(n) % 10).to(device)
+
+
+def _torchvision():
+    """The reference's own data path; a GPU machine may not have torchvision installed."""
+    pytest.importorskip("torchvision", reason="the reference's TorchvisionLoader needs torchvision")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,10 +127,10 @@ def test_eval_noise_seed_rejects_bad_input():
 # Attacks (the reference's own invariants; fast == reference lives in test_attacks.py)
 
 @pytest.mark.parametrize("loss", ["ce", "cw", "kl"])
-def test_ref_pgd_ball_box_mode(loss):
-    model = _model().train()
-    x, y = _batch()
-    adv = R.ref_pgd(model, x, y, 0.05, 0.02, 4, loss=loss, generator=torch.Generator().manual_seed(0))
+def test_ref_pgd_ball_box_mode(loss, device):
+    model = _model(device=device).train()
+    x, y = _batch(device=device)
+    adv = R.ref_pgd(model, x, y, 0.05, 0.02, 4, loss=loss, generator=torch.Generator(device).manual_seed(0))
     assert (adv - x).abs().max() <= 0.05 + 1e-6 and adv.min() >= 0 and adv.max() <= 1
     assert adv.is_contiguous() and not adv.requires_grad
     assert model.training
@@ -155,20 +161,20 @@ STEP_KW = dict(eps=8 / 255, alpha=2 / 255, steps=3, lam=1.0, beta=6.0, mode="pap
                superclass=False, num_classes=10)
 
 
-def _step(method, seed=0, **kw):
-    model = _model()
+def _step(method, seed=0, device="cpu", **kw):
+    model = _model(device=device)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=2e-4)
-    x, y = _batch(seed=seed)
-    g = torch.Generator().manual_seed(5)
+    x, y = _batch(seed=seed, device=device)
+    g = torch.Generator(device).manual_seed(5)
     args = {**STEP_KW, **kw}
     loss = R.ref_train_step(model, opt, x, y, method=method, generator=g, **args)
     return model, loss, g
 
 
 @pytest.mark.parametrize("method", R.METHODS)
-def test_train_step_runs_and_updates(method):
-    init = _model().state_dict()
-    model, loss, _ = _step(method)
+def test_train_step_runs_and_updates(method, device):
+    init = _model(device=device).state_dict()
+    model, loss, _ = _step(method, device=device)
     assert isinstance(loss, float) and math.isfinite(loss) and loss > 0
     assert model.training
     sd = model.state_dict()
@@ -214,17 +220,25 @@ def _cfg(**kw):
     return make_train_config(**base)
 
 
-def test_ref_train_is_deterministic_and_trains():
+def test_ref_train_is_deterministic_and_trains(device):
+    """On the model's device (batches and attack noise there too); on CUDA in deterministic mode,
+    as cuDNN's weight gradients are not otherwise."""
+    _torchvision()
     tr, _ = make_synthetic(n_train=64, n_test=16, seed=0)
     cfg = _cfg()
-    init = _model(width=4).state_dict()
-    a = R.ref_train(cfg, tr, _model(width=4))
-    b = R.ref_train(cfg, tr, _model(width=4))
+    init = _model(width=4, device=device).state_dict()
+    flags = runtime.set_backends(device, deterministic=True)
+    try:
+        a = R.ref_train(cfg, tr, _model(width=4, device=device))
+        b = R.ref_train(cfg, tr, _model(width=4, device=device))
+        # max_steps: 4 steps is the whole run (2 epochs x 64/32), 1 step is not
+        c = R.ref_train(cfg, tr, _model(width=4, device=device), max_steps=4)
+        d = R.ref_train(cfg, tr, _model(width=4, device=device), max_steps=1)
+    finally:
+        runtime.restore_backends(flags)
+    assert next(a.parameters()).device == device
     assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
     assert any(not torch.equal(init[k], v) for k, v in a.state_dict().items() if "weight" in k)
-    # max_steps: 4 steps is the whole run (2 epochs x 64/32), 1 step is not
-    c = R.ref_train(cfg, tr, _model(width=4), max_steps=4)
-    d = R.ref_train(cfg, tr, _model(width=4), max_steps=1)
     assert all(torch.equal(v, c.state_dict()[k]) for k, v in a.state_dict().items())
     assert any(not torch.equal(v, d.state_dict()[k]) for k, v in a.state_dict().items())
 
@@ -254,11 +268,20 @@ def test_ref_train_raises_on_divergence():
         R.ref_train(_cfg(method="natural", lr=1e30, epochs=3), tr, _model(width=4))
 
 
-def test_ref_evaluate_records():
+@pytest.mark.parametrize("loader", ["torchvision", "memory"])
+def test_ref_evaluate_records(loader, device):
+    """Records on the model's device; the "memory" loader (for machines without torchvision)
+    serves the same batches, so the same records."""
     _, te = make_synthetic(n_train=16, n_test=40, seed=1)
-    model = _model().eval()
+    model = _model(device=device).eval()
     eps_list = [0.03, 0.06]
-    recs = R.ref_evaluate(model, te, attacks=["fgsm", "pgd3", "cw"], eps_list=eps_list, batch_size=16, seed=2)
+    kw = dict(attacks=["fgsm", "pgd3", "cw"], eps_list=eps_list, batch_size=16, seed=2)
+    recs = R.ref_evaluate(model, te, loader=loader, **kw)
+    if loader == "memory" and importlib.util.find_spec("torchvision"):
+        other = R.ref_evaluate(model, te, loader="torchvision", **kw)
+        assert other == recs or all(_same_record(a, b) for a, b in zip(other, recs))
+    elif loader == "torchvision":
+        _torchvision()
     assert [(r["attack"], r["eps"]) for r in recs] == [("clean", 0.0)] + [
         (a, e) for a in ("fgsm", "pgd3", "cw") for e in eps_list]
     for r in recs:
@@ -267,13 +290,13 @@ def test_ref_evaluate_records():
         assert r["avg_acc"] == pytest.approx(sum(r["class_acc"]) / 10)
         assert r["worst_acc"] == min(r["class_acc"])
     # clean accuracy by hand
-    x, y = te.images.float() / 255, te.labels
+    x, y = (te.images.float() / 255).to(device), te.labels.to(device)
     with torch.no_grad():
         pred = model(x).argmax(1)
     for c in range(10):
         assert recs[0]["class_acc"][c] == float((pred[y == c] == c).sum()) / int((y == c).sum())
     # deterministic
-    again = R.ref_evaluate(model, te, attacks=["fgsm", "pgd3", "cw"], eps_list=eps_list, batch_size=16, seed=2)
+    again = R.ref_evaluate(model, te, loader=loader, **kw)
     assert again == recs or all(_same_record(a, b) for a, b in zip(again, recs))
 
 
