@@ -335,7 +335,7 @@ def test_changed_eval_reevaluates_without_retraining(tmp_path, monkeypatch):
 def test_store_refuses_foreign_files(tmp_path):
     junk = tmp_path / "x.db"
     junk.write_bytes(b"garbage" * 100)
-    with pytest.raises(UserError, match="cannot open results database"):
+    with pytest.raises(UserError, match="not an SQLite file"):
         Store(str(junk))
     other = tmp_path / "o.db"
     con = sqlite3.connect(other)
@@ -363,13 +363,14 @@ def test_claim_shares_a_grid_between_processes(tmp_path):
         dead.wait()
         host = socket.gethostname()
         with st.transaction() as db:
-            db.execute("UPDATE points SET status='running', owner=? WHERE key='a'", (f"{host}:{os.getppid()}",))
-            db.execute("UPDATE points SET status='running', owner=? WHERE key='b'", (f"{host}:{dead.pid}",))
-        assert st.claim("a") == "busy"
-        assert st.claim("b") == "claimed" and st.point("b").owner == owner_id()
-        assert st.claim("c") == "claimed"
+            for key, pid in (("a", os.getppid()), ("b", dead.pid)):   # both claims fresh
+                db.execute("UPDATE points SET status='running', owner=?, heartbeat=? WHERE key=?",
+                           (f"{host}:{pid}", time.time(), key))
+        assert st.claim("a").status == "busy"
+        assert st.claim("b").status == "claimed" and st.point("b").owner == owner_id()
+        assert st.claim("c").status == "claimed"
         st.finish("c", [], train_seconds=0.0, eval_seconds=0.0)
-        assert st.claim("c") == "done"
+        assert st.claim("c").status == "done"
         st.release("b")
         assert st.point("b").status == "pending" and st.point("b").owner is None
 

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 
 from ..config import EvalConfig, TrainConfig
 from ..sweep.grid import AXES, EVAL_PREFIXED, TRAIN_FIELDS, build_sweep, read_sweep_file
-from ..sweep.runner import run_sweep
+from ..sweep.runner import Terminated, run_sweep
 from .flags import add_dataclass_flags
 
 
@@ -34,6 +35,13 @@ def add_parser(sub) -> None:
     p.add_argument("--report", metavar="DIR", help="report directory (default: <db stem>_report/)")
     p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: the file's threads, else torch's)")
+    p.add_argument("--lease", type=float, metavar="MINUTES",
+                   help="a running point whose process has been silent this long is taken over by "
+                        "another sweep (default: the file's lease, else 10); the owner renews it "
+                        "every epoch and every lease/5")
+    p.add_argument("--reclaim", action="store_true",
+                   help="first take back this grid's running points that no live process on this "
+                        "host holds (e.g. claimed from another host that is gone), and say which")
     p.add_argument("--dry-run", action="store_true", help="validate and list the points; train nothing")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--preset", default=argparse.SUPPRESS, help="[train] preset: paper | authors | demo")
@@ -56,7 +64,8 @@ def run(args) -> int:
     train_flags = {k: x for k, x in v.items() if k in TRAIN_FIELDS and k not in AXES}
     eval_flags = {k[5:]: x for k, x in v.items() if k.startswith("eval.")}
     sweep = build_sweep(doc, base, grid_flags=grid_flags, train_flags=train_flags,
-                        eval_flags=eval_flags, db=args.db, report=args.report, threads=args.threads)
+                        eval_flags=eval_flags, db=args.db, report=args.report, threads=args.threads,
+                        lease=args.lease)
     progress = not args.no_progress
     if args.dry_run:
         for p in sweep.points:
@@ -65,15 +74,23 @@ def run(args) -> int:
         return 0
     print(f"sweep: {len(sweep.points)} points into {sweep.db}", flush=True)
     t0 = time.perf_counter()
-    counts = run_sweep(sweep, progress=progress, report=not args.no_report)
+    try:
+        counts = run_sweep(sweep, progress=progress, report=not args.no_report, reclaim=args.reclaim)
+    except Terminated:
+        print("fastfat: terminated; the running point was given back (run the same command to "
+              "resume)", file=sys.stderr)
+        return 128 + signal.SIGTERM
     mins = (time.perf_counter() - t0) / 60
     msg = (f"sweep: {counts['done']}/{counts['points']} points done ({counts['ran']} run now, "
            f"{counts['skipped']} already done), {counts['failed']} failed; {mins:.1f} min; "
            f"results in {sweep.db}")
     if counts["busy"]:
         msg += f"; {counts['busy']} running in another process"
+    if counts["failed_elsewhere"]:
+        msg += (f"; {counts['failed_elsewhere']} failed in another process during this run "
+                f"(not retried by it)")
     print(msg)
-    if counts["failed"]:
+    if counts["failed"] or counts["failed_elsewhere"]:
         print("sweep: run the same command again to retry the failed points "
               "(they resume from their last checkpoint)", file=sys.stderr)
         return 1

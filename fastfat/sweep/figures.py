@@ -1,7 +1,8 @@
 """`fastfat report`'s figures (matplotlib, Agg), at the attack and eps_test of Table 2: var and
 rob.acc against eps_train, one line per model (the paper's Figures 1-2) and one line per method
 for each model; rob.acc against var for the base method and every lambda, the Pareto front
-highlighted; class-wise robust accuracy bars per eps_train. Each is written as a PNG.
+highlighted; class-wise robust accuracy bars per eps_train. Each is written as a PNG. Like the
+tables, a figure holds points of one training setting only (report.Data.tag names it).
 """
 from __future__ import annotations
 
@@ -101,21 +102,24 @@ def make_figures(data, attack: str, eps: float) -> dict:
     at = f"{attack_title(attack)} at eps_test {eps_label(eps)}"
     rows = data.at(attack, eps)
     # Figures 1-2: one line per model, per data set and method.
-    for (dataset, method, lam), g in rows.groupby(["dataset", "method", "lam"], sort=False):
+    for (setting, dataset, method, lam), g in rows.groupby(["setting", "dataset", "method", "lam"], sort=False):
+        tag, slug = data.tag(setting)
         series = {name: _points(mg) for name, mg in g.groupby(g.model.map(model_name), sort=False)}
-        figs[f"fig_eps_train_{dataset}_{method}{lam_suffix(method, lam)}"] = plot_vs_eps(
-            series, f"{method_label(method, lam)} on {dataset_name(dataset)}, {at}")
+        figs[f"fig_eps_train_{dataset}_{method}{lam_suffix(method, lam)}{slug}"] = plot_vs_eps(
+            series, f"{method_label(method, lam)} on {dataset_name(dataset)}{tag}, {at}")
     # The same axes with one line per method (and lambda), per data set and model.
     trained = rows[rows.method != "natural"]
-    for (dataset, model), g in trained.groupby(["dataset", "model"], sort=False):
+    for (setting, dataset, model), g in trained.groupby(["setting", "dataset", "model"], sort=False):
+        tag, slug = data.tag(setting)
         label = pd.Series([method_label(m, lam).replace("lambda=", "λ=")
                            for m, lam in zip(g.method, g.lam)], index=g.index)
         series = {name: _points(mg) for name, mg in g.groupby(label, sort=False)}
         if len(series) > 1:
-            figs[f"fig_methods_{dataset}_{model}"] = plot_vs_eps(
-                series, f"{model_name(model)} on {dataset_name(dataset)}, {at}")
+            figs[f"fig_methods_{dataset}_{model}{slug}"] = plot_vs_eps(
+                series, f"{model_name(model)} on {dataset_name(dataset)}{tag}, {at}")
     # Pareto: the base method and every lambda of its FAT, per data set and model.
-    for (dataset, model), g in rows.groupby(["dataset", "model"], sort=False):
+    for (setting, dataset, model), g in rows.groupby(["setting", "dataset", "model"], sort=False):
+        tag, slug = data.tag(setting)
         for fat in filter(has_lambda, METHOD_ORDER):
             base = base_method(fat)
             mine = g[g.method.isin([base, fat])]
@@ -126,16 +130,18 @@ def make_figures(data, attack: str, eps: float) -> dict:
             label = pd.Series([f"FAT λ={lam:g}" if f else method_name(base)
                                for f, lam in zip(mine.is_fat, mine.lam)], index=mine.index)
             series = {name: _points(mg) for name, mg in mine.groupby(label, sort=False)}
-            figs[f"fig_pareto_{dataset}_{model}_{fat}"] = plot_pareto(
-                series, f"{model_name(model)} on {dataset_name(dataset)}: "
+            figs[f"fig_pareto_{dataset}_{model}_{fat}{slug}"] = plot_pareto(
+                series, f"{model_name(model)} on {dataset_name(dataset)}{tag}: "
                         f"{method_name(base)} and FAT over lambda, {at}")
     # Class-wise bars per eps_train.
-    for (dataset, model, method, lam), g in rows.groupby(["dataset", "model", "method", "lam"], sort=False):
+    for (setting, dataset, model, method, lam), g in rows.groupby(
+            ["setting", "dataset", "model", "method", "lam"], sort=False):
+        tag, slug = data.tag(setting)
         g = g.sort_values("eps_train", kind="stable")
         series = {eps_label(e): [100 * a for a in accs] for e, accs in zip(g.eps_train, g.class_acc)}
-        figs[f"fig_classwise_{dataset}_{model}_{method}{lam_suffix(method, lam)}"] = plot_classwise(
+        figs[f"fig_classwise_{dataset}_{model}_{method}{lam_suffix(method, lam)}{slug}"] = plot_classwise(
             class_names(dataset, len(g.class_acc.iloc[0])), series,
-            f"{method_label(method, lam)}, {model_name(model)} on {dataset_name(dataset)}, {at}")
+            f"{method_label(method, lam)}, {model_name(model)} on {dataset_name(dataset)}{tag}, {at}")
     return figs
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import os
 import tomllib
 from dataclasses import dataclass, fields
@@ -19,11 +20,12 @@ from importlib import resources
 from ..config import EvalConfig, TrainConfig, make_eval_config, make_train_config, to_dict
 from ..errors import UserError
 from .labels import lam_suffix
+from .claims import DEFAULT_LEASE_S
 from .store import Point
 
 # The grid's axes, in the order points are run (the last varies fastest).
 AXES = ("dataset", "model", "method", "seed", "eps_train", "lam")
-TOP_KEYS = ("db", "report", "threads", "grid", "train", "eval")
+TOP_KEYS = ("db", "report", "threads", "lease", "grid", "train", "eval")
 TRAIN_FIELDS = tuple(f.name for f in fields(TrainConfig))
 EVAL_FIELDS = tuple(f.name for f in fields(EvalConfig))
 # Eval fields whose names a training field already uses get an --eval- prefix on the command line.
@@ -60,10 +62,29 @@ class Sweep:
     report: str | None
     points: list[GridPoint]
     threads: int | None = None   # torch intra-op threads (None: torch's default)
+    lease: float = DEFAULT_LEASE_S   # seconds a silent claim stays valid (the file's minutes x60)
 
     @property
     def runs_dir(self) -> str:
         return runs_dir(self.db)
+
+
+def setting_of(train_config: dict) -> str:
+    """A point's training settings less its grid coordinates, as canonical JSON: points with the
+    same setting differ only along the grid's axes, so they may share a table."""
+    return json.dumps({k: v for k, v in train_config.items() if k not in AXES}, sort_keys=True)
+
+
+def setting_names(settings: list[str]) -> list[str]:
+    """Each setting (setting_of's JSON) named by the fields in which the settings differ,
+    e.g. 'width=16'; '' when there is one."""
+    if len(settings) < 2:
+        return [""] * len(settings)
+    dicts = [json.loads(x) for x in settings]
+    differ = [k for k in sorted(set().union(*dicts))
+              if len({json.dumps(d.get(k), sort_keys=True) for d in dicts}) > 1]
+    return [", ".join(f"{k}={v if isinstance(v, str) else json.dumps(v)}"
+                      for k in differ for v in [d.get(k)]) for d in dicts]
 
 
 def runs_dir(db: str) -> str:
@@ -133,7 +154,7 @@ def _scalar_list(axis: str, value) -> list:
 
 def build_sweep(doc: dict, base: str, *, grid_flags: dict | None = None, train_flags: dict | None = None,
                 eval_flags: dict | None = None, db: str | None = None, report: str | None = None,
-                threads=None) -> Sweep:
+                threads=None, lease=None) -> Sweep:
     """Validate a sweep file's content merged with flags (flags win) into a Sweep.
 
     Raises UserError naming the key or grid point at fault; nothing is written.
@@ -182,6 +203,15 @@ def build_sweep(doc: dict, base: str, *, grid_flags: dict | None = None, train_f
         if not ok:
             raise UserError(f"threads must be an integer >= 1, got {threads!r}")
         threads = int(threads)
+    lease = doc.get("lease") if lease is None else lease
+    if lease is not None:
+        try:
+            ok = not isinstance(lease, bool) and 0 < float(lease) < math.inf
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise UserError(f"lease must be a number of minutes > 0, got {lease!r}")
+    lease_s = DEFAULT_LEASE_S if lease is None else 60.0 * float(lease)
     if os.path.isdir(db):
         raise UserError(f"db {db} is a directory; give a file name such as results.db")
 
@@ -215,8 +245,13 @@ def build_sweep(doc: dict, base: str, *, grid_flags: dict | None = None, train_f
             raise UserError(f"duplicate grid point: {where} is the same point as {seen[ident]} "
                             f"(a value is repeated in a grid list, e.g. 8/255 and 0.031372549)")
         seen[ident] = where
-        points.append(GridPoint(point_key(cfg), cfg, ecfg))
-    return Sweep(db=db, report=report, points=points, threads=threads)
+        gp = GridPoint(point_key(cfg), cfg, ecfg)
+        try:
+            gp.to_point("").check_storable()
+        except UserError as e:
+            raise UserError(f"{where}: {e}") from None
+        points.append(gp)
+    return Sweep(db=db, report=report, points=points, threads=threads, lease=lease_s)
 
 
 def point_key(cfg: TrainConfig) -> str:

@@ -10,9 +10,11 @@ Tables (each as Markdown in report.md, and as its own CSV and LaTeX file):
   Table 2    class-wise robust accuracy (%) per eps_train at one attack and eps_test, with var,
              rob.acc and the diff row (largest eps_train minus smallest).
 
-Points with several seeds are averaged (each metric, and each class's accuracy, over seeds).
-If the database holds the same coordinates and seed twice (e.g. a changed [train] section), the
-point finished last is used.
+Points with several seeds are averaged (each metric, and each class's accuracy over the seeds
+that have test samples of the class). A table or figure only sets side by side points whose
+training settings differ along its own axes: a database holding points of several settings (a
+changed [train] section, another grid file) gets one set of tables per setting, named by the
+fields that differ. If it holds the same point twice, the one finished last is used.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from ..files import atomic_write_text
 from .labels import (METHOD_ORDER, attack_title, base_method, class_names, dataset_name, eps_label,
                      has_lambda, lam_suffix, lam_text, method_label, method_name, model_name)
 
-CELL = ["dataset", "model", "method", "lam", "eps_train"]   # a grid point less its seed
+CELL = ["setting", "dataset", "model", "method", "lam", "eps_train"]   # a grid point less its seed
 METRICS = ["avg_acc", "vcra", "worst_acc", "class_acc"]
 MAX_CLASS_COLUMNS = 10   # Table 2 shows at most this many classes (those that move most)
 
@@ -48,6 +50,14 @@ class Data:
     eps: dict             # attack -> sorted eps_test list
     points: list = field(default_factory=list)     # every store.Point (for the runs table)
     replaced: int = 0     # older duplicates left out
+    settings: list[str] = field(default_factory=lambda: [""])   # each setting's name ('' if one)
+    setting_of: dict = field(default_factory=dict)   # point key -> its setting (index)
+
+    def tag(self, setting: int) -> tuple[str, str]:
+        """(title suffix, slug suffix) naming a setting when the database holds several."""
+        if len(self.settings) < 2:
+            return "", ""
+        return f", {self.settings[setting]}", f"_set{setting + 1}"
 
     def at(self, attack: str, eps: float) -> pd.DataFrame:
         """The rows of one attack and eps_test."""
@@ -70,26 +80,31 @@ class Data:
 
 
 def _seed_mean(values: pd.Series):
-    """The mean of a metric (or of each class's accuracy) over seeds, summed in order: pandas'
-    own mean sums with compensation, which can change the last bit and so a printed digit."""
+    """The mean of a metric (or of each class's accuracy, over the seeds where the class had test
+    samples; NaN if none had) over seeds, summed in order: pandas' own mean sums with
+    compensation, which can change the last bit and so a printed digit."""
     rows = values.tolist()
     if isinstance(rows[0], list):
-        return [sum(c) / len(rows) for c in zip(*rows)]
+        have = [[a for a in c if a is not None and a == a] for c in zip(*rows)]
+        return [sum(h) / len(h) if h else math.nan for h in have]
     return sum(rows) / len(rows)
 
 
 def load(db_path: str) -> Data:
     """The finished points of a database, grouped and averaged over seeds."""
+    from .grid import setting_names, setting_of
     from .store import Store
 
-    with Store(db_path, create=False) as store:
+    with Store(db_path, readonly=True) as store:
         points = store.points()
     done = [p for p in points if p.status == "done"]
     if not done:
         raise UserError(f"{db_path}: no finished points to report yet")
+    settings = list(dict.fromkeys(setting_of(p.train_config) for p in points))   # first-seen order
+    which = {p.key: settings.index(setting_of(p.train_config)) for p in points}
 
     def ident(p):
-        return p.dataset, p.model, p.method, _key(p.lam), _key(p.eps_train), p.seed
+        return which[p.key], p.dataset, p.model, p.method, _key(p.lam), _key(p.eps_train), p.seed
 
     latest = {ident(p): p for p in sorted(done, key=lambda p: p.finished or 0)}  # ties: the later row
     chosen = [latest[i] for i in dict.fromkeys(map(ident, done))]              # in first-seen order
@@ -101,11 +116,11 @@ def load(db_path: str) -> Data:
              .reset_index())
     order = means.method.map(lambda m: METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER))
     means = (means.assign(order=order)
-             .sort_values(["dataset", "order", "lam", "model", "eps_train"], kind="stable")
+             .sort_values(["dataset", "setting", "order", "lam", "model", "eps_train"], kind="stable")
              .drop(columns="order").reset_index(drop=True))
     eps = {a: sorted(g.raw_eps)   # each eps_test as first seen
            for a, g in recs.drop_duplicates(["attack", "eps"]).groupby("attack", sort=False)}
-    return Data(means, list(eps), eps, points, len(done) - len(chosen))
+    return Data(means, list(eps), eps, points, len(done) - len(chosen), setting_names(settings), which)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,13 +261,15 @@ def table1(data: Data) -> list[Table]:
     """Table 1: per data set and method (and lambda); rows model x eps_train."""
     tables = []
     models = list(pd.unique(data.means.model))   # a model's rows follow its first cell in the report
-    for (dataset, method, lam), g in data.means.groupby(["dataset", "method", "lam"], sort=False):
+    for (setting, dataset, method, lam), g in data.means.groupby(["setting", "dataset", "method", "lam"],
+                                                                 sort=False):
+        tag, slug = data.tag(setting)
         cols = _robust_columns(data, g)
         rows = sorted(set(zip(g.model, g.eps_train)), key=lambda r: (models.index(r[0]), r[1]))
         wide = _grid(g, ["model", "eps_train"], ["attack", "eps"], ["vcra", "avg_acc"], rows,
                      [(m, a, _key(e)) for a, e in cols for m in ("vcra", "avg_acc")])
-        t = Table(slug=f"table1_{dataset}_{method}{lam_suffix(method, lam)}",
-                  title=f"Table 1 ({dataset_name(dataset)}, {method_label(method, lam)})",
+        t = Table(slug=f"table1_{dataset}_{method}{lam_suffix(method, lam)}{slug}",
+                  title=f"Table 1 ({dataset_name(dataset)}, {method_label(method, lam)}{tag})",
                   caption="Average robust accuracy (rob.acc, %) and variance of class-wise robust "
                           "accuracy (var, 10^-2) per attack and eps_test." + _seeds_note(g),
                   stub=["model", "eps_train"],
@@ -268,10 +285,12 @@ def tables34(data: Data) -> list[Table]:
     """Tables 3 (var) and 4 (rob.acc): each base method next to its FAT, per lambda."""
     out = []
     m = data.means
-    for (dataset, model, fat, lam), fat_g in m[m.method.map(has_lambda)].groupby(
-            ["dataset", "model", "method", "lam"], sort=False):
+    for (setting, dataset, model, fat, lam), fat_g in m[m.method.map(has_lambda)].groupby(
+            ["setting", "dataset", "model", "method", "lam"], sort=False):
         base = base_method(fat)
-        base_g = m[(m.dataset == dataset) & (m.model == model) & (m.method == base)]
+        # only the method and lambda may differ: the same setting, data set and model
+        base_g = m[(m.setting == setting) & (m.dataset == dataset) & (m.model == model) & (m.method == base)]
+        tag, slug = data.tag(setting)
         if base_g.empty:
             continue
         both = pd.concat([base_g, fat_g])
@@ -281,9 +300,9 @@ def tables34(data: Data) -> list[Table]:
         for num, what, title, extra in (
                 ("3", "vcra", "Variance of class-wise robust accuracy (10^-2)", ""),
                 ("4", "avg_acc", "Average robust accuracy (%)", " Bold: the higher of the pair.")):
-            t = Table(slug=f"table{num}_{dataset}_{model}_{fat}{lam_suffix(fat, lam)}",
+            t = Table(slug=f"table{num}_{dataset}_{model}_{fat}{lam_suffix(fat, lam)}{slug}",
                       title=f"Table {num} ({dataset_name(dataset)}, {model_name(model)}, "
-                            f"{method_name(base)} vs {method_label(fat, lam)})",
+                            f"{method_name(base)} vs {method_label(fat, lam)}{tag})",
                       caption=f"{title} of {method_name(base)} and FAT (lambda={lam:g}) per eps_train, "
                               f"attack and eps_test." + extra + _seeds_note(both),
                       stub=["eps_train"],
@@ -303,22 +322,29 @@ def tables34(data: Data) -> list[Table]:
     return out
 
 
+def _moved(a: float, b: float) -> float:
+    """Sort key: the class that moves most first; a class without samples at either end last."""
+    d = abs(a - b)
+    return -d if d == d else math.inf
+
+
 def table2(data: Data, attack: str, eps: float) -> list[Table]:
     """Table 2: class-wise robust accuracy per eps_train at one attack/eps, with the diff row."""
     out = []
-    for (dataset, model, method, lam), g in data.at(attack, eps).groupby(
-            ["dataset", "model", "method", "lam"], sort=False):
+    for (setting, dataset, model, method, lam), g in data.at(attack, eps).groupby(
+            ["setting", "dataset", "model", "method", "lam"], sort=False):
+        tag, slug = data.tag(setting)
         g = g.sort_values("eps_train", kind="stable")
         accs = g.class_acc.tolist()
         n = len(accs[0])
         names = class_names(dataset, n)
         classes = list(range(n))
         if n > MAX_CLASS_COLUMNS:  # many classes: those whose accuracy moves most with eps_train
-            moved = sorted(classes, key=lambda c: -abs(accs[-1][c] - accs[0][c]))
+            moved = sorted(classes, key=lambda c: _moved(accs[-1][c], accs[0][c]))
             classes = sorted(moved[:MAX_CLASS_COLUMNS])
-        t = Table(slug=f"table2_{dataset}_{model}_{method}{lam_suffix(method, lam)}",
+        t = Table(slug=f"table2_{dataset}_{model}_{method}{lam_suffix(method, lam)}{slug}",
                   title=f"Table 2 ({dataset_name(dataset)}, {model_name(model)}, "
-                        f"{method_label(method, lam)}, {attack_title(attack)} at eps_test {eps_label(eps)})",
+                        f"{method_label(method, lam)}{tag}, {attack_title(attack)} at eps_test {eps_label(eps)})",
                   caption="Robust accuracy (%) per class, var (10^-2) and rob.acc (%) per eps_train"
                           + ("; diff = largest eps_train minus smallest." if len(g) > 1 else ".")
                           + (" Classes whose accuracy moves most." if n > MAX_CLASS_COLUMNS else "")
@@ -341,16 +367,20 @@ def table2(data: Data, attack: str, eps: float) -> list[Table]:
 # The report
 
 def runs_table(data: Data) -> str:
-    """Markdown: every point of the database with its status, epochs and timings."""
-    lines = ["| dataset | model | method | eps_train | lambda | seed | status | epochs | train s | eval s | error |",
-             "|:---|:---|:---|---:|---:|---:|:---|---:|---:|---:|:---|"]
+    """Markdown: every point of the database with its status, epochs and timings (and its
+    setting, when the database holds several)."""
+    several = len(data.settings) > 1
+    lines = ["| dataset | model | method | eps_train | lambda | seed | status | epochs | train s | eval s | error |"
+             + (" setting |" if several else ""),
+             "|:---|:---|:---|---:|---:|---:|:---|---:|---:|---:|:---|" + (":---|" if several else "")]
     for p in data.points:
         t = "" if p.train_seconds is None else f"{p.train_seconds:.0f}"
         v = "" if p.eval_seconds is None else f"{p.eval_seconds:.0f}"
         err = (p.error or "").replace("|", "/")
         lines.append(f"| {p.dataset} | {model_name(p.model)} | {method_name(p.method)} | "
                      f"{eps_label(p.eps_train)} | {lam_text(p.method, p.lam)} | {p.seed} | {p.status} | "
-                     f"{p.epochs_done}/{p.epochs_total} | {t} | {v} | {err} |")
+                     f"{p.epochs_done}/{p.epochs_total} | {t} | {v} | {err} |"
+                     + (f" set{data.setting_of[p.key] + 1} |" if several else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -389,6 +419,10 @@ def write_report(db_path: str, out_dir: str, attack: str | None = None, eps: flo
           "var is the variance of class-wise robust accuracy in 10^-2 (population variance x100); "
           "rob.acc is the average robust accuracy in %. "
           f"Table 2 and the figures use {attack_title(attack)} at eps_test {eps_label(eps)}."]
+    if len(data.settings) > 1:
+        md.append(f"The database holds points of {len(data.settings)} training settings (they differ "
+                  f"beyond the grid's coordinates); no table or figure mixes them: "
+                  + "; ".join(f"set{i + 1}: {name}" for i, name in enumerate(data.settings)) + ".")
     if data.replaced:
         md.append(f"{data.replaced} older result(s) of the same grid point were left out "
                   f"(the latest finished one is used).")

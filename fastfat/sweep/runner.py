@@ -5,14 +5,19 @@ Each point trains in its own run directory next to the database (<db stem>_runs/
 checkpoint per epoch, and its results go into the store in one transaction with status "done".
 Running the same command again resumes the interrupted point from its last checkpoint and skips
 finished ones; training and evaluation are deterministic on the CPU for a given thread count, so
-the results equal an uninterrupted sweep's.
+the results equal an uninterrupted sweep's. Ctrl-C and SIGTERM give the running point back;
+while a point runs, a heartbeat keeps its claim alive, so processes sharing the database (also
+on other hosts) can tell a running point from an orphaned one.
 """
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
+from contextlib import contextmanager
 
 from ..config import to_dict
 from ..errors import UserError
@@ -94,34 +99,91 @@ def run_point(store, p: GridPoint, run_dir: str, *, progress: bool, overall=None
     return records
 
 
-def run_sweep(sweep: Sweep, *, progress: bool = True, report: bool = True, report_dir: str | None = None,
-              report_options: dict | None = None) -> dict:
-    """Run every point not done yet; returns counts {"done", "ran", "skipped", "failed", "busy"}."""
-    if sweep.threads is None:
-        return _run_sweep(sweep, progress, report, report_dir, report_options)
-    # On a shared small CPU, torch's default (one thread per core) in several processes at once
-    # oversubscribes the cores; measured here: 2.1 s per epoch with 1 thread, 39 s with 2.
-    import torch
-    before = torch.get_num_threads()
-    torch.set_num_threads(sweep.threads)
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that a sweep gives its running point back before it exits."""
+
+
+@contextmanager
+def _sigterm_as_interrupt():
+    """While a sweep runs, SIGTERM raises Terminated (the default would end the process at once
+    and leave its point 'running'); the previous handler comes back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield   # signal handlers can only be set from the main thread
+        return
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    old = signal.signal(signal.SIGTERM, handler)
     try:
-        return _run_sweep(sweep, progress, report, report_dir, report_options)
+        yield
     finally:
-        torch.set_num_threads(before)
+        signal.signal(signal.SIGTERM, old)
 
 
-def _run_sweep(sweep: Sweep, progress, report, report_dir, report_options) -> dict:
-    from .store import Store
+def run_sweep(sweep: Sweep, *, progress: bool = True, report: bool = True, report_dir: str | None = None,
+              report_options: dict | None = None, reclaim: bool = False) -> dict:
+    """Run every point not done yet; returns counts {"points", "done", "ran", "skipped", "failed",
+    "busy", "failed_elsewhere", "reclaimed"}. reclaim: first take back running points that no live
+    process on this host holds (stale, or claimed from another host), and say which."""
+    with _sigterm_as_interrupt():
+        if sweep.threads is None:
+            return _run_sweep(sweep, progress, report, report_dir, report_options, reclaim)
+        # On a shared small CPU, torch's default (one thread per core) in several processes at
+        # once oversubscribes the cores; measured here: 2.1 s per epoch with 1 thread, 39 s with 2.
+        import torch
+        before = torch.get_num_threads()
+        torch.set_num_threads(sweep.threads)
+        try:
+            return _run_sweep(sweep, progress, report, report_dir, report_options, reclaim)
+        finally:
+            torch.set_num_threads(before)
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min"
+
+
+def _open_and_add(store, sweep: Sweep, progress: bool, reclaim: bool) -> tuple[dict, int]:
+    """Add the grid's points to the store, say what else the database holds, reclaim if asked;
+    returns the store's Points of this grid by key and how many were reclaimed."""
+    from .grid import setting_of
 
     db_dir = os.path.dirname(os.path.abspath(sweep.db))
-    with Store(sweep.db) as store:
-        for p in sweep.points:
-            store.add_point(p.to_point(os.path.relpath(os.path.join(sweep.runs_dir, p.key), db_dir)))
-            store.sync_eval_config(p.key, to_dict(p.eval))
-        have = {q.key: q for q in store.points(keys=[p.key for p in sweep.points], with_results=False)}
+    store.begin_run()
+    for p in sweep.points:
+        store.add_point(p.to_point(os.path.relpath(os.path.join(sweep.runs_dir, p.key), db_dir)))
+        store.sync_eval_config(p.key, to_dict(p.eval))
+    keys = {p.key for p in sweep.points}
+    mine = {setting_of(to_dict(p.train)) for p in sweep.points}
+    others = [q for q in store.points(with_results=False) if q.key not in keys]
+    apart = sum(setting_of(q.train_config) not in mine for q in others)
+    if apart:
+        _say(f"sweep: {sweep.db} also holds {apart} point(s) of another grid with other [train] "
+             f"settings; the report keeps them in tables of their own", progress)
+    elif others:
+        _say(f"sweep: {sweep.db} also holds {len(others)} point(s) of another grid with the same "
+             f"[train] settings; the report shows them together", progress)
+    taken = []
+    if reclaim:
+        labels = {p.key: p.label() for p in sweep.points}
+        taken = store.reclaim([p.key for p in sweep.points])
+        for key, owner, silent in taken:
+            _say(f"sweep: reclaimed {labels[key]} from {owner} (silent for {_minutes(silent)})", progress)
+        if not taken:
+            _say("sweep: --reclaim: no running point to take back", progress)
+    return {q.key: q for q in store.points(keys=keys, with_results=False)}, len(taken)
+
+
+def _run_sweep(sweep: Sweep, progress, report, report_dir, report_options, reclaim) -> dict:
+    from .claims import ClaimLost, owner_alive
+    from .store import Store
+
+    with Store(sweep.db, lease=sweep.lease) as store:
+        have, reclaimed = _open_and_add(store, sweep, progress, reclaim)
         todo = [p for p in sweep.points if have[p.key].status != "done"]
         counts = {"points": len(sweep.points), "skipped": len(sweep.points) - len(todo),
-                  "ran": 0, "failed": 0, "busy": 0}
+                  "ran": 0, "failed": 0, "busy": 0, "failed_elsewhere": 0, "reclaimed": reclaimed}
         if counts["skipped"]:
             _say(f"sweep: {counts['skipped']} of {len(sweep.points)} points already done, skipping them",
                  progress)
@@ -133,18 +195,28 @@ def _run_sweep(sweep: Sweep, progress, report, report_dir, report_options) -> di
                 if overall is not None:
                     overall.set_postfix_str(f"point {i + 1}/{len(todo)}")
                 claim = store.claim(p.key)
-                if claim != "claimed":  # finished or taken by another process meanwhile
-                    counts["busy" if claim == "busy" else "skipped"] += 1
+                if claim.status != "claimed":  # finished, running or just failed in another process
+                    counts[{"busy": "busy", "failed": "failed_elsewhere"}.get(claim.status, "skipped")] += 1
                     if overall is not None:
                         overall.update(p.train.epochs - min(have[p.key].epochs_done, p.train.epochs) + 1)
                     continue
+                if claim.took_from:
+                    why = ("its process is gone" if not owner_alive(claim.took_from) else
+                           f"silent for {_minutes(claim.silent_s)}, longer than its lease")
+                    _say(f"sweep: took over {p.label()} from {claim.took_from} ({why})", progress)
                 t0 = time.perf_counter()
                 run_dir = os.path.join(sweep.runs_dir, p.key)
                 try:
-                    records = run_point(store, p, run_dir, progress=progress, overall=overall)
+                    with store.keep_alive(p.key):
+                        records = run_point(store, p, run_dir, progress=progress, overall=overall)
                 except KeyboardInterrupt:
                     store.release(p.key)
                     raise
+                except ClaimLost:
+                    counts["busy"] += 1
+                    _say(f"sweep: {p.label()} was taken over by another process (this process was "
+                         f"silent past its lease); leaving it there", progress)
+                    continue
                 except UserError as e:
                     store.fail(p.key, str(e))
                     counts["failed"] += 1

@@ -1,18 +1,11 @@
-"""The results store: one SQLite database per sweep (stdlib sqlite3, WAL journal).
-
-Tables
-  points     one row per grid point: key, the grid coordinates (method, model, dataset,
-             eps_train, lam, seed), the full train and eval configs as JSON, status
-             (pending | running | done | failed), the error line of a failure, epochs done,
-             timings, and which process holds a running point.
-  epochs     one row per finished training epoch of a point (loss, vcar, lr, seconds).
-  results    one row per (point, attack, eps_test): avg_acc, vcra (raw), worst_acc; attack
-             "clean" at eps 0 is the clean accuracy.
-  class_acc  one row per (point, attack, eps_test, class): that class's accuracy (fraction).
+"""The results store: one SQLite database per sweep (stdlib sqlite3, WAL journal; its tables are
+described in schema.py), and the claims by which concurrent sweep processes share its points.
 
 Every write is one short transaction, so a crash or kill -9 leaves the database as of the last
 commit: a point's results and its status "done" are committed together, never one without the
 other. Accuracies are stored as fractions and variances raw; the report does the x100 scaling.
+A file is looked at read-only before anything is written to it (dbfile.py), and the schema is
+created or upgraded inside one write transaction, so sweeps starting together do not collide.
 """
 from __future__ import annotations
 
@@ -24,62 +17,12 @@ import time
 from dataclasses import dataclass, field
 
 from ..errors import UserError
+from . import dbfile
+from . import schema as schema_mod
+from .claims import DEFAULT_LEASE_S, Claim, ClaimLost, Heartbeat, owner_id, silent_s, stale
 
-SCHEMA_VERSION = 1
 STATUSES = ("pending", "running", "done", "failed")
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (
-    name TEXT PRIMARY KEY,
-    value TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS points (
-    key TEXT PRIMARY KEY,
-    method TEXT NOT NULL,
-    model TEXT NOT NULL,
-    dataset TEXT NOT NULL,
-    eps_train REAL NOT NULL,
-    lam REAL NOT NULL,
-    seed INTEGER NOT NULL,
-    train_config TEXT NOT NULL,          -- JSON of the TrainConfig
-    eval_config TEXT NOT NULL,           -- JSON of the EvalConfig
-    run_dir TEXT NOT NULL,               -- checkpoint directory (relative to the database)
-    status TEXT NOT NULL DEFAULT 'pending'
-        CHECK (status IN ('pending', 'running', 'done', 'failed')),
-    error TEXT,                          -- one line, for status failed
-    epochs_done INTEGER NOT NULL DEFAULT 0,
-    epochs_total INTEGER NOT NULL,
-    created REAL NOT NULL,               -- unix times
-    started REAL,                        -- first time any process started the point
-    finished REAL,
-    train_seconds REAL,                  -- summed over epochs, across resumes
-    eval_seconds REAL,
-    owner TEXT                           -- host:pid of the process running it
-);
-CREATE TABLE IF NOT EXISTS epochs (
-    point TEXT NOT NULL REFERENCES points(key) ON DELETE CASCADE,
-    epoch INTEGER NOT NULL,              -- 1-based
-    loss REAL, vcar REAL, lr REAL, seconds REAL, images_per_s REAL,
-    PRIMARY KEY (point, epoch)
-);
-CREATE TABLE IF NOT EXISTS results (
-    point TEXT NOT NULL REFERENCES points(key) ON DELETE CASCADE,
-    attack TEXT NOT NULL,                -- clean | fgsm | pgdK | cw
-    eps REAL NOT NULL,                   -- eps_test (0 for clean)
-    avg_acc REAL NOT NULL,               -- fractions, and vcra the raw population variance
-    vcra REAL NOT NULL,
-    worst_acc REAL NOT NULL,
-    PRIMARY KEY (point, attack, eps)
-);
-CREATE TABLE IF NOT EXISTS class_acc (
-    point TEXT NOT NULL REFERENCES points(key) ON DELETE CASCADE,
-    attack TEXT NOT NULL,
-    eps REAL NOT NULL,
-    cls INTEGER NOT NULL,
-    acc REAL,                            -- NULL for a class without test samples
-    PRIMARY KEY (point, attack, eps, cls)
-);
-"""
+SQL_INT = (-2 ** 63, 2 ** 63 - 1)   # SQLite's INTEGER range
 
 
 @dataclass
@@ -106,69 +49,51 @@ class Point:
     train_seconds: float | None = None
     eval_seconds: float | None = None
     owner: str | None = None
+    heartbeat: float | None = None
+    lease: float | None = None
+    fail_mark: int | None = None
     results: list[dict] = field(default_factory=list)   # evaluate()'s records, clean first
 
-
-def owner_id() -> str:
-    """host:pid of this process, to tell a live running point from one left by a crash."""
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def owner_alive(owner: str | None) -> bool:
-    """Whether the process that claimed a point still runs (only decidable on this host)."""
-    if not owner:
-        return False
-    host, _, pid = owner.rpartition(":")
-    if host != socket.gethostname():
-        return True  # another machine's process: assume it is alive
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, ValueError):
-        return True
-    return True
+    def check_storable(self) -> None:
+        """UserError unless every integer fits SQLite's signed 64-bit INTEGER (checked before a
+        database is opened, so a bad grid leaves nothing behind)."""
+        for name in ("seed", "epochs_total"):
+            v = getattr(self, name)
+            if not SQL_INT[0] <= v <= SQL_INT[1]:
+                raise UserError(f"{name} {v} does not fit the results database (a signed 64-bit integer)")
 
 
 class Store:
-    """The results database. Use as a context manager or call close()."""
+    """The results database. Use as a context manager or call close().
 
-    def __init__(self, path: str, *, create: bool = True):
-        self.path = path
-        if not create and not os.path.isfile(path):
-            raise UserError(f"results database not found: {path}")
-        if create:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    create: make the database (and its directory) if missing; readonly: open it read-only (the
+    report), writing nothing, also in a read-only directory. lease: seconds this process's claims
+    stay valid without a heartbeat (a heartbeat thread renews them every lease / 5).
+    """
+
+    def __init__(self, path: str, *, create: bool = True, readonly: bool = False,
+                 lease: float = DEFAULT_LEASE_S):
+        self.path, self.readonly, self.lease = path, readonly, float(lease)
+        self.run_mark: int | None = None
+        tables, schema = dbfile.look(path)   # read-only: a foreign file is refused untouched
+        if tables:
+            self.version = schema_mod.check_version(path, tables, schema)
+        elif readonly or not create:
+            raise UserError(f"results database not found: {path}" if not os.path.exists(path)
+                            else f"{path} is not a fastfat results database (it is empty)")
+        self.db = dbfile.connect_ro(path) if readonly else dbfile.connect_rw(path)
         try:
-            # isolation_level=None: autocommit; transactions are explicit (BEGIN IMMEDIATE).
-            self.db = sqlite3.connect(path, timeout=30.0, isolation_level=None)
-            self.db.row_factory = sqlite3.Row
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=FULL")   # a committed point survives power loss
-            self.db.execute("PRAGMA foreign_keys=ON")
-            self._init_schema(create)
-        except sqlite3.DatabaseError as e:
-            raise UserError(f"cannot open results database {path}: {e}") from None
-
-    def _init_schema(self, create: bool) -> None:
-        has_meta = self.db.execute(
-            "SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone()
-        if has_meta:
-            row = self.db.execute("SELECT value FROM meta WHERE name='schema'").fetchone()
-            if row is None or int(row["value"]) != SCHEMA_VERSION:
-                raise UserError(f"{self.path} is not a fastfat results database of schema "
-                                f"version {SCHEMA_VERSION}")
-            return
-        if not create:
-            raise UserError(f"{self.path} is not a fastfat results database")
-        others = self.db.execute("SELECT count(*) FROM sqlite_master WHERE type='table'").fetchone()[0]
-        if others:
-            raise UserError(f"{self.path} is an SQLite database of something else; choose another --db")
-        with self.transaction():
-            for stmt in _SCHEMA.split(";"):
-                if stmt.strip():
-                    self.db.execute(stmt)
-            self.db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+            if not readonly:
+                self.db.execute("PRAGMA synchronous=FULL")   # a committed point survives power loss
+                self.db.execute("PRAGMA foreign_keys=ON")
+                self.version = schema_mod.init_schema(self.db, path)
+                dbfile.use_wal(self.db, path)              # only now: a refused file stays as it was
+            self._columns = {r["name"] for r in self.db.execute("PRAGMA table_info(class_acc)")}
+        except BaseException as e:
+            self.db.close()
+            if isinstance(e, sqlite3.DatabaseError):
+                raise UserError(f"cannot open results database {path}: {e}") from None
+            raise
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -183,6 +108,18 @@ class Store:
 
     def __exit__(self, *exc):
         self.close()
+
+    def _tick(self) -> int:
+        """Advance the meta clock (inside a transaction); returns its new value."""
+        self.db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE name='clock'")
+        return int(self.db.execute("SELECT value FROM meta WHERE name='clock'").fetchone()[0])
+
+    def begin_run(self) -> int:
+        """Mark this process's run as begun: failures marked later (by a concurrent run) are not
+        retried by it. Returns the mark."""
+        with self.transaction():
+            self.run_mark = self._tick()
+        return self.run_mark
 
     # -- points --------------------------------------------------------------------------------
 
@@ -209,39 +146,81 @@ class Store:
                 "WHERE key=? AND eval_config!=?", (new, key, new))
             return cur.rowcount == 1
 
-    def claim(self, key: str) -> str:
-        """Mark a point running for this process unless it is done or another live process runs it.
+    def claim(self, key: str) -> Claim:
+        """Mark a point running for this process, with a fresh heartbeat and this store's lease.
 
-        Returns 'claimed' (now ours), 'done' or 'busy' (a live process runs it). A point left
-        'running' by a dead process (a crash, kill -9) is taken over.
+        Not if it is done, held by a live process whose heartbeat is within its lease ('busy'), or
+        failed in a concurrent run (after begin_run; 'failed'). A point left 'running' by a dead
+        process (a crash, kill -9) or by a silent one (another host, a reused pid) is taken over.
         """
-        me = owner_id()
+        me, now = owner_id(), time.time()
         with self.transaction():
-            row = self.db.execute("SELECT status, owner FROM points WHERE key=?", (key,)).fetchone()
+            row = self.db.execute("SELECT * FROM points WHERE key=?", (key,)).fetchone()
             if row is None:
                 raise KeyError(key)
             if row["status"] == "done":
-                return "done"
-            if row["status"] == "running" and row["owner"] != me and owner_alive(row["owner"]):
-                return "busy"
-            self.db.execute("UPDATE points SET status='running', owner=?, error=NULL, "
-                            "started=COALESCE(started, ?) WHERE key=?", (me, time.time(), key))
-            return "claimed"
+                return Claim("done")
+            took = None
+            if row["status"] == "running" and row["owner"] != me:
+                if not stale(row, now):
+                    return Claim("busy")
+                took = Claim("claimed", row["owner"], silent_s(row, now))
+            if (row["status"] == "failed" and self.run_mark is not None
+                    and (row["fail_mark"] or 0) > self.run_mark):
+                return Claim("failed")
+            self.db.execute("UPDATE points SET status='running', owner=?, heartbeat=?, lease=?, "
+                            "error=NULL, started=COALESCE(started, ?) WHERE key=?",
+                            (me, now, self.lease, now, key))
+            return took or Claim("claimed")
+
+    def reclaim(self, keys) -> list[tuple[str, str, float]]:
+        """Take running points back by hand (--reclaim): every one not held by a live process on
+        this host with a fresh heartbeat becomes pending. Returns (key, owner, silent seconds)."""
+        me, now, host = owner_id(), time.time(), socket.gethostname()
+        taken = []
+        with self.transaction():
+            for key in keys:
+                row = self.db.execute("SELECT * FROM points WHERE key=? AND status='running'",
+                                      (key,)).fetchone()
+                if row is None or row["owner"] == me:
+                    continue
+                if (row["owner"] or "").rpartition(":")[0] == host and not stale(row, now):
+                    continue   # verifiably running here
+                self.db.execute("UPDATE points SET status='pending', owner=NULL WHERE key=?", (key,))
+                taken.append((key, row["owner"], silent_s(row, now)))
+        return taken
+
+    def keep_alive(self, key: str) -> "Heartbeat":
+        """A context manager renewing this process's claim on key every lease / 5 seconds."""
+        return Heartbeat(self.path, key, owner_id(), self.lease / 5)
 
     def record_epoch(self, key: str, row: dict) -> None:
-        """A training epoch finished (its checkpoint is on disk): log it and count it."""
+        """A training epoch finished (its checkpoint is on disk): log it, count it, renew the
+        claim. ClaimLost if another process has taken the point over."""
         with self.transaction():
+            cur = self.db.execute("UPDATE points SET epochs_done=MAX(epochs_done, ?), heartbeat=? "
+                                  "WHERE key=? AND owner=?", (int(row["epoch"]), time.time(), key, owner_id()))
+            if cur.rowcount == 0:
+                raise ClaimLost(key)
             self.db.execute(
                 "INSERT OR REPLACE INTO epochs (point, epoch, loss, vcar, lr, seconds, images_per_s) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (key, int(row["epoch"]), row.get("loss"), row.get("vcar"), row.get("lr"),
                  row.get("seconds"), row.get("images_per_s")))
-            self.db.execute("UPDATE points SET epochs_done=MAX(epochs_done, ?) WHERE key=?",
-                            (int(row["epoch"]), key))
 
     def finish(self, key: str, records: list[dict], *, train_seconds: float, eval_seconds: float) -> None:
-        """Store a point's evaluation records (evaluate()'s output) and mark it done, atomically."""
+        """Store a point's evaluation records (evaluate()'s output) and mark it done, atomically.
+
+        A class without test samples has accuracy None (or NaN) and is stored as NULL; a record's
+        class_count, when given, is stored beside. ClaimLost if another process holds the point.
+        """
         with self.transaction():
+            cur = self.db.execute(
+                "UPDATE points SET status='done', error=NULL, owner=NULL, finished=?, "
+                "train_seconds=?, eval_seconds=?, epochs_done=epochs_total WHERE key=? AND owner=?",
+                (time.time(), train_seconds, eval_seconds, key, owner_id()))
+            if cur.rowcount == 0:
+                raise ClaimLost(key)
             self.db.execute("DELETE FROM results WHERE point=?", (key,))
             self.db.execute("DELETE FROM class_acc WHERE point=?", (key,))
             for r in records:
@@ -250,27 +229,28 @@ class Store:
                     "VALUES (?, ?, ?, ?, ?, ?)",
                     (key, r["attack"], float(r["eps"]), float(r["avg_acc"]), float(r["vcra"]),
                      float(r["worst_acc"])))
+                counts = r.get("class_count") or [None] * len(r["class_acc"])
                 self.db.executemany(
-                    "INSERT INTO class_acc (point, attack, eps, cls, acc) VALUES (?, ?, ?, ?, ?)",
-                    [(key, r["attack"], float(r["eps"]), c, None if a != a else float(a))
-                     for c, a in enumerate(r["class_acc"])])
-            self.db.execute(
-                "UPDATE points SET status='done', error=NULL, owner=NULL, finished=?, "
-                "train_seconds=?, eval_seconds=?, epochs_done=epochs_total WHERE key=?",
-                (time.time(), train_seconds, eval_seconds, key))
+                    "INSERT INTO class_acc (point, attack, eps, cls, acc, count) VALUES (?, ?, ?, ?, ?, ?)",
+                    [(key, r["attack"], float(r["eps"]), c, None if a is None or a != a else float(a),
+                      None if n is None else int(n))
+                     for c, (a, n) in enumerate(zip(r["class_acc"], counts))])
 
     def fail(self, key: str, error: str) -> None:
-        """Mark a point failed with a one-line error; its checkpoint stays for a later retry."""
+        """Mark this process's point failed with a one-line error and the clock; its checkpoint
+        stays for a later run to retry."""
         line = (str(error).strip().splitlines() or ["failed"])[0][:500]
         with self.transaction():
-            self.db.execute("UPDATE points SET status='failed', error=?, owner=NULL, finished=? "
-                            "WHERE key=?", (line, time.time(), key))
+            self.db.execute("UPDATE points SET status='failed', error=?, owner=NULL, finished=?, "
+                            "fail_mark=? WHERE key=? AND owner=?",
+                            (line, time.time(), self._tick(), key, owner_id()))
 
     def release(self, key: str) -> None:
-        """Give a running point back (interrupted): pending again, resumable from its checkpoint."""
+        """Give this process's running point back (interrupted): pending again, resumable from
+        its checkpoint."""
         with self.transaction():
             self.db.execute("UPDATE points SET status='pending', owner=NULL WHERE key=? "
-                            "AND status='running'", (key,))
+                            "AND status='running' AND owner=?", (key, owner_id()))
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -299,14 +279,18 @@ class Store:
         return found[0] if found else None
 
     def results(self, key: str) -> list[dict]:
-        """evaluate()-shaped records of a point: clean first, then in insertion order."""
+        """evaluate()-shaped records of a point, clean first, then in insertion order: class_acc
+        with None for a class without test samples, and class_count when it was recorded."""
         recs = []
+        count = ", count" if "count" in self._columns else ""
         for r in self.db.execute("SELECT * FROM results WHERE point=? ORDER BY rowid", (key,)):
-            accs = self.db.execute("SELECT cls, acc FROM class_acc WHERE point=? AND attack=? "
+            accs = self.db.execute(f"SELECT cls, acc{count} FROM class_acc WHERE point=? AND attack=? "
                                    "AND eps=? ORDER BY cls", (key, r["attack"], r["eps"])).fetchall()
-            recs.append({"attack": r["attack"], "eps": r["eps"],
-                         "class_acc": [float("nan") if a["acc"] is None else a["acc"] for a in accs],
-                         "avg_acc": r["avg_acc"], "vcra": r["vcra"], "worst_acc": r["worst_acc"]})
+            rec = {"attack": r["attack"], "eps": r["eps"], "class_acc": [a["acc"] for a in accs],
+                   "avg_acc": r["avg_acc"], "vcra": r["vcra"], "worst_acc": r["worst_acc"]}
+            if count and any(a["count"] is not None for a in accs):
+                rec["class_count"] = [a["count"] for a in accs]
+            recs.append(rec)
         recs.sort(key=lambda r: r["attack"] != "clean")
         return recs
 

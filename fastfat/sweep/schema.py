@@ -1,0 +1,133 @@
+"""The results database's tables, their version, and creating or upgrading them race-free.
+
+Tables
+  meta       'schema' (its version) and 'clock' (a counter that orders run starts and failures).
+  points     one row per grid point: key, the grid coordinates (method, model, dataset,
+             eps_train, lam, seed), the full train and eval configs as JSON, status
+             (pending | running | done | failed), the error line of a failure and its clock mark,
+             epochs done, timings, and the claim of a running point: owner (host:pid), heartbeat
+             (unix time the owner last showed life) and lease (seconds after which a silent claim
+             is stale).
+  epochs     one row per finished training epoch of a point (loss, vcar, lr, seconds).
+  results    one row per (point, attack, eps_test): avg_acc, vcra (raw), worst_acc; attack
+             "clean" at eps 0 is the clean accuracy.
+  class_acc  one row per (point, attack, eps_test, class): that class's accuracy (fraction; NULL
+             for a class without test samples) and its number of test samples (NULL if unknown).
+"""
+from __future__ import annotations
+
+import sqlite3
+
+from ..errors import UserError
+
+SCHEMA_VERSION = 2
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    name TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS points (
+    key TEXT PRIMARY KEY,
+    method TEXT NOT NULL,
+    model TEXT NOT NULL,
+    dataset TEXT NOT NULL,
+    eps_train REAL NOT NULL,
+    lam REAL NOT NULL,
+    seed INTEGER NOT NULL,
+    train_config TEXT NOT NULL,          -- JSON of the TrainConfig
+    eval_config TEXT NOT NULL,           -- JSON of the EvalConfig
+    run_dir TEXT NOT NULL,               -- checkpoint directory (relative to the database)
+    status TEXT NOT NULL DEFAULT 'pending'
+        CHECK (status IN ('pending', 'running', 'done', 'failed')),
+    error TEXT,                          -- one line, for status failed
+    epochs_done INTEGER NOT NULL DEFAULT 0,
+    epochs_total INTEGER NOT NULL,
+    created REAL NOT NULL,               -- unix times
+    started REAL,                        -- first time any process started the point
+    finished REAL,
+    train_seconds REAL,                  -- summed over epochs, across resumes
+    eval_seconds REAL,
+    owner TEXT,                          -- host:pid of the process running it
+    heartbeat REAL,                      -- when the owner last showed life (unix time)
+    lease REAL,                          -- the owner's lease in seconds
+    fail_mark INTEGER                    -- meta clock at the failure
+);
+CREATE TABLE IF NOT EXISTS epochs (
+    point TEXT NOT NULL REFERENCES points(key) ON DELETE CASCADE,
+    epoch INTEGER NOT NULL,              -- 1-based
+    loss REAL, vcar REAL, lr REAL, seconds REAL, images_per_s REAL,
+    PRIMARY KEY (point, epoch)
+);
+CREATE TABLE IF NOT EXISTS results (
+    point TEXT NOT NULL REFERENCES points(key) ON DELETE CASCADE,
+    attack TEXT NOT NULL,                -- clean | fgsm | pgdK | cw
+    eps REAL NOT NULL,                   -- eps_test (0 for clean)
+    avg_acc REAL NOT NULL,               -- fractions, and vcra the raw population variance
+    vcra REAL NOT NULL,
+    worst_acc REAL NOT NULL,
+    PRIMARY KEY (point, attack, eps)
+);
+CREATE TABLE IF NOT EXISTS class_acc (
+    point TEXT NOT NULL REFERENCES points(key) ON DELETE CASCADE,
+    attack TEXT NOT NULL,
+    eps REAL NOT NULL,
+    cls INTEGER NOT NULL,
+    acc REAL,                            -- NULL for a class without test samples
+    count INTEGER,                       -- test samples of the class (NULL: not recorded)
+    PRIMARY KEY (point, attack, eps, cls)
+);
+"""
+
+# Version 1 lacked the claim's heartbeat and lease, the failure's clock mark and class counts.
+_UPGRADE_FROM_1 = (
+    "ALTER TABLE points ADD COLUMN heartbeat REAL",
+    "ALTER TABLE points ADD COLUMN lease REAL",
+    "ALTER TABLE points ADD COLUMN fail_mark INTEGER",
+    "ALTER TABLE class_acc ADD COLUMN count INTEGER",
+)
+
+
+def check_version(path: str, tables: set, schema) -> int:
+    """The schema version of a database with these tables and meta 'schema' value; UserError if
+    it is not fastfat's (or is newer than this fastfat)."""
+    try:
+        version = int(schema)
+    except (TypeError, ValueError):
+        version = None
+    if version is None or "points" not in tables:
+        raise UserError(f"{path} is an SQLite database of something else; left untouched, "
+                        f"choose another --db")
+    if not 1 <= version <= SCHEMA_VERSION:
+        raise UserError(f"{path} is a results database of schema version {version}; this "
+                        f"fastfat reads versions 1 to {SCHEMA_VERSION}")
+    return version
+
+
+def init_schema(con: sqlite3.Connection, path: str) -> int:
+    """Create or upgrade the schema of an autocommit connection's database in one write
+    transaction, after looking inside it: two processes opening a new database at once queue on
+    the transaction, and the second finds the first's tables. Returns SCHEMA_VERSION."""
+    con.execute("BEGIN IMMEDIATE")
+    try:
+        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if tables:
+            row = con.execute("SELECT value FROM meta WHERE name='schema'").fetchone() \
+                if "meta" in tables else None
+            version = check_version(path, tables, None if row is None else row[0])
+        else:
+            for stmt in _SCHEMA.split(";"):
+                if stmt.strip():
+                    con.execute(stmt)
+            version = 0
+        if version == 1:
+            for stmt in _UPGRADE_FROM_1:
+                con.execute(stmt)
+        if version < SCHEMA_VERSION:
+            con.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+            con.execute("INSERT OR IGNORE INTO meta VALUES ('clock', '0')")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    con.execute("COMMIT")
+    return SCHEMA_VERSION

@@ -1,0 +1,486 @@
+"""Sweeps under faults (issue 12): bad grids leave nothing behind, unwritable and foreign database
+files, sweeps started together, failures and claims shared between processes, SIGTERM, stale
+claims, grids mixed in one database, and classes without test samples."""
+from __future__ import annotations
+
+import hashlib
+import io
+import multiprocessing
+import os
+import pwd
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from contextlib import redirect_stderr, redirect_stdout
+
+import pytest
+
+from fastfat import cli
+from fastfat.sweep import grid, report, runner
+from fastfat.sweep.store import ClaimLost, Point, Store
+
+# One point trains in about a second: the small CNN at width 4 on 128 digits, memory loaders
+# (no FFCV import), one torch thread.
+TINY = """
+db = "s.db"
+threads = 1
+[grid]
+method = ["madry"]
+eps_train = [0.1]
+model = ["cnn"]
+dataset = ["digits"]
+seed = [0]
+[train]
+preset = "demo"
+width = 4
+epochs = 2
+batch_size = 32
+steps = 1
+train_limit = 128
+test_limit = 40
+loader = "memory"
+[eval]
+attacks = ["fgsm"]
+eps_test = [0.25]
+loader = "memory"
+"""
+
+
+def _file(d, text=TINY, name="s.toml"):
+    os.makedirs(d, exist_ok=True)
+    path = os.path.join(d, name)
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+def _sweep(path, *flags):
+    """`python -m fastfat sweep` in a real process, started now."""
+    return subprocess.Popen([sys.executable, "-m", "fastfat", "sweep", path, "--no-progress", "--no-report",
+                             *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _rows(db, sql, args=()):
+    """Rows of a query on a database that another process may be writing (or not yet created)."""
+    if not os.path.isfile(db) or os.path.getsize(db) == 0:
+        return []
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+    try:
+        return con.execute(sql, args).fetchall()
+    except sqlite3.OperationalError:
+        return []   # the schema is not there yet
+    finally:
+        con.close()
+
+
+def _wait_for(cond, proc, what, timeout=120):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if proc.poll() is not None:
+            raise AssertionError(f"the sweep ended before {what}: {proc.communicate()}")
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def _sha(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def _error_line(capsys):
+    err = capsys.readouterr().err
+    assert err.startswith("fastfat: error: ") and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+# ---------------------------------------------------------------------------------------------
+# D4, D14: where the database goes, and files that are not ours
+
+def _as_nobody(fn, *args):
+    """Run fn(*args) in a forked child as the unprivileged user 'nobody' (this process when it
+    is not root); returns (its return value as text, its stderr). The child reuses the
+    modules already imported here (nobody may not be able to read the interpreter's files)."""
+    if os.geteuid() == 0:
+        try:
+            nobody = pwd.getpwnam("nobody")
+        except KeyError:
+            pytest.skip("running as root and there is no unprivileged user 'nobody' to test with")
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:   # the child: never returns into pytest
+        code = 0
+        try:
+            if os.geteuid() == 0:
+                os.setgroups([])
+                os.setgid(nobody.pw_gid)
+                os.setuid(nobody.pw_uid)
+            err = io.StringIO()
+            with redirect_stdout(io.StringIO()), redirect_stderr(err):
+                rc = fn(*args)
+            os.write(w, f"{rc}\n{err.getvalue()}".encode())
+        except BaseException as e:  # noqa: BLE001 - report anything to the parent
+            os.write(w, f"raised\n{type(e).__name__}: {e}".encode())
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r) as f:
+        text = f.read()
+    os.waitpid(pid, 0)
+    rc, _, out = text.partition("\n")
+    return rc, out
+
+
+@pytest.fixture
+def shared_dir(tmp_path_factory):
+    """A directory that 'nobody' can enter (pytest's own tmp root is private to its user)."""
+    d = tmp_path_factory.mktemp("shared")
+    for p in (d, *d.parents):
+        if str(p) in ("/", "/tmp"):
+            break
+        os.chmod(p, os.stat(p).st_mode | 0o711)
+    os.chmod(d, 0o777)
+    return d
+
+
+def test_db_under_an_unwritable_directory_is_one_error_line(shared_dir):
+    ro = shared_dir / "ro"
+    ro.mkdir()
+    path = _file(str(shared_dir), TINY.replace('db = "s.db"', 'db = "ro/sub/s.db"'))
+    os.chmod(path, 0o644)
+    ro.chmod(0o555)
+    rc, out = _as_nobody(cli.main, ["sweep", path, "--no-progress"])
+    assert rc == "2", out
+    assert out.startswith("fastfat: error: cannot create the directory ") and "Permission denied" in out, out
+    assert len(out.strip().splitlines()) == 1
+    # the directory exists but cannot be written
+    path = _file(str(shared_dir), TINY.replace('db = "s.db"', 'db = "ro/s.db"'), name="t.toml")
+    os.chmod(path, 0o644)
+    rc, out = _as_nobody(cli.main, ["sweep", path, "--no-progress"])
+    assert rc == "2" and out.startswith("fastfat: error: cannot create results database ") \
+        and "is not writable" in out and len(out.strip().splitlines()) == 1, out
+    assert os.listdir(ro) == []
+
+
+def _foreign_files(d):
+    """A foreign SQLite file in each journal mode, a 0-byte file and a text file."""
+    files = {}
+    for mode in ("delete", "wal"):
+        path = str(d / f"other_{mode}.db")
+        con = sqlite3.connect(path)
+        con.execute(f"PRAGMA journal_mode={mode}")
+        con.execute("CREATE TABLE notes (a)")
+        con.execute("INSERT INTO notes VALUES (1)")
+        con.commit()
+        con.close()
+        files[mode] = path
+    (d / "empty.db").write_bytes(b"")
+    files["empty"] = str(d / "empty.db")
+    (d / "text.db").write_text("hello\n" * 100)
+    files["text"] = str(d / "text.db")
+    return files
+
+
+def test_foreign_files_are_refused_untouched(tmp_path, capsys):
+    d = tmp_path / "files"
+    d.mkdir()
+    files = _foreign_files(d)
+    before = {p: _sha(p) for p in files.values()}
+    listing = sorted(os.listdir(d))
+    sweep_file = _file(str(tmp_path), TINY)
+    said = {}
+    for kind, path in files.items():
+        said[kind] = [cli.main(["report", path, "--out", str(tmp_path / "rep")]), capsys.readouterr().err]
+        if kind != "empty":   # a sweep adopts an empty file (its own, made by a sweep next door)
+            said[kind] += [cli.main(["sweep", sweep_file, "--db", path, "--no-progress"]),
+                           capsys.readouterr().err]
+    assert {p: _sha(p) for p in files.values()} == before
+    assert sorted(os.listdir(d)) == listing            # no -wal / -shm / -journal left beside them
+    assert not (tmp_path / "rep").exists()
+    for kind, (rc, err, *sweep) in said.items():
+        assert rc == 2 and err.startswith("fastfat: error: ") and len(err.splitlines()) == 1, err
+        assert ("SQLite database of something else" if kind in ("delete", "wal") else
+                "is empty" if kind == "empty" else "not an SQLite file") in err, err
+        assert sweep == [] or (sweep[0] == 2 and sweep[1].startswith("fastfat: error: ")
+                               and len(sweep[1].splitlines()) == 1), sweep
+
+
+def test_report_reads_a_database_in_a_read_only_directory(shared_dir):
+    d = shared_dir / "ro"
+    d.mkdir()
+    db = str(d / "r.db")
+    with Store(db) as st:
+        _add_done(st, "a", [_record("pgd20", 0.25, [0.5, 0.25], None)])
+    assert not os.path.exists(db + "-wal")   # the last writer closed: the WAL is folded in
+    os.chmod(db, 0o444)
+    d.chmod(0o555)
+    digest = _sha(db)
+    # a report here first imports what the child needs (it may not read the interpreter's files)
+    copy = shared_dir / "copy.db"
+    copy.write_bytes(open(db, "rb").read())
+    assert cli.main(["report", str(copy), "--out", str(shared_dir / "warm")]) == 0
+    out = shared_dir / "out"
+    out.mkdir()
+    out.chmod(0o777)
+    rc, text = _as_nobody(cli.main, ["report", db, "--out", str(out)])
+    assert rc == "0", text
+    assert "| 50.0 | 25.0 |" in (out / "report.md").read_text()
+    assert _sha(db) == digest and os.listdir(d) == ["r.db"]
+
+
+# ---------------------------------------------------------------------------------------------
+# D8: sweeps creating a new database at the same instant
+
+def _open_at(barrier, path, key, q):
+    try:
+        barrier.wait()
+        with Store(path) as st:
+            st.add_point(_point(key))
+        q.put("ok")
+    except BaseException as e:  # noqa: BLE001
+        q.put(f"{type(e).__name__}: {e}")
+
+
+def test_two_processes_create_a_new_database_at_once(tmp_path):
+    ctx = multiprocessing.get_context("fork")
+    for i in range(20):
+        path = str(tmp_path / f"race{i}.db")
+        barrier, q = ctx.Barrier(2), ctx.Queue()
+        procs = [ctx.Process(target=_open_at, args=(barrier, path, k, q)) for k in ("a", "b")]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+        assert sorted(q.get(timeout=5) for _ in procs) == ["ok", "ok"], f"round {i}"
+        with Store(path, readonly=True) as st:
+            assert [p.key for p in st.points()] in (["a", "b"], ["b", "a"])
+            assert st.db.execute("SELECT value FROM meta WHERE name='schema'").fetchone()[0] == "2"
+        assert _rows(path, "PRAGMA journal_mode") == [("wal",)]
+
+
+# ---------------------------------------------------------------------------------------------
+# D9, D10: failures and claims between processes
+
+def test_a_failure_in_a_concurrent_sweep_is_not_retried_by_it(tmp_path):
+    """Sweep A runs the digits point; B starts meanwhile, finds it busy and fails the cifar10 point
+    (no data). A must not run that point again: only a later run retries it."""
+    d = str(tmp_path)
+    path = _file(d, TINY.replace('dataset = ["digits"]', 'dataset = ["digits", "cifar10"]')
+                 .replace("[train]", f'[train]\ndata_root = "{tmp_path / "no_data"}"'))
+    db = os.path.join(d, "s.db")
+    a = _sweep(path)
+    try:
+        _wait_for(lambda: _rows(db, "SELECT 1 FROM points WHERE dataset='digits' AND status='running'"),
+                  a, "A claimed the digits point")
+        a.send_signal(signal.SIGSTOP)   # hold A inside the point while B runs
+        b = subprocess.run([sys.executable, "-m", "fastfat", "sweep", path, "--no-progress", "--no-report"],
+                           capture_output=True, text=True, timeout=120)
+    finally:
+        a.send_signal(signal.SIGCONT)
+    a_out, a_err = a.communicate(timeout=120)
+    assert b.returncode == 1 and b.stdout.count("FAILED") == 1, (b.stdout, b.stderr)
+    assert "FAILED madry cnn cifar10" in b.stdout and "1 running in another process" in b.stdout
+    assert a.returncode == 1, (a_out, a_err)
+    assert "FAILED" not in a_out and "1 failed in another process during this run" in a_out, a_out
+    assert _rows(db, "SELECT dataset, status FROM points ORDER BY dataset") == [("cifar10", "failed"),
+                                                                                ("digits", "done")]
+    # A later run retries it.
+    s = grid.build_sweep(*grid.read_sweep_file(path, None))
+    counts = runner.run_sweep(s, progress=False, report=False)
+    assert (counts["failed"], counts["failed_elsewhere"], counts["skipped"]) == (1, 0, 1)
+
+
+def test_sigterm_gives_the_point_back(tmp_path):
+    d = str(tmp_path)
+    path = _file(d, TINY.replace("epochs = 2", "epochs = 50"))
+    db = os.path.join(d, "s.db")
+    proc = _sweep(path)
+    _wait_for(lambda: _rows(db, "SELECT 1 FROM points WHERE epochs_done >= 1"), proc, "an epoch")
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, (out, err)
+    assert err.strip().splitlines()[-1].startswith("fastfat: terminated"), err
+    assert _rows(db, "SELECT status, owner FROM points") == [("pending", None)]
+    done = _rows(db, "SELECT epochs_done FROM points")[0][0]
+    assert 1 <= done < 50
+
+
+def _tiny_sweep(d, **kw):
+    s = grid.build_sweep(*grid.read_sweep_file(_file(d, TINY.replace("epochs = 2", "epochs = 1")), None), **kw)
+    with Store(s.db) as st:
+        st.add_point(s.points[0].to_point("r"))
+    return s, s.points[0].key
+
+
+def _hold(db, key, owner, silent_s):
+    """Make the point look claimed by owner, whose last heartbeat was silent_s seconds ago."""
+    with Store(db) as st, st.transaction() as con:
+        con.execute("UPDATE points SET status='running', owner=?, heartbeat=?, lease=600, started=? "
+                    "WHERE key=?", (owner, time.time() - silent_s, time.time() - silent_s, key))
+
+
+def test_claims_of_other_hosts_and_reused_pids(tmp_path, capsys):
+    s, key = _tiny_sweep(str(tmp_path))
+    # Another host's claim with a fresh heartbeat: left alone.
+    _hold(s.db, key, "elsewhere:123", 5)
+    assert runner.run_sweep(s, progress=False, report=False)["busy"] == 1
+    # By hand: --reclaim takes it back, says so, and runs it.
+    assert cli.main(["sweep", _file(str(tmp_path), TINY.replace("epochs = 2", "epochs = 1")),
+                     "--no-progress", "--no-report", "--reclaim"]) == 0
+    out = capsys.readouterr().out
+    assert "sweep: reclaimed madry cnn digits eps_train 0.1 seed 0 from elsewhere:123 (silent for 0.1 min)" in out
+    assert "1/1 points done (1 run now" in out
+    # Silent for longer than its lease (another host, or this host with the pid reused by an
+    # unrelated live process): taken over without asking, and said.
+    for owner in ("elsewhere:123", f"{socket.gethostname()}:{os.getppid()}"):
+        with Store(s.db) as st, st.transaction() as con:
+            con.execute("UPDATE points SET status='pending' WHERE key=?", (key,))
+        _hold(s.db, key, owner, 601)
+        assert runner.run_sweep(s, progress=False, report=False)["ran"] == 1
+        assert f"sweep: took over madry cnn digits eps_train 0.1 seed 0 from {owner} (silent for 10.0 min" \
+            in capsys.readouterr().out
+    # A live process on this host with a fresh heartbeat is never reclaimed.
+    with Store(s.db) as st, st.transaction() as con:
+        con.execute("UPDATE points SET status='pending' WHERE key=?", (key,))
+    _hold(s.db, key, f"{socket.gethostname()}:{os.getppid()}", 5)
+    with Store(s.db) as st:
+        assert st.reclaim([key]) == [] and st.claim(key).status == "busy"
+
+
+def test_the_heartbeat_runs_while_a_point_trains_and_a_lost_claim_is_left(tmp_path, monkeypatch, capsys):
+    import fastfat.train as train_mod
+    s, key = _tiny_sweep(str(tmp_path), lease=0.005)    # 0.3 s: a beat every 60 ms
+    assert s.lease == 0.3
+    beats = []
+
+    def slow(cfg, out_dir, *, on_epoch, **kw):
+        for _ in range(5):
+            time.sleep(0.15)
+            beats.append(_rows(s.db, "SELECT heartbeat FROM points")[0][0])
+        with Store(s.db) as st, st.transaction() as con:   # another process takes it over
+            con.execute("UPDATE points SET owner='elsewhere:1', heartbeat=? WHERE key=?", (time.time(), key))
+        on_epoch({"epoch": 1, "loss": 1.0, "seconds": 1.0})
+        raise AssertionError("on_epoch should have raised ClaimLost")
+
+    monkeypatch.setattr(train_mod, "train", slow)
+    counts = runner.run_sweep(s, progress=False, report=False)
+    assert len(set(beats)) == len(beats) and beats == sorted(beats)   # renewed between every look
+    assert (counts["busy"], counts["failed"], counts["ran"]) == (1, 0, 0)
+    assert "was taken over by another process" in capsys.readouterr().out
+    assert _rows(s.db, "SELECT status, owner, epochs_done FROM points") == [("running", "elsewhere:1", 0)]
+    with Store(s.db) as st, pytest.raises(ClaimLost):
+        st.finish(key, [], train_seconds=0.0, eval_seconds=0.0)
+
+
+@pytest.mark.parametrize("flag, message", [("0", "lease must be a number of minutes > 0"),
+                                           ("nan", "lease must be a number of minutes > 0")])
+def test_bad_lease(tmp_path, capsys, flag, message):
+    assert cli.main(["sweep", _file(str(tmp_path)), "--lease", flag]) == 2
+    assert message in _error_line(capsys)
+    assert os.listdir(tmp_path) == ["s.toml"]
+
+
+# ---------------------------------------------------------------------------------------------
+# D13: grids of other settings in one database; D5: classes without test samples
+
+def _point(key, method="madry", lam=0.0, eps_train=0.1, seed=0, **train):
+    cfg = {"method": method, "lam": lam, "eps_train": eps_train, "seed": seed, "dataset": "digits",
+           "model": "cnn", "width": 8, **train}
+    return Point(key=key, method=method, model="cnn", dataset="digits", eps_train=eps_train, lam=lam,
+                 seed=seed, train_config=cfg, eval_config={}, run_dir=key, epochs_total=1)
+
+
+def _record(attack, eps, accs, counts):
+    present = [a for a in accs if a is not None and a == a]
+    mean = sum(present) / len(present)
+    rec = {"attack": attack, "eps": eps, "class_acc": accs, "avg_acc": mean,
+           "vcra": sum((a - mean) ** 2 for a in present) / len(present), "worst_acc": min(present)}
+    if counts is not None:
+        rec["class_count"] = counts
+    return rec
+
+
+def _add_done(st, key, records, **point):
+    st.add_point(_point(key, **point))
+    st.claim(key)
+    st.finish(key, [_record("clean", 0.0, [1.0, 1.0], None)] + records, train_seconds=1.0, eval_seconds=1.0)
+
+
+def test_report_never_pairs_points_of_different_settings(tmp_path):
+    db = str(tmp_path / "m.db")
+    recs = [_record("pgd20", 0.25, [0.5, 0.3], None)]
+    with Store(db) as st:
+        _add_done(st, "madry8", recs)                                        # grid 1: width 8
+        _add_done(st, "fat16", recs, method="fat-madry", lam=0.5, width=16)  # grid 2: width 16
+    out = str(tmp_path / "rep")
+    report.write_report(db, out)
+    files = sorted(os.listdir(out))
+    assert not [f for f in files if f.startswith(("table3", "table4", "fig_methods"))], files
+    assert "table1_digits_madry_set1.csv" in files and "table1_digits_fat-madry_lam0.5_set2.csv" in files
+    md = open(os.path.join(out, "report.md")).read()
+    assert "**Table 1 (digits, Madry, width=8).**" in md
+    assert "**Table 1 (digits, FAT-Madry (lambda=0.5), width=16).**" in md
+    assert "no table or figure mixes them: set1: width=8; set2: width=16." in md
+    # The same settings pair up as before.
+    with Store(db) as st:
+        _add_done(st, "fat8", [_record("pgd20", 0.25, [0.4, 0.4], None)], method="fat-madry", lam=0.5)
+    report.write_report(db, out)
+    md = open(os.path.join(out, "report.md")).read()
+    assert "**Table 3 (digits, CNN, Madry vs FAT-Madry (lambda=0.5), width=8)" in md
+    assert "| 0.1 | 1.00 | 0.00 |" in md    # var: Madry 1.00 against FAT width 8 (not 16: 1.00)
+    assert "width=16)" not in md.split("## Tables 3 and 4")[1].split("## Table 2")[0]
+
+
+def test_a_sweep_says_the_database_holds_another_grid(tmp_path, capsys):
+    s, _ = _tiny_sweep(str(tmp_path))
+    with Store(s.db) as st:
+        st.add_point(_point("other", width=16))
+    runner.run_sweep(s, progress=False, report=False)
+    out = capsys.readouterr().out
+    assert "also holds 1 point(s) of another grid with other [train] settings" in out
+    assert len([line for line in out.splitlines() if "also holds" in line]) == 1
+
+
+def test_classes_without_test_samples(tmp_path, capsys):
+    """None (the eval.json form) or NaN for a class without samples; stored as NULL with the class
+    counts; averaged over the seeds that have the class; '-' where none has."""
+    db = str(tmp_path / "n.db")
+    with Store(db) as st:
+        _add_done(st, "s0", [_record("pgd20", 0.25, [0.5, None, 0.25, None], [2, 0, 4, 0])])
+        _add_done(st, "s1", [_record("pgd20", 0.25, [0.7, 0.5, float("nan"), None], None)], seed=1)
+        assert st.results("s0")[1]["class_acc"] == [0.5, None, 0.25, None]
+        assert st.results("s0")[1]["class_count"] == [2, 0, 4, 0]
+        assert st.results("s1")[1]["class_acc"] == [0.7, 0.5, None, None] and "class_count" not in st.results("s1")[1]
+    assert cli.main(["report", db, "--out", str(tmp_path / "rep")]) == 0
+    md = open(tmp_path / "rep" / "report.md").read()
+    assert "| 0.1 | 60.0 | 50.0 | 25.0 | - |" in md    # Table 2: class means over the seeds that have them
+
+
+def test_a_version_1_database_is_read_as_is_and_upgraded_by_a_sweep(tmp_path):
+    db = str(tmp_path / "v1.db")
+    with Store(db) as st:
+        _add_done(st, "a", [_record("pgd20", 0.25, [0.5, 0.25], [3, 4])])
+    con = sqlite3.connect(db)
+    for table, col in (("points", "heartbeat"), ("points", "lease"), ("points", "fail_mark"), ("class_acc", "count")):
+        con.execute(f"ALTER TABLE {table} DROP COLUMN {col}")
+    con.execute("UPDATE meta SET value='1' WHERE name='schema'")
+    con.execute("DELETE FROM meta WHERE name='clock'")
+    con.commit()
+    con.close()
+    digest = _sha(db)
+    assert report.load(db).means.avg_acc.tolist() == [0.375]
+    assert _sha(db) == digest
+    with Store(db) as st:
+        assert st.points()[0].results[1]["class_acc"] == [0.5, 0.25]
+        assert st.begin_run() == 1
+    assert _rows(db, "SELECT value FROM meta WHERE name='schema'") == [("2",)]
+
+
+def test_a_grid_that_the_database_cannot_hold_leaves_nothing(tmp_path, capsys):
+    path = _file(str(tmp_path), TINY.replace("seed = [0]", "seed = [99999999999999999999]"))
+    assert cli.main(["sweep", path]) == 2
+    assert "seed" in _error_line(capsys)
+    assert os.listdir(tmp_path) == ["s.toml"]
