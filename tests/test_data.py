@@ -119,6 +119,22 @@ def test_memory_loader_batches_and_reproducibility():
     assert torch.equal(torch.cat([x for x, _ in test]), te.images.float() / 255)
 
 
+@pytest.mark.parametrize("train", [True, False])
+def test_memory_loader_layout_and_device(train, device):
+    """Batches on the loader's device, channels_last by default and contiguous NCHW with
+    channels_last=False (the augmented batches too: augment_batch returns channels_last), with
+    the same values either way."""
+    tr, _ = make_synthetic(n_train=100, n_test=10)
+    kw = dict(seed=3, crop_pad=2, flip=True, device=device) if train else dict(device=device)
+    last = list(MemoryLoader(tr, 32, train, **kw))
+    nchw = list(MemoryLoader(tr, 32, train, channels_last=False, **kw))
+    for (a, ya), (b, yb) in zip(last, nchw):
+        assert a.device.type == b.device.type == ya.device.type == device.type
+        assert a.is_contiguous(memory_format=torch.channels_last) and not a.is_contiguous()
+        assert b.is_contiguous()
+        assert torch.equal(a, b) and torch.equal(ya, yb)
+
+
 def test_torchvision_loader_matches_memory_on_test_split_and_is_seeded():
     tr, te = make_synthetic(n_train=100, n_test=50)
     mem = torch.cat([x for x, _ in MemoryLoader(te, 16, False)])
