@@ -4,7 +4,8 @@ All attacks take inputs in [0, 1] (NCHW or channels_last), radii and steps in pi
 floats or per-sample tensors [N], and return detached adversarial examples in x's layout.
 During the attack the model is in eval mode (restored after), only the input gradient is
 computed (parameters' .grad are left as they were), and every update goes through
-fastfat.kernels.pgd_step.
+fastfat.kernels.pgd_step. A model already in eval mode is attacked through its cached BN-folded
+copy (fastfat.models.fold.attack_copy), as the trainer attacks its own; fold_bn=False opts out.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import kernels
+from .models.fold import attack_copy
 from .runtime import autocast, chunk_size, shard_count, sharded
 
 ATTACK_LOSSES = ("ce", "cw", "kl")
@@ -69,7 +71,8 @@ def _objective(kind: str, logits: torch.Tensor, y: torch.Tensor, kappa: float,
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps, alpha, steps: int,
         random_start: bool = True, loss: str = "ce", kappa: float = 50.0, *,
         generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
-        amp: torch.dtype | None = None, threads: int | None = None) -> torch.Tensor:
+        amp: torch.dtype | None = None, threads: int | None = None,
+        fold_bn: bool = True) -> torch.Tensor:
     """Projected gradient ascent in the l_inf ball of radius eps around x.
 
     x [N, C, H, W] in [0, 1]; y [N] int64; eps, alpha: float or [N] (pixel units); steps >= 0.
@@ -84,11 +87,18 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps, alpha, steps: i
     caller), each part in slices of at most chunk_size(x) samples. Samples are independent in
     eval mode and the start noise is drawn for the whole batch first, so the split does not
     change the result.
+    fold_bn: a model in eval mode is attacked through its BN-folded, parameter-frozen copy
+    (fastfat.models.fold.attack_copy: the same eval-mode function, one memory pass fewer per
+    conv and no parameter gradients; made once and reused while the weights are unchanged),
+    as the trainer attacks; False attacks the model itself. A model in train mode is attacked
+    as it is (in eval mode, as always).
     Returns x_adv [N, C, H, W], detached, in x's memory layout.
     """
     if loss not in ATTACK_LOSSES:
         raise ValueError(f"unknown attack loss {loss!r}; expected one of {ATTACK_LOSSES}")
     x = x.detach()
+    if fold_bn and not model.training:
+        model = attack_copy(model, amp)
     # Draw the start for the whole batch here, on the caller's thread and generator, so the
     # random stream is the same however the batch is split below.
     if noise is None and loss == "kl":

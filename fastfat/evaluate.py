@@ -105,7 +105,7 @@ def evaluate(model: nn.Module, loader, cfg: EvalConfig, num_classes: int, *,
                                   x.device)
             noise = _start_noise(x, cfg.seed, b, attack, eps_list)
             x_adv = attacks.pgd(attacked, x_rep, y_rep, eps_rep, alpha_rep, steps, loss=loss,
-                                kappa=cfg.cw_kappa, noise=noise, amp=ctx_dtype)
+                                kappa=cfg.cw_kappa, noise=noise, amp=ctx_dtype, fold_bn=cfg.fold_bn)
             logits = _logits(attacked, x_adv, device, ctx_dtype)
             for i, e in enumerate(eps_list):
                 _count(logits[i * n:(i + 1) * n], y, num_classes, acc, (attack, e))

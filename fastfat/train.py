@@ -124,7 +124,7 @@ class Trainer:
         cfg = self.cfg
         return attacks.pgd(self.attack_model(), x, y, cfg.eps_train, self.alpha, cfg.steps,
                            loss=self.attack_loss, generator=generator,
-                           amp=self.amp)
+                           amp=self.amp, fold_bn=cfg.fold_bn)
 
     def loss(self, x, y, x_adv) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss, vcar) for the method; model in train mode. x, x_adv [N, C, H, W], y [N]."""

@@ -304,11 +304,13 @@ def _check_rounding_only(model, point, x, y, loss, diff):
 def _lockstep(model, x, y, eps, alpha, steps, loss, seed=1, noise=None):
     """Run both attacks for k = 1..steps steps from the same start; at the first k where they
     differ, check the difference is rounding only (_check_rounding_only) at the common point
-    reached after k-1 steps. Returns the final (fast, ref) and the first diverging step or None."""
+    reached after k-1 steps. Returns the final (fast, ref) and the first diverging step or None.
+    Both attack the same unfolded model (fold_bn=False): this pins the attack's arithmetic; the
+    folded copy is pinned against the model in test_models and test_attack_copy."""
     prev = ref_pgd(model, x, y, eps, alpha, 0, loss=loss, generator=_gen(seed), noise=noise)
     first = None
     for k in range(1, steps + 1):
-        f = pgd(model, x, y, eps, alpha, k, loss=loss, generator=_gen(seed), noise=noise)
+        f = pgd(model, x, y, eps, alpha, k, loss=loss, generator=_gen(seed), noise=noise, fold_bn=False)
         r = ref_pgd(model, x, y, eps, alpha, k, loss=loss, generator=_gen(seed), noise=noise)
         diff = f != r
         if first is None and diff.any():

@@ -15,10 +15,15 @@ allocation of modules, so a torch.compile'd attack on `folded` keeps its compile
 refresh runs once per training step, so its arithmetic is batched over all pairs in
 torch._foreach ops (on CUDA about 10 kernel launches plus one per pair, where a pair at a time
 made about 250 for ResNet18). `dtype` (the AMP dtype) stores the convs' and linear layers'
-weights in it, so that autocast does not re-cast them at every forward of the attack."""
+weights in it, so that autocast does not re-cast them at every forward of the attack.
+
+`attack_copy(model)` is the copy the public attacks use: folded once per model and reused while
+its weights are unchanged (checked exactly at every call)."""
 from __future__ import annotations
 
 import copy
+import threading
+import weakref
 
 import torch
 import torch.nn as nn
@@ -143,3 +148,69 @@ def fold_bn(model: nn.Module, out: nn.Module | None = None, dtype: torch.dtype |
         _fold_into([mods[c] for c, _ in pairs], [mods[b] for _, b in pairs],
                    [m.weight for m in convs], [m.bias for m in convs])
     return out.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# The public attacks' copy: folded once, reused while the weights stay the same
+
+_COPIES: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+_COPIES_LOCK = threading.Lock()
+
+
+def _foldable(model: nn.Module) -> bool:
+    """Whether model declares (conv, BN) pairs and every declared BN is still there (a copy
+    fold_bn made has Identity in their place: it is attacked as it is)."""
+    if not hasattr(model, "_fold_pairs"):
+        return False
+    mods = dict(model.named_modules())
+    pairs = model._fold_pairs()
+    return bool(pairs) and all(isinstance(mods.get(b), nn.BatchNorm2d) for _, b in pairs)
+
+
+def _unchanged(tensors: list[torch.Tensor], snapshot: list[torch.Tensor]) -> bool:
+    """Exact equality of every tensor with its snapshot. On the CPU torch.equal per tensor; on a
+    GPU the per-tensor results are gathered so that there is one host sync, not one per tensor."""
+    if len(tensors) != len(snapshot) or any(t.shape != s.shape or t.dtype != s.dtype or t.device != s.device
+                                            for t, s in zip(tensors, snapshot)):
+        return False
+    if not tensors:
+        return True
+    if tensors[0].device.type == "cpu":
+        return all(torch.equal(t, s) for t, s in zip(tensors, snapshot))
+    return not bool(torch.stack([(t != s).any() for t, s in zip(tensors, snapshot)]).any())
+
+
+@torch.no_grad()
+def attack_copy(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """The BN-folded, parameter-frozen copy of an eval-mode `model` for the public attacks
+    (fastfat.attacks.pgd), made by fold_bn(model, dtype=dtype) once and reused while the model's
+    weights are unchanged; `model` itself when there is nothing to fold (no declared pairs, or a
+    copy fold_bn made) or it is torch.compile'd (its compiled graph is kept).
+
+    "Unchanged" is checked exactly on every call: the parameters' and buffers' values against a
+    snapshot taken at the last fold, plus the names and types of the modules. Tensor _version
+    counters would be cheaper but miss writes through .data (p.data.mul_(2) bumps no counter) and
+    checksums can collide; the comparison reads the weights twice, which is small beside an
+    attack's forward and backward passes. A change refreshes the copy in place. The cache holds
+    the model weakly (it goes with the model) and costs one copy of the weights besides the
+    folded one."""
+    if _unwrap(model) is not model or not _foldable(model):
+        return model
+    state = list(model.named_parameters()) + list(model.named_buffers())
+    tensors = [t.detach() for _, t in state]
+    structure = ([n for n, _ in state], [(n, type(m)) for n, m in model.named_modules()])
+    with _COPIES_LOCK:
+        per_model = _COPIES.setdefault(model, {})
+        entry = per_model.get(dtype)
+        if entry is not None and entry["structure"] == structure:
+            if _unchanged(tensors, entry["snapshot"]):
+                return entry["copy"]
+            if all(t.shape == s.shape and t.dtype == s.dtype and t.device == s.device
+                   for t, s in zip(tensors, entry["snapshot"])):
+                fold_bn(model, out=entry["copy"])
+                torch._foreach_copy_(entry["snapshot"], tensors)
+                return entry["copy"]
+        folded = fold_bn(model, dtype=dtype)
+        per_model[dtype] = {"copy": folded, "structure": structure,
+                            "snapshot": [t.clone() for t in tensors]}
+        return folded
