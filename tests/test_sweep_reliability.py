@@ -308,6 +308,16 @@ def test_sigterm_gives_the_point_back(tmp_path):
     assert 1 <= done < 50
 
 
+def test_a_transaction_left_open_by_a_signal_does_not_block_the_release(tmp_path):
+    with Store(str(tmp_path / "t.db")) as st:
+        st.add_point(_point("a"))
+        st.claim("a")
+        st.db.execute("BEGIN IMMEDIATE")   # as if SIGTERM struck inside __exit__, before COMMIT
+        st.db.execute("UPDATE points SET epochs_done=7")
+        st.release("a")
+        assert (st.point("a").status, st.point("a").epochs_done) == ("pending", 0)
+
+
 def _tiny_sweep(d, **kw):
     s = grid.build_sweep(*grid.read_sweep_file(_file(d, TINY.replace("epochs = 2", "epochs = 1")), None), **kw)
     with Store(s.db) as st:

@@ -314,6 +314,10 @@ class _Transaction:
         self.db = db
 
     def __enter__(self):
+        if self.db.in_transaction:
+            # A signal (Ctrl-C, SIGTERM) raised inside __exit__ before its COMMIT ran leaves the
+            # transaction open; it never committed, so drop it, and release() can still run.
+            self.db.execute("ROLLBACK")
         self.db.execute("BEGIN IMMEDIATE")
         return self.db
 
