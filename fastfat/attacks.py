@@ -54,6 +54,22 @@ def uniform_noise(x: torch.Tensor, generator: torch.Generator | None = None) -> 
     return torch.empty(x.shape, dtype=torch.float32, device=x.device).uniform_(-1.0, 1.0, generator=generator)
 
 
+def start_noise(x: torch.Tensor, loss: str = "ce", random_start: bool = True,
+                generator: torch.Generator | None = None) -> torch.Tensor | None:
+    """The start noise pgd draws for x [N, C, H, W] from generator: N(0, 1) for "kl" (TRADES),
+    U(-1, 1) (uniform_noise) for a random start, None without one. Fused groups draw each
+    member's start with it, from that member's own generator."""
+    if loss == "kl":
+        return torch.randn(x.shape, device=x.device, generator=generator)
+    return uniform_noise(x, generator) if random_start else None
+
+
+def sample_group(model: nn.Module) -> int:
+    """How many consecutive samples model takes as one unit (a fused model's `sample_group`,
+    fastfat.fused: its K members); 1 for any other model."""
+    return int(getattr(getattr(model, "_orig_mod", model), "sample_group", 1))
+
+
 def _objective(kind: str, logits: torch.Tensor, y: torch.Tensor, kappa: float,
                p_nat: torch.Tensor | None) -> torch.Tensor:
     """The scalar the attack ascends: a per-sample objective summed over the batch.
@@ -72,7 +88,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps, alpha, steps: i
         random_start: bool = True, loss: str = "ce", kappa: float = 50.0, *,
         generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
         amp: torch.dtype | None = None, threads: int | None = None,
-        fold_bn: bool = True) -> torch.Tensor:
+        group: int | None = None, fold_bn: bool = True) -> torch.Tensor:
     """Projected gradient ascent in the l_inf ball of radius eps around x.
 
     x [N, C, H, W] in [0, 1]; y [N] int64; eps, alpha: float or [N] (pixel units); steps >= 0.
@@ -86,7 +102,8 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps, alpha, steps: i
     at once on single-threaded workers (None: torch.get_num_threads(); 1: one worker, the
     caller), each part in slices of at most chunk_size(x) samples. Samples are independent in
     eval mode and the start noise is drawn for the whole batch first, so the split does not
-    change the result.
+    change the result. group: runs of this many consecutive samples stay in one slice (None: the
+    model's sample_group, e.g. K for a fused model of K members, whose forward needs whole runs).
     fold_bn: a model in eval mode is attacked through its BN-folded, parameter-frozen copy
     (fastfat.models.fold.attack_copy: the same eval-mode function, one memory pass fewer per
     conv and no parameter gradients; made once and reused while the weights are unchanged),
@@ -101,20 +118,24 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps, alpha, steps: i
         model = attack_copy(model, amp)
     # Draw the start for the whole batch here, on the caller's thread and generator, so the
     # random stream is the same however the batch is split below.
-    if noise is None and loss == "kl":
-        noise = torch.randn(x.shape, device=x.device, generator=generator)
-    elif noise is None and random_start:
-        noise = uniform_noise(x, generator)
-    shards = shard_count(x, threads)
+    if noise is None:
+        noise = start_noise(x, loss, random_start, generator)
+    g = sample_group(model) if group is None else int(group)
+    if g < 1 or x.shape[0] % g:
+        raise ValueError(f"a batch of {x.shape[0]} samples does not split into runs of {g}")
+    shards = min(shard_count(x, threads), x.shape[0] // g)
+    chunk = chunk_size(x)
     e, a = _as_batch(eps, x), _as_batch(alpha, x)
     cut = lambda v, sl: v[sl] if isinstance(v, torch.Tensor) else v
 
-    def attack(sl: slice) -> torch.Tensor:
+    def attack(runs: slice) -> torch.Tensor:
+        sl = slice(runs.start * g, runs.stop * g)
         return _pgd_slice(model, x[sl], y[sl], cut(e, sl), cut(a, sl), steps, random_start, loss,
                           kappa, cut(noise, sl), amp)
 
     with eval_mode(model):
-        parts = sharded(attack, x.shape[0], shards, chunk_size(x))
+        parts = sharded(attack, x.shape[0] // g, max(shards, 1),
+                        None if chunk is None else max(1, chunk // g))
     out = parts[0] if len(parts) == 1 else torch.cat(parts)
     return out.contiguous(memory_format=_layout(x))
 

@@ -62,12 +62,37 @@ def build_for_config(cfg: TrainConfig, device: torch.device) -> nn.Module:
     return model
 
 
+def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    """The SGD a config trains with (lr, momentum, weight decay); fused groups build theirs here too."""
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
 class NonFiniteLoss(UserError):
     """Training diverged: the loss became NaN or inf."""
 
 
 # ---------------------------------------------------------------------------------------------
 # The step
+
+def method_loss(cfg: TrainConfig, num_classes: int, y: torch.Tensor, logits_adv=None,
+                logits_nat=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, vcar) of cfg.method from its logits [N, classes] (logits_nat for natural, trades and
+    fat-trades; logits_adv for all but natural) and labels y [N]: 0-dim tensors, vcar detached
+    (0 for methods without VCAR). Trainer.loss and fused groups (one call per member) use it."""
+    ce = lambda logits: F.cross_entropy(kernels.upcast(logits), y)
+    zero = torch.zeros((), device=y.device)
+    if cfg.method == "natural":
+        return ce(logits_nat), zero
+    if cfg.method == "madry":
+        return ce(logits_adv), zero
+    if cfg.method == "trades":
+        return losses.trades_loss(logits_nat, logits_adv, y, cfg.beta), zero
+    if cfg.method == "fat-madry":
+        return losses.fat_loss(logits_adv, y, num_classes, cfg.lam, cfg.vcar_mode, cfg.superclass,
+                               return_vcar=True)
+    return losses.fat_trades_loss(logits_nat, logits_adv, y, num_classes, cfg.beta, cfg.lam,
+                                  cfg.vcar_mode, cfg.superclass, return_vcar=True)
+
 
 @dataclass
 class StepOut:
@@ -88,8 +113,7 @@ class Trainer:
         set_backends(self.device, tf32=cfg.tf32, cudnn_benchmark=cfg.cudnn_benchmark,
                      deterministic=cfg.deterministic)
         self.num_classes = dataset_info(cfg.dataset).num_classes
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                         weight_decay=cfg.weight_decay)
+        self.optimizer = make_optimizer(cfg, model.parameters())
         self.amp = amp_dtype(cfg.amp, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp == torch.float16 else None
         # The authors' FAT-TRADES attacks with CE; original TRADES with its KL objective.
@@ -128,23 +152,14 @@ class Trainer:
 
     def loss(self, x, y, x_adv) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss, vcar) for the method; model in train mode. x, x_adv [N, C, H, W], y [N]."""
-        cfg, zero = self.cfg, torch.zeros((), device=x.device)
-        ce = lambda logits: F.cross_entropy(kernels.upcast(logits), y)
+        cfg = self.cfg
         with autocast(self.device, self.amp):
             if cfg.method == "natural":
-                return ce(self.forward(x)), zero
+                return method_loss(cfg, self.num_classes, y, logits_nat=self.forward(x))
             logits_adv = self.forward(x_adv)
-            if cfg.method in ("trades", "fat-trades"):
-                logits_nat = self.forward(x)  # after the adversarial forward, as the authors
-        if cfg.method == "madry":
-            return ce(logits_adv), zero
-        if cfg.method == "trades":
-            return losses.trades_loss(logits_nat, logits_adv, y, cfg.beta), zero
-        if cfg.method == "fat-madry":
-            return losses.fat_loss(logits_adv, y, self.num_classes, cfg.lam, cfg.vcar_mode,
-                                   cfg.superclass, return_vcar=True)
-        return losses.fat_trades_loss(logits_nat, logits_adv, y, self.num_classes, cfg.beta, cfg.lam,
-                                      cfg.vcar_mode, cfg.superclass, return_vcar=True)
+            # the natural forward after the adversarial one, as the authors
+            logits_nat = self.forward(x) if cfg.method in ("trades", "fat-trades") else None
+        return method_loss(cfg, self.num_classes, y, logits_adv, logits_nat)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, generator=None) -> StepOut:
         """One SGD step on a batch x [N, C, H, W] in [0, 1], y [N]; attack noise from generator."""
@@ -212,6 +227,46 @@ def train_epoch(trainer: Trainer, loader, epoch: int, *, progress: bool = False,
     return row
 
 
+def build_train_loader(cfg: TrainConfig, device: torch.device, data=None):
+    """The training loader of a config (its seed orders and augments the batches); `data` may
+    pass an already loaded training ImageSet (memory and torchvision loaders)."""
+    return build_loader(cfg.loader, cfg.dataset, "train", data_root=cfg.data_root,
+                        download=cfg.download, batch_size=cfg.batch_size, seed=cfg.seed,
+                        device=device, crop_pad=cfg.crop_pad, flip=cfg.flip,
+                        channels_last=cfg.channels_last, drop_last=cfg.drop_last,
+                        limit=cfg.train_limit, num_workers=cfg.num_workers, data=data)
+
+
+def load_resume_state(cfg: TrainConfig, out_dir: str | None) -> dict | None:
+    """out_dir's checkpoint (a dict as save_run writes it), or None if there is none;
+    UserError if it was trained with a different config."""
+    ckpt_path = os.path.join(out_dir, CHECKPOINT) if out_dir else None
+    if not (ckpt_path and os.path.exists(ckpt_path)):
+        return None
+    state = load_checkpoint(ckpt_path)
+    saved = from_dict(TrainConfig, state["config"])
+    if to_dict(saved) != to_dict(cfg):
+        diff = [k for k, v in to_dict(cfg).items() if to_dict(saved).get(k) != v]
+        raise UserError(f"--resume: {ckpt_path} was trained with a different config "
+                        f"({', '.join(diff)} differ)")
+    return state
+
+
+def save_run(out_dir: str, cfg: TrainConfig, epoch: int, log: list[dict], model_state: dict,
+             optimizer_state: dict, scaler_state: dict | None = None) -> None:
+    """A run's files after 0-based `epoch`: config.json, checkpoint.pt (atomic, verified) and
+    log.jsonl. Fused groups write each member through here too, in the same format."""
+    save = {"model": model_state, "optimizer": optimizer_state, "epoch": epoch,
+            "config": to_dict(cfg), "log": [json.dumps(r) for r in log]}
+    if scaler_state is not None:
+        save["scaler"] = scaler_state
+    os.makedirs(out_dir, exist_ok=True)
+    # config.json lands with the first checkpoint: a run that fails early leaves nothing.
+    atomic_write_json(os.path.join(out_dir, "config.json"), to_dict(cfg))
+    save_checkpoint(os.path.join(out_dir, CHECKPOINT), save)
+    atomic_write_text(os.path.join(out_dir, LOG), "".join(json.dumps(r) + "\n" for r in log))
+
+
 def train(cfg: TrainConfig, out_dir: str | None = None, *, resume: bool = False,
           progress: bool = True, on_epoch=None, position: int = 0) -> tuple[nn.Module, list[dict]]:
     """Train a model as cfg says. Returns (model, per-epoch log rows).
@@ -222,20 +277,8 @@ def train(cfg: TrainConfig, out_dir: str | None = None, *, resume: bool = False,
     Raises NonFiniteLoss (a UserError) if the loss becomes NaN/inf; nothing is saved for that epoch.
     """
     device = resolve_device(cfg.device)
-    state = None
-    ckpt_path = os.path.join(out_dir, CHECKPOINT) if out_dir else None
-    if resume and ckpt_path and os.path.exists(ckpt_path):
-        state = load_checkpoint(ckpt_path)
-        saved = from_dict(TrainConfig, state["config"])
-        if to_dict(saved) != to_dict(cfg):
-            diff = [k for k, v in to_dict(cfg).items() if to_dict(saved).get(k) != v]
-            raise UserError(f"--resume: {ckpt_path} was trained with a different config "
-                            f"({', '.join(diff)} differ)")
-    loader = build_loader(cfg.loader, cfg.dataset, "train", data_root=cfg.data_root,
-                          download=cfg.download, batch_size=cfg.batch_size, seed=cfg.seed,
-                          device=device, crop_pad=cfg.crop_pad, flip=cfg.flip,
-                          channels_last=cfg.channels_last, drop_last=cfg.drop_last,
-                          limit=cfg.train_limit, num_workers=cfg.num_workers)
+    state = load_resume_state(cfg, out_dir) if resume else None
+    loader = build_train_loader(cfg, device)
     model = build_for_config(cfg, device)
     trainer = Trainer(cfg, model, device)
     start, log = 0, []
@@ -250,15 +293,8 @@ def train(cfg: TrainConfig, out_dir: str | None = None, *, resume: bool = False,
         row = train_epoch(trainer, loader, epoch, progress=progress, position=position)
         log.append(row)
         if out_dir:
-            save = {"model": model.state_dict(), "optimizer": trainer.optimizer.state_dict(),
-                    "epoch": epoch, "config": to_dict(cfg), "log": [json.dumps(r) for r in log]}
-            if trainer.scaler is not None:
-                save["scaler"] = trainer.scaler.state_dict()
-            os.makedirs(out_dir, exist_ok=True)
-            # config.json lands with the first checkpoint: a run that fails early leaves nothing.
-            atomic_write_json(os.path.join(out_dir, "config.json"), to_dict(cfg))
-            save_checkpoint(ckpt_path, save)
-            atomic_write_text(os.path.join(out_dir, LOG), "".join(json.dumps(r) + "\n" for r in log))
+            save_run(out_dir, cfg, epoch, log, model.state_dict(), trainer.optimizer.state_dict(),
+                     trainer.scaler.state_dict() if trainer.scaler is not None else None)
         if on_epoch is not None:
             on_epoch(row)
     return model, log
