@@ -12,7 +12,8 @@ from .loaders import MemoryLoader, TorchvisionLoader
 def choose_loader(kind: str, data_root: str, dataset: str) -> str:
     """Resolve 'auto' (ffcv if installed and converted, else memory); check an explicit 'ffcv'."""
     if kind == "auto":
-        have = ffcv_installed() and all(os.path.isfile(p) for p in beton_paths(data_root, dataset))
+        # the files first: importing ffcv costs seconds (numba), wasted when nothing is converted
+        have = all(os.path.isfile(p) for p in beton_paths(data_root, dataset)) and ffcv_installed()
         return "ffcv" if have else "memory"
     if kind == "ffcv":
         if not ffcv_installed():
