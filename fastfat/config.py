@@ -40,12 +40,15 @@ def parse_eps(value) -> float:
 def resolve_step(spec: str | float, eps: float) -> float:
     """Attack step size from a spec: a number ("0.007", "2/255") or relative ("eps/10", "eps/4")."""
     s = str(spec).strip().replace(" ", "")
-    m = re.fullmatch(r"eps/([0-9.]+)", s)
-    if m:
-        return eps / float(m.group(1))
-    m = re.fullmatch(r"([0-9.]+)\*eps", s)
-    if m:
-        return float(m.group(1)) * eps
+    try:
+        m = re.fullmatch(r"eps/([0-9.]+)", s)
+        if m:
+            return eps / float(m.group(1))
+        m = re.fullmatch(r"([0-9.]+)\*eps", s)
+        if m:
+            return float(m.group(1)) * eps
+    except (ValueError, ZeroDivisionError):   # "eps/0", "eps/."
+        raise UserError(f"not a step size: {spec!r} (examples: 0.007, 2/255, eps/4, 2*eps)") from None
     return parse_eps(s)
 
 
@@ -103,6 +106,10 @@ class TrainConfig:
     momentum: float = opt(0.9, "SGD momentum")
     weight_decay: float = opt(2e-4, "SGD weight decay")
     schedule: str = opt("paper", "paper (x0.1 at 1/2, x0.01 at 2/3) | authors | constant")
+    clip_grad_norm: float | None = opt(None, "clip the gradient's global L2 norm to this before each "
+                                             "SGD step (None: off, as the paper and the authors' code)")
+    lam_warmup_epochs: int = opt(0, "FAT: lambda rises linearly from 0 over this many epochs, step by "
+                                    "step (0: off, as the paper)")
     seed: int = opt(0, "seeds the initial weights, batch order, augmentation and attack noise")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
     amp: str = opt("auto", "auto (bf16 on CUDA, off on CPU) | off | bf16 (fast on CPUs with AVX512-BF16) | fp16")
@@ -147,6 +154,10 @@ class TrainConfig:
         _range("lr", self.lr, 0.0, math.inf, low_open=True)
         _range("momentum", self.momentum, 0.0, 1.0)
         _range("weight_decay", self.weight_decay, 0.0, math.inf)
+        if self.clip_grad_norm is not None:
+            _range("clip_grad_norm", self.clip_grad_norm, 0.0, math.inf, low_open=True)
+        _int_at_least("lam_warmup_epochs", self.lam_warmup_epochs, 0)
+        _seed(self.seed)
         for name in ("steps", "epochs", "batch_size"):
             _int_at_least(name, getattr(self, name), 1)
         if self.width is not None:
@@ -161,7 +172,8 @@ class TrainConfig:
             a = self.alpha()
         except UserError as e:
             raise UserError(f"step_size: {e}") from None
-        _range("step_size", a, 0.0, 1.0)
+        # a step of 0 never moves the attack: only natural training has no attack
+        _range("step_size", a, 0.0, 1.0, low_open=self.method != "natural")
         if self.superclass and info.num_classes != 100:
             raise UserError("superclass VCAR needs dataset cifar100")
         if self.method != "natural" and self.eps_train == 0.0:
@@ -199,6 +211,7 @@ class EvalConfig:
         _int_at_least("batch_size", self.batch_size, 1)
         _int_at_least("worst_k", self.worst_k, 1)
         _range("cw_kappa", self.cw_kappa, 0.0, math.inf)
+        _seed(self.seed)
         if self.test_limit is not None:
             _int_at_least("test_limit", self.test_limit, 1)
         _choice("loader", self.loader, LOADERS)
@@ -325,11 +338,23 @@ def _choice(name, value, choices):
 
 
 def _range(name, value, low, high, low_open=False):
+    """value in [low, high] ((low, high] with low_open); never inf (high=math.inf means unbounded)."""
     if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value):
         raise UserError(f"{name}: expected a number, got {value!r}")
-    if value < low or value > high or (low_open and value == low):
+    if value < low or value > high or (low_open and value == low) or math.isinf(value):
         lo = "(" if low_open else "["
-        raise UserError(f"{name} must be in {lo}{low}, {high}], got {value}")
+        hi = ")" if math.isinf(high) else "]"
+        raise UserError(f"{name} must be in {lo}{low}, {high}{hi}, got {value}")
+
+
+# Seeds are 32-bit: epoch_generator seeds torch with (seed * SEED_SCALE + epoch) * 2 + stream,
+# which must stay below 2**64 (torch.Generator.manual_seed), with room for any epoch count.
+SEED_LIMIT = 2 ** 32
+
+
+def _seed(value):
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < SEED_LIMIT:
+        raise UserError(f"seed must be an integer in [0, 2**32), got {value!r}")
 
 
 def _int_at_least(name, value, low):

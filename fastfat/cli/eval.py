@@ -5,7 +5,7 @@ import os
 
 from ..config import EvalConfig
 from ..evaluate import eps_label, evaluate_checkpoint, table1_row
-from ..files import atomic_write_json
+from ..files import atomic_write_json, check_writable_dir
 from .flags import add_dataclass_flags, given
 
 
@@ -20,6 +20,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    check_writable_dir(args.out, "--out")   # before the evaluation, whose results would be lost
     records, tcfg, ecfg = evaluate_checkpoint(args.checkpoint, given(args, EvalConfig),
                                               progress=not args.no_progress)
     path = os.path.join(args.out, "eval.json")

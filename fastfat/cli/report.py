@@ -5,6 +5,7 @@ import os
 
 from ..config import canonical_attack, parse_eps
 from ..errors import UserError
+from ..files import check_writable_dir
 from ..sweep.report import write_report
 from ..sweep.grid import default_report_dir
 
@@ -25,7 +26,8 @@ def run(args) -> int:
     eps = parse_eps(args.eps) if args.eps is not None else None
     if not os.path.isfile(args.db):
         raise UserError(f"results database not found: {args.db}")
-    out = args.out or default_report_dir(args.db)
+    out = default_report_dir(args.db) if args.out is None else args.out
+    check_writable_dir(out, "--out")
     written = write_report(args.db, out, attack, eps)
     print(f"wrote {len(written)} files to {out} (start with {os.path.join(out, 'report.md')})")
     return 0

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import os
+import sys
 
 from ..config import TrainConfig, make_train_config
 from ..errors import UserError
+from ..files import check_writable_dir
 from ..train import CHECKPOINT, train
 from .flags import add_dataclass_flags, given
 
@@ -23,9 +25,13 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     overrides = {k: v for k, v in given(args, TrainConfig).items() if k != "preset"}
     cfg = make_train_config(args.preset, **overrides)
-    if not args.resume and os.path.exists(os.path.join(args.out, CHECKPOINT)):
+    check_writable_dir(args.out, "--out")
+    has_checkpoint = os.path.exists(os.path.join(args.out, CHECKPOINT))
+    if not args.resume and has_checkpoint:
         raise UserError(f"{args.out} already holds a checkpoint; pass --resume to continue it "
                         f"or choose another --out")
+    if args.resume and not has_checkpoint:
+        print(f"fastfat: --resume: no checkpoint in {args.out}; starting from epoch 1", file=sys.stderr)
     _, log = train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
     if log:
         r = log[-1]
