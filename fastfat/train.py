@@ -21,7 +21,8 @@ from . import attacks, kernels, losses
 from .config import TrainConfig, from_dict, to_dict
 from .data import build_loader, dataset_info
 from .errors import UserError
-from .files import atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
+from .files import (atomic_write_json, atomic_write_text, check_writable_dir, load_checkpoint,
+                    remove_stale_temps, save_checkpoint)
 from .models import build_model
 from .models.fold import fold_bn
 from .runtime import amp_dtype, autocast, progress_bar, resolve_device, set_backends, synchronize
@@ -75,10 +76,12 @@ class NonFiniteLoss(UserError):
 # The step
 
 def method_loss(cfg: TrainConfig, num_classes: int, y: torch.Tensor, logits_adv=None,
-                logits_nat=None) -> tuple[torch.Tensor, torch.Tensor]:
+                logits_nat=None, lam: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, vcar) of cfg.method from its logits [N, classes] (logits_nat for natural, trades and
     fat-trades; logits_adv for all but natural) and labels y [N]: 0-dim tensors, vcar detached
-    (0 for methods without VCAR). Trainer.loss and fused groups (one call per member) use it."""
+    (0 for methods without VCAR). Trainer.loss and fused groups (one call per member) use it.
+    lam: FAT's lambda for this step (None: cfg.lam; lambda's warm-up passes its current value)."""
+    lam = cfg.lam if lam is None else lam
     ce = lambda logits: F.cross_entropy(kernels.upcast(logits), y)
     zero = torch.zeros((), device=y.device)
     if cfg.method == "natural":
@@ -88,10 +91,20 @@ def method_loss(cfg: TrainConfig, num_classes: int, y: torch.Tensor, logits_adv=
     if cfg.method == "trades":
         return losses.trades_loss(logits_nat, logits_adv, y, cfg.beta), zero
     if cfg.method == "fat-madry":
-        return losses.fat_loss(logits_adv, y, num_classes, cfg.lam, cfg.vcar_mode, cfg.superclass,
+        return losses.fat_loss(logits_adv, y, num_classes, lam, cfg.vcar_mode, cfg.superclass,
                                return_vcar=True)
-    return losses.fat_trades_loss(logits_nat, logits_adv, y, num_classes, cfg.beta, cfg.lam,
+    return losses.fat_trades_loss(logits_nat, logits_adv, y, num_classes, cfg.beta, lam,
                                   cfg.vcar_mode, cfg.superclass, return_vcar=True)
+
+
+def warmup_lam(lam: float, warmup_epochs: int, step: int, steps_per_epoch: int) -> float:
+    """FAT's lambda at 1-based global `step` (epoch * steps_per_epoch + step in epoch + 1) under a
+    linear warm-up over `warmup_epochs` epochs: lam * min(1, step / (warmup_epochs * steps_per_epoch)),
+    rising step by step, so it reaches lam at the last step of epoch warmup_epochs; lam when
+    warmup_epochs is 0. A function of (epoch, step) only, so a resumed run repeats it."""
+    if warmup_epochs <= 0:
+        return lam
+    return lam * min(1.0, step / (warmup_epochs * steps_per_epoch))
 
 
 @dataclass
@@ -119,6 +132,7 @@ class Trainer:
         # The authors' FAT-TRADES attacks with CE; original TRADES with its KL objective.
         self.attack_loss = "kl" if cfg.method == "trades" else "ce"
         self.alpha = cfg.alpha()
+        self.lam = cfg.lam   # FAT's lambda for the next step (train_epoch sets it during a warm-up)
         self.forward = torch.compile(model) if cfg.compile else model
         self._folded = None
         self._attack_forward = None   # the folded copy, compiled when cfg.compile
@@ -159,7 +173,7 @@ class Trainer:
             logits_adv = self.forward(x_adv)
             # the natural forward after the adversarial one, as the authors
             logits_nat = self.forward(x) if cfg.method in ("trades", "fat-trades") else None
-        return method_loss(cfg, self.num_classes, y, logits_adv, logits_nat)
+        return method_loss(cfg, self.num_classes, y, logits_adv, logits_nat, lam=self.lam)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, generator=None) -> StepOut:
         """One SGD step on a batch x [N, C, H, W] in [0, 1], y [N]; attack noise from generator."""
@@ -167,12 +181,18 @@ class Trainer:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         loss, v = self.loss(x, y, x_adv)
+        clip = self.cfg.clip_grad_norm
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
+            if clip is not None:
+                self.scaler.unscale_(self.optimizer)   # clip the true gradient, not the scaled one
+                nn.utils.clip_grad_norm_(self.model.parameters(), clip)
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             loss.backward()
+            if clip is not None:   # the global L2 norm over all parameters; no host sync
+                nn.utils.clip_grad_norm_(self.model.parameters(), clip)
             self.optimizer.step()
         return StepOut(loss.detach(), v)
 
@@ -182,6 +202,7 @@ class Trainer:
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"
+CONFIG = "config.json"
 
 
 def train_epoch(trainer: Trainer, loader, epoch: int, *, progress: bool = False,
@@ -189,10 +210,12 @@ def train_epoch(trainer: Trainer, loader, epoch: int, *, progress: bool = False,
     """One training epoch (0-based `epoch`): its learning rate, the loader's order and
     augmentation for the epoch, and the attack noise from epoch_generator(seed, epoch, "attack"), so any
     epoch replays exactly. Returns the log row {"epoch" (1-based), "lr", "loss" (mean over
-    samples), "vcar" (mean over steps), "seconds", "images_per_s"}.
+    samples), "vcar" (mean over steps), "seconds", "images_per_s"}, and "lam" (lambda at the
+    epoch's last step) during a warm-up of lambda (cfg.lam_warmup_epochs).
 
     The running sums stay on the device: the host reads them only for the progress bar (every
-    5 steps) and at the end. Raises NonFiniteLoss if the loss is NaN or inf.
+    5 steps) and at the end. Raises NonFiniteLoss if the loss is NaN or inf, or if the model
+    after the epoch's last update is (check_model), so no checkpoint holds ruined weights.
     """
     cfg, device = trainer.cfg, trainer.device
     lr = trainer.set_epoch_lr(epoch)
@@ -203,8 +226,13 @@ def train_epoch(trainer: Trainer, loader, epoch: int, *, progress: bool = False,
     tot_vcar = torch.zeros((), device=device)
     synchronize(device)   # CUDA queues work: the clock starts and stops with the device idle
     seen, steps, t0 = 0, 0, time.perf_counter()
+    warm = cfg.lam_warmup_epochs > 0 and cfg.has_lambda
+    x = y = None
     try:
         for x, y in loader:
+            if warm:
+                trainer.lam = warmup_lam(cfg.lam, cfg.lam_warmup_epochs, epoch * len(loader) + steps + 1,
+                                         len(loader))
             out = trainer.train_step(x, y, gen)
             tot_loss += out.loss * y.numel()
             tot_vcar += out.vcar
@@ -223,8 +251,35 @@ def train_epoch(trainer: Trainer, loader, epoch: int, *, progress: bool = False,
     row = {"epoch": epoch + 1, "lr": lr, "loss": float(tot_loss) / max(seen, 1),
            "vcar": float(tot_vcar) / max(steps, 1), "seconds": secs,
            "images_per_s": seen / secs if secs > 0 else 0.0}
+    if warm:
+        row["lam"] = trainer.lam
     _check_finite(row["loss"], epoch, steps)
+    if x is not None:
+        check_model(trainer.model, x, y, epoch)
     return row
+
+
+def check_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epoch: int) -> None:
+    """NonFiniteLoss unless every weight and buffer of model is finite and its eval-mode loss on
+    the batch x [N, C, H, W], y [N] is: run after an epoch's last update, whose blow-up the
+    epoch's loss (computed before each update) cannot show. Weights can be huge yet finite (lr
+    1e30 gives about 1e28); the eval-mode forward, which BatchNorm's batch statistics do not
+    rescale, overflows then. The model's mode is kept; nothing else changes."""
+    tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
+    weights_ok = bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+    loss = math.nan
+    if weights_ok:
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                loss = float(F.cross_entropy(kernels.upcast(model(x)), y))
+        finally:
+            model.train(was_training)
+    if not weights_ok or not math.isfinite(loss):
+        what = "non-finite weights" if not weights_ok else f"a loss of {loss} on its last batch"
+        raise NonFiniteLoss(f"training diverged: after epoch {epoch + 1}'s last step the model has "
+                            f"{what}; {DIVERGENCE_LEVERS}")
 
 
 def build_train_loader(cfg: TrainConfig, device: torch.device, data=None):
@@ -239,8 +294,12 @@ def build_train_loader(cfg: TrainConfig, device: torch.device, data=None):
 
 def load_resume_state(cfg: TrainConfig, out_dir: str | None) -> dict | None:
     """out_dir's checkpoint (a dict as save_run writes it), or None if there is none;
-    UserError if it was trained with a different config."""
+    UserError if it was trained with a different config. Removes the temporary files a writer
+    killed mid-write left in out_dir (resuming is the one time no one else writes there)."""
     ckpt_path = os.path.join(out_dir, CHECKPOINT) if out_dir else None
+    if out_dir:
+        for name in (CHECKPOINT, LOG, CONFIG):
+            remove_stale_temps(os.path.join(out_dir, name))
     if not (ckpt_path and os.path.exists(ckpt_path)):
         return None
     state = load_checkpoint(ckpt_path)
@@ -262,7 +321,7 @@ def save_run(out_dir: str, cfg: TrainConfig, epoch: int, log: list[dict], model_
         save["scaler"] = scaler_state
     os.makedirs(out_dir, exist_ok=True)
     # config.json lands with the first checkpoint: a run that fails early leaves nothing.
-    atomic_write_json(os.path.join(out_dir, "config.json"), to_dict(cfg))
+    atomic_write_json(os.path.join(out_dir, CONFIG), to_dict(cfg))
     save_checkpoint(os.path.join(out_dir, CHECKPOINT), save)
     atomic_write_text(os.path.join(out_dir, LOG), "".join(json.dumps(r) + "\n" for r in log))
 
@@ -276,6 +335,8 @@ def train(cfg: TrainConfig, out_dir: str | None = None, *, resume: bool = False,
     at once. on_epoch(row) is called after each epoch's checkpoint is on disk.
     Raises NonFiniteLoss (a UserError) if the loss becomes NaN/inf; nothing is saved for that epoch.
     """
+    if out_dir is not None:
+        check_writable_dir(out_dir, "out_dir")   # before any work, as the CLI does for --out
     device = resolve_device(cfg.device)
     state = load_resume_state(cfg, out_dir) if resume else None
     loader = build_train_loader(cfg, device)
@@ -283,11 +344,15 @@ def train(cfg: TrainConfig, out_dir: str | None = None, *, resume: bool = False,
     trainer = Trainer(cfg, model, device)
     start, log = 0, []
     if state is not None:
-        model.load_state_dict(state["model"])
-        trainer.optimizer.load_state_dict(state["optimizer"])
-        if trainer.scaler is not None and "scaler" in state:
-            trainer.scaler.load_state_dict(state["scaler"])
-        start, log = int(state["epoch"]) + 1, [json.loads(r) for r in state["log"]]
+        try:
+            model.load_state_dict(state["model"])
+            trainer.optimizer.load_state_dict(state["optimizer"])
+            if trainer.scaler is not None and "scaler" in state:
+                trainer.scaler.load_state_dict(state["scaler"])
+            start, log = int(state["epoch"]) + 1, [json.loads(r) for r in state["log"]]
+        except Exception as e:   # a digest-valid file whose parts do not fit this config
+            raise UserError(f"--resume: {os.path.join(out_dir, CHECKPOINT)} does not fit its config "
+                            f"({type(e).__name__}); move it away to start afresh") from None
 
     for epoch in range(start, cfg.epochs):
         row = train_epoch(trainer, loader, epoch, progress=progress, position=position)
@@ -300,10 +365,15 @@ def train(cfg: TrainConfig, out_dir: str | None = None, *, resume: bool = False,
     return model, log
 
 
+# What a diverging run can change (README, "When FAT diverges": measured settings).
+DIVERGENCE_LEVERS = ("lower --lr or --lam, or stabilise FAT with --clip-grad-norm (e.g. 1) "
+                     "or --lam-warmup-epochs (e.g. 2)")
+
+
 def _check_finite(loss: float, epoch: int, step: int) -> None:
     if not math.isfinite(loss):
         raise NonFiniteLoss(f"training diverged: the loss is {loss} in epoch {epoch + 1} "
-                            f"(by step {step}); lower --lr or --lam")
+                            f"(by step {step}); {DIVERGENCE_LEVERS}")
 
 
 def load_model(path: str, device="cpu") -> tuple[nn.Module, TrainConfig]:
