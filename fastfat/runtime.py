@@ -181,6 +181,7 @@ class _ShardPool:
         self.pid = os.getpid()
         self.lock = threading.Lock()          # one sharded call at a time
         self.jobs = [queue.Queue() for _ in range(n)]
+        self.cancelled = threading.Event()    # set while an interrupted map waits for its jobs
         self.idents: set[int] = set()
         keep = torch.get_num_threads()
         ready = threading.Barrier(n + 1)
@@ -203,21 +204,48 @@ class _ShardPool:
                 done.put((i, fn(arg), None))
             except BaseException as e:  # noqa: BLE001 - handed to the caller, re-raised there
                 done.put((i, None, e))
+            finally:
+                self.jobs[i].task_done()
 
     def map(self, fn, args: list) -> list:
-        """[fn(a) for a in args], job i on worker i; the first exception is re-raised here."""
+        """[fn(a) for a in args], job i on worker i; the first exception is re-raised here.
+
+        If the caller is interrupted (Ctrl-C: KeyboardInterrupt reaches the main thread only),
+        the workers' jobs are let finish before the exception goes on, with `cancelled` set so
+        that sharded() skips their remaining slices: no worker is then inside torch when the
+        interpreter exits. Python 3.11 ends a daemon thread that wakes during finalization with
+        pthread_exit, which inside torch's C++ aborts the process ("terminate called without an
+        active exception", SIGABRT); and a caller that goes on (a notebook) would otherwise find
+        the abandoned jobs still running."""
         with self.lock:
             done = queue.Queue()
-            for i, a in enumerate(args):
-                self.jobs[i].put((fn, a, done))
-            out, err = [None] * len(args), None
-            for _ in args:
-                i, value, e = done.get()
-                out[i] = value
-                err = err or e
+            try:
+                for i, a in enumerate(args):
+                    self.jobs[i].put((fn, a, done))
+                results = [done.get() for _ in args]
+            except BaseException:
+                self.cancelled.set()
+                self._wait_idle()
+                self.cancelled.clear()
+                raise
+        out, err = [None] * len(args), None
+        for i, value, e in results:
+            out[i] = value
+            err = err or e
         if err is not None:
             raise err
         return out
+
+    def _wait_idle(self) -> None:
+        """Until every job handed out has finished (at most one slice each once cancelled); a
+        further Ctrl-C meanwhile does not cut the wait short."""
+        for q in self.jobs:
+            while True:
+                try:
+                    q.join()
+                    break
+                except KeyboardInterrupt:
+                    continue
 
 
 _POOLS: dict[int, _ShardPool] = {}
@@ -269,7 +297,17 @@ def sharded(fn, n: int, shards: int, chunk: int | None = None) -> list:
     if shards <= 1:
         return [fn(s) for s in slices]
     runs = shard_slices(len(slices), shards)
-    per_worker = _pool(shards).map(lambda run: [fn(s) for s in slices[run]], runs)
+    pool = _pool(shards)
+
+    def work(run: slice) -> list:
+        out = []
+        for s in slices[run]:
+            if pool.cancelled.is_set():   # the caller was interrupted; these results are dropped
+                break
+            out.append(fn(s))
+        return out
+
+    per_worker = pool.map(work, runs)
     return [r for rs in per_worker for r in rs]
 
 
