@@ -2,7 +2,9 @@
 scikit-learn's bundled digits, and a synthetic set for tests; `DatasetInfo` holds their shapes.
 
 CIFAR files are read straight from torchvision's on-disk format (the python pickle batches), so
-torchvision downloads them when asked and tests can fabricate files in the same format.
+torchvision downloads them when asked and tests can fabricate files in the same format. They are
+unpickled by a restricted unpickler (`read_cifar_batch`): a batch file from an untrusted
+--data-root cannot run code.
 """
 from __future__ import annotations
 
@@ -68,6 +70,59 @@ class ImageSet:
 # Loading
 # ---------------------------------------------------------------------------------------------
 
+def _latin1_encode(text: str, encoding: str = "utf-8") -> bytes:
+    """What protocol-2 pickles written by Python 3 call to rebuild bytes (_codecs.encode(s,
+    "latin1")); any other codec is refused."""
+    if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
+        raise pickle.UnpicklingError(f"_codecs.encode with {encoding!r}")
+    return text.encode("latin1")
+
+
+# Every global a CIFAR batch pickle may name. The original files (Python 2, numpy 1.x) hold a
+# dict of bytes/str, lists of ints and bytes, and one uint8 array rebuilt by
+# numpy.core.multiarray._reconstruct(numpy.ndarray, ..., numpy.dtype); numpy 2 writes the module
+# as numpy._core; protocol 5 (Python 3.14's default) rebuilds arrays with numeric._frombuffer.
+# Resolved here to the running numpy's own functions, so numpy.core (deprecated) is never imported.
+_CIFAR_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): np.ndarray.__reduce__(np.zeros(0))[0],
+    ("numpy._core.multiarray", "_reconstruct"): np.ndarray.__reduce__(np.zeros(0))[0],
+    ("numpy.core.numeric", "_frombuffer"): np.zeros(0).__reduce_ex__(5)[0],
+    ("numpy._core.numeric", "_frombuffer"): np.zeros(0).__reduce_ex__(5)[0],
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): _latin1_encode,
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """An unpickler that builds only what a CIFAR batch holds (dict, list, bytes, str, int and
+    numpy arrays): any other global (a callable a malicious pickle would run) is refused."""
+
+    def find_class(self, module, name):
+        try:
+            return _CIFAR_GLOBALS[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"refused global {module}.{name}") from None
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError("refused persistent id")
+
+
+def read_cifar_batch(path: str) -> dict:
+    """The dict in one CIFAR batch file (keys as bytes, as torchvision reads them); UserError,
+    in one line, for a file that is not a CIFAR batch or names anything a batch does not hold."""
+    try:
+        with open(path, "rb") as fh:
+            d = _CifarUnpickler(fh, encoding="bytes").load()
+    except pickle.UnpicklingError as e:
+        raise UserError(f"cannot read {path}: not a CIFAR batch file ({e}; not loaded)") from None
+    except Exception as e:
+        raise UserError(f"cannot read {path}: not a CIFAR batch file ({type(e).__name__})") from None
+    if not isinstance(d, dict):
+        raise UserError(f"cannot read {path}: not a CIFAR batch file (holds a {type(d).__name__})")
+    return d
+
+
 _CIFAR_FILES = {
     "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels"),
     "cifar100": ("cifar-100-python", ["train"], ["test"], b"fine_labels"),
@@ -94,9 +149,8 @@ def _read_cifar(name: str, root: str, download: bool) -> tuple[ImageSet, ImageSe
         xs, ys = [], []
         for f in files:
             path = os.path.join(base, f)
+            d = read_cifar_batch(path)
             try:
-                with open(path, "rb") as fh:
-                    d = pickle.load(fh, encoding="bytes")
                 x = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
                 y = np.asarray(d[label_key], dtype=np.int64)
             except Exception as e:
