@@ -8,6 +8,8 @@ AutoAttack (fastfat.autoattack) runs once per batch and eps, seeded by the key o
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
@@ -68,6 +70,11 @@ def _repeated(cache: dict, key, values, n: int, device) -> torch.Tensor:
     return cache[key]
 
 
+def _json_floats(values: list[float]) -> list[float | None]:
+    """None for NaN/inf entries, which JSON cannot hold (files.atomic_write_json refuses them)."""
+    return [v if math.isfinite(v) else None for v in values]
+
+
 def evaluate(model: nn.Module, loader, cfg: EvalConfig, num_classes: int, *,
              device="cpu", amp: str | None = None, progress: bool = False) -> list[dict]:
     """Evaluate a model under cfg.attacks at cfg.eps_test. Returns one record per (attack, eps):
@@ -75,7 +82,9 @@ def evaluate(model: nn.Module, loader, cfg: EvalConfig, num_classes: int, *,
     "worst_k_acc", "worst_k", "nstd" (metrics.summarize), "class_loss": [C mean CE], "amp", "tf32"},
     clean first (attack "clean", eps 0), then attack-major, eps-minor (amp: None takes cfg.amp);
     aa / apgd records add "attack_settings" (fastfat.autoattack.settings: pyautoattack's version
-    and parameters)."""
+    and parameters). "class_count": [C test samples per class]; a class without samples (a
+    --test-limit subset) has class_acc and class_loss None (JSON null), and the summaries are over
+    the classes present; class_loss is None also where it is not finite (a diverged model)."""
     # amp (None: cfg.amp, "off" by default: the paper evaluates in fp32) and TF32 (cfg.tf32, set
     # process-wide for CUDA) change the numbers, so every record says which were used.
     amp = cfg.amp if amp is None else amp
@@ -115,9 +124,11 @@ def evaluate(model: nn.Module, loader, cfg: EvalConfig, num_classes: int, *,
         bar.close()
     records = []
     for (attack, e), (correct, total, loss_sum) in acc.items():
-        class_acc = (correct / total).tolist()
-        records.append({"attack": attack, "eps": e, "class_acc": class_acc, **metrics.summarize(class_acc, cfg.worst_k),
-                        "class_loss": (loss_sum / total).tolist(), "amp": amp, "tf32": cfg.tf32})
+        class_acc = (correct / total).tolist()   # NaN for a class absent from the test set
+        records.append({"attack": attack, "eps": e, "class_acc": _json_floats(class_acc),
+                        "class_count": [int(t) for t in total.tolist()],
+                        **metrics.summarize(class_acc, cfg.worst_k),
+                        "class_loss": _json_floats((loss_sum / total).tolist()), "amp": amp, "tf32": cfg.tf32})
         if attack in autoattack.ATTACKS:
             records[-1]["attack_settings"] = autoattack.settings(attack, num_classes)
     return records
