@@ -160,6 +160,11 @@ def _pgd_slice(model, x, y, e, a, steps, random_start, loss, kappa, noise, amp) 
                 logits = model(x_adv)
             grad = _input_grad(loss, logits, y, kappa, p_nat, x_adv, amp)
             x_adv = x_adv.detach()
+            if grad.stride() != x_adv.stride():
+                # A gradient in another layout (a channels_last model fed NCHW inputs, a compiled
+                # backward): one copy into x_adv's, so the fused kernel takes it instead of the
+                # torch twin it would fall back to (seven passes).
+                grad = grad.contiguous(memory_format=_layout(x_adv))
             kernels.pgd_step(x_adv, x, grad, a, e)
     return x_adv.detach()
 

@@ -549,3 +549,22 @@ def test_fp32_and_bf16_attacks_take_the_plain_gradient(monkeypatch):
             logits = model(p)
         want = torch.autograd.grad(attacks._objective("ce", logits, y, 50.0, None), p, retain_graph=True)[0]
         assert torch.equal(attacks._input_grad("ce", logits, y, 50.0, None, p, amp), want)
+
+
+def test_gradient_reaches_the_update_in_x_adv_layout(monkeypatch, device):
+    """A channels_last model attacked with NCHW inputs returns channels_last input gradients;
+    pgd_step gets them in x_adv's layout (else the Triton kernel falls back to the twin), and the
+    result is the same (float64: the same numbers whatever the layout)."""
+    model = _model(device=device).double().to(memory_format=torch.channels_last)
+    x, y = _batch(device=device)
+    x = x.double()
+    seen = []
+    real = kernels.pgd_step
+    monkeypatch.setattr(kernels, "pgd_step", lambda xa, xn, g, a, e: seen.append((xa.stride(), g.stride()))
+                        or real(xa, xn, g, a, e))
+    out = pgd(model, x, y, EPS, ALPHA, 3, generator=_gen(device=device))
+    assert len(seen) == 3 and all(sa == sg for sa, sg in seen), seen
+    monkeypatch.setattr(kernels, "pgd_step", real)
+    want = pgd(model, x.contiguous(memory_format=torch.channels_last), y, EPS, ALPHA, 3,
+               generator=_gen(device=device))
+    assert out.is_contiguous() and torch.equal(out, want)
