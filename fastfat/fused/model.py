@@ -9,12 +9,14 @@ ops between the swapped modules (ReLU, pooling, residual adds, flatten) act per 
 fused tensor is the members' tensors concatenated along dim 0, so fusing and splitting weights,
 BN running statistics and optimizer state are plain cat / chunk (exact copies).
 
-Why channel stacking rather than torch.func.stack_module_state + vmap(functional_call): the
-fused model is an ordinary nn.Module of the members' class, so everything that takes a model
-works on it as it is: train-mode BatchNorm (per-channel batch statistics and running-stat
-updates, which vmap does not update in place), fastfat.models.fold_bn (a grouped conv followed
-by a BN over K*C channels folds per output channel, the same arithmetic), eval_mode, channels_last,
-torch.compile, and the attacks' input gradients, sharding and per-sample eps.
+Why channel stacking rather than torch.func.stack_module_state + vmap(functional_call): both
+are exact (vmap turns a batched conv into a grouped one too, and updates stacked BN statistics
+in place), but the channel-stacked model is an ordinary nn.Module of the members' class, so
+everything that takes a model works on it as it is: fastfat.models.fold_bn and the cached attack
+copy (a grouped conv followed by a BN over K*C channels folds per output channel, the same
+arithmetic), the attacks (an nn.Module, input gradients, sharding, per-sample eps), eval_mode,
+channels_last, torch.compile and the optimizer (plain parameters, one per member tensor kind).
+vmap would need a functional twin of each of these.
 
 FusedModel takes the K members' batches interleaved sample by sample: row n*K + k of its input
 [N*K, C, H, W] is sample n of member k, and row n*K + k of its logits [N*K, classes] is member
