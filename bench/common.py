@@ -1,5 +1,6 @@
-"""Workloads shared by the benchmark suites and bench.compare: the same data, model and configs
-for the fast path and the reference, so each pair times the same work."""
+"""Workloads shared by the benchmark suites, bench.compare and bench.gpu: the same data, model and
+configs for the fast path and the reference, so each pair times the same work, on the config's
+device (the CPU unless fat_config(device=...) says otherwise)."""
 from __future__ import annotations
 
 import copy
@@ -10,6 +11,7 @@ import torch
 from fastfat import reference
 from fastfat.config import make_train_config
 from fastfat.data import DATASETS, ImageSet, make_synthetic
+from fastfat.runtime import resolve_device
 from fastfat.train import build_for_config
 
 # The synthetic set at CIFAR's geometry: 32x32x3, 10 classes, crop pad 4 + flip.
@@ -34,10 +36,10 @@ def fat_config(**overrides):
 
 
 def twin_models(cfg):
-    """(fast model, reference model) with the same initial weights: the fast one as the trainer
-    builds it (channels_last when cfg says so), the reference one in contiguous NCHW, as the
-    authors' code holds it."""
-    fast = build_for_config(cfg, "cpu")
+    """(fast model, reference model) with the same initial weights, on cfg.device: the fast one
+    as the trainer builds it (channels_last when cfg says so), the reference one in contiguous
+    NCHW, as the authors' code holds it."""
+    fast = build_for_config(cfg, resolve_device(cfg.device))
     ref = copy.deepcopy(fast).to(memory_format=torch.contiguous_format)
     return fast, ref
 
@@ -57,9 +59,17 @@ def reference_stepper(cfg, model):
     return step
 
 
-def batch(n: int, seed: int = 0, size: int = 32, num_classes: int = 10):
-    """A float batch x [n, 3, size, size] in [0, 1] (NCHW) and labels y [n] covering the classes."""
+def batch(n: int, seed: int = 0, size: int = 32, num_classes: int = 10, device="cpu"):
+    """A float batch x [n, 3, size, size] in [0, 1] (NCHW) and labels y [n] covering the classes,
+    drawn on the CPU (the same numbers for every device) and moved to device."""
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(n, 3, size, size, generator=g)
     y = torch.arange(n) % num_classes
-    return x, y[torch.randperm(n, generator=g)]
+    return x.to(device), y[torch.randperm(n, generator=g)].to(device)
+
+
+def ref_update(x_adv, x, grad, alpha, eps):
+    """The update inside reference.ref_pgd's loop, line for line (out of place, as the authors)."""
+    x_adv = x_adv.detach() + alpha * grad.sign()
+    x_adv = torch.min(torch.max(x_adv, x - eps), x + eps)
+    return torch.clamp(x_adv, 0.0, 1.0)

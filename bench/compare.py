@@ -51,6 +51,7 @@ from fastfat.config import make_eval_config
 from fastfat.data import MemoryLoader
 from fastfat.seeding import epoch_generator
 from fastfat.evaluate import evaluate
+from fastfat.runtime import resolve_device
 from fastfat.train import Trainer, train_epoch
 
 from .common import fat_config, reference_stepper, synthetic32, twin_models
@@ -155,22 +156,24 @@ def time_interleaved(sides: dict, repeats: int, label: str) -> dict:
 # Training: results match (float64, same batches)
 
 def first_batches(cfg, train_set, steps: int) -> list:
-    """The first `steps` augmented batches of the fast loader's epoch 0, as train_epoch sees them."""
+    """The first `steps` augmented batches of the fast loader's epoch 0, as train_epoch sees them
+    (on cfg.device)."""
     loader = MemoryLoader(train_set, cfg.batch_size, True, seed=cfg.seed, crop_pad=cfg.crop_pad,
-                          flip=cfg.flip, channels_last=cfg.channels_last)
+                          flip=cfg.flip, channels_last=cfg.channels_last, device=resolve_device(cfg.device))
     return [b for _, b in zip(range(steps), loader)]
 
 
 def training_match(cfg, train_set, steps: int) -> dict:
     """Per-step losses and final weights of the fast trainer and ref_train_step from the same
     init, on the same `steps` augmented batches (the fast loader's epoch 0), with the same attack
-    noise stream (epoch_generator(seed, 0, "attack")), in float64."""
+    noise stream (epoch_generator(seed, 0, "attack")), in float64, on cfg.device."""
     fast_model, ref_model = twin_models(cfg)
     fast_model, ref_model = fast_model.double(), ref_model.double()
     trainer = Trainer(cfg, fast_model)
     ref_step = reference_stepper(cfg, ref_model)
-    g_fast = epoch_generator(cfg.seed, 0, "cpu", "attack")   # as train_epoch and ref_train draw it
-    g_ref = epoch_generator(cfg.seed, 0, "cpu", "attack")
+    device = resolve_device(cfg.device)
+    g_fast = epoch_generator(cfg.seed, 0, device, "attack")   # as train_epoch and ref_train draw it
+    g_ref = epoch_generator(cfg.seed, 0, device, "attack")
     rows = []
     for x, y in first_batches(cfg, train_set, steps):
         x = x.double()
@@ -198,11 +201,12 @@ def training_drift(cfgs: dict, train_set, steps: int) -> dict:
     ref_cfg = next(iter(cfgs.values()))
     ref_step = reference_stepper(ref_cfg, twin_models(ref_cfg)[1])
     batches = first_batches(ref_cfg, train_set, steps)
-    g = epoch_generator(ref_cfg.seed, 0, "cpu", "attack")
+    device = resolve_device(ref_cfg.device)
+    g = epoch_generator(ref_cfg.seed, 0, device, "attack")
     out = {"reference": [ref_step(x, y, g) for x, y in batches]}
     for name, c in cfgs.items():
         trainer = Trainer(c, twin_models(c)[0])
-        g = epoch_generator(c.seed, 0, "cpu", "attack")
+        g = epoch_generator(c.seed, 0, device, "attack")
         out[name] = [float(trainer.train_step(x, y, g).loss) for x, y in batches]
     return out
 

@@ -8,14 +8,9 @@ import torch
 
 from fastfat import kernels, reference
 
+from .common import ref_update
+
 EPS, ALPHA = 8 / 255, 0.007
-
-
-def ref_update(x_adv, x, grad, alpha, eps):
-    """The update inside reference.ref_pgd's loop, line for line (out of place, as the authors)."""
-    x_adv = x_adv.detach() + alpha * grad.sign()
-    x_adv = torch.min(torch.max(x_adv, x - eps), x + eps)
-    return torch.clamp(x_adv, 0.0, 1.0)
 
 
 def _attack_state(n: int, channels_last: bool):
