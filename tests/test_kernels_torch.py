@@ -147,3 +147,20 @@ def test_class_stats_off_the_cpu_is_a_sync_free_onehot_sum(syncing_ops):
     assert torch.equal(counts, counts_r) and counts[4] == 0
     up = torch.randn(10, generator=g, dtype=torch.float64)
     assert torch.equal(*(torch.autograd.grad((s * up).sum(), v)[0] for s in (sums, sums_r)))
+
+
+def test_pgd_plan_with_a_float_partner_makes_no_host_copy(monkeypatch):
+    """A float alpha with a per-sample eps (or the reverse): the float becomes a 1-element vector
+    made on the device (torch.full), not torch.tensor([...]).to(device), a host-to-device copy
+    that syncs at every PGD step."""
+    pytest.importorskip("triton")
+    from fastfat.kernels import triton_ops as T
+
+    def no_host_tensor(*a, **k):
+        raise AssertionError("torch.tensor: a host-to-device copy")
+    x = torch.empty(8, 3, 4, 4, device="meta")
+    vec = torch.empty(8, device="meta")
+    monkeypatch.setattr(torch, "tensor", no_host_tensor)
+    for alpha, eps in ((0.01, vec), (vec, 0.03)):
+        launch = T.plan_pgd_step(x, x, x, alpha, eps)
+        assert launch.args["alpha_ptr"].numel() == launch.args["eps_ptr"].numel() == 8
