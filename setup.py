@@ -30,7 +30,8 @@ setup(
     ],
     extras_require={
         "ffcv": ["ffcv==1.0.2", "numba", "Pillow"],
-        "dev": ["pytest", "pytest-benchmark", "pytest-timeout", "py-spy", "pyinstrument"],
+        # torchattacks: the bench times fastfat.pgd beside torchattacks.PGD on the same model
+        "dev": ["pytest", "pytest-benchmark", "pytest-timeout", "py-spy", "pyinstrument", "torchattacks"],
     },
     entry_points={"console_scripts": ["fastfat=fastfat.cli:main"]},
 )

@@ -108,6 +108,20 @@ def test_folded_copy_gives_the_plain_models_results(trained, dtype):
         assert _per_class_diff(pa == y, pb == y, y) <= 1
 
 
+def test_split_over_workers_changes_nothing(trained):
+    """The model's forward and backward split over 2 single-threaded workers in slices of 8
+    (as fastfat's attacks split theirs): in float64 the same samples and adversarial examples as
+    one inline pass."""
+    model, _, x, y = trained
+    folded = fold_bn(copy.deepcopy(model).double())
+    kw = dict(n_iter=10, square_n_queries=50)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(autoattack, "chunk_size", lambda x: 8)
+        xa, pa = autoattack.run(folded, x.double(), y, "aa", EPS, 3, 10, threads=2, **kw)
+    xb, pb = autoattack.run(folded, x.double(), y, "aa", EPS, 3, 10, threads=1, **kw)
+    assert torch.equal(pa, pb) and torch.equal(xa, xb)
+
+
 def test_seeded_and_side_effect_free(trained):
     """Same seed, same result; the caller's global RNG stream and the model's parameters (flags
     and .grad) are as before."""
