@@ -17,6 +17,7 @@ from .common import batch
 
 EPS, ALPHA, STEPS = 8 / 255, 2 / 255, 20
 _MEDIANS: dict[str, dict[str, float]] = {}
+_AA_ROBUST: dict[str, dict[str, torch.Tensor]] = {}   # scale -> impl -> robust mask
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -113,10 +114,12 @@ def test_autoattack(benchmark, scale, impl):
     aa.apgd_targeted = APGDAttack_targeted(model, n_restarts=1, n_target_classes=9, **kw)
     aa.verbose = False
     theirs = lambda: aa.run_standard_evaluation(x, y, batch_size=len(y))[1]
-    run, check = (ours, theirs) if impl == "fastfat" else (theirs, ours)
-    pred = benchmark.pedantic(run, rounds=max(1, scale.rounds - 1), iterations=1, warmup_rounds=0)
+    # one round: a round of pyautoattack takes minutes at the full scale
+    pred = benchmark.pedantic(ours if impl == "fastfat" else theirs, rounds=1, iterations=1,
+                              warmup_rounds=0)
     _record(benchmark, GROUP_AA, impl)
-    # the other side on the same batch and seed: the same samples robust, up to fp32 rounding
-    other = check()
-    assert int(((pred == y) != (other == y)).sum()) <= max(1, len(y) // 64)
+    robust = _AA_ROBUST.setdefault(scale.name, {})
+    robust[impl] = pred == y
+    if len(robust) == 2:   # both sides have run: the same samples robust, up to fp32 rounding
+        assert int((robust["fastfat"] != robust["pyautoattack"]).sum()) <= max(1, len(y) // 64)
     benchmark.extra_info["robust_acc"] = (pred == y).float().mean().item()
