@@ -32,6 +32,9 @@ setup(
         "ffcv": ["ffcv==1.0.2", "numba", "Pillow"],
         # torchattacks: the bench times fastfat.pgd beside torchattacks.PGD on the same model
         "dev": ["pytest", "pytest-benchmark", "pytest-timeout", "py-spy", "pyinstrument", "torchattacks"],
+        # `fastfat sweep --ray`: the core package runs clusters (ray start, tasks, retries);
+        # ray[default] adds the dashboard, which fastfat does not need
+        "ray": ["ray>=2.10"],
     },
     entry_points={"console_scripts": ["fastfat=fastfat.cli:main"]},
 )

@@ -42,6 +42,18 @@ def add_parser(sub) -> None:
     p.add_argument("--reclaim", action="store_true",
                    help="first take back this grid's running points that no live process on this "
                         "host holds (e.g. claimed from another host that is gone), and say which")
+    p.add_argument("--shared-dir", metavar="DIR",
+                   help="where the points' run directories (checkpoints) go; on a Ray cluster a path "
+                        "every node reaches (default: the file's shared_dir, else <db stem>_runs/)")
+    r = p.add_argument_group("Ray (pip install 'fastfat[ray]'; README: Sweeps on a cluster)")
+    r.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="run the points as Ray tasks: alone, on a Ray instance started here; 'auto' or "
+                        "host:port, on a running cluster ('off': in this process)")
+    r.add_argument("--ray-cpus", type=int, metavar="N", help="CPUs per grid point (default: threads, else 1)")
+    r.add_argument("--ray-gpus", type=float, metavar="N",
+                   help="GPUs per grid point (default: 1 on a cluster with GPUs, else 0)")
+    r.add_argument("--ray-retries", type=int, metavar="N",
+                   help="re-runs of a point whose worker or node died (default 3)")
     p.add_argument("--dry-run", action="store_true", help="validate and list the points; train nothing")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--preset", default=argparse.SUPPRESS, help="[train] preset: paper | authors | demo")
@@ -58,6 +70,8 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    if args.ray and args.ray.endswith(".toml") and args.config is None:   # `--ray GRID.toml`
+        args.config, args.ray = args.ray, "local"
     doc, base = read_sweep_file(args.config, args.grid)
     v = vars(args)
     grid_flags = {k[5:]: x for k, x in v.items() if k.startswith("grid.")}
@@ -65,20 +79,27 @@ def run(args) -> int:
     eval_flags = {k[5:]: x for k, x in v.items() if k.startswith("eval.")}
     sweep = build_sweep(doc, base, grid_flags=grid_flags, train_flags=train_flags,
                         eval_flags=eval_flags, db=args.db, report=args.report, threads=args.threads,
-                        lease=args.lease)
+                        lease=args.lease, shared_dir=args.shared_dir,
+                        ray_flags={k: v[k] for k in ("ray", "ray_cpus", "ray_gpus", "ray_retries")})
     progress = not args.no_progress
     if args.dry_run:
         for p in sweep.points:
             print(f"{p.key}  {p.label()}")
         print(f"{len(sweep.points)} points; database {sweep.db}; runs in {sweep.runs_dir}")
         return 0
+    if sweep.ray is not None:
+        from ..sweep.ray_runner import import_ray, run_sweep_ray
+        import_ray()   # before any output: without Ray, one line saying how to install it
     print(f"sweep: {len(sweep.points)} points into {sweep.db}", flush=True)
     t0 = time.perf_counter()
     try:
-        counts = run_sweep(sweep, progress=progress, report=not args.no_report, reclaim=args.reclaim)
+        if sweep.ray is not None:
+            counts = run_sweep_ray(sweep, progress=progress, report=not args.no_report, reclaim=args.reclaim)
+        else:
+            counts = run_sweep(sweep, progress=progress, report=not args.no_report, reclaim=args.reclaim)
     except Terminated:
-        print("fastfat: terminated; the running point was given back (run the same command to "
-              "resume)", file=sys.stderr)
+        print("fastfat: terminated; the running point" + ("s were" if sweep.ray else " was") +
+              " given back (run the same command to resume)", file=sys.stderr)
         return 128 + signal.SIGTERM
     mins = (time.perf_counter() - t0) / 60
     msg = (f"sweep: {counts['done']}/{counts['points']} points done ({counts['ran']} run now, "

@@ -25,7 +25,9 @@ from .store import Point
 
 # The grid's axes, in the order points are run (the last varies fastest).
 AXES = ("dataset", "model", "method", "seed", "eps_train", "lam")
-TOP_KEYS = ("db", "report", "threads", "lease", "grid", "train", "eval")
+TOP_KEYS = ("db", "report", "threads", "lease", "shared_dir", "ray", "ray_cpus", "ray_gpus", "ray_retries",
+            "grid", "train", "eval")
+RAY_KEYS = ("ray", "ray_cpus", "ray_gpus", "ray_retries")
 TRAIN_FIELDS = tuple(f.name for f in fields(TrainConfig))
 EVAL_FIELDS = tuple(f.name for f in fields(EvalConfig))
 # Eval fields whose names a training field already uses get an --eval- prefix on the command line.
@@ -56,6 +58,15 @@ class GridPoint:
 
 
 @dataclass
+class RaySettings:
+    """How a sweep runs on a Ray cluster (sweep-file keys ray, ray_cpus, ray_gpus, ray_retries)."""
+    address: str                  # "local": start a Ray instance here; "auto", host:port, ray://...: join
+    cpus: int | None = None       # CPUs per task (None: the sweep's threads, else 1)
+    gpus: float | None = None     # GPUs per task (None: 1 on a cluster with GPUs, else 0)
+    retries: int = 3              # re-runs of a task whose worker or node died
+
+
+@dataclass
 class Sweep:
     """A validated sweep: where its database and report go, and its points in run order."""
     db: str
@@ -63,10 +74,12 @@ class Sweep:
     points: list[GridPoint]
     threads: int | None = None   # torch intra-op threads (None: torch's default)
     lease: float = DEFAULT_LEASE_S   # seconds a silent claim stays valid (the file's minutes x60)
+    shared_dir: str | None = None    # where the points' run directories go (None: next to the db)
+    ray: RaySettings | None = None   # None: run the points in this process
 
     @property
     def runs_dir(self) -> str:
-        return runs_dir(self.db)
+        return self.shared_dir or runs_dir(self.db)
 
 
 def setting_of(train_config: dict) -> str:
@@ -154,7 +167,8 @@ def _scalar_list(axis: str, value) -> list:
 
 def build_sweep(doc: dict, base: str, *, grid_flags: dict | None = None, train_flags: dict | None = None,
                 eval_flags: dict | None = None, db: str | None = None, report: str | None = None,
-                threads=None, lease=None) -> Sweep:
+                threads=None, lease=None, shared_dir: str | None = None,
+                ray_flags: dict | None = None) -> Sweep:
     """Validate a sweep file's content merged with flags (flags win) into a Sweep.
 
     Raises UserError naming the key or grid point at fault; nothing is written.
@@ -214,6 +228,12 @@ def build_sweep(doc: dict, base: str, *, grid_flags: dict | None = None, train_f
     lease_s = DEFAULT_LEASE_S if lease is None else 60.0 * float(lease)
     if os.path.isdir(db):
         raise UserError(f"db {db} is a directory; give a file name such as results.db")
+    if shared_dir is None and "shared_dir" in doc:
+        if not isinstance(doc["shared_dir"], str):
+            raise UserError(f"shared_dir must be a string (a path), got {doc['shared_dir']!r}")
+        shared_dir = os.path.join(base, doc["shared_dir"])
+    ray = ray_settings({**{k: doc[k] for k in RAY_KEYS if k in doc},
+                        **{k: v for k, v in (ray_flags or {}).items() if v is not None}})
 
     preset = train.pop("preset", None) or None
     try:
@@ -251,7 +271,31 @@ def build_sweep(doc: dict, base: str, *, grid_flags: dict | None = None, train_f
         except UserError as e:
             raise UserError(f"{where}: {e}") from None
         points.append(gp)
-    return Sweep(db=db, report=report, points=points, threads=threads, lease=lease_s)
+    return Sweep(db=db, report=report, points=points, threads=threads, lease=lease_s,
+                 shared_dir=os.path.abspath(shared_dir) if shared_dir else None, ray=ray)
+
+
+def ray_settings(keys: dict) -> RaySettings | None:
+    """The ray* keys (file and flags merged) as RaySettings; None for a sweep in this process
+    (no ray key, ray = false or "off"). UserError naming the key at fault."""
+    address = keys.get("ray")
+    if address is True or address in ("", "local"):
+        address = "local"
+    elif address is None or address is False or address == "off":
+        return None
+    elif not isinstance(address, str):
+        raise UserError(f"ray must be true, \"local\", \"auto\" or a cluster address, got {address!r}")
+    cpus, gpus, retries = keys.get("ray_cpus"), keys.get("ray_gpus"), keys.get("ray_retries", 3)
+    if cpus is not None and (isinstance(cpus, bool) or not isinstance(cpus, int) or cpus < 1):
+        raise UserError(f"ray_cpus must be an integer >= 1 (CPUs per grid point), got {cpus!r}")
+    if gpus is not None:
+        ok = not isinstance(gpus, bool) and isinstance(gpus, (int, float)) and 0 <= gpus < math.inf
+        if not ok or (gpus > 1 and gpus != int(gpus)):
+            raise UserError(f"ray_gpus must be a fraction in [0, 1] or a whole number of GPUs per "
+                            f"grid point, got {gpus!r}")
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise UserError(f"ray_retries must be an integer >= 0, got {retries!r}")
+    return RaySettings(address, cpus, None if gpus is None else float(gpus), retries)
 
 
 def point_key(cfg: TrainConfig) -> str:

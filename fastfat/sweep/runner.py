@@ -1,8 +1,9 @@
 """Running a sweep: every point not done yet is claimed in the store, trained (resuming from its
 checkpoint), evaluated and stored; then the report is written.
 
-Each point trains in its own run directory next to the database (<db stem>_runs/<key>/) with a
-checkpoint per epoch, and its results go into the store in one transaction with status "done".
+Each point trains in its own run directory (<shared_dir>/<key>/, by default <db stem>_runs/<key>/
+next to the database) with a checkpoint per epoch (train_and_evaluate, which a Ray task runs as
+well: ray_runner.py), and its results go into the store in one transaction with status "done".
 Running the same command again resumes the interrupted point from its last checkpoint and skips
 finished ones; training and evaluation are deterministic on the CPU for a given thread count, so
 the results equal an uninterrupted sweep's. Ctrl-C and SIGTERM give the running point back;
@@ -56,13 +57,49 @@ def summary_line(p: GridPoint, records: list[dict], seconds: float) -> str:
     return s + f" ({seconds:.0f} s)"
 
 
-def run_point(store, p: GridPoint, run_dir: str, *, progress: bool, overall=None) -> list[dict]:
-    """Train (resuming from run_dir's checkpoint) and evaluate one point; store its results."""
+def train_and_evaluate(p: GridPoint, run_dir: str, *, progress: bool = False, position: int = 2,
+                       on_epoch=None, on_trained=None) -> tuple[list[dict], list[dict], dict]:
+    """Train one point in run_dir (resuming from its checkpoint there) and evaluate its final
+    weights. Writes only run_dir (atomic checkpoints, as train() does), never a database, so a
+    local sweep and a Ray task on another machine run the same code.
+
+    Returns (log, records, timings): every epoch's log row (train()'s rows, including epochs an
+    earlier, interrupted run trained), evaluate()'s records, and {"train_seconds" (sum of the
+    epochs' seconds), "eval_seconds", "start_epoch" (epochs the checkpoint already held)}.
+    on_epoch(row) runs after each new epoch's checkpoint is on disk; on_trained(log) once training
+    is over, before the evaluation. Raises UserError for a point that fails for its own reasons
+    (divergence, a checkpoint that does not fit its config, bad data).
+    """
     from ..data import dataset_info
     from ..evaluate import evaluate, make_test_loader
     from ..runtime import resolve_device
     from ..train import load_model, train
 
+    new = []
+
+    def epoch_done(row):
+        new.append(row)
+        if on_epoch is not None:
+            on_epoch(row)
+
+    _, log = train(p.train, run_dir, resume=True, progress=progress, on_epoch=epoch_done,
+                   position=position)
+    if on_trained is not None:
+        on_trained(log)
+    # train() reloads a finished run's final checkpoint, so a point killed after training and
+    # before its results were stored is evaluated on the same weights.
+    device = resolve_device(p.train.device if p.eval.device == "auto" else p.eval.device)
+    model, _ = load_model(os.path.join(run_dir, "checkpoint.pt"), device)
+    t0 = time.perf_counter()
+    records = evaluate(model, make_test_loader(p.train, p.eval, device), p.eval,
+                       dataset_info(p.train.dataset).num_classes, device=device)  # amp: p.eval.amp
+    timings = {"train_seconds": sum(r["seconds"] for r in log), "eval_seconds": time.perf_counter() - t0,
+               "start_epoch": len(log) - len(new)}
+    return log, records, timings
+
+
+def run_point(store, p: GridPoint, run_dir: str, *, progress: bool, overall=None) -> list[dict]:
+    """Train (resuming from run_dir's checkpoint) and evaluate one point; store its results."""
     done0 = store.point(p.key).epochs_done
     bar = progress_bar(p.train.epochs, p.label(), progress, position=1, unit="epoch",
                        initial=min(done0, p.train.epochs))
@@ -74,26 +111,21 @@ def run_point(store, p: GridPoint, run_dir: str, *, progress: bool, overall=None
         if overall is not None:
             overall.update(1)
 
-    try:
-        _, log = train(p.train, run_dir, resume=True, progress=progress, on_epoch=on_epoch, position=2)
+    def on_trained(log):
         # A kill between a checkpoint and its on_epoch leaves that epoch unrecorded; the resumed
         # run does not repeat it, so take every epoch from the checkpoint's own log.
         for row in log:
             store.record_epoch(p.key, row)
-        # train() reloads a finished run's final checkpoint, so a point killed after training
-        # and before its results were stored is evaluated on the same weights.
-        device = resolve_device(p.train.device if p.eval.device == "auto" else p.eval.device)
-        model, _ = load_model(os.path.join(run_dir, "checkpoint.pt"), device)
         if bar is not None:
             bar.set_postfix_str("evaluating")
-        t0 = time.perf_counter()
-        records = evaluate(model, make_test_loader(p.train, p.eval, device), p.eval,
-                           dataset_info(p.train.dataset).num_classes, device=device)  # amp: p.eval.amp
-        eval_s = time.perf_counter() - t0
+
+    try:
+        _, records, timings = train_and_evaluate(p, run_dir, progress=progress, position=2,
+                                                 on_epoch=on_epoch, on_trained=on_trained)
     finally:
         if bar is not None:
             bar.close()
-    store.finish(p.key, records, train_seconds=sum(r["seconds"] for r in log), eval_seconds=eval_s)
+    store.finish(p.key, records, train_seconds=timings["train_seconds"], eval_seconds=timings["eval_seconds"])
     if overall is not None:
         overall.update(1)  # the evaluation's share of the ETA
     return records
@@ -106,17 +138,21 @@ class Terminated(KeyboardInterrupt):
 @contextmanager
 def _sigterm_as_interrupt():
     """While a sweep runs, SIGTERM raises Terminated (the default would end the process at once
-    and leave its point 'running'); the previous handler comes back after."""
+    and leave its point 'running'); the previous handler comes back after. Yields a dict whose
+    "received" turns True on SIGTERM (Ray's C++ wait re-raises any exception of a signal handler
+    as a plain KeyboardInterrupt)."""
+    state = {"received": False}
     if threading.current_thread() is not threading.main_thread():
-        yield   # signal handlers can only be set from the main thread
+        yield state   # signal handlers can only be set from the main thread
         return
 
     def handler(signum, frame):
+        state["received"] = True
         raise Terminated()
 
     old = signal.signal(signal.SIGTERM, handler)
     try:
-        yield
+        yield state
     finally:
         signal.signal(signal.SIGTERM, old)
 
@@ -175,8 +211,25 @@ def _open_and_add(store, sweep: Sweep, progress: bool, reclaim: bool) -> tuple[d
     return {q.key: q for q in store.points(keys=keys, with_results=False)}, len(taken)
 
 
+def claim_point(store, p: GridPoint, counts: dict, progress: bool) -> bool:
+    """Claim a point for this process; True if it is now ours. Otherwise counts it (done:
+    'skipped', running elsewhere: 'busy', failed in another process during this run:
+    'failed_elsewhere'). Says when a stale claim was taken over."""
+    from .claims import owner_alive
+
+    claim = store.claim(p.key)
+    if claim.status != "claimed":  # finished, running or just failed in another process
+        counts[{"busy": "busy", "failed": "failed_elsewhere"}.get(claim.status, "skipped")] += 1
+        return False
+    if claim.took_from:
+        why = ("its process is gone" if not owner_alive(claim.took_from) else
+               f"silent for {_minutes(claim.silent_s)}, longer than its lease")
+        _say(f"sweep: took over {p.label()} from {claim.took_from} ({why})", progress)
+    return True
+
+
 def _run_sweep(sweep: Sweep, progress, report, report_dir, report_options, reclaim) -> dict:
-    from .claims import ClaimLost, owner_alive
+    from .claims import ClaimLost
     from .store import Store
 
     with Store(sweep.db, lease=sweep.lease) as store:
@@ -194,16 +247,10 @@ def _run_sweep(sweep: Sweep, progress, report, report_dir, report_options, recla
             for i, p in enumerate(todo):
                 if overall is not None:
                     overall.set_postfix_str(f"point {i + 1}/{len(todo)}")
-                claim = store.claim(p.key)
-                if claim.status != "claimed":  # finished, running or just failed in another process
-                    counts[{"busy": "busy", "failed": "failed_elsewhere"}.get(claim.status, "skipped")] += 1
+                if not claim_point(store, p, counts, progress):
                     if overall is not None:
                         overall.update(p.train.epochs - min(have[p.key].epochs_done, p.train.epochs) + 1)
                     continue
-                if claim.took_from:
-                    why = ("its process is gone" if not owner_alive(claim.took_from) else
-                           f"silent for {_minutes(claim.silent_s)}, longer than its lease")
-                    _say(f"sweep: took over {p.label()} from {claim.took_from} ({why})", progress)
                 t0 = time.perf_counter()
                 run_dir = os.path.join(sweep.runs_dir, p.key)
                 try:
@@ -233,14 +280,20 @@ def _run_sweep(sweep: Sweep, progress, report, report_dir, report_options, recla
             if overall is not None:
                 overall.close()
         counts["done"] = store.counts(keys=[p.key for p in sweep.points])["done"]
-
     if report:
-        from . import report as report_mod
-        out = report_dir or sweep.report or default_report_dir(sweep.db)
-        if counts["done"]:
-            written = report_mod.write_report(sweep.db, out, **(report_options or {}))
-            counts["report"] = out
-            _say(f"report: {len(written)} files in {out}", progress)
-        else:
-            _say("report: no finished points yet, nothing to report", progress)
+        write_report(sweep, counts, progress, report_dir, report_options)
     return counts
+
+
+def write_report(sweep: Sweep, counts: dict, progress: bool, report_dir: str | None,
+                 report_options: dict | None) -> None:
+    """The report of a sweep that has run (counts as run_sweep returns them; 'report' is set to
+    its directory when written)."""
+    from . import report as report_mod
+    out = report_dir or sweep.report or default_report_dir(sweep.db)
+    if counts["done"]:
+        written = report_mod.write_report(sweep.db, out, **(report_options or {}))
+        counts["report"] = out
+        _say(f"report: {len(written)} files in {out}", progress)
+    else:
+        _say("report: no finished points yet, nothing to report", progress)

@@ -194,6 +194,18 @@ class Store:
         """A context manager renewing this process's claim on key every lease / 5 seconds."""
         return Heartbeat(self.path, key, owner_id(), self.lease / 5)
 
+    def renew(self, keys) -> list[str]:
+        """Renew this process's claims on keys in one transaction (the Ray driver holds the claims
+        of every point its tasks run, from its own loop); returns the keys it no longer holds."""
+        lost, now = [], time.time()
+        with self.transaction():
+            for key in keys:
+                cur = self.db.execute("UPDATE points SET heartbeat=? WHERE key=? AND owner=? AND "
+                                      "status='running'", (now, key, owner_id()))
+                if cur.rowcount == 0:
+                    lost.append(key)
+        return lost
+
     def record_epoch(self, key: str, row: dict) -> None:
         """A training epoch finished (its checkpoint is on disk): log it, count it, renew the
         claim. ClaimLost if another process has taken the point over."""

@@ -1,0 +1,327 @@
+"""Running a sweep on a Ray cluster: each unit of work is one Ray task that trains and evaluates
+in run directories on a path every node reaches and returns per-point outcomes; this process (the
+driver) is the only writer of the results database and stores them in the rows a local sweep
+writes (SQLite must not be shared over a network file system).
+
+A unit is one grid point today (plan_units); a fused group of points will be one unit later:
+run_unit takes a list of points and returns one Outcome per point, so the driver does not change.
+
+Faults: a task whose worker or node dies is re-run by Ray (ray_retries times) and resumes from
+its last checkpoint; a point failing for its own reasons (UserError: divergence, bad data; or a
+bug) is caught inside the task and recorded failed, never retried by Ray. The driver claims every
+point it submits (owner host:pid, renewed each lease/5 while it waits), and gives them back on
+Ctrl-C or SIGTERM; a killed driver's claims are taken over by the next run (its pid is gone).
+Ray is imported only here and only when a sweep runs on it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass, field
+
+from ..errors import UserError
+from ..files import check_writable_dir
+from ..runtime import progress_bar
+from .grid import GridPoint, Sweep
+from .runner import (Terminated, _open_and_add, _say, _sigterm_as_interrupt, claim_point, summary_line,
+                     train_and_evaluate, write_report)
+
+INSTALL = "pip install 'fastfat[ray]'"
+PROBE_S = 10.0        # how long to wait for the cluster's address to answer
+NODES_EVERY_S = 5.0   # how often the driver recounts the cluster's free slots (nodes join and leave)
+
+
+def import_ray():
+    """The ray module, or UserError saying how to install it."""
+    try:
+        import ray
+    except ImportError:
+        raise UserError(f"--ray needs Ray, which is not installed here: {INSTALL}") from None
+    return ray
+
+
+# ---------------------------------------------------------------------------------------------
+# The task (runs on a worker)
+
+@dataclass
+class Outcome:
+    """What a task returns for one point: its per-epoch log rows and evaluate()'s records, or the
+    error it failed with. start_epoch: epochs its checkpoint held when the task began (> 0 for a
+    resumed point); where: the node (and GPUs) it ran on."""
+    key: str
+    log: list[dict] = field(default_factory=list)
+    records: list[dict] | None = None
+    train_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    start_epoch: int = 0
+    seconds: float = 0.0
+    error: str | None = None
+    trace: str | None = None
+    where: str = ""
+
+
+def plan_units(points: list[GridPoint]) -> list[list[GridPoint]]:
+    """The sweep's units of work, in run order: one point each (fused groups will come here)."""
+    return [[p] for p in points]
+
+
+def run_unit(points: list[GridPoint], run_dirs: list[str], threads: int, cwd: str | None = None) -> list[Outcome]:
+    """The Ray task: train and evaluate a unit's points in their run directories; one Outcome per
+    point. threads: torch intra-op threads (the task's CPUs). cwd: the driver's working directory,
+    so relative paths in the configs (data_root) mean what they mean in a local sweep."""
+    import torch
+    if cwd and os.path.isdir(cwd):
+        os.chdir(cwd)
+    torch.set_num_threads(threads)
+    if len(points) != 1:
+        raise NotImplementedError("a unit of several points (a fused group) is not run on Ray yet")
+    return [_run_point(points[0], run_dirs[0])]
+
+
+def _where() -> str:
+    import ray
+    gpus = ray.get_gpu_ids()
+    return ray.util.get_node_ip_address() + (f" gpu {','.join(map(str, gpus))}" if gpus else "")
+
+
+def _run_point(p: GridPoint, run_dir: str) -> Outcome:
+    """One point in this worker; its own failures come back as an Outcome with an error (raised,
+    they would look to Ray like a task to retry)."""
+    t0, where = time.perf_counter(), _where()
+    try:
+        log, records, t = train_and_evaluate(p, run_dir)
+    except UserError as e:
+        return Outcome(p.key, error=str(e), seconds=time.perf_counter() - t0, where=where)
+    except Exception as e:  # a bug or a resource error: recorded with its trace, as a local sweep does
+        return Outcome(p.key, error=f"{type(e).__name__}: {e}", trace=traceback.format_exc(),
+                       seconds=time.perf_counter() - t0, where=where)
+    return Outcome(p.key, log, records, t["train_seconds"], t["eval_seconds"], t["start_epoch"],
+                   time.perf_counter() - t0, where=where)
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver
+
+def run_sweep_ray(sweep: Sweep, *, progress: bool = True, report: bool = True, report_dir: str | None = None,
+                  report_options: dict | None = None, reclaim: bool = False) -> dict:
+    """Run every point not done yet as Ray tasks (sweep.ray says where); counts as
+    runner.run_sweep returns them, plus "resumed" (points that went on from a checkpoint).
+    A process already connected to Ray (ray.init) sweeps on that connection."""
+    ray = import_ray()
+    check_writable_dir(sweep.runs_dir, "shared_dir")
+    with _sigterm_as_interrupt() as sigterm:
+        connected = _connect(ray, sweep.ray.address)
+        try:
+            counts = _drive(ray, sweep, progress, reclaim)
+        except KeyboardInterrupt as e:
+            if sigterm["received"] and not isinstance(e, Terminated):
+                raise Terminated() from None
+            raise
+        finally:
+            if connected:
+                ray.shutdown()
+    if report:
+        write_report(sweep, counts, progress, report_dir, report_options)
+    return counts
+
+
+def _connect(ray, address: str) -> bool:
+    """Start a local Ray instance ("local") or join a cluster; False if already connected."""
+    if ray.is_initialized():
+        return False
+    if address != "local":
+        _probe(address)
+    # ERROR: Ray's start-up notes would interleave with the bars; its errors still show.
+    kw = dict(logging_level=logging.ERROR, include_dashboard=False) if address == "local" else \
+        dict(logging_level=logging.ERROR)
+    try:
+        ray.init(address=address, **kw)
+    except (ConnectionError, ValueError, RuntimeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"cannot connect to the Ray cluster at {address}: {first}") from None
+    return True
+
+
+def _probe(address: str) -> None:
+    """UserError unless something listens at the cluster's address: ray.init waits minutes for a
+    head that is not there (also for a stale address 'auto' finds from an earlier `ray start`)."""
+    target = address
+    if address == "auto":
+        try:
+            from ray._private.services import get_ray_address_from_environment  # how ray.init resolves it
+            target = get_ray_address_from_environment("auto", None)
+        except ConnectionError as e:
+            raise UserError(f"--ray auto: {e} Start one with `ray start --head`.") from None
+        except Exception:   # a Ray version without this helper: let ray.init find it
+            return
+    host, _, port = target.split("://", 1)[-1].rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=PROBE_S).close()
+    except (OSError, ValueError) as e:
+        why = getattr(e, "strerror", None) or str(e) or type(e).__name__
+        seen = "" if target == address else f" (found {target})"
+        raise UserError(f"cannot reach a Ray cluster at {address}{seen}: {why}; start its head with "
+                        f"`ray start --head` or give its address") from None
+
+
+def _task_resources(ray, sweep: Sweep) -> tuple[int, float]:
+    """(CPUs, GPUs) one task asks for: ray_cpus (else threads, else 1); ray_gpus, else one GPU
+    on a cluster that has GPUs."""
+    s = sweep.ray
+    cpus = s.cpus or sweep.threads or 1
+    gpus = s.gpus if s.gpus is not None else (1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0)
+    return cpus, gpus
+
+
+def _slots(ray, cpus: int, gpus: float) -> tuple[int, int]:
+    """(tasks the live nodes can run at once, live nodes)."""
+    total, alive = 0, 0
+    for n in ray.nodes():
+        if not n.get("Alive"):
+            continue
+        alive += 1
+        r = n.get("Resources", {})
+        k = int(r.get("CPU", 0) // cpus)
+        if gpus:
+            k = min(k, int(r.get("GPU", 0) // gpus))
+        total += k
+    return total, alive
+
+
+def _collect(ray, ref, unit: list[GridPoint], retries: int) -> list[Outcome]:
+    """A finished task's outcomes; a task that did not return (its worker or node died more than
+    `retries` times, or it raised outside its own handling) fails each of its points."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as e:
+        cause = getattr(e, "cause", None) or e
+        err, trace = f"{type(cause).__name__}: {cause}", str(e)
+    except ray.exceptions.RayError as e:
+        first = (str(e).strip().splitlines() or [""])[0]
+        err, trace = f"{type(e).__name__} after {retries} retries: {first}", None
+    return [Outcome(p.key, error=err, trace=trace) for p in unit]
+
+
+def _store(store, p: GridPoint, o: Outcome, counts: dict, progress: bool, n: int, total: int) -> None:
+    """Write a point's outcome: its epochs and results (done), or its error (failed)."""
+    from .claims import ClaimLost
+    try:
+        if o.error is None:
+            for row in o.log:
+                store.record_epoch(p.key, row)
+            store.finish(p.key, o.records, train_seconds=o.train_seconds, eval_seconds=o.eval_seconds)
+        else:
+            store.fail(p.key, o.error)
+    except ClaimLost:
+        counts["busy"] += 1
+        _say(f"sweep: {p.label()} was taken over by another process (this driver was silent past "
+             f"its lease); leaving it there", progress)
+        return
+    if o.error is not None:
+        counts["failed"] += 1
+        _say(f"FAILED {p.label()}: {o.error}" + (f"\n{o.trace}" if o.trace else ""), progress)
+        return
+    counts["ran"] += 1
+    counts["resumed"] += o.start_epoch > 0
+    resumed = f", resumed from epoch {o.start_epoch}" if o.start_epoch else ""
+    _say(f"[{n}/{total}] " + summary_line(p, o.records, o.seconds)[:-1] + f" on {o.where}{resumed})",
+         progress)
+
+
+def _drive(ray, sweep: Sweep, progress: bool, reclaim: bool) -> dict:
+    from .store import Store
+
+    cpus, gpus = _task_resources(ray, sweep)
+    threads, retries = sweep.threads or cpus, sweep.ray.retries
+    task = ray.remote(run_unit).options(num_cpus=cpus, num_gpus=gpus, max_retries=retries,
+                                        retry_exceptions=False)
+    slots, nodes = _slots(ray, cpus, gpus)
+    if nodes > 1 and sweep.shared_dir is None:
+        _say(f"sweep: the runs go to {sweep.runs_dir} (beside the database): every node of the "
+             f"cluster must reach this path; set shared_dir otherwise", progress)
+    if slots == 0:
+        _say(f"sweep: no node of the Ray cluster has {cpus} CPU(s)" + (f" and {gpus:g} GPU(s)" if gpus else "")
+             + " free for a grid point; the points wait until one joins", progress)
+    with Store(sweep.db, lease=sweep.lease) as store:
+        have, reclaimed = _open_and_add(store, sweep, progress, reclaim)
+        todo = [p for p in sweep.points if have[p.key].status != "done"]
+        counts = {"points": len(sweep.points), "skipped": len(sweep.points) - len(todo), "ran": 0,
+                  "failed": 0, "busy": 0, "failed_elsewhere": 0, "reclaimed": reclaimed, "resumed": 0}
+        if counts["skipped"]:
+            _say(f"sweep: {counts['skipped']} of {len(sweep.points)} points already done, skipping them",
+                 progress)
+        bar = progress_bar(len(todo), "sweep", progress, position=0, unit="point", leave=True)
+        queue, in_flight = deque(plan_units(todo)), {}   # ObjectRef -> the unit's claimed points
+        finished, counted_at, renewed_at = 0, time.monotonic(), time.monotonic()
+        try:
+            while queue or in_flight:
+                now = time.monotonic()
+                if now - counted_at > NODES_EVERY_S:
+                    slots, counted_at = _slots(ray, cpus, gpus)[0], now
+                # As many units in flight as the cluster has slots (at least one, which an
+                # autoscaler sees as demand): 'running' on the bar means running.
+                while queue and len(in_flight) < max(1, slots):
+                    planned = queue.popleft()
+                    unit = [p for p in planned if claim_point(store, p, counts, progress)]
+                    if unit:
+                        runs = [os.path.join(sweep.runs_dir, p.key) for p in unit]
+                        in_flight[task.remote(unit, runs, threads, os.getcwd())] = unit
+                    _advance(bar, len(planned) - len(unit), counts, in_flight)   # done/busy elsewhere
+                if not in_flight:
+                    continue
+                ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
+                for ref in ready:
+                    unit = in_flight.pop(ref)
+                    for p, o in zip(unit, _collect(ray, ref, unit, retries)):
+                        finished += 1
+                        _store(store, p, o, counts, progress, finished, len(todo))
+                    _advance(bar, len(unit), counts, in_flight)
+                if time.monotonic() - renewed_at > sweep.lease / 5:
+                    renewed_at = time.monotonic()
+                    _renew(ray, store, in_flight, counts, progress)
+        except BaseException:
+            # Ctrl-C, SIGTERM or an error here: stop the tasks, give their points back.
+            for ref in in_flight:
+                try:
+                    ray.cancel(ref, force=True)
+                except Exception:
+                    pass
+            for unit in in_flight.values():
+                for p in unit:
+                    store.release(p.key)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        counts["done"] = store.counts(keys=[p.key for p in sweep.points])["done"]
+    return counts
+
+
+def _advance(bar, n: int, counts: dict, in_flight: dict) -> None:
+    """Move the overall bar on by n points and show done, running and failed."""
+    if bar is not None:
+        bar.set_postfix_str(f"{counts['ran']} done, {sum(map(len, in_flight.values()))} running, "
+                            f"{counts['failed']} failed", refresh=not n)
+        bar.update(n)
+
+
+def _renew(ray, store, in_flight: dict, counts: dict, progress: bool) -> None:
+    """Renew the claims of every point in flight; a unit with a point another process took over
+    (this driver was silent past its lease) is cancelled and its other points given back."""
+    lost = set(store.renew([p.key for unit in in_flight.values() for p in unit]))
+    for ref, unit in list(in_flight.items()):
+        if lost.isdisjoint(p.key for p in unit):
+            continue
+        ray.cancel(ref, force=True)
+        del in_flight[ref]
+        for p in unit:
+            if p.key in lost:
+                counts["busy"] += 1
+                _say(f"sweep: {p.label()} was taken over by another process (this driver was "
+                     f"silent past its lease); leaving it there", progress)
+            else:
+                store.release(p.key)
