@@ -253,7 +253,8 @@ def test_plan_groups():
     cfgs = configs(MEMBERS + [dict(method="trades", seed=5)] + MEMBERS[:2])
     assert plan_groups(cfgs, 2) == [[0, 1], [2, 4], [3], [5]]
     assert plan_groups(cfgs, 1) == [[i] for i in range(6)]
-    assert plan_groups(cfgs, "auto") == [[0, 1, 2, 4], [3], [5]]   # CPU: 4
+    assert plan_groups(cfgs, 6) == [[0, 1, 2, 4, 5], [3]]
+    assert plan_groups(cfgs, "auto") == [[i] for i in range(6)]   # the CPU: fusion does not pay
     with pytest.raises(UserError, match="fuse"):
         plan_groups(cfgs, 0)
 

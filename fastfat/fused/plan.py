@@ -10,9 +10,11 @@ from ..runtime import resolve_device
 from .train import fuse_key
 
 MAX_AUTO_K = 16
-# On the CPU a step is bound by convolution arithmetic, which fusion does not reduce: K = 4
-# takes what there is to take (the per-op overhead; bench.fused, bench/README.md).
-CPU_AUTO_K = 4
+# On the CPU fusion does not pay (bench.fused, bench/README.md): a step is bound by convolution
+# arithmetic, which fusion does not reduce, and oneDNN's grouped convolutions with 16-32
+# channels per group are 1.4-2.3x slower per member than the dense ones (ResNet18 width 16:
+# fused K=4 at 0.72x); the demo CNN gains about 1.1x. So "auto" does not fuse there.
+CPU_AUTO_K = 1
 # The share of free GPU memory the K members' measured peak may fill (the rest: the allocator's
 # fragmentation, cuDNN workspaces, the evaluation that follows).
 GPU_MEMORY_SHARE = 0.7
@@ -37,7 +39,7 @@ def plan_groups(cfgs: list[TrainConfig], fuse: int | str = 1) -> list[list[int]]
 def auto_k(cfg: TrainConfig, max_k: int = MAX_AUTO_K) -> int:
     """How many members of cfg's kind to fuse: on CUDA as many as fit GPU_MEMORY_SHARE of the
     free memory by one member's measured peak (a real training step at cfg's batch size), at
-    most max_k; on the CPU, CPU_AUTO_K."""
+    most max_k; on the CPU, CPU_AUTO_K (1: no fusion)."""
     device = resolve_device(cfg.device)
     if device.type != "cuda":
         return min(CPU_AUTO_K, max_k)
