@@ -1,5 +1,5 @@
 """fastfat: fast, correct adversarial training for robust fairness (FAT, Ma et al. NeurIPS 2022)."""
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="fastfat",
@@ -10,8 +10,7 @@ setup(
     python_requires=">=3.11",   # tomllib
     # kernels/ lives at the top level of the repo but installs as fastfat.kernels:
     # a top-level import name `kernels` would clash with other packages.
-    packages=["fastfat", "fastfat.cli", "fastfat.data", "fastfat.models", "fastfat.sweep",
-              "fastfat.grids", "fastfat.kernels"],
+    packages=find_packages(include=["fastfat", "fastfat.*"]) + ["fastfat.kernels"],
     package_dir={"fastfat.kernels": "kernels"},
     package_data={"fastfat.grids": ["*.toml"]},
     install_requires=[
