@@ -374,9 +374,12 @@ def test_compiled_kernels_do_not_spill(dev, monkeypatch):
             K.trades_kl(za, zn).sum().backward()
     names = {key[0] for key in compiled}
     assert names == {k.__name__ for k in T.KERNELS}, names
+    have_cuobjdump = os.path.exists(aot.cuobjdump())       # shipped in Triton's wheel (3.x)
     for key, k in compiled.items():
         if getattr(k, "n_spills", None) is None:
             k._init_handles()
-        res = aot.resources(k.asm["cubin"])
-        assert k.n_spills == 0 and res.spills == 0, (key, k.n_spills, res)
+        assert k.n_spills == 0, (key, k.n_spills)
         assert 0 < k.n_regs <= 255, (key, k.n_regs)
+        if have_cuobjdump:
+            res = aot.resources(k.asm["cubin"])
+            assert res.spills == 0 and res.registers == k.n_regs, (key, res, k.n_regs)
