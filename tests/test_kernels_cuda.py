@@ -382,4 +382,4 @@ def test_compiled_kernels_do_not_spill(dev, monkeypatch):
         assert 0 < k.n_regs <= 255, (key, k.n_regs)
         if have_cuobjdump:
             res = aot.resources(k.asm["cubin"])
-            assert res.spills == 0 and res.registers == k.n_regs, (key, res, k.n_regs)
+            assert res.spills == 0, (key, res)
