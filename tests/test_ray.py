@@ -85,24 +85,41 @@ def _epochs_on_disk(runs_dir) -> dict[str, int]:
     return out
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    """A real Ray cluster on this machine: head + worker node, one CPU each; this process is
-    connected to it as a driver. Dead nodes are noticed within ~2 s (health checks every 0.5 s)."""
+def _need_ray():
+    """The ray module; skips without it, except in CI (which installs the extra)."""
     try:
         import ray
-        from ray.cluster_utils import Cluster
     except ImportError:
         if IN_CI:
             raise
         pytest.skip("Ray is not installed (pip install 'fastfat[ray]'); CI installs it and runs these")
+    return ray
+
+
+def _warm_up():
+    import importlib
+    for name in ("fastfat.train", "fastfat.evaluate", "fastfat.sweep.ray_runner"):
+        importlib.import_module(name)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A real Ray cluster on this machine: head + worker node, one CPU each; this process is
+    connected to it as a driver. Dead nodes are noticed within ~2 s (health checks every 0.5 s)."""
+    ray = _need_ray()
     import logging
+
+    from ray.cluster_utils import Cluster
     c = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "include_dashboard": False,
         "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 3,
                            "health_check_initial_delay_ms": 0}})
     c.worker = c.add_node(num_cpus=1)
     ray.init(address=c.address, logging_level=logging.ERROR)
+    # Start a worker on each node and import fastfat's training stack there while the local
+    # reference sweep runs (a cold worker takes ~10 s on 2 cores); the tests' tasks reuse them.
+    warm = ray.remote(num_cpus=1, scheduling_strategy="SPREAD")(_warm_up)
+    c.warming = [warm.remote() for _ in range(2)]
     try:
         yield c
     finally:
@@ -149,7 +166,7 @@ def test_ray_keys_and_flags(tmp_path):
 
 
 def test_unreachable_cluster_is_one_line(tmp_path, capsys):
-    pytest.importorskip("ray")
+    _need_ray()
     import socket
     with socket.socket() as s:   # a port nothing listens on
         s.bind(("127.0.0.1", 0))

@@ -15,6 +15,7 @@ Ray is imported only here and only when a sweep runs on it.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 from ..errors import UserError
 from ..files import check_writable_dir
 from ..runtime import progress_bar
-from .grid import GridPoint, Sweep
+from .grid import GridPoint, RaySettings, Sweep
 from .runner import (Terminated, _open_and_add, _say, _sigterm_as_interrupt, claim_point, summary_line,
                      train_and_evaluate, write_report)
 
@@ -110,8 +111,11 @@ def run_sweep_ray(sweep: Sweep, *, progress: bool = True, report: bool = True, r
                   report_options: dict | None = None, reclaim: bool = False) -> dict:
     """Run every point not done yet as Ray tasks (sweep.ray says where); counts as
     runner.run_sweep returns them, plus "resumed" (points that went on from a checkpoint).
-    A process already connected to Ray (ray.init) sweeps on that connection."""
+    A process already connected to Ray (ray.init) sweeps on that connection; sweep.ray None
+    means a Ray instance started here."""
     ray = import_ray()
+    if sweep.ray is None:
+        sweep = dataclasses.replace(sweep, ray=RaySettings("local"))
     check_writable_dir(sweep.runs_dir, "shared_dir")
     with _sigterm_as_interrupt() as sigterm:
         connected = _connect(ray, sweep.ray.address)
@@ -142,7 +146,10 @@ def _connect(ray, address: str) -> bool:
         ray.init(address=address, **kw)
     except (ConnectionError, ValueError, RuntimeError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(f"cannot connect to the Ray cluster at {address}: {first}") from None
+        hint = ("" if address == "local" or os.environ.get("RAY_AUTH_MODE", "").lower() == "token" else
+                "; if the cluster uses token authentication (recent Ray turns it on in `ray start`), set "
+                "RAY_AUTH_MODE=token here with its token in ~/.ray/auth_token or RAY_AUTH_TOKEN")
+        raise UserError(f"cannot connect to the Ray cluster at {address}: {first}{hint}") from None
     return True
 
 
@@ -158,7 +165,10 @@ def _probe(address: str) -> None:
             raise UserError(f"--ray auto: {e} Start one with `ray start --head`.") from None
         except Exception:   # a Ray version without this helper: let ray.init find it
             return
-    host, _, port = target.split("://", 1)[-1].rpartition(":")
+    hostport = target.split("://", 1)[-1]
+    host, sep, port = hostport.rpartition(":")
+    if not sep:   # Ray's default ports: the head's GCS, or a Ray Client server
+        host, port = hostport, "10001" if target.startswith("ray://") else "6379"
     try:
         socket.create_connection((host or "127.0.0.1", int(port)), timeout=PROBE_S).close()
     except (OSError, ValueError) as e:
@@ -227,7 +237,7 @@ def _store(store, p: GridPoint, o: Outcome, counts: dict, progress: bool, n: int
         return
     counts["ran"] += 1
     counts["resumed"] += o.start_epoch > 0
-    resumed = f", resumed from epoch {o.start_epoch}" if o.start_epoch else ""
+    resumed = f", resumed after epoch {o.start_epoch}" if o.start_epoch else ""
     _say(f"[{n}/{total}] " + summary_line(p, o.records, o.seconds)[:-1] + f" on {o.where}{resumed})",
          progress)
 
