@@ -284,6 +284,8 @@ def _drive(ray, sweep: Sweep, progress: bool, reclaim: bool) -> dict:
                 if not in_flight:
                     continue
                 ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
+                if not ready:
+                    _advance(bar, 0, counts, in_flight)   # the elapsed time ticks on
                 for ref in ready:
                     unit = in_flight.pop(ref)
                     for p, o in zip(unit, _collect(ray, ref, unit, retries)):
