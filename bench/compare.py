@@ -50,7 +50,6 @@ from fastfat import reference
 from fastfat.config import make_eval_config
 from fastfat.data import MemoryLoader
 from fastfat.seeding import epoch_generator
-from fastfat.evaluate import evaluate
 from fastfat.runtime import resolve_device
 from fastfat.train import Trainer, train_epoch
 
@@ -371,6 +370,9 @@ def main(argv=None) -> int:
                                    "first_step_rel_diff": rel(drift["fast+bf16"][0], drift["reference"][0])}
 
     # --- evaluation --------------------------------------------------------------------------
+    # imported here: bench.gpu uses this module's training checks on machines where
+    # fastfat.evaluate's imports (pyautoattack) may be missing
+    from fastfat.evaluate import evaluate
     attacks = args.attacks.split(",")
     ecfg = make_eval_config(None, attacks=attacks, eps_test=args.eps_test.split(","),
                             batch_size=args.eval_batch, seed=0, device="cpu", loader="memory")

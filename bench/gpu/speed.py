@@ -22,7 +22,6 @@ import torch
 from fastfat import kernels, reference
 from fastfat.config import make_eval_config
 from fastfat.data import MemoryLoader
-from fastfat.evaluate import evaluate
 from fastfat.models.fold import fold_bn
 from fastfat.runtime import set_backends, synchronize
 from fastfat.train import Trainer
@@ -100,6 +99,7 @@ def stage_c(data: dict, device, sizes, clock, record, ceiling) -> str:
 
 
 def stage_d(data: dict, device, sizes, clock, record) -> str:
+    from fastfat.evaluate import evaluate   # here: its imports (pyautoattack) may be missing on a GPU machine
     model_name, width = sizes.eval_model
     cfg = fat_config(model=model_name, width=width, device=str(device))
     fast_model, ref_model = twin_models(cfg)
