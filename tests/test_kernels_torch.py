@@ -164,3 +164,17 @@ def test_pgd_plan_with_a_float_partner_makes_no_host_copy(monkeypatch):
     for alpha, eps in ((0.01, vec), (vec, 0.03)):
         launch = T.plan_pgd_step(x, x, x, alpha, eps)
         assert launch.args["alpha_ptr"].numel() == launch.args["eps_ptr"].numel() == 8
+
+
+def test_superclass_table_is_built_once_per_mode_and_device(monkeypatch):
+    """The CIFAR-100 fine -> coarse table VCAR folds with is a cached tensor per (mode, device):
+    rebuilding it is a host-to-device copy (a sync) at every VCAR, twice per training step."""
+    sums, counts = torch.rand(100) * 5, torch.randint(1, 4, (100,)).float()
+    want = {m: R.vcar_from_stats(sums, counts, m, superclass=True) for m in R.VCAR_MODES}
+    assert R._coarse_index("paper", torch.device("cpu")) is R._coarse_index("paper", torch.device("cpu"))
+
+    def no_host_tensor(*a, **k):
+        raise AssertionError("torch.tensor: a host-to-device copy")
+    monkeypatch.setattr(torch, "tensor", no_host_tensor)
+    for m in R.VCAR_MODES:
+        assert torch.equal(R.vcar_from_stats(sums, counts, m, superclass=True), want[m])
