@@ -47,11 +47,18 @@ def test_authors_vcar_is_the_padded_unbiased_variance(k):
 
 
 def test_superclass_authors_vcar_uses_twenty_entries():
-    """All 100 classes with the same mean m: every superclass is m, variance 0 in both modes."""
+    """All 100 classes with the same mean m. CIFAR-100's own map (paper mode): five classes per
+    superclass, every superclass is m, variance 0. The authors' map puts fine 39 in superclass 9:
+    superclass 9 sums six classes (6m/5), superclass 5 four (4m/5), the other 18 are m."""
     y = torch.arange(200) % 100
-    loss = torch.full((200,), 1.7, dtype=torch.float64)
-    for mode in ("paper", "authors"):
-        assert float(R.ref_vcar(loss, y, 100, mode, superclass=True)) == pytest.approx(0.0, abs=1e-15)
+    m = 1.7
+    loss = torch.full((200,), m, dtype=torch.float64)
+    assert float(R.ref_vcar(loss, y, 100, "paper", superclass=True)) == pytest.approx(0.0, abs=1e-15)
+    supers = [m] * 20
+    supers[9], supers[5] = 6 * m / 5, 4 * m / 5
+    mean = sum(supers) / 20
+    want = sum((v - mean) ** 2 for v in supers) / 19          # torch.var: unbiased, over 20
+    assert float(R.ref_vcar(loss, y, 100, "authors", superclass=True)) == pytest.approx(want, rel=1e-12)
     # without superclasses the authors' 100 slots are all 1.7: variance 0 as well
     assert float(R.ref_vcar(loss, y, 100, "authors")) == pytest.approx(0.0, abs=1e-15)
 
@@ -62,8 +69,9 @@ def test_superclass_authors_vcar_uses_twenty_entries():
 def test_lr_milestones_120_epochs():
     lr = 0.1
     paper = {0: lr, 59: lr, 60: lr * 0.1, 79: lr * 0.1, 80: lr * 0.01, 119: lr * 0.01}
-    authors = {0: lr, 59: lr, 60: lr * 0.1, 89: lr * 0.1, 90: lr * 0.01, 109: lr * 0.01,
-               110: lr * 0.005, 119: lr * 0.005}
+    # the authors' loop calls adjust_learning_rate(epoch + 1): each drop one 0-based epoch earlier
+    authors = {0: lr, 58: lr, 59: lr * 0.1, 88: lr * 0.1, 89: lr * 0.01, 108: lr * 0.01,
+               109: lr * 0.005, 119: lr * 0.005}
     for e, want in paper.items():
         assert R.ref_lr(e, 120, lr, "paper") == pytest.approx(want, rel=1e-15)
     for e, want in authors.items():
@@ -72,9 +80,10 @@ def test_lr_milestones_120_epochs():
 
 
 def test_lr_milestones_round_fractional_epochs():
-    # 15 epochs: paper round(7.5) = 8, round(10) = 10; authors 8, round(11.25) = 11, round(13.75) = 14
+    # 15 epochs: paper round(7.5) = 8, round(10) = 10; authors 8, round(11.25) = 11,
+    # round(13.75) = 14, reached by their epoch + 1, i.e. at 0-based epochs 7, 10 and 13
     assert [R.ref_lr(e, 15, 1.0, "paper") for e in (7, 8, 9, 10)] == pytest.approx([1, 0.1, 0.1, 0.01])
-    assert [R.ref_lr(e, 15, 1.0, "authors") for e in (7, 8, 10, 11, 13, 14)] == \
+    assert [R.ref_lr(e, 15, 1.0, "authors") for e in (6, 7, 9, 10, 12, 13)] == \
         pytest.approx([1, 0.1, 0.1, 0.01, 0.01, 0.005])
     with pytest.raises(ValueError):
         R.ref_lr(0, 10, 0.1, "cosine")
