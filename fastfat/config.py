@@ -125,6 +125,10 @@ class TrainConfig:
     train_limit: int | None = opt(None, "train on the first N samples only")
     test_limit: int | None = opt(None, "evaluate on the first N test samples only")
     drop_last: bool = opt(False, "drop the last partial training batch")
+    val_per_class: float | None = opt(None, "hold out N training samples per class (N >= 1) or a "
+                                            "fraction of each class (0 < f < 1) to select the best "
+                                            "epoch on (best.pt beside checkpoint.pt); None: off")
+    val_attack: str = opt("pgd10", "the per-epoch robust evaluation of the validation split, at eps_train")
     num_workers: int = opt(0, "torchvision loader only")
     preset: str = opt("", "which preset filled the defaults (recorded, not re-applied)")
 
@@ -176,6 +180,17 @@ class TrainConfig:
         _range("step_size", a, 0.0, 1.0, low_open=self.method != "natural")
         if self.superclass and info.num_classes != 100:
             raise UserError("superclass VCAR needs dataset cifar100")
+        self.val_attack = canonical_attack(self.val_attack)
+        if self.val_per_class is not None:
+            _range("val_per_class", self.val_per_class, 0.0, math.inf, low_open=True)
+            if self.val_per_class >= 1 and not float(self.val_per_class).is_integer():
+                raise UserError(f"val_per_class must be a whole number of samples (>= 1) or a "
+                                f"fraction in (0, 1), got {self.val_per_class}")
+            if self.loader == "ffcv":
+                raise UserError("val_per_class needs the memory or torchvision loader (the FFCV "
+                                "files hold the whole training set)")
+            if self.eps_train == 0.0:
+                raise UserError("val_per_class selects on robust accuracy at eps_train: it needs eps_train > 0")
         if self.method != "natural" and self.eps_train == 0.0:
             raise UserError(f"method {self.method} needs eps_train > 0 (natural training is --method natural)")
         return self

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import attacks, kernels, losses
+from . import attacks, kernels, losses, selection
 from .config import TrainConfig, from_dict, to_dict
 from .data import build_loader, dataset_info
 from .errors import UserError
@@ -333,13 +333,21 @@ def train(cfg: TrainConfig, out_dir: str | None = None, *, resume: bool = False,
     out_dir: where config.json, checkpoint.pt (after every epoch, atomic) and log.jsonl go.
     resume: continue from out_dir/checkpoint.pt (same config required); a finished run returns
     at once. on_epoch(row) is called after each epoch's checkpoint is on disk.
+    With cfg.val_per_class, a stratified hold-out of the training set is scored after every epoch
+    (fastfat.selection: val_* in the log rows) and the best epoch's weights go to best.pt.
     Raises NonFiniteLoss (a UserError) if the loss becomes NaN/inf; nothing is saved for that epoch.
     """
     if out_dir is not None:
         check_writable_dir(out_dir, "out_dir")   # before any work, as the CLI does for --out
     device = resolve_device(cfg.device)
     state = load_resume_state(cfg, out_dir) if resume else None
-    loader = build_train_loader(cfg, device)
+    selector = None
+    if cfg.val_per_class is not None:   # train on the rest of the training set, select on the hold-out
+        train_set, val_set = selection.split_training_set(cfg)
+        loader = build_train_loader(selection.loader_config(cfg), device, data=train_set)
+        selector = selection.Selector(cfg, val_set, device)
+    else:
+        loader = build_train_loader(cfg, device)
     model = build_for_config(cfg, device)
     trainer = Trainer(cfg, model, device)
     start, log = 0, []
@@ -356,8 +364,13 @@ def train(cfg: TrainConfig, out_dir: str | None = None, *, resume: bool = False,
 
     for epoch in range(start, cfg.epochs):
         row = train_epoch(trainer, loader, epoch, progress=progress, position=position)
+        if selector is not None:
+            row.update(selector.score(model))
         log.append(row)
         if out_dir:
+            if selector is not None and selector.is_best(log):
+                # before checkpoint.pt: a run stopped in between redoes this epoch and rewrites it
+                selector.save_best(out_dir, epoch, log, model.state_dict())
             save_run(out_dir, cfg, epoch, log, model.state_dict(), trainer.optimizer.state_dict(),
                      trainer.scaler.state_dict() if trainer.scaler is not None else None)
         if on_epoch is not None:
