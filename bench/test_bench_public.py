@@ -25,10 +25,14 @@ def ratios(request):
     """At the end of the module, one line per group: the library's median time over fastfat's."""
     yield
     rep = request.config.pluginmanager.get_plugin("terminalreporter")
-    for group, t in _MEDIANS.items():
-        if len(t) == 2 and rep is not None:
-            (a, ta), (b, tb) = sorted(t.items())   # "fastfat" sorts first
-            rep.write_line(f"{group}: {b} {tb:.3f} s / {a} {ta:.3f} s = {tb / ta:.2f}x")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if rep is None or capture is None:
+        return
+    with capture.global_and_fixture_disabled():   # teardown output is captured otherwise
+        for group, t in _MEDIANS.items():
+            if len(t) == 2:
+                (a, ta), (b, tb) = sorted(t.items())   # "fastfat" sorts first
+                rep.write_line(f"{group}: {b} {tb:.3f} s / {a} {ta:.3f} s = {tb / ta:.2f}x")
 
 
 def _record(benchmark, group: str, impl: str):
