@@ -135,6 +135,12 @@ def test_a_diverging_member_fails_alone_and_stays_failed(tmp_path):
     assert all(torch.equal(again[0].model.state_dict()[k], v) for k, v in runs[0].model.state_dict().items())
 
 
+def test_a_group_whose_members_all_diverge_returns_their_failures(tmp_path):
+    cfgs = group_configs([dict(MEMBERS[1], lam=1e38), dict(MEMBERS[2], lam=1e38)], epochs=3)
+    runs = train_fused(cfgs, [str(tmp_path / "a"), str(tmp_path / "b")], progress=False)
+    assert all(r.error and "diverged" in r.error and r.model is None and not r.log for r in runs)
+
+
 CHILD = textwrap.dedent("""
     import json, sys, time
     import torch

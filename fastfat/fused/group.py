@@ -93,6 +93,9 @@ def train_fused(cfgs: list[TrainConfig], out_dirs: list[str | None] | None = Non
         # The uninterrupted run's slots: every member not failed before this epoch.
         now = [i for i, m in enumerate(members) if m.error is None or m.failed_epoch >= epoch]
         real = [i for i in now if members[i].error is None and members[i].next_epoch == epoch]
+        if not real:   # every member behind has failed; those ahead (if any) wait for their epoch
+            trainer = None
+            continue
         ghosts = len(real) < len(now)
         if trainer is None or now != slots or had_ghosts or ghosts:
             trainer = assemble([cfgs[i] for i in now], [members[i].snapshot for i in now], device)
