@@ -144,7 +144,7 @@ def test_a_group_whose_members_all_diverge_returns_their_failures(tmp_path):
 CHILD = textwrap.dedent("""
     import json, sys, time
     import torch
-    torch.set_num_threads(1)
+    torch.set_num_threads(int(sys.argv[4]))   # the parent's: the attack's split follows it
     from fastfat.config import from_dict, TrainConfig
     from fastfat.fused import group, train as fused_train
     cfgs = [from_dict(TrainConfig, c) for c in json.loads(sys.argv[1])]
@@ -184,7 +184,8 @@ def test_kill9_and_resume_equals_an_uninterrupted_run(tmp_path, mode):
     full = train_fused(cfgs, [str(tmp_path / f"full{i}") for i in range(3)], progress=False)
     dirs = [str(tmp_path / f"cut{i}") for i in range(3)]
     child = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps([to_dict(c) for c in cfgs]),
-                              json.dumps(dirs), mode], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+                              json.dumps(dirs), mode, str(torch.get_num_threads())],
+                             cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdout.readline().strip() == "KILL ME"
     finally:
