@@ -22,8 +22,9 @@ from .fallbacks import KernelFallbackWarning
 from .torch_ops import (AUTHORS_SLOTS, CIFAR100_COARSE, CIFAR100_COARSE_AUTHORS, VCAR_MODES, per_sample,
                         superclass_map, upcast, vcar_from_stats)
 
-__all__ = ["backend", "fallback_counts", "reset_fallback_counts", "KernelFallbackWarning", "pgd_step", "class_stats", "class_ce_stats", "fat_ce_loss", "vcar_from_stats",
-           "cw_margin", "trades_kl", "upcast",
+__all__ = ["backend", "fallback_counts", "reset_fallback_counts", "KernelFallbackWarning",
+           "pgd_step", "class_stats", "class_ce_stats", "fat_ce_loss", "vcar_from_stats",
+           "cw_margin", "trades_kl", "upcast", "per_sample",
            "CIFAR100_COARSE", "CIFAR100_COARSE_AUTHORS", "superclass_map", "AUTHORS_SLOTS", "VCAR_MODES"]
 
 
