@@ -382,3 +382,13 @@ def test_threads_are_restored_after_a_sweep(tmp_path):
     s.points = []   # nothing to train: only the thread setting is exercised
     runner.run_sweep(s, progress=False, report=False)
     assert torch.get_num_threads() == before
+
+
+def test_point_key_ignores_fields_at_their_default():
+    """A field added to TrainConfig later, at its default, must not rename existing points (their
+    checkpoints and database rows would be orphaned and the whole grid retrained): the key is
+    pinned here for a fixed config. A changed [train] value still makes a new key."""
+    from fastfat.config import make_train_config
+    cfg = make_train_config("demo")
+    assert grid.point_key(cfg) == "digits_cnn_madry_eps0.15_s0_c64df2b6"
+    assert grid.point_key(make_train_config("demo", epochs=16)) != grid.point_key(cfg)

@@ -32,6 +32,7 @@ TRAIN_FIELDS = tuple(f.name for f in fields(TrainConfig))
 EVAL_FIELDS = tuple(f.name for f in fields(EvalConfig))
 # Eval fields whose names a training field already uses get an --eval- prefix on the command line.
 EVAL_PREFIXED = tuple(n for n in EVAL_FIELDS if n in TRAIN_FIELDS)
+_TRAIN_DEFAULTS = to_dict(TrainConfig())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,8 +300,11 @@ def ray_settings(keys: dict) -> RaySettings | None:
 
 
 def point_key(cfg: TrainConfig) -> str:
-    """A readable, file-name-safe key; the hash covers every training field, so a changed
-    [train] value makes new points instead of resuming the old checkpoints."""
-    digest = hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:8]
+    """A readable, file-name-safe key; the hash covers every training field that differs from its
+    default, so a changed [train] value makes new points instead of resuming the old checkpoints,
+    while a field added to TrainConfig later (at a default that keeps old behaviour) leaves the
+    keys, and so the checkpoints and database rows of existing sweeps, as they were."""
+    changed = {k: v for k, v in to_dict(cfg).items() if v != _TRAIN_DEFAULTS[k]}
+    digest = hashlib.sha256(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:8]
     lam = lam_suffix(cfg.method, cfg.lam)
     return f"{cfg.dataset}_{cfg.model}_{cfg.method}_eps{cfg.eps_train:.4g}{lam}_s{cfg.seed}_{digest}"
