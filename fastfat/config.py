@@ -57,6 +57,19 @@ def has_lambda(method: str) -> bool:
     return method.startswith(FAT_PREFIX)
 
 
+# The base method each robust-fairness method modifies (beyond FAT, whose base is its suffix):
+# the report's rho and paired comparisons measure a method against its base.
+BASE_METHODS: dict[str, str] = {}
+
+
+def base_method(method: str) -> str | None:
+    """The method a robust-fairness method is compared against (fat-madry -> madry), or None for
+    a base method itself (natural, madry, trades)."""
+    if has_lambda(method):
+        return method[len(FAT_PREFIX):]
+    return BASE_METHODS.get(method)
+
+
 def canonical_attack(name: str) -> str:
     """'fgsm' | 'pgdK' (e.g. 'pgd20', 'PGD-20') | 'cw' (C&W-inf, also 'cw-inf', 'cw30') |
     'aa' (standard AutoAttack, also 'autoattack') | 'apgd' (its APGD-CE + APGD-T pair)."""

@@ -70,10 +70,7 @@ def train_and_evaluate(p: GridPoint, run_dir: str, *, progress: bool = False, po
     is over, before the evaluation. Raises UserError for a point that fails for its own reasons
     (divergence, a checkpoint that does not fit its config, bad data).
     """
-    from ..data import dataset_info
-    from ..evaluate import evaluate, make_test_loader
-    from ..runtime import resolve_device
-    from ..train import load_model, train
+    from ..train import train
 
     new = []
 
@@ -86,16 +83,27 @@ def train_and_evaluate(p: GridPoint, run_dir: str, *, progress: bool = False, po
                    position=position)
     if on_trained is not None:
         on_trained(log)
-    # train() reloads a finished run's final checkpoint, so a point killed after training and
-    # before its results were stored is evaluated on the same weights.
-    device = resolve_device(p.train.device if p.eval.device == "auto" else p.eval.device)
-    model, _ = load_model(os.path.join(run_dir, "checkpoint.pt"), device)
     t0 = time.perf_counter()
-    records = evaluate(model, make_test_loader(p.train, p.eval, device), p.eval,
-                       dataset_info(p.train.dataset).num_classes, device=device)  # amp: p.eval.amp
+    records = evaluate_point(p, run_dir)
     timings = {"train_seconds": sum(r["seconds"] for r in log), "eval_seconds": time.perf_counter() - t0,
                "start_epoch": len(log) - len(new)}
     return log, records, timings
+
+
+def evaluate_point(p: GridPoint, run_dir: str) -> list[dict]:
+    """Evaluate a trained point's checkpoint in run_dir as p.eval says; evaluate()'s records.
+    Local sweeps, fused groups (once per member) and Ray tasks all evaluate through here."""
+    from ..data import dataset_info
+    from ..evaluate import evaluate, make_test_loader
+    from ..runtime import resolve_device
+    from ..train import load_model
+
+    # The final checkpoint on disk, so a point killed after training and before its results were
+    # stored is evaluated on the same weights.
+    device = resolve_device(p.train.device if p.eval.device == "auto" else p.eval.device)
+    model, _ = load_model(os.path.join(run_dir, "checkpoint.pt"), device)
+    return evaluate(model, make_test_loader(p.train, p.eval, device), p.eval,
+                    dataset_info(p.train.dataset).num_classes, device=device)  # amp: p.eval.amp
 
 
 def run_point(store, p: GridPoint, run_dir: str, *, progress: bool, overall=None) -> list[dict]:
