@@ -227,5 +227,5 @@ def test_a_version_1_database_is_read_as_is_and_upgraded_by_a_sweep(tmp_path):
     with Store(db) as st:
         assert st.points()[0].results[1]["class_acc"] == [0.5, 0.25]
         assert st.begin_run() == 1
-    assert _rows(db, "SELECT value FROM meta WHERE name='schema'") == [("2",)]
+    assert _rows(db, "SELECT value FROM meta WHERE name='schema'") == [("3",)]
 

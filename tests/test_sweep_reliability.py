@@ -18,6 +18,7 @@ import pytest
 
 from fastfat import cli
 from fastfat.sweep import grid, runner
+from fastfat.sweep.schema import SCHEMA_VERSION
 from fastfat.sweep.store import ClaimLost, Point, Store
 
 # One point trains in about a second: the small CNN at width 4 on 128 digits, memory loaders
@@ -120,7 +121,7 @@ def test_two_processes_create_a_new_database_at_once(tmp_path):
         assert sorted(q.get(timeout=5) for _ in procs) == ["ok", "ok"], f"round {i}"
         with Store(path, readonly=True) as st:
             assert [p.key for p in st.points()] in (["a", "b"], ["b", "a"])
-            assert st.db.execute("SELECT value FROM meta WHERE name='schema'").fetchone()[0] == "2"
+            assert st.db.execute("SELECT value FROM meta WHERE name='schema'").fetchone()[0] == str(SCHEMA_VERSION)
         assert _rows(path, "PRAGMA journal_mode") == [("wal",)]
 
 

@@ -9,10 +9,17 @@ Tables
              (unix time the owner last showed life) and lease (seconds after which a silent claim
              is stale).
   epochs     one row per finished training epoch of a point (loss, vcar, lr, seconds).
-  results    one row per (point, attack, eps_test): avg_acc, vcra (raw), worst_acc; attack
-             "clean" at eps 0 is the clean accuracy.
-  class_acc  one row per (point, attack, eps_test, class): that class's accuracy (fraction; NULL
-             for a class without test samples) and its number of test samples (NULL if unknown).
+  results    one row per (point, checkpoint, attack, eps_test): avg_acc, vcra (raw), worst_acc,
+             worst_k_acc (mean of the worst_k lowest classes), worst_k and nstd (std / mean);
+             attack "clean" at eps 0 is the clean accuracy. checkpoint: 'last' (the final
+             epoch's checkpoint.pt) or 'best' (best.pt, selected on a validation split).
+  class_acc  one row per (point, checkpoint, attack, eps_test, class): that class's accuracy
+             (fraction; NULL for a class without test samples) and its number of test samples
+             (NULL if unknown).
+
+Versions: 1 lacked the claims' heartbeat and lease, the failure's clock mark and class counts;
+2 lacked the checkpoint column (its rows are the last checkpoint's) and worst_k_acc, worst_k,
+nstd (NULL in rows upgraded from it: the report derives them from the class accuracies).
 """
 from __future__ import annotations
 
@@ -20,9 +27,9 @@ import sqlite3
 
 from ..errors import UserError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
-_SCHEMA = """
+_BASE_TABLES = """
 CREATE TABLE IF NOT EXISTS meta (
     name TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -59,25 +66,35 @@ CREATE TABLE IF NOT EXISTS epochs (
     loss REAL, vcar REAL, lr REAL, seconds REAL, images_per_s REAL,
     PRIMARY KEY (point, epoch)
 );
+"""
+
+# Results per checkpoint (schema 3); an upgrade from 2 rebuilds these two tables (their keys grow).
+_RESULT_TABLES = """
 CREATE TABLE IF NOT EXISTS results (
     point TEXT NOT NULL REFERENCES points(key) ON DELETE CASCADE,
-    attack TEXT NOT NULL,                -- clean | fgsm | pgdK | cw
+    checkpoint TEXT NOT NULL DEFAULT 'last' CHECK (checkpoint IN ('last', 'best')),
+    attack TEXT NOT NULL,                -- clean | fgsm | pgdK | cw | aa | apgd
     eps REAL NOT NULL,                   -- eps_test (0 for clean)
     avg_acc REAL NOT NULL,               -- fractions, and vcra the raw population variance
     vcra REAL NOT NULL,
     worst_acc REAL NOT NULL,
-    PRIMARY KEY (point, attack, eps)
+    worst_k_acc REAL,                    -- mean of the worst_k lowest classes (NULL: from schema 2)
+    worst_k INTEGER,
+    nstd REAL,                           -- std / mean (NULL also when the mean is 0)
+    PRIMARY KEY (point, checkpoint, attack, eps)
 );
 CREATE TABLE IF NOT EXISTS class_acc (
     point TEXT NOT NULL REFERENCES points(key) ON DELETE CASCADE,
+    checkpoint TEXT NOT NULL DEFAULT 'last' CHECK (checkpoint IN ('last', 'best')),
     attack TEXT NOT NULL,
     eps REAL NOT NULL,
     cls INTEGER NOT NULL,
     acc REAL,                            -- NULL for a class without test samples
     count INTEGER,                       -- test samples of the class (NULL: not recorded)
-    PRIMARY KEY (point, attack, eps, cls)
+    PRIMARY KEY (point, checkpoint, attack, eps, cls)
 );
 """
+_SCHEMA = _BASE_TABLES + _RESULT_TABLES
 
 # Version 1 lacked the claim's heartbeat and lease, the failure's clock mark and class counts.
 _UPGRADE_FROM_1 = (
@@ -85,6 +102,20 @@ _UPGRADE_FROM_1 = (
     "ALTER TABLE points ADD COLUMN lease REAL",
     "ALTER TABLE points ADD COLUMN fail_mark INTEGER",
     "ALTER TABLE class_acc ADD COLUMN count INTEGER",
+)
+
+# Version 2's rows are the last checkpoint's: the two tables are rebuilt with the checkpoint in
+# their keys (SQLite cannot change a primary key in place) and the rows copied, numbers as they were.
+_UPGRADE_FROM_2 = (
+    "ALTER TABLE results RENAME TO results_v2",
+    "ALTER TABLE class_acc RENAME TO class_acc_v2",
+    *(stmt for stmt in _RESULT_TABLES.split(";") if stmt.strip()),
+    "INSERT INTO results (point, checkpoint, attack, eps, avg_acc, vcra, worst_acc) "
+    "SELECT point, 'last', attack, eps, avg_acc, vcra, worst_acc FROM results_v2 ORDER BY rowid",
+    "INSERT INTO class_acc (point, checkpoint, attack, eps, cls, acc, count) "
+    "SELECT point, 'last', attack, eps, cls, acc, count FROM class_acc_v2 ORDER BY rowid",
+    "DROP TABLE results_v2",
+    "DROP TABLE class_acc_v2",
 )
 
 
@@ -120,9 +151,9 @@ def init_schema(con: sqlite3.Connection, path: str) -> int:
                 if stmt.strip():
                     con.execute(stmt)
             version = 0
-        if version == 1:
-            for stmt in _UPGRADE_FROM_1:
-                con.execute(stmt)
+        upgrade = (_UPGRADE_FROM_1 if version == 1 else ()) + (_UPGRADE_FROM_2 if version in (1, 2) else ())
+        for stmt in upgrade:
+            con.execute(stmt)
         if version < SCHEMA_VERSION:
             con.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
             con.execute("INSERT OR IGNORE INTO meta VALUES ('clock', '0')")

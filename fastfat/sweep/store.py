@@ -89,6 +89,7 @@ class Store:
                 self.version = schema_mod.init_schema(self.db, path)
                 dbfile.use_wal(self.db, path)              # only now: a refused file stays as it was
             self._columns = {r["name"] for r in self.db.execute("PRAGMA table_info(class_acc)")}
+            self._per_checkpoint = "checkpoint" in self._columns   # schema 3 (read-only: older ones too)
         except BaseException as e:
             self.db.close()
             if isinstance(e, sqlite3.DatabaseError):
@@ -223,6 +224,7 @@ class Store:
     def finish(self, key: str, records: list[dict], *, train_seconds: float, eval_seconds: float) -> None:
         """Store a point's evaluation records (evaluate()'s output) and mark it done, atomically.
 
+        A record's "checkpoint" ('last', the default, or 'best') says which weights it scored.
         A class without test samples has accuracy None (or NaN) and is stored as NULL; a record's
         class_count, when given, is stored beside. ClaimLost if another process holds the point.
         """
@@ -236,15 +238,19 @@ class Store:
             self.db.execute("DELETE FROM results WHERE point=?", (key,))
             self.db.execute("DELETE FROM class_acc WHERE point=?", (key,))
             for r in records:
+                ckpt = r.get("checkpoint", "last")
+                opt = [None if r.get(f) is None else t(r[f]) for f, t in
+                       (("worst_k_acc", float), ("worst_k", int), ("nstd", float))]
                 self.db.execute(
-                    "INSERT INTO results (point, attack, eps, avg_acc, vcra, worst_acc) "
-                    "VALUES (?, ?, ?, ?, ?, ?)",
-                    (key, r["attack"], float(r["eps"]), float(r["avg_acc"]), float(r["vcra"]),
-                     float(r["worst_acc"])))
+                    "INSERT INTO results (point, checkpoint, attack, eps, avg_acc, vcra, worst_acc, "
+                    "worst_k_acc, worst_k, nstd) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (key, ckpt, r["attack"], float(r["eps"]), float(r["avg_acc"]), float(r["vcra"]),
+                     float(r["worst_acc"]), *opt))
                 counts = r.get("class_count") or [None] * len(r["class_acc"])
                 self.db.executemany(
-                    "INSERT INTO class_acc (point, attack, eps, cls, acc, count) VALUES (?, ?, ?, ?, ?, ?)",
-                    [(key, r["attack"], float(r["eps"]), c, None if a is None or a != a else float(a),
+                    "INSERT INTO class_acc (point, checkpoint, attack, eps, cls, acc, count) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [(key, ckpt, r["attack"], float(r["eps"]), c, None if a is None or a != a else float(a),
                       None if n is None else int(n))
                      for c, (a, n) in enumerate(zip(r["class_acc"], counts))])
 
@@ -291,19 +297,27 @@ class Store:
         return found[0] if found else None
 
     def results(self, key: str) -> list[dict]:
-        """evaluate()-shaped records of a point, clean first, then in insertion order: class_acc
-        with None for a class without test samples, and class_count when it was recorded."""
+        """evaluate()-shaped records of a point, the last checkpoint's before the best one's, each
+        clean first, then in insertion order: "checkpoint" ('last' | 'best'), class_acc with None
+        for a class without test samples, class_count when it was recorded, and worst_k_acc,
+        worst_k, nstd (None in rows from before schema 3)."""
         recs = []
         count = ", count" if "count" in self._columns else ""
+        ckpt = " AND checkpoint=?" if self._per_checkpoint else ""
         for r in self.db.execute("SELECT * FROM results WHERE point=? ORDER BY rowid", (key,)):
+            which = r["checkpoint"] if self._per_checkpoint else "last"
             accs = self.db.execute(f"SELECT cls, acc{count} FROM class_acc WHERE point=? AND attack=? "
-                                   "AND eps=? ORDER BY cls", (key, r["attack"], r["eps"])).fetchall()
-            rec = {"attack": r["attack"], "eps": r["eps"], "class_acc": [a["acc"] for a in accs],
-                   "avg_acc": r["avg_acc"], "vcra": r["vcra"], "worst_acc": r["worst_acc"]}
+                                   f"AND eps=?{ckpt} ORDER BY cls",
+                                   (key, r["attack"], r["eps"]) + ((which,) if ckpt else ())).fetchall()
+            rec = {"checkpoint": which, "attack": r["attack"], "eps": r["eps"],
+                   "class_acc": [a["acc"] for a in accs], "avg_acc": r["avg_acc"], "vcra": r["vcra"],
+                   "worst_acc": r["worst_acc"]}
+            for f in ("worst_k_acc", "worst_k", "nstd"):
+                rec[f] = r[f] if self._per_checkpoint else None
             if count and any(a["count"] is not None for a in accs):
                 rec["class_count"] = [a["count"] for a in accs]
             recs.append(rec)
-        recs.sort(key=lambda r: r["attack"] != "clean")
+        recs.sort(key=lambda r: (r["checkpoint"] != "last", r["attack"] != "clean"))
         return recs
 
     def epochs(self, key: str) -> list[dict]:
