@@ -1,0 +1,113 @@
+"""FRL (Xu et al., ICML 2021): per-class Lagrange multipliers from the validation split's clean
+and boundary errors, which re-weight a TRADES fine-tuning loss (FRL-RW) and, in FRL-RWRM, also
+re-scale each class's attack radius.
+
+Read from hannxu123/fair_robust (frlrw.py, frlrmrw.py, utils_frl.py, utils_frl2.py). Before each
+epoch their code evaluates the model on the validation split (clean, and PGD-20 CE at eps with
+step eps/4) and per class c takes
+
+    gap_nat[c]  = clean_err[c] - clean_err - bound_nat      (clean_err: over all samples)
+    gap_bndy[c] = bndy_err[c] - bndy_err - bound_bndy       (bndy_err = clean acc - robust acc)
+
+then steps the multipliers: lam_nat += rate_nat * gap_nat and lam_bndy += rate_bndy * gap_bndy,
+each projected (clipped at 0, scaled down to sum `lim` when above it); RWRM also steps
+lam_margin += rate_margin * gap_bndy, unprojected. The loss weights of class c are
+1/C + lam[c] - mean(lam) (the Lagrangian's coefficient of the class's risk), normalised per batch;
+RWRM's radius of class c is eps * clamp(exp(2 * lam_margin[c]), 0.98, margin_max).
+Their code halves rate_nat and rate_bndy (one rate there, the boundary's twice the clean's) at
+every 40th epoch, before its update; rate_margin is never halved.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import kernels
+
+RATE_HALVING_EPOCHS = 40   # their code: rate1 /= 2 when the 1-based epoch is a multiple of 40
+MARGIN_EXP = 2.0           # their code: exp(2 * lam_margin)
+MARGIN_MIN = 0.98          # their code's lower clip of the radius factor
+
+
+def error_rates(clean_correct: torch.Tensor, robust_correct: torch.Tensor, counts: torch.Tensor):
+    """(clean_err [C], bndy_err [C], clean_err_all, bndy_err_all) from per-class counts [C] of
+    correct clean predictions, correct robust predictions and samples: clean_err = 1 - clean acc,
+    bndy_err = clean acc - robust acc (the samples correct only without the attack), per class
+    and over all samples (0-dim). A class without samples has errors 0."""
+    n = counts.clamp(min=1)
+    clean_acc, robust_acc = clean_correct / n, robust_correct / n
+    total = counts.sum().clamp(min=1)
+    return (1 - clean_acc, clean_acc - robust_acc, 1 - clean_correct.sum() / total,
+            (clean_correct.sum() - robust_correct.sum()) / total)
+
+
+def gaps(class_err: torch.Tensor, total_err: torch.Tensor | float, bound: float) -> torch.Tensor:
+    """The fairness constraints' violations [C]: class_err - total_err - bound (> 0: violated)."""
+    return class_err - total_err - bound
+
+
+def project(lam: torch.Tensor, lim: float) -> torch.Tensor:
+    """Multipliers back into {lam >= 0, sum(lam) <= lim}: clip at 0, then scale down to sum lim
+    when above it (their code's normalize_lambda)."""
+    lam = lam.clamp(min=0)
+    s = lam.sum()
+    return lam * (lim / s) if s > lim else lam
+
+
+def rate_at(rate: float, epoch: int) -> float:
+    """rate_nat / rate_bndy at 0-based epoch: halved at every RATE_HALVING_EPOCHS-th 1-based epoch,
+    as their code (the halving comes before that epoch's update)."""
+    return rate / 2 ** ((epoch + 1) // RATE_HALVING_EPOCHS)
+
+
+def update_multipliers(lam_nat: torch.Tensor, lam_bndy: torch.Tensor, lam_margin: torch.Tensor,
+                       gap_nat: torch.Tensor, gap_bndy: torch.Tensor, *, rate_nat: float,
+                       rate_bndy: float, rate_margin: float, lim: float, remargin: bool):
+    """One step of the multipliers [C] each, from the gaps [C]; returns new (lam_nat, lam_bndy,
+    lam_margin). lam_margin moves only with remargin (FRL-RWRM) and is not projected."""
+    lam_nat = project(lam_nat + rate_nat * gap_nat, lim)
+    lam_bndy = project(lam_bndy + rate_bndy * gap_bndy, lim)
+    if remargin:
+        lam_margin = lam_margin + rate_margin * gap_bndy
+    return lam_nat, lam_bndy, lam_margin
+
+
+def class_weights(lam: torch.Tensor) -> torch.Tensor:
+    """Loss weights [C] from multipliers [C]: 1/C + lam[c] - mean(lam), the coefficient of class
+    c's risk in the Lagrangian when the overall risk is the mean of the class risks. Positive
+    while sum(lam) < 1 (project keeps it <= lim < 1)."""
+    c = lam.shape[0]
+    return 1.0 / c + lam - lam.sum() / c
+
+
+def margin_factors(lam_margin: torch.Tensor, margin_max: float) -> torch.Tensor:
+    """RWRM's per-class radius factors [C]: clamp(exp(2 * lam_margin), 0.98, margin_max)."""
+    return torch.exp(MARGIN_EXP * lam_margin).clamp(MARGIN_MIN, margin_max)
+
+
+def frl_loss(logits_nat: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor, beta: float,
+             w_nat: torch.Tensor, w_bndy: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """FRL's re-weighted TRADES loss, 0-dim fp32:
+
+        sum_i w_nat[y_i] CE_i / sum_i w_nat[y_i] + beta * sum_i w_bndy[y_i] KL_i / sum_i w_bndy[y_i]
+
+    CE_i on logits_nat, KL_i = KL(softmax(nat_i) || softmax(adv_i)); logits [N, C]; w_* [C]
+    (class_weights). The class sums go through kernels.class_stats."""
+    ce = F.cross_entropy(kernels.upcast(logits_nat), y, reduction="none")
+    kl = kernels.trades_kl(logits_adv, logits_nat)
+    ce_sums, counts = kernels.class_stats(ce, y, num_classes)
+    kl_sums, _ = kernels.class_stats(kl, y, num_classes)
+    wn = w_nat.to(device=ce_sums.device, dtype=ce_sums.dtype)
+    wb = w_bndy.to(device=ce_sums.device, dtype=ce_sums.dtype)
+    return (wn * ce_sums).sum() / (wn * counts).sum() + beta * (wb * kl_sums).sum() / (wb * counts).sum()
+
+
+def per_sample(class_values: torch.Tensor, y: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale * class_values[y]: a per-class factor [C] as a per-sample radius or step [N] fp32
+    (what attacks.pgd takes), on y's device."""
+    return (scale * class_values.to(device=y.device, dtype=torch.float32))[y]
+
+
+__all__ = ["error_rates", "gaps", "project", "rate_at", "update_multipliers", "class_weights",
+           "margin_factors", "frl_loss", "per_sample", "RATE_HALVING_EPOCHS", "MARGIN_MIN",
+           "MARGIN_EXP"]

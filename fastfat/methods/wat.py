@@ -1,0 +1,67 @@
+"""WAT (Li & Liu, AAAI 2023): Hedge weights over the classes from the validation TRADES loss,
+and the class-weighted TRADES loss they define.
+
+Read from boqili/WAT, worst_class_adversarial_train.py. The decision set has C + 1 entries: the
+C classes and, as their code adds ("expected training loss in the decision set"), the average
+over all samples. After every epoch the validation split's TRADES loss (CE on the clean input +
+beta * KL to the TRADES-attacked input, model in eval mode) is taken per entry, the costs are
+summed over the epochs so far, and the weights become C * softmax(eta * cumulative cost). The
+first epoch trains with every weight 1, as their code. Where their code divides a class's loss
+sum by (batches x batch size) / C, an approximation of the class's sample count that overshoots
+by a partial last batch, these functions take the class mean itself.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import kernels
+
+
+def initial_weights(num_classes: int, device=None) -> torch.Tensor:
+    """The weights of the first epoch: [C + 1] ones (their code's start; the C classes, then the
+    average-loss entry)."""
+    return torch.ones(num_classes + 1, dtype=torch.float64, device=device)
+
+
+def hedge_weights(cum_cost: torch.Tensor, eta: float) -> torch.Tensor:
+    """Hedge (exponential weights) over the decision set: C * softmax(eta * cum_cost).
+
+    cum_cost [C + 1]: each entry's validation cost summed over the epochs so far (the C classes,
+    then the average). Returns [C + 1] weights summing to C, in cum_cost's dtype. softmax is
+    exp(eta * cost) / sum exp(...) without the overflow of their code's plain exp.
+    """
+    num_classes = cum_cost.shape[0] - 1
+    return num_classes * torch.softmax(eta * cum_cost, dim=0)
+
+
+def costs_from_stats(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """The decision set's costs from per-class sums and counts of a per-sample loss [C] each:
+    [C + 1] = (mean loss of each class, mean loss over all samples). A class without samples
+    costs 0 (it cannot be measured, so Hedge neither favours nor drops it)."""
+    means = sums / counts.clamp(min=1)
+    return torch.cat([means, (sums.sum() / counts.sum().clamp(min=1)).reshape(1)])
+
+
+def per_sample_trades(logits_nat: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor,
+                      beta: float) -> torch.Tensor:
+    """Per-sample TRADES loss [N] fp32: CE(logits_nat_i, y_i) + beta * KL(softmax(nat_i) ||
+    softmax(adv_i)); logits [N, C]. Differentiable in both logits."""
+    ce = F.cross_entropy(kernels.upcast(logits_nat), y, reduction="none")
+    return ce + beta * kernels.trades_kl(logits_adv, logits_nat)
+
+
+def wat_loss(logits_nat: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor, beta: float,
+             weights: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """WAT's class-weighted TRADES loss, 0-dim fp32:
+
+        (sum_c weights[c] * sum_{i: y_i = c} l_i) / N + weights[C] * mean_i l_i,
+
+    l = per_sample_trades(...) [N], N the batch size, weights [C + 1] (hedge_weights; the last
+    entry weights the plain TRADES loss, as their code adds it). The class sums go through
+    kernels.class_stats."""
+    loss = per_sample_trades(logits_nat, logits_adv, y, beta)
+    sums, _ = kernels.class_stats(loss, y, num_classes)
+    w = weights.to(device=sums.device, dtype=sums.dtype)
+    n = y.shape[0]
+    return (w[:num_classes] * sums).sum() / n + w[num_classes] * sums.sum() / n
