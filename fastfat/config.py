@@ -62,6 +62,13 @@ def has_lambda(method: str) -> bool:
 BASE_METHODS: dict[str, str] = {}
 
 
+# Methods that fine-tune a trained model (init_from required) and methods whose state is updated
+# from the validation split (val_per_class required); FRL's per-method default bounds.
+FINE_TUNE_METHODS = ("frl-rw", "frl-rwrm")
+VALIDATED_METHODS = ("wat", "frl-rw", "frl-rwrm")
+FRL_BOUNDS = {"frl-rw": 0.1, "frl-rwrm": 0.07}
+
+
 def base_method(method: str) -> str | None:
     """The method a robust-fairness method is compared against (fat-madry -> madry), or None for
     a base method itself (natural, madry, trades)."""
@@ -142,6 +149,24 @@ class TrainConfig:
                                             "fraction of each class (0 < f < 1) to select the best "
                                             "epoch on (best.pt beside checkpoint.pt); None: off")
     val_attack: str = opt("pgd10", "the per-epoch robust evaluation of the validation split, at eps_train")
+    init_from: str | None = opt(None, "start from this checkpoint's weights (weights only: the optimizer, "
+                                      "schedule and log start afresh); FRL fine-tunes from one. In a sweep, "
+                                      "a method's name (e.g. \"trades\") means that method's point of the "
+                                      "same dataset, model, eps_train and seed, trained first")
+    wat_eta: float = opt(0.1, "WAT: Hedge learning rate on the classes' cumulative validation TRADES "
+                              "loss (their code's 0.1)")
+    frl_bound_nat: float | None = opt(None, "FRL: how far a class's clean error may exceed the average "
+                                            "(tau; None: 0.1 for frl-rw, 0.07 for frl-rwrm, their code's)")
+    frl_bound_bndy: float | None = opt(None, "FRL: the same for the boundary error (None: 0.1 for frl-rw, "
+                                             "0.07 for frl-rwrm)")
+    frl_rate_nat: float = opt(0.05, "FRL: step of the clean-error multipliers (their code's 0.05)")
+    frl_rate_bndy: float = opt(0.1, "FRL: step of the boundary-error multipliers (their code: twice "
+                                    "the clean step)")
+    frl_rate_margin: float = opt(0.2, "FRL-RWRM: step of the radius multipliers (their code's 0.2)")
+    frl_lim: float = opt(0.5, "FRL: the multipliers of each kind sum to at most this (their code's "
+                              "0.5); below 1, every class keeps a positive loss weight")
+    frl_margin_max: float = opt(3.0, "FRL-RWRM: the largest factor a class's radius grows by (their "
+                                     "code's 3)")
     num_workers: int = opt(0, "torchvision loader only")
     preset: str = opt("", "which preset filled the defaults (recorded, not re-applied)")
 
@@ -206,7 +231,37 @@ class TrainConfig:
                 raise UserError("val_per_class selects on robust accuracy at eps_train: it needs eps_train > 0")
         if self.method != "natural" and self.eps_train == 0.0:
             raise UserError(f"method {self.method} needs eps_train > 0 (natural training is --method natural)")
+        self._validate_peer_fields()
         return self
+
+    def _validate_peer_fields(self) -> None:
+        """init_from, WAT's and FRL's fields; FRL's bounds default per method (their code's)."""
+        if self.init_from is not None and not str(self.init_from).strip():
+            raise UserError("init_from: give a checkpoint path (or leave it unset)")
+        if self.method in FINE_TUNE_METHODS and self.init_from is None:
+            raise UserError(f"method {self.method} fine-tunes a trained model: give --init-from "
+                            f"CHECKPOINT (e.g. a trades run's checkpoint.pt; in a sweep, "
+                            f"init_from = \"trades\")")
+        if self.method in VALIDATED_METHODS and self.val_per_class is None:
+            raise UserError(f"method {self.method} updates its class weights from a validation "
+                            f"split: give --val-per-class (their code holds out 300 of CIFAR-10's "
+                            f"5000 per class: 0.06)")
+        _range("wat_eta", self.wat_eta, 0.0, math.inf, low_open=True)
+        if self.method.startswith("frl-"):
+            default = FRL_BOUNDS[self.method]
+            self.frl_bound_nat = default if self.frl_bound_nat is None else self.frl_bound_nat
+            self.frl_bound_bndy = default if self.frl_bound_bndy is None else self.frl_bound_bndy
+        for name in ("frl_bound_nat", "frl_bound_bndy"):
+            if getattr(self, name) is not None:
+                _range(name, getattr(self, name), 0.0, 1.0)
+        for name in ("frl_rate_nat", "frl_rate_bndy", "frl_rate_margin"):
+            _range(name, getattr(self, name), 0.0, math.inf)
+        _range("frl_lim", self.frl_lim, 0.0, 1.0)
+        if self.frl_lim == 1.0:   # 1/C + lam_c - sum(lam)/C reaches 0 for a class at lam_c = 0
+            raise UserError("frl_lim must be below 1 (at 1 a class's loss weight can reach 0), got 1.0")
+        _range("frl_margin_max", self.frl_margin_max, 1.0, math.inf)
+
+
 
 
 @dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -311,6 +312,28 @@ def load_resume_state(cfg: TrainConfig, out_dir: str | None) -> dict | None:
     return state
 
 
+def load_init_weights(cfg: TrainConfig) -> dict | None:
+    """The model weights (a state dict) of the checkpoint cfg.init_from names, loaded with its
+    digest checked, or None without one. UserError if the file is missing or bad, or if it holds
+    another model (name, width or data set) than cfg trains. A checkpoint of an unfinished run
+    is taken, with a note on stderr."""
+    if cfg.init_from is None:
+        return None
+    path = cfg.init_from
+    state = load_checkpoint(path)
+    src = state["config"]
+    differ = [k for k in ("model", "width", "dataset") if src.get(k) != getattr(cfg, k)]
+    if differ:
+        show = lambda d: f"{d.get('model')} width {d.get('width')} on {d.get('dataset')}"
+        raise UserError(f"init_from: {path} holds a {show(src)}; this run trains a {show(to_dict(cfg))} "
+                        f"({', '.join(differ)} differ)")
+    done, total = int(state["epoch"]) + 1, src.get("epochs")
+    if isinstance(total, int) and done < total:
+        print(f"fastfat: note: init_from {path} is after epoch {done} of {total} (an unfinished run)",
+              file=sys.stderr)
+    return state["model"]
+
+
 def save_run(out_dir: str, cfg: TrainConfig, epoch: int, log: list[dict], model_state: dict,
              optimizer_state: dict, scaler_state: dict | None = None) -> None:
     """A run's files after 0-based `epoch`: config.json, checkpoint.pt (atomic, verified) and
@@ -341,6 +364,7 @@ def train(cfg: TrainConfig, out_dir: str | None = None, *, resume: bool = False,
         check_writable_dir(out_dir, "out_dir")   # before any work, as the CLI does for --out
     device = resolve_device(cfg.device)
     state = load_resume_state(cfg, out_dir) if resume else None
+    init = load_init_weights(cfg) if state is None else None   # a resumed run has its own weights
     selector = None
     if cfg.val_per_class is not None:   # train on the rest of the training set, select on the hold-out
         train_set, val_set = selection.split_training_set(cfg)
@@ -351,6 +375,12 @@ def train(cfg: TrainConfig, out_dir: str | None = None, *, resume: bool = False,
     model = build_for_config(cfg, device)
     trainer = Trainer(cfg, model, device)
     start, log = 0, []
+    if init is not None:
+        try:
+            model.load_state_dict(init)
+        except Exception as e:   # same model name and width, yet the tensors do not fit
+            raise UserError(f"init_from: {cfg.init_from}'s weights do not fit this run's {cfg.model} "
+                            f"({type(e).__name__})") from None
     if state is not None:
         try:
             model.load_state_dict(state["model"])
