@@ -15,7 +15,8 @@ from dataclasses import dataclass, field, fields
 
 from .errors import UserError
 
-METHODS = ("natural", "madry", "trades", "fat-madry", "fat-trades")
+METHODS = ("natural", "madry", "trades", "fat-madry", "fat-trades",
+           "cfa-madry", "cfa-trades", "dafa-madry", "dafa-trades")   # peers: fastfat.methods
 FAT_PREFIX = "fat-"   # FAT on a base method: fat-madry, fat-trades
 SCHEDULES = ("paper", "authors", "constant")
 LOADERS = ("auto", "memory", "torchvision", "ffcv")
@@ -59,7 +60,8 @@ def has_lambda(method: str) -> bool:
 
 # The base method each robust-fairness method modifies (beyond FAT, whose base is its suffix):
 # the report's rho and paired comparisons measure a method against its base.
-BASE_METHODS: dict[str, str] = {}
+BASE_METHODS: dict[str, str] = {"cfa-madry": "madry", "cfa-trades": "trades",
+                                 "dafa-madry": "madry", "dafa-trades": "trades"}
 
 
 # Methods that fine-tune a trained model (init_from required) and methods whose state is updated
@@ -106,7 +108,8 @@ def opt(default=dataclasses.MISSING, help: str = "", *, factory=dataclasses.MISS
 @dataclass
 class TrainConfig:
     """Everything that defines one training run (one grid point)."""
-    method: str = opt("madry", "natural | madry | trades | fat-madry | fat-trades")
+    method: str = opt("madry", "natural | madry | trades | fat-madry | fat-trades (Fair AT) | "
+                               "cfa-madry | cfa-trades | dafa-madry | dafa-trades")
     model: str = opt("resnet18", "resnet18 | resnet50 | wrn-32-10 (= wrn-34-10) | preactresnet18 | cnn")
     width: int | None = opt(None, "first-stage channels (None: the model's full width)")
     dataset: str = opt("cifar10", "cifar10 | cifar100 | digits | synthetic")
@@ -130,6 +133,17 @@ class TrainConfig:
                                              "SGD step (None: off, as the paper and the authors' code)")
     lam_warmup_epochs: int = opt(0, "FAT: lambda rises linearly from 0 over this many epochs, step by "
                                     "step (0: off, as the paper)")
+    # CFA and DAFA (fastfat.methods, README). Epoch counts: N >= 1 epochs or a fraction of the run's.
+    cfa_lambda1: float = opt(0.5, "CFA: class radius (lambda1 + train robust acc of the class) * eps")
+    cfa_lambda2: float = opt(0.5, "CFA on TRADES: class beta (lambda2 + train robust acc) * beta")
+    cfa_begin: float = opt(10, "CFA: calibrate from this (0-based) epoch on; eps and beta before it")
+    cfa_fawa: bool = opt(True, "CFA: evaluate FAWA's weight average (needs --val-per-class)")
+    cfa_fawa_decay: float = opt(0.85, "CFA's FAWA decay (the paper's 0.85; their code's 0.88)")
+    cfa_fawa_threshold: float = opt(0.2, "CFA's FAWA updates when the validation worst-class robust "
+                                         "accuracy is >= this (the paper's 0.2; their code's 0.24)")
+    dafa_lambda: float = opt(1.0, "DAFA's lambda (their CIFAR-10 1.0; CIFAR-100 and STL-10 1.5)")
+    dafa_warmup: float = opt(70, "DAFA: class weights from the adversarial softmax of this epoch, "
+                                 "used after it (theirs: 70 of 110 epochs)")
     seed: int = opt(0, "seeds the initial weights, batch order, augmentation and attack noise")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
     amp: str = opt("auto", "auto (bf16 on CUDA, off on CPU) | off | bf16 (fast on CPUs with AVX512-BF16) | fp16")
@@ -231,6 +245,8 @@ class TrainConfig:
                 raise UserError("val_per_class selects on robust accuracy at eps_train: it needs eps_train > 0")
         if self.method != "natural" and self.eps_train == 0.0:
             raise UserError(f"method {self.method} needs eps_train > 0 (natural training is --method natural)")
+        from .methods import check_config   # CFA's and DAFA's fields
+        check_config(self)
         self._validate_peer_fields()
         return self
 
@@ -260,8 +276,6 @@ class TrainConfig:
         if self.frl_lim == 1.0:   # 1/C + lam_c - sum(lam)/C reaches 0 for a class at lam_c = 0
             raise UserError("frl_lim must be below 1 (at 1 a class's loss weight can reach 0), got 1.0")
         _range("frl_margin_max", self.frl_margin_max, 1.0, math.inf)
-
-
 
 
 @dataclass

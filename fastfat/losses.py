@@ -55,3 +55,23 @@ def fat_trades_loss(logits_nat: torch.Tensor, logits_adv: torch.Tensor, y: torch
     term, _, v = kernels.fat_ce_loss(logits_adv, y, num_classes, lam, mode, superclass, ce_weight=0.0)
     loss = trades_loss(logits_nat, logits_adv, y, beta) + term
     return (loss, v) if return_vcar else loss
+
+
+def weighted_ce(logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """mean_i weight_i * CE(logits_i, y_i): logits [N, C], y [N], weight [N] (one weight per
+    sample, e.g. its class's weight gathered by label; not normalised). 0-dim fp32 (fp64 for
+    fp64 logits), differentiable in logits. DAFA's loss on Madry."""
+    ce = F.cross_entropy(kernels.upcast(logits), y, reduction="none")
+    return (ce * weight.to(ce.dtype)).mean()
+
+
+def weighted_trades_loss(logits_nat: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor,
+                         ce_weight: torch.Tensor | float, kl_weight: torch.Tensor | float) -> torch.Tensor:
+    """TRADES with per-sample weights: mean_i [ce_weight_i * CE(nat_i, y_i) + kl_weight_i *
+    KL(softmax(nat_i) || softmax(adv_i))]. Logits [N, C]; weights [N] or floats (ce_weight 1 and
+    kl_weight beta is trades_loss). Neither logits is detached, as trades_loss. CFA's class-wise
+    beta (CCR) and DAFA's class-weighted CE term on TRADES."""
+    ce = F.cross_entropy(kernels.upcast(logits_nat), y, reduction="none")
+    kl = kernels.trades_kl(logits_adv, logits_nat).to(ce.dtype)
+    w = lambda v: v.to(ce.dtype) if isinstance(v, torch.Tensor) else v
+    return (w(ce_weight) * ce + w(kl_weight) * kl).mean()

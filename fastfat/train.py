@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import attacks, kernels, losses, selection
+from . import attacks, kernels, losses, methods, selection
 from .config import TrainConfig, from_dict, to_dict
 from .data import build_loader, dataset_info
 from .errors import UserError
@@ -127,11 +127,15 @@ class Trainer:
         set_backends(self.device, tf32=cfg.tf32, cudnn_benchmark=cfg.cudnn_benchmark,
                      deterministic=cfg.deterministic)
         self.num_classes = dataset_info(cfg.dataset).num_classes
+        # a peer method's per-run state (fastfat.methods); None for natural, madry, trades, fat-*
+        self.method = methods.build(cfg, self.num_classes, self.device)
         self.optimizer = make_optimizer(cfg, model.parameters())
         self.amp = amp_dtype(cfg.amp, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp == torch.float16 else None
         # The authors' FAT-TRADES attacks with CE; original TRADES with its KL objective.
         self.attack_loss = "kl" if cfg.method == "trades" else "ce"
+        if self.method is not None:
+            self.attack_loss = self.method.attack_loss
         self.alpha = cfg.alpha()
         self.lam = cfg.lam   # FAT's lambda for the next step (train_epoch sets it during a warm-up)
         self.forward = torch.compile(model) if cfg.compile else model
@@ -161,7 +165,8 @@ class Trainer:
 
     def adversarial(self, x, y, generator=None) -> torch.Tensor:
         cfg = self.cfg
-        return attacks.pgd(self.attack_model(), x, y, cfg.eps_train, self.alpha, cfg.steps,
+        eps, alpha = (cfg.eps_train, self.alpha) if self.method is None else self.method.radii(y)
+        return attacks.pgd(self.attack_model(), x, y, eps, alpha, cfg.steps,
                            loss=self.attack_loss, generator=generator,
                            amp=self.amp, fold_bn=cfg.fold_bn)
 
@@ -173,7 +178,10 @@ class Trainer:
                 return method_loss(cfg, self.num_classes, y, logits_nat=self.forward(x))
             logits_adv = self.forward(x_adv)
             # the natural forward after the adversarial one, as the authors
-            logits_nat = self.forward(x) if cfg.method in ("trades", "fat-trades") else None
+            natural = self.method.natural_forward if self.method else cfg.method in ("trades", "fat-trades")
+            logits_nat = self.forward(x) if natural else None
+        if self.method is not None:
+            return self.method.loss(y, logits_adv, logits_nat)
         return method_loss(cfg, self.num_classes, y, logits_adv, logits_nat, lam=self.lam)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, generator=None) -> StepOut:
@@ -221,6 +229,8 @@ def train_epoch(trainer: Trainer, loader, epoch: int, *, progress: bool = False,
     cfg, device = trainer.cfg, trainer.device
     lr = trainer.set_epoch_lr(epoch)
     loader.set_epoch(epoch)
+    if trainer.method is not None:
+        trainer.method.start_epoch(epoch)
     gen = epoch_generator(cfg.seed, epoch, device, "attack")
     bar = progress_bar(len(loader), f"epoch {epoch + 1}/{cfg.epochs}", progress, position=position)
     tot_loss = torch.zeros((), device=device)
@@ -335,13 +345,17 @@ def load_init_weights(cfg: TrainConfig) -> dict | None:
 
 
 def save_run(out_dir: str, cfg: TrainConfig, epoch: int, log: list[dict], model_state: dict,
-             optimizer_state: dict, scaler_state: dict | None = None) -> None:
+             optimizer_state: dict, scaler_state: dict | None = None,
+             method_state: dict | None = None) -> None:
     """A run's files after 0-based `epoch`: config.json, checkpoint.pt (atomic, verified) and
-    log.jsonl. Fused groups write each member through here too, in the same format."""
+    log.jsonl. Fused groups write each member through here too, in the same format.
+    method_state: a peer method's state_dict (fastfat.methods), kept as the checkpoint's "method"."""
     save = {"model": model_state, "optimizer": optimizer_state, "epoch": epoch,
             "config": to_dict(cfg), "log": [json.dumps(r) for r in log]}
     if scaler_state is not None:
         save["scaler"] = scaler_state
+    if method_state is not None:
+        save["method"] = method_state
     os.makedirs(out_dir, exist_ok=True)
     # config.json lands with the first checkpoint: a run that fails early leaves nothing.
     atomic_write_json(os.path.join(out_dir, CONFIG), to_dict(cfg))
@@ -358,6 +372,8 @@ def train(cfg: TrainConfig, out_dir: str | None = None, *, resume: bool = False,
     at once. on_epoch(row) is called after each epoch's checkpoint is on disk.
     With cfg.val_per_class, a stratified hold-out of the training set is scored after every epoch
     (fastfat.selection: val_* in the log rows) and the best epoch's weights go to best.pt.
+    A peer method (fastfat.methods) is started before and updated after every epoch (after the
+    validation scores), and its state saved in every checkpoint and restored on resume.
     Raises NonFiniteLoss (a UserError) if the loss becomes NaN/inf; nothing is saved for that epoch.
     """
     if out_dir is not None:
@@ -387,6 +403,8 @@ def train(cfg: TrainConfig, out_dir: str | None = None, *, resume: bool = False,
             trainer.optimizer.load_state_dict(state["optimizer"])
             if trainer.scaler is not None and "scaler" in state:
                 trainer.scaler.load_state_dict(state["scaler"])
+            if trainer.method is not None:
+                trainer.method.load_state_dict(state["method"])
             start, log = int(state["epoch"]) + 1, [json.loads(r) for r in state["log"]]
         except Exception as e:   # a digest-valid file whose parts do not fit this config
             raise UserError(f"--resume: {os.path.join(out_dir, CHECKPOINT)} does not fit its config "
@@ -396,13 +414,16 @@ def train(cfg: TrainConfig, out_dir: str | None = None, *, resume: bool = False,
         row = train_epoch(trainer, loader, epoch, progress=progress, position=position)
         if selector is not None:
             row.update(selector.score(model))
+        if trainer.method is not None:   # after the scores: CFA's FAWA reads them
+            row.update(trainer.method.end_epoch(epoch, model, row))
         log.append(row)
         if out_dir:
             if selector is not None and selector.is_best(log):
                 # before checkpoint.pt: a run stopped in between redoes this epoch and rewrites it
                 selector.save_best(out_dir, epoch, log, model.state_dict())
             save_run(out_dir, cfg, epoch, log, model.state_dict(), trainer.optimizer.state_dict(),
-                     trainer.scaler.state_dict() if trainer.scaler is not None else None)
+                     trainer.scaler.state_dict() if trainer.scaler is not None else None,
+                     trainer.method.state_dict() if trainer.method is not None else None)
         if on_epoch is not None:
             on_epoch(row)
     return model, log
@@ -421,12 +442,15 @@ def _check_finite(loss: float, epoch: int, step: int) -> None:
 
 
 def load_model(path: str, device="cpu") -> tuple[nn.Module, TrainConfig]:
-    """A trained model (eval mode) and its config from a checkpoint; UserError if bad."""
+    """A trained model (eval mode) and its config from a checkpoint; UserError if bad. The
+    weights are a peer method's evaluation weights where it has them (CFA: FAWA's average), the
+    trained ones otherwise."""
     state = load_checkpoint(path)
     try:
         cfg = from_dict(TrainConfig, state["config"]).validate()
         model = build_for_config(cfg, torch.device(device))
-        model.load_state_dict(state["model"])
+        weights = methods.eval_weights(state)
+        model.load_state_dict(state["model"] if weights is None else weights)
     except UserError:
         raise
     except Exception as e:

@@ -37,8 +37,12 @@ FAMILIES = {"natural": "natural", "madry": "madry", "fat-madry": "madry", "trade
 
 def fuse_key(cfg: TrainConfig) -> tuple:
     """Points with equal keys can train as one fused group: every field but PER_MEMBER, and the
-    method's family (madry with fat-madry; trades, fat-trades and natural each on their own)."""
+    method's family (madry with fat-madry; trades, fat-trades and natural each on their own).
+    A method outside FAMILIES (the peer methods, fastfat.methods) keys on its whole config, so
+    plan_groups leaves each such point alone."""
     d = to_dict(cfg)
+    if cfg.method not in FAMILIES:
+        return (cfg.method,) + tuple((k, repr(v)) for k, v in sorted(d.items()))
     return (FAMILIES[cfg.method],) + tuple((k, repr(v)) for k, v in sorted(d.items()) if k not in PER_MEMBER)
 
 
@@ -46,6 +50,12 @@ def check_fusable(cfgs: list[TrainConfig]) -> None:
     """UserError, naming the first field that differs, unless cfgs can train as one group."""
     if not cfgs:
         raise UserError("a fused group needs at least one grid point")
+    alone = next((c.method for c in cfgs if c.method not in FAMILIES), None)
+    if alone is not None:
+        # per-class radii and weights that change every epoch, validation-driven updates and a
+        # state in the checkpoint: a fused group carries none of it
+        raise UserError(f"method {alone} does not fuse (its per-class state belongs to one run): "
+                        f"train it unfused (fuse = 1)")
     if cfgs[0].amp == "fp16":
         raise UserError("fp16 AMP cannot fuse: its loss scaler skips steps for the whole group; "
                         "use --amp bf16 or off")

@@ -1,0 +1,122 @@
+"""CFA (Wei et al., CVPR 2023): class-wise calibrated margins (CCM) and, on TRADES, class-wise
+regularisation (CCR) from the previous epoch's per-class training robust accuracy, and FAWA, a
+weight average updated only in epochs whose validation worst-class robust accuracy is high enough.
+
+Read from PKU-ML/CFA (train.py, attack.py, utils.py). With t_y the training robust accuracy of
+class y in the previous epoch (the train-mode predictions on the training attack's examples):
+  CCM: eps_y = (lambda1 + t_y) * eps; the step size stays alpha (their code does not scale it).
+  CCR: beta_y = (lambda2 + t_y) * beta, in their normalised TRADES loss
+       mean_i [CE_i + beta_y * KL_i] / (1 + beta_y).
+  Both start at epoch cfa_begin (0-based; their code's `epoch >= args.begin`, 10), before which
+  the radius is eps and beta is beta.
+  FAWA: after each epoch, if the validation split's worst-class robust accuracy (PGD-10 at eps)
+  is >= threshold, fawa <- decay * fawa + (1 - decay) * weights (the first such epoch copies the
+  weights); otherwise fawa stays. CFA reports the FAWA weights.
+Where we differ, and why:
+  - t_y is correct_y / n_y; their code's 10 * correct_y / N equals it on balanced classes only.
+  - CCR's loss is theirs times (1 + beta): their code trains TRADES (with or without CFA) on the
+    loss divided by 1 + beta, a 7x smaller gradient at beta 6; here, before cfa_begin cfa-trades
+    is exactly fastfat's trades, so rho against trades measures CFA, not a loss scale.
+  - FAWA averages the floating-point entries of the state dict (weights, BN running statistics)
+    and copies integer ones (BN's batch counter), which their code averages and truncates.
+  - Before FAWA's first update their FAWA model is the random initialisation; here the run's
+    evaluation then takes the trained weights (no EVAL_MODEL in the state yet).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .. import losses
+from .base import EVAL_MODEL, ClassSums, MethodState, epochs_of, gather
+
+
+def calibrated_eps(train_acc: torch.Tensor, lambda1: float, eps: float) -> torch.Tensor:
+    """CCM's class radii [C]: (lambda1 + t_y) * eps from per-class training robust accuracies
+    t [C] in [0, 1]; in t's dtype."""
+    return (lambda1 + train_acc) * eps
+
+
+def calibrated_beta(train_acc: torch.Tensor, lambda2: float, beta: float) -> torch.Tensor:
+    """CCR's class betas [C]: (lambda2 + t_y) * beta."""
+    return (lambda2 + train_acc) * beta
+
+
+def ccr_weights(class_beta: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(CE weights, KL weights) [C] of CCR's loss: (1 + beta) / (1 + beta_y) and
+    (1 + beta) * beta_y / (1 + beta_y), i.e. CFA's normalised weights scaled by 1 + beta, so that
+    beta_y = beta gives TRADES' CE + beta * KL."""
+    scale = (1 + beta) / (1 + class_beta)
+    return scale, scale * class_beta
+
+
+def fawa_update(fawa: dict | None, weights: dict, decay: float) -> dict:
+    """FAWA's step: decay * fawa + (1 - decay) * weights for every floating-point entry of the
+    state dicts (integer entries copied from weights); a copy of weights when fawa is None (the
+    first update). Returns a new dict of detached tensors."""
+    out = {}
+    for k, w in weights.items():
+        w = w.detach()
+        if fawa is None or not w.is_floating_point():
+            out[k] = w.clone()
+        else:
+            out[k] = fawa[k] * decay + w * (1 - decay)
+    return out
+
+
+class CFA(MethodState):
+    """cfa-madry (CCM + FAWA) and cfa-trades (CCM + CCR + FAWA)."""
+
+    def __init__(self, cfg, num_classes: int, device):
+        super().__init__(cfg, num_classes, device)
+        self.begin = epochs_of(cfg.cfa_begin, cfg.epochs)
+        self.train_acc: torch.Tensor | None = None   # [C] float64, the last epoch's t_y
+        self.fawa: dict | None = None
+        self.fawa_updates = 0
+        self.active = False
+        self.correct = ClassSums(num_classes, None, self.device)
+
+    def start_epoch(self, epoch: int) -> None:
+        self.correct = ClassSums(self.num_classes, None, self.device)
+        self.active = epoch >= self.begin and self.train_acc is not None
+        if self.active:
+            cfg = self.cfg
+            self.eps_table = calibrated_eps(self.train_acc, cfg.cfa_lambda1, cfg.eps_train)
+            if self.base == "trades":
+                self.ce_w, self.kl_w = ccr_weights(
+                    calibrated_beta(self.train_acc, cfg.cfa_lambda2, cfg.beta), cfg.beta)
+
+    def radii(self, y):
+        if not self.active:
+            return self.cfg.eps_train, self.alpha
+        return gather(self.eps_table, y), self.alpha
+
+    def loss(self, y, logits_adv, logits_nat):
+        self.correct.add((logits_adv.detach().argmax(1) == y).float(), y)
+        if not (self.active and self.base == "trades"):
+            return self.base_loss(y, logits_adv, logits_nat)
+        return (losses.weighted_trades_loss(logits_nat, logits_adv, y, gather(self.ce_w, y),
+                                            gather(self.kl_w, y)), self.zero())
+
+    def end_epoch(self, epoch: int, model: nn.Module, row: dict) -> dict:
+        self.train_acc = self.correct.means()
+        out = {"train_worst_acc": float(self.train_acc.min())}
+        if self.cfg.cfa_fawa:
+            if row["val_worst_acc"] >= self.cfg.cfa_fawa_threshold:
+                self.fawa = fawa_update(self.fawa, model.state_dict(), self.cfg.cfa_fawa_decay)
+                self.fawa_updates += 1
+            out["fawa_updates"] = self.fawa_updates
+        return out
+
+    def state_dict(self) -> dict:
+        d = {"train_acc": self.train_acc, "fawa_updates": self.fawa_updates}
+        if self.fawa is not None:
+            d[EVAL_MODEL] = self.fawa
+        return d
+
+    def load_state_dict(self, state: dict) -> None:
+        t = state["train_acc"]
+        self.train_acc = None if t is None else t.to(self.device)
+        self.fawa_updates = int(state["fawa_updates"])
+        fawa = state.get(EVAL_MODEL)
+        self.fawa = None if fawa is None else {k: v.to(self.device) for k, v in fawa.items()}
