@@ -269,3 +269,13 @@ def test_fusable_configs():
         check_fusable(configs([dict(method="madry"), dict(method="fat-trades")]))
     with pytest.raises(UserError, match="fp16"):
         check_fusable(configs(amp="fp16"))
+
+
+def test_stack_of_one_channel_channels_last_batches():
+    """Digits batches (one channel, channels_last, as the loaders yield them) stack and unstack:
+    torch.stack keeps such inputs' layout, which a bare view of [N*K, ...] rejected."""
+    fused = fuse_models([build_model("cnn", 10, width=4, in_channels=1) for _ in range(2)])
+    xs = [torch.rand(5, 8, 8, 1).permute(0, 3, 1, 2) for _ in range(2)]   # strides (64, 1, 8, 1), as augmented
+    x = fused.stack(xs)
+    assert x.shape == (10, 1, 8, 8) and torch.equal(x[1::2], xs[1])
+    assert all(torch.equal(a, b) for a, b in zip(fused.unstack(x), xs))

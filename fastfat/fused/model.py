@@ -128,7 +128,9 @@ class FusedModel(nn.Module):
         contiguous: batches, labels, per-sample radii or start noise."""
         if len(tensors) != self.k:
             raise ValueError(f"expected {self.k} tensors, one per member, got {len(tensors)}")
-        t = torch.stack([t.contiguous() for t in tensors], dim=1)
+        # torch.stack keeps its inputs' layout; a channels_last batch of one channel (digits) is
+        # "contiguous" in both layouts, and its stack is not viewable as [N*K, ...] without a copy
+        t = torch.stack([t.contiguous() for t in tensors], dim=1).contiguous()
         return t.view(t.shape[0] * self.k, *t.shape[2:])
 
     def unstack(self, t: torch.Tensor) -> list[torch.Tensor]:
