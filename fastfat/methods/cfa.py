@@ -69,7 +69,7 @@ class CFA(MethodState):
 
     def __init__(self, cfg, num_classes: int, device):
         super().__init__(cfg, num_classes, device)
-        self.begin = epochs_of(cfg.cfa_begin, cfg.epochs)
+        self.calibrate_from = epochs_of(cfg.cfa_begin, cfg.epochs)
         self.train_acc: torch.Tensor | None = None   # [C] float64, the last epoch's t_y
         self.fawa: dict | None = None
         self.fawa_updates = 0
@@ -78,7 +78,7 @@ class CFA(MethodState):
 
     def start_epoch(self, epoch: int) -> None:
         self.correct = ClassSums(self.num_classes, None, self.device)
-        self.active = epoch >= self.begin and self.train_acc is not None
+        self.active = epoch >= self.calibrate_from and self.train_acc is not None
         if self.active:
             cfg = self.cfg
             self.eps_table = calibrated_eps(self.train_acc, cfg.cfa_lambda1, cfg.eps_train)
