@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 import pytest
+from matplotlib.collections import PathCollection
 
 from fastfat import cli
 from fastfat.sweep import figures, report
@@ -198,7 +199,8 @@ def test_figure_series(db):
     (ax,) = figs["fig_pareto_digits_cnn_fat-madry"].axes
     pts = {}
     for coll in ax.collections:
-        pts[coll.get_label()] = sorted(map(tuple, coll.get_offsets().tolist()))
+        if isinstance(coll, PathCollection):   # the scatters (error bars are LineCollections)
+            pts[coll.get_label()] = sorted(map(tuple, coll.get_offsets().tolist()))
     want = {"Madry": sorted(_cell("madry", 0.0, e, "pgd20", 0.25) for e in (0.1, 0.2)),
             "FAT λ=0.5": sorted(_cell("fat-madry", 0.5, e, "pgd20", 0.25) for e in (0.1, 0.2))}
     assert set(pts) == set(want)

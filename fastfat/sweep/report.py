@@ -1,6 +1,6 @@
-"""`fastfat report`'s tables: a results database's finished points averaged over seeds (pandas),
-laid out as the paper's tables and written as Markdown, CSV and LaTeX beside the figures
-(figures.py).
+"""`fastfat report`: a results database's finished points (pandas), laid out as the paper's
+tables and the tables beyond it, written as Markdown (report.md), CSV and LaTeX (tables.py)
+beside the figures (figures.py).
 
 Tables (each as Markdown in report.md, and as its own CSV and LaTeX file):
   Table 1    var (VCRA x10^-2) and rob.acc (%) per attack and eps_test; rows per model and
@@ -9,12 +9,19 @@ Tables (each as Markdown in report.md, and as its own CSV and LaTeX file):
              rob.acc (4, the higher one in bold); one pair per data set, model and lambda.
   Table 2    class-wise robust accuracy (%) per eps_train at one attack and eps_test, with var,
              rob.acc and the diff row (largest eps_train minus smallest).
+  Methods    every method: clean and robust avg / worst / k-worst / NSD and rho against its base
+             method, mean +- std over seeds, last and best checkpoints (methods_table.py).
+  Attack gap PGD-20 minus AutoAttack (apgd, aa) class by class (methods_table.py).
+  Seeds      each cell's mean +- std, n and 95% interval; Paired: each method minus its base
+             method over common seeds, with its interval (seeds.py).
 
-Points with several seeds are averaged (each metric, and each class's accuracy over the seeds
-that have test samples of the class). A table or figure only sets side by side points whose
-training settings differ along its own axes: a database holding points of several settings (a
-changed [train] section, another grid file) gets one set of tables per setting, named by the
-fields that differ. If it holds the same point twice, the one finished last is used.
+Tables 1-4 and 2 and their figures show the last checkpoint, averaged over seeds (each metric,
+and each class's accuracy over the seeds that have test samples of the class); the methods,
+seeds, paired and gap tables show the best checkpoint too, marked. A table or figure only sets
+side by side points whose training settings differ along its own axes: a database holding
+points of several settings (a changed [train] section, another grid file) gets one set of tables
+per setting, named by the fields that differ. If it holds the same point twice, the one finished
+last is used.
 """
 from __future__ import annotations
 
@@ -28,14 +35,29 @@ from ..errors import UserError
 from ..files import atomic_write_text
 from .labels import (METHOD_ORDER, attack_title, base_method, class_names, dataset_name, eps_label,
                      has_lambda, lam_suffix, lam_text, method_label, method_name, model_name)
+from .seeds import CELL
+from .seeds import eps_key as _key
+from .tables import Table, fmt, render_csv, render_latex, render_markdown  # noqa: F401 (report's API)
 
-CELL = ["setting", "dataset", "model", "method", "lam", "eps_train"]   # a grid point less its seed
 METRICS = ["avg_acc", "vcra", "worst_acc", "class_acc"]
+RUN_METRICS = ["avg_acc", "vcra", "worst_acc", "worst_k_acc", "nstd", "class_acc"]
 MAX_CLASS_COLUMNS = 10   # Table 2 shows at most this many classes (those that move most)
-
-
-def _key(x: float) -> float:
-    return round(float(x), 10)
+INTROS = {   # report.md's words before a section's tables
+    "methods_": "One table per robust attack and eps_test. avg is the average of the class accuracies, "
+                "worst the lowest class, k-worst the mean of the k lowest (k: the evaluation's worst_k), "
+                "NSD their standard deviation over their mean (lower is fairer, comparable across "
+                "attacks); rho = (worst - worst_base) / worst_base - (avg_base - avg) / avg_base "
+                "against the method's base method (FAT-Madry: Madry) on the same seed, then averaged "
+                "(> 0: the worst class gained more, relatively, than the average lost). Each cell is the "
+                "mean ± std over its seeds.",
+    "attack_gap_": "PGD-20 is the paper's attack; AutoAttack (APGD-CE + APGD-T, and the standard "
+                   "ensemble) is stronger, and unevenly so across classes: a fairness claim under "
+                   "PGD-20 alone can be wrong in the very quantity it is about. Positive: PGD-20 "
+                   "overstates that class's robust accuracy.",
+    "seeds_": "Intervals are for the mean over seeds: mean ± t(0.975, n-1) · std / sqrt(n).",
+    "paired_": "Differences are taken seed by seed (the same seed trains both methods), which removes "
+               "the variation the two share; the interval is the t interval of the mean difference.",
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -43,15 +65,22 @@ def _key(x: float) -> float:
 
 @dataclass
 class Data:
-    """The finished points of a database, averaged over seeds."""
+    """The finished points of a database: per seed, and averaged over seeds."""
     means: pd.DataFrame   # one row per cell (CELL) and robust (attack, eps), in report order:
-                          # CELL, attack, eps (rounded), seeds (the cell's count) and METRICS
+                          # CELL, attack, eps (rounded), seeds (the cell's count), METRICS and
+                          # avg_acc_std, vcra_std (over seeds; NaN for one); last checkpoint only
     attacks: list[str]    # robust attacks in first-seen order (no clean)
     eps: dict             # attack -> sorted eps_test list
     points: list = field(default_factory=list)     # every store.Point (for the runs table)
     replaced: int = 0     # older duplicates left out
     settings: list[str] = field(default_factory=lambda: [""])   # each setting's name ('' if one)
     setting_of: dict = field(default_factory=dict)   # point key -> its setting (index)
+    runs: pd.DataFrame = field(default_factory=pd.DataFrame)   # per seed: CELL, seed, checkpoint,
+                          # attack (and clean), eps, worst_k and RUN_METRICS (seeds.py's frame)
+    stats: pd.DataFrame = field(default_factory=pd.DataFrame)    # seeds.aggregate(runs)
+    paired: pd.DataFrame = field(default_factory=pd.DataFrame)   # seeds.paired(runs)
+    rho: dict = field(default_factory=dict)                      # methods_table.rho_spreads(runs)
+    gaps: pd.DataFrame = field(default_factory=pd.DataFrame)     # methods_table.attack_gaps(runs)
 
     def tag(self, setting: int) -> tuple[str, str]:
         """(title suffix, slug suffix) naming a setting when the database holds several."""
@@ -90,8 +119,25 @@ def _seed_mean(values: pd.Series):
     return sum(rows) / len(rows)
 
 
+def _run_row(r: dict, k: int) -> dict:
+    """A stored record with worst_k_acc and nstd as stored, or derived from its class accuracies
+    (rows from before schema 3; k: the point's eval worst_k); nstd NaN where undefined."""
+    from .. import metrics
+    accs = [math.nan if a is None else a for a in r["class_acc"]]
+    row = dict(r)
+    if r.get("worst_k_acc") is None:
+        row["worst_k_acc"], row["worst_k"] = metrics.worst_k_accuracy(accs, k), k
+    nstd = r.get("nstd")
+    if nstd is None:
+        nstd = metrics.normalized_std(accs)
+    row["nstd"] = math.nan if nstd is None else nstd
+    row.setdefault("checkpoint", "last")
+    return row
+
+
 def load(db_path: str) -> Data:
-    """The finished points of a database, grouped and averaged over seeds."""
+    """The finished points of a database, per seed and grouped and averaged over seeds."""
+    from . import methods_table, seeds
     from .grid import setting_names, setting_of
     from .store import Store
 
@@ -108,9 +154,13 @@ def load(db_path: str) -> Data:
 
     latest = {ident(p): p for p in sorted(done, key=lambda p: p.finished or 0)}  # ties: the later row
     chosen = [latest[i] for i in dict.fromkeys(map(ident, done))]              # in first-seen order
-    recs = pd.DataFrame([dict(zip(CELL + ["seed"], ident(p)), **r) for p in chosen for r in p.results
-                         if r["attack"] != "clean"], columns=CELL + ["seed", "attack", "eps"] + METRICS)
-    recs["raw_eps"], recs["eps"] = recs.eps, recs.eps.map(_key)
+    runs = pd.DataFrame([dict(zip(CELL + ["seed"], ident(p)), **_run_row(r, int(p.eval_config.get("worst_k", 3))))
+                         for p in chosen for r in p.results],
+                        columns=CELL + ["seed", "checkpoint", "attack", "eps", "worst_k"] + RUN_METRICS)
+    runs["raw_eps"], runs["eps"] = runs.eps, runs.eps.map(_key)
+    # The paper's tables: the last checkpoint's robust rows, as before checkpoints were stored.
+    recs = runs[(runs.attack != "clean") & (runs.checkpoint == "last")][CELL + ["seed", "attack", "eps", "raw_eps"]
+                                                                         + METRICS].reset_index(drop=True)
     recs["seeds"] = recs.groupby(CELL).seed.transform("nunique")
     means = (recs.groupby(CELL + ["attack", "eps", "seeds"], sort=False)[METRICS].agg(_seed_mean)
              .reset_index())
@@ -118,115 +168,18 @@ def load(db_path: str) -> Data:
     means = (means.assign(order=order)
              .sort_values(["dataset", "setting", "order", "lam", "model", "eps_train"], kind="stable")
              .drop(columns="order").reset_index(drop=True))
+    stats = seeds.aggregate(runs)
+    last = stats[stats.checkpoint == "last"][CELL + ["attack", "eps", "avg_acc_std", "vcra_std"]]
+    means = means.merge(last, on=CELL + ["attack", "eps"], how="left")   # keeps means' order
     eps = {a: sorted(g.raw_eps)   # each eps_test as first seen
            for a, g in recs.drop_duplicates(["attack", "eps"]).groupby("attack", sort=False)}
-    return Data(means, list(eps), eps, points, len(done) - len(chosen), setting_names(settings), which)
+    return Data(means, list(eps), eps, points, len(done) - len(chosen), setting_names(settings), which,
+                runs=runs, stats=stats, paired=seeds.paired(runs), rho=methods_table.rho_spreads(runs),
+                gaps=methods_table.attack_gaps(runs))
 
 
 # ---------------------------------------------------------------------------------------------
-# Tables: one neutral structure, rendered three ways
-
-@dataclass
-class Table:
-    """A table with a stub (row labels) and value columns under nested headers.
-
-    header: levels above the value columns, top first, each a list of (text, span); the last
-    level names single columns. cells are numbers in display units (NaN or None when missing),
-    formatted with each column's number of decimals; bold marks cells to emphasise.
-    """
-    slug: str
-    title: str
-    caption: str
-    stub: list[str]
-    header: list[list[tuple[str, int]]]
-    digits: list[int]
-    rows: list[tuple[list[str], list[float | None], list[bool]]] = field(default_factory=list)
-    blank_repeats: bool = True   # print a repeated first stub value once per block (the paper's look)
-
-    def columns(self) -> list[str]:
-        """Flat names of the value columns, e.g. 'FGSM 16/255 var'."""
-        per_column = ([text for text, span in level for _ in range(span)] for level in self.header)
-        return [" ".join(parts) for parts in zip(*per_column)]
-
-    def stub_rows(self) -> list[list[str]]:
-        out, prev = [], None
-        for stub, _, _ in self.rows:
-            s = list(stub)
-            if self.blank_repeats and len(s) > 1 and s[0] == prev:
-                s[0] = ""
-            else:
-                prev = stub[0]
-            out.append(s)
-        return out
-
-    def cells(self, bold: str) -> list[list[str]]:
-        """Each row's value cells as printed, emphasised ones in `bold` ('**{}**')."""
-        return [[bold.format(c) if b and c != "-" else c
-                 for c, b in zip(map(fmt, vals, self.digits), marks)] for _, vals, marks in self.rows]
-
-
-def fmt(v: float | None, digits: int) -> str:
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
-
-
-def render_markdown(t: Table) -> str:
-    # By hand: DataFrame.to_markdown (tabulate's pipe format) pads every cell to its column's
-    # width and sizes the alignment row to match; report.md's tables are unpadded ("| a | b |",
-    # ":---"/"---:"), print a repeated model once per block and bold cells.
-    head = t.stub + t.columns()
-    lines = [f"**{t.title}.** {t.caption}", "",
-             "| " + " | ".join(head) + " |",
-             "|" + "|".join([":---"] * len(t.stub) + ["---:"] * len(t.digits)) + "|"]
-    for stub, cells in zip(t.stub_rows(), t.cells("**{}**")):
-        lines.append("| " + " | ".join(stub + cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def render_csv(t: Table) -> str:
-    """Every stub value repeated, 4 decimals, empty for a missing cell; same units as the table."""
-    frame = pd.concat([pd.DataFrame([s for s, _, _ in t.rows], columns=t.stub),
-                       pd.DataFrame([v for _, v, _ in t.rows], columns=t.columns(), dtype=float)], axis=1)
-    return frame.to_csv(index=False, lineterminator="\n", float_format="%.4f")
-
-
-_TEX_SPECIAL = {"&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}",
-                "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "\\": r"\textbackslash{}"}
-_TEX_HEADERS = {"eps_train": r"$\epsilon_{train}$", "eps_test": r"$\epsilon_{test}$"}
-
-
-def _tex_text(s: str) -> str:
-    return "".join(_TEX_SPECIAL.get(c, c) for c in str(s)).replace("lambda=", r"$\lambda$=")
-
-
-def render_latex(t: Table) -> str:
-    """A booktabs table (needs \\usepackage{booktabs}); headers span with \\multicolumn."""
-    # By hand: DataFrame.to_latex (Styler) draws no \cmidrule under a spanning header (its
-    # clines rule index groups with \cline), bolds with \bfseries rather than \textbf{}, and has
-    # no $\lambda$ / $\epsilon_{train}$ headers, so it cannot give these files byte for byte.
-    ns = len(t.stub)
-    spec = "l" * ns + "r" * len(t.digits)
-    out = ["% written by fastfat report; needs \\usepackage{booktabs}",
-           r"\begin{table}[t]", r"\centering", r"\small",
-           rf"\caption{{{_tex_text(t.title)}. {_tex_text(t.caption)}}}",
-           rf"\label{{tab:{t.slug}}}", rf"\begin{{tabular}}{{{spec}}}", r"\toprule"]
-    for li, level in enumerate(t.header):
-        last = li == len(t.header) - 1
-        cells = [(_TEX_HEADERS.get(s, _tex_text(s)) if last else "") for s in t.stub]
-        rules, col = [], ns + 1
-        for text, span in level:
-            cells.append(_tex_text(text) if span == 1 else rf"\multicolumn{{{span}}}{{c}}{{{_tex_text(text)}}}")
-            if span > 1:
-                rules.append(rf"\cmidrule(lr){{{col}-{col + span - 1}}}")
-            col += span
-        out.append(" & ".join(cells) + r" \\")
-        if rules:
-            out.append(" ".join(rules))
-    out.append(r"\midrule")
-    for stub, cells in zip(t.stub_rows(), t.cells(r"\textbf{{{}}}")):
-        out.append(" & ".join([_tex_text(s) for s in stub] + cells) + r" \\")
-    out += [r"\bottomrule", r"\end{tabular}", r"\end{table}", ""]
-    return "\n".join(out)
-
+# The paper's tables
 
 def _robust_columns(data: Data, rows: pd.DataFrame) -> list[tuple[str, float]]:
     """(attack, eps) pairs that these rows have, in the data's attack order and eps order."""
@@ -385,12 +338,15 @@ def runs_table(data: Data) -> str:
 
 
 def build(data: Data, attack: str | None = None, eps: float | None = None):
-    """All tables (Table 1, Tables 3-4, Table 2) and figures for the data."""
+    """All tables (Table 1, Tables 3-4, Table 2, methods, attack gap, seeds, paired) and figures."""
     from .figures import make_figures
+    from .methods_table import gap_tables, methods_tables
+    from .seeds import paired_tables, seed_tables
 
     attack, eps = data.pick(attack, eps)
-    return (table1(data) + tables34(data) + table2(data, attack, eps), make_figures(data, attack, eps),
-            (attack, eps))
+    return (table1(data) + tables34(data) + table2(data, attack, eps) + methods_tables(data)
+            + gap_tables(data) + seed_tables(data) + paired_tables(data),
+            make_figures(data, attack, eps), (attack, eps))
 
 
 def write_report(db_path: str, out_dir: str, attack: str | None = None, eps: float | None = None) -> list[str]:
@@ -426,13 +382,22 @@ def write_report(db_path: str, out_dir: str, attack: str | None = None, eps: flo
     if data.replaced:
         md.append(f"{data.replaced} older result(s) of the same grid point were left out "
                   f"(the latest finished one is used).")
+    if any(data.runs.checkpoint == "best"):
+        md.append("Points trained with a validation split (val_per_class) were evaluated twice: "
+                  "checkpoint last (the final epoch) and best (selected on the validation split). "
+                  "Tables 1 to 4 and the figures but the methods scatter show the last one; the "
+                  "tables from Methods on show both.")
     sections = (("Table 1: robust accuracy and its class-wise variance against eps_train", "table1_"),
                 ("Tables 3 and 4: the base method against FAT", ("table3_", "table4_")),
-                ("Table 2: class-wise robust accuracy", "table2_"))
+                ("Table 2: class-wise robust accuracy", "table2_"),
+                ("Methods: fairness beyond the variance, and rho against the base method", "methods_"),
+                ("Attack gap: how much PGD-20 overstates robust accuracy, class by class", "attack_gap_"),
+                ("Seeds: mean, standard deviation and 95% interval per cell", "seeds_"),
+                ("Paired comparison: each method against its base method over seeds", "paired_"))
     for heading, prefix in sections:
         ts = [t for t in tables if t.slug.startswith(prefix)]
         if ts:
-            md += ["", f"## {heading}", ""]
+            md += ["", f"## {heading}", ""] + ([INTROS[prefix], ""] if prefix in INTROS else [])
             for t in ts:
                 md += [render_markdown(t), f"Files: [{t.slug}.csv]({t.slug}.csv), [{t.slug}.tex]({t.slug}.tex)", ""]
     if figs:
