@@ -79,6 +79,33 @@ def test_apgd_in_evaluate_equals_pyautoattack_direct(trained):
     assert rec["attack_settings"]["version"] == "0.2.0" and rec["attack_settings"]["n_iter"] == 100
 
 
+def test_eval_seed_reaches_pyautoattack(trained, monkeypatch):
+    """EvalConfig.seed is what pyautoattack draws its starts from: each (batch, eps) cell's
+    AutoAttack object carries eval_noise_seed(seed, batch, "aa", eps index) as its seed (the one
+    run_standard_evaluation hands to APGD-CE and APGD-T), so another seed gives other seeds; and
+    pyautoattack uses it: two seeds start APGD at different points, so their examples differ."""
+    import pyautoattack
+    model, _, x, y = trained
+    seen = []
+
+    def spy(self, x_, y_, batch_size=None):   # record the seeds, skip the (slow) attack itself
+        seen.append((self.seed, self.apgd.seed, self.apgd_targeted.seed))
+        return x_, model(x_).argmax(1)
+
+    monkeypatch.setattr(pyautoattack.AutoAttack, "run_standard_evaluation", spy)
+    batches = [(x[:8], y[:8]), (x[8:16], y[8:16])]
+    for seed in (5, 6):
+        seen.clear()
+        ecfg = make_eval_config(None, attacks=["apgd", "aa"], eps_test=[0.05, EPS], batch_size=8, seed=seed)
+        evaluate(model, batches, ecfg, 10)
+        want = [eval_noise_seed(seed, b, "aa", i) for b in range(2) for _ in ("apgd", "aa") for i in range(2)]
+        assert seen == [(s, s, s) for s in want]
+    assert eval_noise_seed(5, 0, "aa", 0) != eval_noise_seed(6, 0, "aa", 0)
+    monkeypatch.undo()
+    runs = [autoattack.run(model, x, y, "apgd", EPS, s, 10, n_iter=2)[0] for s in (5, 6)]
+    assert not torch.equal(runs[0], runs[1])
+
+
 def test_aa_equals_pyautoattack_direct(trained):
     """The whole standard ensemble (iterations and queries cut for time, on both sides alike)
     finds the same robust samples as pyautoattack's standard version on the plain model."""
