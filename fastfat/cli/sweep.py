@@ -35,6 +35,10 @@ def add_parser(sub) -> None:
     p.add_argument("--report", metavar="DIR", help="report directory (default: <db stem>_report/)")
     p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: the file's threads, else torch's)")
+    p.add_argument("--fuse", metavar="K|auto",
+                   help="train up to K compatible grid points as one fused model (README: When points "
+                        "fuse); auto: as many as fit the GPU (no fusion on a CPU); default: the "
+                        "file's fuse, else 1 (no fusion)")
     p.add_argument("--lease", type=float, metavar="MINUTES",
                    help="a running point whose process has been silent this long is taken over by "
                         "another sweep (default: the file's lease, else 10); the owner renews it "
@@ -80,7 +84,8 @@ def run(args) -> int:
     sweep = build_sweep(doc, base, grid_flags=grid_flags, train_flags=train_flags,
                         eval_flags=eval_flags, db=args.db, report=args.report, threads=args.threads,
                         lease=args.lease, shared_dir=args.shared_dir,
-                        ray_flags={k: v[k] for k in ("ray", "ray_cpus", "ray_gpus", "ray_retries")})
+                        ray_flags={k: v[k] for k in ("ray", "ray_cpus", "ray_gpus", "ray_retries")},
+                        fuse=args.fuse)
     progress = not args.no_progress
     if args.dry_run:
         for p in sweep.points:

@@ -65,23 +65,26 @@ def stale(row, now: float) -> bool:
 
 
 class Heartbeat:
-    """Renews a running point's claim from a background thread on its own connection (a long
-    epoch or evaluation must not look like a dead owner). `lost` turns True once another process
-    holds the point."""
+    """Renews a running point's claim (key: one key, or a fused group's list of keys) from a
+    background thread on its own connection (a long epoch or evaluation must not look like a
+    dead owner). `lost` turns True once this process holds none of the keys running (another
+    process took them, or a group's members are all finished)."""
 
-    def __init__(self, path: str, key: str, owner: str, period: float):
-        self.path, self.key, self.owner, self.period = path, key, owner, max(period, 0.05)
+    def __init__(self, path: str, key, owner: str, period: float):
+        self.keys = [key] if isinstance(key, str) else list(key)
+        self.path, self.owner, self.period = path, owner, max(period, 0.05)
         self.lost = False
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name=f"heartbeat {key}", daemon=True)
+        self._thread = threading.Thread(target=self._beat, name=f"heartbeat {self.keys[0]}", daemon=True)
 
     def _beat(self) -> None:
         con = sqlite3.connect(self.path, timeout=dbfile.TIMEOUT_S, isolation_level=None)
+        marks = ",".join("?" * len(self.keys))
         try:
             while not self._stop.wait(self.period):
                 try:
-                    cur = con.execute("UPDATE points SET heartbeat=? WHERE key=? AND owner=? "
-                                      "AND status='running'", (time.time(), self.key, self.owner))
+                    cur = con.execute(f"UPDATE points SET heartbeat=? WHERE key IN ({marks}) AND owner=? "
+                                      "AND status='running'", (time.time(), *self.keys, self.owner))
                 except sqlite3.Error:
                     continue   # locked for longer than the timeout: try again next period
                 if cur.rowcount == 0:

@@ -25,7 +25,7 @@ from .store import Point
 
 # The grid's axes, in the order points are run (the last varies fastest).
 AXES = ("dataset", "model", "method", "seed", "eps_train", "lam")
-TOP_KEYS = ("db", "report", "threads", "lease", "shared_dir", "ray", "ray_cpus", "ray_gpus", "ray_retries",
+TOP_KEYS = ("db", "report", "threads", "fuse", "lease", "shared_dir", "ray", "ray_cpus", "ray_gpus", "ray_retries",
             "grid", "train", "eval")
 RAY_KEYS = ("ray", "ray_cpus", "ray_gpus", "ray_retries")
 TRAIN_FIELDS = tuple(f.name for f in fields(TrainConfig))
@@ -77,6 +77,7 @@ class Sweep:
     lease: float = DEFAULT_LEASE_S   # seconds a silent claim stays valid (the file's minutes x60)
     shared_dir: str | None = None    # where the points' run directories go (None: next to the db)
     ray: RaySettings | None = None   # None: run the points in this process
+    fuse: int | str = 1              # grid points per fused group: K >= 1 or "auto" (fused/plan.py)
 
     @property
     def runs_dir(self) -> str:
@@ -169,7 +170,7 @@ def _scalar_list(axis: str, value) -> list:
 def build_sweep(doc: dict, base: str, *, grid_flags: dict | None = None, train_flags: dict | None = None,
                 eval_flags: dict | None = None, db: str | None = None, report: str | None = None,
                 threads=None, lease=None, shared_dir: str | None = None,
-                ray_flags: dict | None = None) -> Sweep:
+                ray_flags: dict | None = None, fuse=None) -> Sweep:
     """Validate a sweep file's content merged with flags (flags win) into a Sweep.
 
     Raises UserError naming the key or grid point at fault; nothing is written.
@@ -227,6 +228,7 @@ def build_sweep(doc: dict, base: str, *, grid_flags: dict | None = None, train_f
         if not ok:
             raise UserError(f"lease must be a number of minutes > 0, got {lease!r}")
     lease_s = DEFAULT_LEASE_S if lease is None else 60.0 * float(lease)
+    fuse = fuse_setting(doc.get("fuse", 1) if fuse is None else fuse)
     if os.path.isdir(db):
         raise UserError(f"db {db} is a directory; give a file name such as results.db")
     if shared_dir is None and "shared_dir" in doc:
@@ -272,8 +274,22 @@ def build_sweep(doc: dict, base: str, *, grid_flags: dict | None = None, train_f
         except UserError as e:
             raise UserError(f"{where}: {e}") from None
         points.append(gp)
+    if fuse != 1 and any(p.train.amp == "fp16" for p in points):
+        raise UserError(f"fuse = {fuse!r}: fp16 AMP cannot fuse (its loss scaler skips steps for the "
+                        f"whole group); use amp = \"bf16\" or \"off\", or fuse = 1")
     return Sweep(db=db, report=report, points=points, threads=threads, lease=lease_s,
-                 shared_dir=os.path.abspath(shared_dir) if shared_dir else None, ray=ray)
+                 shared_dir=os.path.abspath(shared_dir) if shared_dir else None, ray=ray, fuse=fuse)
+
+
+def fuse_setting(value) -> int | str:
+    """The sweep file's fuse (an integer or "auto") or the --fuse flag's text ("4", "auto") as
+    an int >= 1 or "auto"; UserError otherwise."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        return value
+    raise UserError(f"fuse must be an integer >= 1 (grid points per fused group; 1: no fusion) or "
+                    f"\"auto\", got {value!r}")
 
 
 def ray_settings(keys: dict) -> RaySettings | None:

@@ -3,8 +3,9 @@ in run directories on a path every node reaches and returns per-point outcomes; 
 driver) is the only writer of the results database and stores them in the rows a local sweep
 writes (SQLite must not be shared over a network file system).
 
-A unit is one grid point today (plan_units); a fused group of points will be one unit later:
-run_unit takes a list of points and returns one Outcome per point, so the driver does not change.
+A unit is one grid point, or with `fuse` a fused group of points (plan_units): one Ray task
+trains the group as one model (groups.train_group) and returns one Outcome per member, so a
+member that diverges is recorded failed alone; the driver claims a unit's points at once.
 
 Faults: a task whose worker or node dies is re-run by Ray (ray_retries times) and resumes from
 its last checkpoint; a point failing for its own reasons (UserError: divergence, bad data; or a
@@ -28,8 +29,8 @@ from ..errors import UserError
 from ..files import check_writable_dir
 from ..runtime import progress_bar
 from .grid import GridPoint, RaySettings, Sweep
-from .runner import (Terminated, _open_and_add, _say, _sigterm_as_interrupt, claim_point, summary_line,
-                     train_and_evaluate, write_report)
+from .runner import (Terminated, _open_and_add, _say, _sigterm_as_interrupt, claim_points, evaluate_point,
+                     summary_line, train_and_evaluate, write_report)
 
 INSTALL = "pip install 'fastfat[ray]'"
 PROBE_S = 10.0        # how long to wait for the cluster's address to answer
@@ -65,9 +66,11 @@ class Outcome:
     where: str = ""
 
 
-def plan_units(points: list[GridPoint]) -> list[list[GridPoint]]:
-    """The sweep's units of work, in run order: one point each (fused groups will come here)."""
-    return [[p] for p in points]
+def plan_units(points: list[GridPoint], fuse: int | str = 1, done=()) -> list[list[GridPoint]]:
+    """The sweep's units of work, in run order: its fused groups (groups.plan over the whole
+    grid, less the points whose keys are in done); fuse=1: one point each."""
+    from .groups import plan
+    return plan(points, fuse, done)
 
 
 def run_unit(points: list[GridPoint], run_dirs: list[str], threads: int, cwd: str | None = None) -> list[Outcome]:
@@ -78,9 +81,9 @@ def run_unit(points: list[GridPoint], run_dirs: list[str], threads: int, cwd: st
     if cwd and os.path.isdir(cwd):
         os.chdir(cwd)
     torch.set_num_threads(threads)
-    if len(points) != 1:
-        raise NotImplementedError("a unit of several points (a fused group) is not run on Ray yet")
-    return [_run_point(points[0], run_dirs[0])]
+    if len(points) == 1:
+        return [_run_point(points[0], run_dirs[0])]
+    return _run_group(points, run_dirs)
 
 
 def _where() -> str:
@@ -102,6 +105,39 @@ def _run_point(p: GridPoint, run_dir: str) -> Outcome:
                        seconds=time.perf_counter() - t0, where=where)
     return Outcome(p.key, log, records, t["train_seconds"], t["eval_seconds"], t["start_epoch"],
                    time.perf_counter() - t0, where=where)
+
+
+def _run_group(points: list[GridPoint], run_dirs: list[str]) -> list[Outcome]:
+    """A fused group in this worker: trained at once, then each member evaluated; a member's own
+    failure (divergence, its evaluation) is its Outcome's error, the others' go on; an error of
+    the group as a whole (a checkpoint that does not fit) is every member's."""
+    from .groups import train_group
+    t0, where = time.perf_counter(), _where()
+    try:
+        runs, starts = train_group(points, run_dirs)
+    except Exception as e:
+        err = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+        trace = None if isinstance(e, UserError) else traceback.format_exc()
+        return [Outcome(p.key, error=err, trace=trace, seconds=time.perf_counter() - t0, where=where)
+                for p in points]
+    out = []
+    for p, run_dir, run, start in zip(points, run_dirs, runs, starts):
+        o = Outcome(p.key, run.log, start_epoch=start, where=where,
+                    train_seconds=sum(r["seconds"] for r in run.log))   # the group's training time
+        if run.error is not None:
+            o.error = run.error
+        else:
+            t1 = time.perf_counter()
+            try:
+                o.records = evaluate_point(p, run_dir)
+            except UserError as e:
+                o.error = str(e)
+            except Exception as e:
+                o.error, o.trace = f"{type(e).__name__}: {e}", traceback.format_exc()
+            o.eval_seconds = time.perf_counter() - t1
+        o.seconds = time.perf_counter() - t0
+        out.append(o)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,7 +301,8 @@ def _drive(ray, sweep: Sweep, progress: bool, reclaim: bool) -> dict:
             _say(f"sweep: {counts['skipped']} of {len(sweep.points)} points already done, skipping them",
                  progress)
         bar = progress_bar(len(todo), "sweep", progress, position=0, unit="point", leave=True)
-        queue, in_flight = deque(plan_units(todo)), {}   # ObjectRef -> the unit's claimed points
+        done = [p.key for p in sweep.points if have[p.key].status == "done"]
+        queue, in_flight = deque(plan_units(sweep.points, sweep.fuse, done)), {}   # ObjectRef -> claimed points
         finished, counted_at, renewed_at = 0, time.monotonic(), time.monotonic()
         try:
             while queue or in_flight:
@@ -276,7 +313,7 @@ def _drive(ray, sweep: Sweep, progress: bool, reclaim: bool) -> dict:
                 # autoscaler sees as demand): 'running' on the bar means running.
                 while queue and len(in_flight) < max(1, slots):
                     planned = queue.popleft()
-                    unit = [p for p in planned if claim_point(store, p, counts, progress)]
+                    unit = claim_points(store, planned, counts, progress)   # a group: all or none
                     if unit:
                         runs = [os.path.join(sweep.runs_dir, p.key) for p in unit]
                         in_flight[task.remote(unit, runs, threads, os.getcwd())] = unit

@@ -8,7 +8,8 @@ Running the same command again resumes the interrupted point from its last check
 finished ones; training and evaluation are deterministic on the CPU for a given thread count, so
 the results equal an uninterrupted sweep's. Ctrl-C and SIGTERM give the running point back;
 while a point runs, a heartbeat keeps its claim alive, so processes sharing the database (also
-on other hosts) can tell a running point from an orphaned one.
+on other hosts) can tell a running point from an orphaned one. With `fuse`, compatible points
+train as fused groups (groups.py), each member still its own row; a point alone runs as here.
 """
 from __future__ import annotations
 
@@ -223,21 +224,30 @@ def claim_point(store, p: GridPoint, counts: dict, progress: bool) -> bool:
     """Claim a point for this process; True if it is now ours. Otherwise counts it (done:
     'skipped', running elsewhere: 'busy', failed in another process during this run:
     'failed_elsewhere'). Says when a stale claim was taken over."""
+    return bool(claim_points(store, [p], counts, progress))
+
+
+def claim_points(store, points: list[GridPoint], counts: dict, progress: bool) -> list[GridPoint]:
+    """Claim a fused group's points at once (Store.claim_group: none if a live process holds
+    any); returns those now ours, counting the others as claim_point does."""
     from .claims import owner_alive
 
-    claim = store.claim(p.key)
-    if claim.status != "claimed":  # finished, running or just failed in another process
-        counts[{"busy": "busy", "failed": "failed_elsewhere"}.get(claim.status, "skipped")] += 1
-        return False
-    if claim.took_from:
-        why = ("its process is gone" if not owner_alive(claim.took_from) else
-               f"silent for {_minutes(claim.silent_s)}, longer than its lease")
-        _say(f"sweep: took over {p.label()} from {claim.took_from} ({why})", progress)
-    return True
+    mine = []
+    for p, claim in zip(points, store.claim_group([p.key for p in points])):
+        if claim.status != "claimed":  # finished, running or just failed in another process
+            counts[{"busy": "busy", "failed": "failed_elsewhere"}.get(claim.status, "skipped")] += 1
+            continue
+        if claim.took_from:
+            why = ("its process is gone" if not owner_alive(claim.took_from) else
+                   f"silent for {_minutes(claim.silent_s)}, longer than its lease")
+            _say(f"sweep: took over {p.label()} from {claim.took_from} ({why})", progress)
+        mine.append(p)
+    return mine
 
 
 def _run_sweep(sweep: Sweep, progress, report, report_dir, report_options, reclaim) -> dict:
     from .claims import ClaimLost
+    from .groups import plan, run_group
     from .store import Store
 
     with Store(sweep.db, lease=sweep.lease) as store:
@@ -251,8 +261,23 @@ def _run_sweep(sweep: Sweep, progress, report, report_dir, report_options, recla
         # Overall ETA in epochs (+1 per point for its evaluation).
         total = sum(p.train.epochs - min(have[p.key].epochs_done, p.train.epochs) + 1 for p in todo)
         overall = progress_bar(total, "sweep", progress, position=0, unit="step", leave=True)
+        finished = [0]
+
+        def tally(p, records, seconds):   # a fused group's member stored
+            finished[0] += 1
+            _say(f"[{finished[0]}/{len(todo)}] " + summary_line(p, records, seconds), progress)
+
         try:
-            for i, p in enumerate(todo):
+            done = [p.key for p in sweep.points if have[p.key].status == "done"]
+            for unit in plan(sweep.points, sweep.fuse, done):   # fuse = 1: one point per unit, as todo
+                if len(unit) > 1:
+                    if overall is not None:
+                        overall.set_postfix_str(f"points {finished[0] + 1}-{finished[0] + len(unit)}/{len(todo)}")
+                    run_group(store, unit, sweep, counts, progress=progress, overall=overall, tally=tally)
+                    continue
+                p = unit[0]
+                finished[0] += 1
+                i = finished[0] - 1
                 if overall is not None:
                     overall.set_postfix_str(f"point {i + 1}/{len(todo)}")
                 if not claim_point(store, p, counts, progress):

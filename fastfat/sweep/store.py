@@ -154,25 +154,42 @@ class Store:
         failed in a concurrent run (after begin_run; 'failed'). A point left 'running' by a dead
         process (a crash, kill -9) or by a silent one (another host, a reused pid) is taken over.
         """
+        return self.claim_group([key])[0]
+
+    def claim_group(self, keys) -> list[Claim]:
+        """Claim a fused group's points in one transaction, all or none: each is judged as claim()
+        judges it, and if any is 'busy' (a live process holds it) none is claimed and every point
+        not done or failed elsewhere comes back 'busy'. Returns one Claim per key, in order."""
         me, now = owner_id(), time.time()
         with self.transaction():
-            row = self.db.execute("SELECT * FROM points WHERE key=?", (key,)).fetchone()
-            if row is None:
-                raise KeyError(key)
-            if row["status"] == "done":
-                return Claim("done")
-            took = None
-            if row["status"] == "running" and row["owner"] != me:
-                if not stale(row, now):
-                    return Claim("busy")
-                took = Claim("claimed", row["owner"], silent_s(row, now))
-            if (row["status"] == "failed" and self.run_mark is not None
-                    and (row["fail_mark"] or 0) > self.run_mark):
-                return Claim("failed")
-            self.db.execute("UPDATE points SET status='running', owner=?, heartbeat=?, lease=?, "
-                            "error=NULL, started=COALESCE(started, ?) WHERE key=?",
-                            (me, now, self.lease, now, key))
-            return took or Claim("claimed")
+            verdicts = []
+            for key in keys:
+                row = self.db.execute("SELECT * FROM points WHERE key=?", (key,)).fetchone()
+                if row is None:
+                    raise KeyError(key)
+                verdicts.append(self._verdict(row, me, now))
+            if any(v.status == "busy" for v in verdicts):
+                return [v if v.status in ("done", "failed") else Claim("busy") for v in verdicts]
+            for key, v in zip(keys, verdicts):
+                if v.status == "claimed":
+                    self.db.execute("UPDATE points SET status='running', owner=?, heartbeat=?, lease=?, "
+                                    "error=NULL, started=COALESCE(started, ?) WHERE key=?",
+                                    (me, now, self.lease, now, key))
+            return verdicts
+
+    def _verdict(self, row, me: str, now: float) -> Claim:
+        """What claiming a point's row would give (claim's rules); writes nothing."""
+        if row["status"] == "done":
+            return Claim("done")
+        took = None
+        if row["status"] == "running" and row["owner"] != me:
+            if not stale(row, now):
+                return Claim("busy")
+            took = Claim("claimed", row["owner"], silent_s(row, now))
+        if (row["status"] == "failed" and self.run_mark is not None
+                and (row["fail_mark"] or 0) > self.run_mark):
+            return Claim("failed")
+        return took or Claim("claimed")
 
     def reclaim(self, keys) -> list[tuple[str, str, float]]:
         """Take running points back by hand (--reclaim): every one not held by a live process on
@@ -191,8 +208,9 @@ class Store:
                 taken.append((key, row["owner"], silent_s(row, now)))
         return taken
 
-    def keep_alive(self, key: str) -> "Heartbeat":
-        """A context manager renewing this process's claim on key every lease / 5 seconds."""
+    def keep_alive(self, key) -> "Heartbeat":
+        """A context manager renewing this process's claim on key (or on each of a fused group's
+        keys, a list, while it runs) every lease / 5 seconds."""
         return Heartbeat(self.path, key, owner_id(), self.lease / 5)
 
     def renew(self, keys) -> list[str]:
@@ -263,12 +281,13 @@ class Store:
                             "fail_mark=? WHERE key=? AND owner=?",
                             (line, time.time(), self._tick(), key, owner_id()))
 
-    def release(self, key: str) -> None:
+    def release(self, key) -> None:
         """Give this process's running point back (interrupted): pending again, resumable from
-        its checkpoint."""
+        its checkpoint. key: one key, or a fused group's list (released in one transaction)."""
+        keys = [key] if isinstance(key, str) else list(key)
         with self.transaction():
-            self.db.execute("UPDATE points SET status='pending', owner=NULL WHERE key=? "
-                            "AND status='running' AND owner=?", (key, owner_id()))
+            self.db.executemany("UPDATE points SET status='pending', owner=NULL WHERE key=? "
+                                "AND status='running' AND owner=?", [(k, owner_id()) for k in keys])
 
     # -- reading -------------------------------------------------------------------------------
 

@@ -1,0 +1,160 @@
+"""Fused groups in a sweep (`fuse = K | "auto"`): which grid points train together (plan), and a
+group's run in this process (run_group): its not-done points claimed at once, trained as one
+fused model (fastfat.fused.train_fused), then each member evaluated and stored on its own row.
+
+A member is a grid point like any other in the database: its own status, epochs (recorded as its
+checkpoint lands), results and error. Groups are planned over the whole grid in grid order
+(plan_groups), so a rerun after a kill forms the same groups; members train in lockstep, so the
+not-done members of a group then stand at the same epoch (or at the last, killed during the
+evaluations) and train again in the uninterrupted run's shapes, which is what fp32 bit-equality
+needs (train_fused's docstring); a member whose checkpoint is ahead rides along as a ghost.
+"""
+from __future__ import annotations
+
+import os
+import time
+import traceback
+
+from ..errors import UserError
+from ..runtime import progress_bar
+from .grid import GridPoint, Sweep
+
+
+def plan(points: list[GridPoint], fuse: int | str, done=()) -> list[list[GridPoint]]:
+    """The sweep's units of work in run order: fused groups of compatible points (fastfat.fused.
+    plan_groups over all of `points`, so the groups do not depend on what is done), less the
+    points whose keys are in `done`; groups left empty are dropped. fuse=1: one point each."""
+    from ..fused.plan import plan_groups
+    done = set(done)
+    groups = plan_groups([p.train for p in points], fuse) if fuse != 1 else [[i] for i in range(len(points))]
+    units = [[points[i] for i in g if points[i].key not in done] for g in groups]
+    return [u for u in units if u]
+
+
+def train_group(points: list[GridPoint], run_dirs: list[str], *, progress: bool = False, position: int = 2,
+                on_epoch=None, on_failure=None) -> tuple[list, list[int]]:
+    """Train a group's points as one fused model in their run directories, each resuming from its
+    checkpoint there (train_fused(resume=True): writes only run_dirs, never a database, so a
+    local sweep and a Ray task run the same code). Returns (runs, start_epochs): one
+    fastfat.fused.MemberRun per point (log: every epoch's row, also those an earlier run trained;
+    error: None or why the member failed) and the epochs each checkpoint held before.
+    on_epoch(k, row) / on_failure(k, error) as train_fused calls them. UserError for the group
+    as a whole (a checkpoint that does not fit its config), before any training."""
+    from ..fused.group import train_fused
+
+    new = [0] * len(points)
+
+    def epoch_done(k, row):
+        new[k] += 1
+        if on_epoch is not None:
+            on_epoch(k, row)
+
+    runs = train_fused([p.train for p in points], run_dirs, resume=True, progress=progress,
+                       on_epoch=epoch_done, on_failure=on_failure, position=position)
+    return runs, [len(r.log) - n for r, n in zip(runs, new)]
+
+
+def run_group(store, points: list[GridPoint], sweep: Sweep, counts: dict, *, progress: bool, overall=None,
+              tally=None) -> None:
+    """Claim the group's points at once (Store.claim_group: all or none), train them fused and
+    evaluate and store each surviving member (runner.evaluate_point, store.finish); a member
+    that diverges is stored failed with its reason while the others go on. Updates counts as
+    the single-point loop does. Ctrl-C / SIGTERM give every member still running back; a member
+    taken over by another process (this one was silent past its lease) ends the group's run
+    here and gives the other members back. tally(p, records, seconds) after each stored member."""
+    from .claims import ClaimLost
+    from .runner import _say, claim_points, evaluate_point
+
+    have = {p.key: store.point(p.key).epochs_done for p in points}
+    epochs = points[0].train.epochs
+    left = {p.key: epochs - min(have[p.key], epochs) + 1 for p in points}   # overall bar's steps
+    points = claim_points(store, points, counts, progress)
+    if overall is not None:
+        overall.update(sum(v for k, v in left.items() if k not in {p.key for p in points}))
+    if not points:
+        return
+    keys = [p.key for p in points]
+    run_dirs = [os.path.join(sweep.runs_dir, k) for k in keys]
+    settled: set[str] = set()   # finished or failed: no longer ours to release or fail
+    bar = progress_bar(epochs * len(points), f"{len(points)} fused: " + ", ".join(p.label() for p in points),
+                       progress, position=1, unit="epoch", initial=sum(min(have[k], epochs) for k in keys))
+
+    def advance(key, n):
+        n = min(n, left[key])
+        left[key] -= n
+        if overall is not None and n:
+            overall.update(n)
+
+    def on_epoch(k, row):
+        store.record_epoch(keys[k], row)   # after the member's checkpoint is on disk
+        if bar is not None:
+            bar.update(1)
+        advance(keys[k], 1)
+
+    def failed(key, error, trace=None):
+        store.fail(key, error)
+        settled.add(key)
+        counts["failed"] += 1
+        advance(key, left[key])
+        label = next(p.label() for p in points if p.key == key)
+        _say(f"FAILED {label}: {error}" + (f"\n{trace}" if trace else ""), progress)
+
+    def on_failure(k, error):
+        if keys[k] not in settled:
+            failed(keys[k], error)
+
+    t0 = time.perf_counter()
+    try:
+        with store.keep_alive(keys):
+            try:
+                runs, _ = train_group(points, run_dirs, progress=progress, position=2,
+                                      on_epoch=on_epoch, on_failure=on_failure)
+            finally:
+                if bar is not None:
+                    bar.close()
+            seconds = time.perf_counter() - t0
+            for p, run_dir, run in zip(points, run_dirs, runs):
+                if run.error is not None:
+                    continue
+                # A kill between a checkpoint and its on_epoch leaves that epoch unrecorded; the
+                # resumed group does not repeat it, so take every epoch from the member's own log.
+                for row in run.log:
+                    store.record_epoch(p.key, row)
+                t1 = time.perf_counter()
+                try:
+                    records = evaluate_point(p, run_dir)
+                except UserError as e:
+                    failed(p.key, str(e))
+                    continue
+                except Exception as e:   # a bug or a resource error: this member only, with the trace
+                    failed(p.key, f"{type(e).__name__}: {e}", traceback.format_exc())
+                    continue
+                t2 = time.perf_counter()
+                # train_seconds: the group's training time (a member's rows carry the group's wall time)
+                store.finish(p.key, records, train_seconds=sum(r["seconds"] for r in run.log),
+                             eval_seconds=t2 - t1)
+                settled.add(p.key)
+                counts["ran"] += 1
+                advance(p.key, left[p.key])
+                seconds += t2 - t1
+                if tally is not None:
+                    tally(p, records, seconds)
+    except KeyboardInterrupt:
+        store.release(keys)
+        raise
+    except ClaimLost as e:
+        counts["busy"] += 1
+        lost = next((p.label() for p in points if p.key == e.args[0]), e.args[0])
+        _say(f"sweep: {lost} was taken over by another process (this process was silent past its "
+             f"lease); leaving it there and giving its fused group's other points back", progress)
+        store.release(keys)
+    except UserError as e:   # the group as a whole, before any training: each member fails with it
+        for key in keys:
+            if key not in settled:
+                failed(key, str(e))
+    except Exception as e:   # a bug or a resource error: keep going, keep the trace
+        trace = traceback.format_exc()
+        for key in keys:
+            if key not in settled:
+                failed(key, f"{type(e).__name__}: {e}", trace)
+                trace = None
