@@ -92,19 +92,42 @@ def train_and_evaluate(p: GridPoint, run_dir: str, *, progress: bool = False, po
 
 
 def evaluate_point(p: GridPoint, run_dir: str) -> list[dict]:
-    """Evaluate a trained point's checkpoint in run_dir as p.eval says; evaluate()'s records.
-    Local sweeps, fused groups (once per member) and Ray tasks all evaluate through here."""
+    """Evaluate a trained point's checkpoints in run_dir as p.eval says: evaluate()'s records of
+    the last epoch's checkpoint.pt, each with "checkpoint": "last", then, for a point trained with
+    val_per_class, those of best.pt (the epoch selected on the validation split) with
+    "checkpoint": "best". Local sweeps, fused groups (once per member) and Ray tasks all evaluate
+    through here. UserError if a point trained with val_per_class has no best.pt."""
+    import copy
+
+    import torch
+
     from ..data import dataset_info
     from ..evaluate import evaluate, make_test_loader
     from ..runtime import resolve_device
+    from ..selection import BEST
     from ..train import load_model
 
-    # The final checkpoint on disk, so a point killed after training and before its results were
+    # The checkpoints on disk, so a point killed after training and before its results were
     # stored is evaluated on the same weights.
     device = resolve_device(p.train.device if p.eval.device == "auto" else p.eval.device)
-    model, _ = load_model(os.path.join(run_dir, "checkpoint.pt"), device)
-    return evaluate(model, make_test_loader(p.train, p.eval, device), p.eval,
-                    dataset_info(p.train.dataset).num_classes, device=device)  # amp: p.eval.amp
+    loader = make_test_loader(p.train, p.eval, device)
+    num_classes = dataset_info(p.train.dataset).num_classes
+    last, _ = load_model(os.path.join(run_dir, "checkpoint.pt"), device)
+    records = [dict(r, checkpoint="last")
+               for r in evaluate(last, loader, p.eval, num_classes, device=device)]  # amp: p.eval.amp
+    if p.train.val_per_class is None:
+        return records
+    path = os.path.join(run_dir, BEST)
+    if not os.path.isfile(path):
+        raise UserError(f"{path} is missing: the point was trained with val_per_class, so its "
+                        f"run should hold the selected epoch's weights there")
+    best, _ = load_model(path, device)
+    a, b = last.state_dict(), best.state_dict()
+    if all(torch.equal(a[k], b[k]) for k in a):
+        # The last epoch is the best one: the same weights score the same (evaluate is seeded).
+        return records + [dict(copy.deepcopy(r), checkpoint="best") for r in records]
+    return records + [dict(r, checkpoint="best")
+                      for r in evaluate(best, loader, p.eval, num_classes, device=device)]
 
 
 def run_point(store, p: GridPoint, run_dir: str, *, progress: bool, overall=None) -> list[dict]:
