@@ -16,7 +16,8 @@ from dataclasses import dataclass, field, fields
 from .errors import UserError
 
 METHODS = ("natural", "madry", "trades", "fat-madry", "fat-trades",
-           "cfa-madry", "cfa-trades", "dafa-madry", "dafa-trades")   # peers: fastfat.methods
+           "cfa-madry", "cfa-trades", "dafa-madry", "dafa-trades",
+           "wat", "frl-rw", "frl-rwrm")   # peers: fastfat.methods
 FAT_PREFIX = "fat-"   # FAT on a base method: fat-madry, fat-trades
 SCHEDULES = ("paper", "authors", "constant")
 LOADERS = ("auto", "memory", "torchvision", "ffcv")
@@ -61,7 +62,8 @@ def has_lambda(method: str) -> bool:
 # The base method each robust-fairness method modifies (beyond FAT, whose base is its suffix):
 # the report's rho and paired comparisons measure a method against its base.
 BASE_METHODS: dict[str, str] = {"cfa-madry": "madry", "cfa-trades": "trades",
-                                 "dafa-madry": "madry", "dafa-trades": "trades"}
+                                 "dafa-madry": "madry", "dafa-trades": "trades",
+                                 "wat": "trades", "frl-rw": "trades", "frl-rwrm": "trades"}
 
 
 # Methods that fine-tune a trained model (init_from required) and methods whose state is updated
@@ -109,7 +111,8 @@ def opt(default=dataclasses.MISSING, help: str = "", *, factory=dataclasses.MISS
 class TrainConfig:
     """Everything that defines one training run (one grid point)."""
     method: str = opt("madry", "natural | madry | trades | fat-madry | fat-trades (Fair AT) | "
-                               "cfa-madry | cfa-trades | dafa-madry | dafa-trades")
+                               "cfa-madry | cfa-trades | dafa-madry | dafa-trades | wat | frl-rw | "
+                               "frl-rwrm")
     model: str = opt("resnet18", "resnet18 | resnet50 | wrn-32-10 (= wrn-34-10) | preactresnet18 | cnn")
     width: int | None = opt(None, "first-stage channels (None: the model's full width)")
     dataset: str = opt("cifar10", "cifar10 | cifar100 | digits | synthetic")

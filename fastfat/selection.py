@@ -45,17 +45,24 @@ class Selector:
         self.ecfg = make_eval_config(None, attacks=[cfg.val_attack], eps_test=[cfg.eps_train],
                                      batch_size=VAL_BATCH, seed=cfg.seed, fold_bn=cfg.fold_bn)
 
-    def score(self, model: nn.Module) -> dict:
-        """The validation numbers of one epoch, for its log row: val_clean_acc, val_avg_acc and
-        val_worst_acc (robust, fractions) and val_score (the criterion). The model's mode is
-        restored after."""
+    def evaluate(self, model: nn.Module) -> list[dict]:
+        """fastfat.evaluate's records of the validation split, [clean, cfg.val_attack at
+        eps_train] (class_acc, class_count, ...), also kept as self.records for the methods that
+        read them after score (FRL). The model's mode is restored after."""
         from .evaluate import evaluate   # evaluate imports train, which imports this module
 
         was_training = model.training
         try:
-            clean, robust = evaluate(model, self.loader, self.ecfg, self.num_classes, device=self.device)
+            self.records = evaluate(model, self.loader, self.ecfg, self.num_classes, device=self.device)
         finally:
             model.train(was_training)
+        return self.records
+
+    def score(self, model: nn.Module) -> dict:
+        """The validation numbers of one epoch, for its log row: val_clean_acc, val_avg_acc and
+        val_worst_acc (robust, fractions) and val_score (the criterion). The model's mode is
+        restored after; the records stay in self.records."""
+        clean, robust = self.evaluate(model)
         return {"val_clean_acc": clean["avg_acc"], "val_avg_acc": robust["avg_acc"],
                 "val_worst_acc": robust["worst_acc"],
                 "val_score": robust["avg_acc"] + robust["worst_acc"]}

@@ -410,6 +410,8 @@ def train(cfg: TrainConfig, out_dir: str | None = None, *, resume: bool = False,
             raise UserError(f"--resume: {os.path.join(out_dir, CHECKPOINT)} does not fit its config "
                             f"({type(e).__name__}); move it away to start afresh") from None
 
+    if trainer.method is not None:
+        trainer.method.begin(model, selector, start)
     for epoch in range(start, cfg.epochs):
         row = train_epoch(trainer, loader, epoch, progress=progress, position=position)
         if selector is not None:

@@ -137,7 +137,7 @@ def test_frl_loss_is_two_weighted_means():
     nat = torch.tensor([[0.0, 0.0], [0.0, math.log(3)], [0.0, math.log(3)]], dtype=D)
     adv = torch.tensor([[0.0, math.log(3)], [0.0, math.log(3)], [0.0, math.log(3)]], dtype=D)
     y = torch.tensor([0, 1, 1])
-    got = frl.frl_loss(nat, adv, y, 1.5, t(0.3, 0.7), t(0.2, 0.8), 2)
+    got = frl.frl_loss(nat, adv, y, 1.5, t(0.3, 0.7), t(0.2, 0.8))
     want = (0.3 * LN2 + 1.4 * LN43) / 1.7 + 1.5 * (0.2 * 0.5 * LN43) / 1.8
     assert abs(float(got) - want) < 1e-14
 
@@ -147,7 +147,7 @@ def test_frl_loss_with_uniform_weights_is_trades():
     nat, adv = torch.randn(6, 3, generator=g, dtype=D), torch.randn(6, 3, generator=g, dtype=D)
     y = torch.tensor([0, 1, 2, 2, 1, 1])
     w = frl.class_weights(torch.zeros(3, dtype=D))
-    got = frl.frl_loss(nat, adv, y, 1.5, w, w, 3)
+    got = frl.frl_loss(nat, adv, y, 1.5, w, w)
     assert abs(float(got) - float(losses.trades_loss(nat, adv, y, 1.5))) < 1e-13
 
 

@@ -23,10 +23,13 @@ from ..errors import UserError
 from .base import EVAL_MODEL, MethodState, epochs_of
 from .cfa import CFA
 from .dafa import DAFA
+from .frl import FRL
+from .wat import WAT
 
 REGISTRY: dict[str, type[MethodState]] = {
     "cfa-madry": CFA, "cfa-trades": CFA,
     "dafa-madry": DAFA, "dafa-trades": DAFA,
+    "wat": WAT, "frl-rw": FRL, "frl-rwrm": FRL,
 }
 
 

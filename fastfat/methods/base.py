@@ -19,6 +19,7 @@ class MethodState:
 
     The defaults reproduce the base method (cfg's BASE_METHODS entry, "madry" or "trades")
     exactly, through the same code path; a method overrides only what it changes:
+      begin(model, validation, start_epoch)  once, before the first epoch this process trains
       start_epoch(epoch)        before the epoch's first step (0-based epoch): reset accumulators,
                                 fix this epoch's class tables
       radii(y)                  the training attack's (eps, alpha) for labels y [N]: floats, or
@@ -49,6 +50,12 @@ class MethodState:
     def natural_forward(self) -> bool:
         """Whether the loss needs the natural logits (a TRADES base)."""
         return self.base == "trades"
+
+    def begin(self, model: nn.Module, validation, start_epoch: int) -> None:
+        """Before the run's first epoch (0-based start_epoch; > 0 on resume, after
+        load_state_dict): the model as it starts and the validation split's scorer
+        (fastfat.selection.Selector; None without cfg.val_per_class). WAT and FRL keep the
+        scorer; FRL makes its first update here."""
 
     def start_epoch(self, epoch: int) -> None:
         pass

@@ -20,9 +20,10 @@ every 40th epoch, before its update; rate_margin is never halved.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+import torch.nn as nn
 
-from .. import kernels
+from .. import losses
+from .base import MethodState, gather
 
 RATE_HALVING_EPOCHS = 40   # their code: rate1 /= 2 when the 1-based epoch is a multiple of 40
 MARGIN_EXP = 2.0           # their code: exp(2 * lam_margin)
@@ -86,28 +87,102 @@ def margin_factors(lam_margin: torch.Tensor, margin_max: float) -> torch.Tensor:
 
 
 def frl_loss(logits_nat: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor, beta: float,
-             w_nat: torch.Tensor, w_bndy: torch.Tensor, num_classes: int) -> torch.Tensor:
+             w_nat: torch.Tensor, w_bndy: torch.Tensor) -> torch.Tensor:
     """FRL's re-weighted TRADES loss, 0-dim fp32:
 
         sum_i w_nat[y_i] CE_i / sum_i w_nat[y_i] + beta * sum_i w_bndy[y_i] KL_i / sum_i w_bndy[y_i]
 
     CE_i on logits_nat, KL_i = KL(softmax(nat_i) || softmax(adv_i)); logits [N, C]; w_* [C]
-    (class_weights). The class sums go through kernels.class_stats."""
-    ce = F.cross_entropy(kernels.upcast(logits_nat), y, reduction="none")
-    kl = kernels.trades_kl(logits_adv, logits_nat)
-    ce_sums, counts = kernels.class_stats(ce, y, num_classes)
-    kl_sums, _ = kernels.class_stats(kl, y, num_classes)
-    wn = w_nat.to(device=ce_sums.device, dtype=ce_sums.dtype)
-    wb = w_bndy.to(device=ce_sums.device, dtype=ce_sums.dtype)
-    return (wn * ce_sums).sum() / (wn * counts).sum() + beta * (wb * kl_sums).sum() / (wb * counts).sum()
+    (class_weights), normalised over the batch as their code: losses.weighted_trades_loss with
+    per-sample weights N w[y_i] / sum_j w[y_j]."""
+    n = y.shape[0]
+    wn = gather(w_nat.to(device=y.device), y)
+    wb = gather(w_bndy.to(device=y.device), y)
+    return losses.weighted_trades_loss(logits_nat, logits_adv, y, wn * (n / wn.sum()),
+                                       wb * (beta * n / wb.sum()))
 
 
 def per_sample(class_values: torch.Tensor, y: torch.Tensor, scale: float) -> torch.Tensor:
     """scale * class_values[y]: a per-class factor [C] as a per-sample radius or step [N] fp32
-    (what attacks.pgd takes), on y's device."""
-    return (scale * class_values.to(device=y.device, dtype=torch.float32))[y]
+    (what attacks.pgd takes), on y's device; the product in float64, rounded once."""
+    return gather((scale * class_values.to(device=y.device, dtype=torch.float64)).float(), y)
+
+
+# ---------------------------------------------------------------------------------------------
+# The run's state (fastfat.methods.base.MethodState)
+
+def validation_counts(records: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(clean correct [C], robust correct [C], samples [C]) float64 from fastfat.evaluate's
+    records of one robust attack: the clean record first, then the attack's."""
+    clean, robust = records[0], records[1]
+    counts = torch.tensor(clean["class_count"], dtype=torch.float64)
+    hits = lambda r: torch.tensor([0.0 if a is None else a for a in r["class_acc"]], dtype=torch.float64) * counts
+    return hits(clean).round(), hits(robust).round(), counts
+
+
+class FRL(MethodState):
+    """frl-rw and frl-rwrm: TRADES fine-tuning whose loss weights (and, for rwrm, attack radii
+    per class) follow Lagrange multipliers updated from the validation split before every epoch."""
+
+    def __init__(self, cfg, num_classes: int, device):
+        super().__init__(cfg, num_classes, device)
+        self.remargin = cfg.method == "frl-rwrm"
+        z = lambda: torch.zeros(num_classes, dtype=torch.float64)
+        self.lam_nat, self.lam_bndy, self.lam_margin = z(), z(), z()
+        self.validation = None
+        self._tables()
+
+    def _tables(self) -> None:
+        """The class tables of the multipliers, on the device: loss weights and radius factors."""
+        self.w_nat = class_weights(self.lam_nat).to(self.device)
+        self.w_bndy = class_weights(self.lam_bndy).to(self.device)
+        self.factors = margin_factors(self.lam_margin, self.cfg.frl_margin_max).to(self.device)
+
+    def begin(self, model: nn.Module, validation, start_epoch: int) -> None:
+        self.validation = validation
+        if start_epoch == 0:   # their code updates before every epoch, the first included
+            self.update(0, self.validation.evaluate(model))
+
+    def update(self, epoch: int, records: list[dict]) -> dict:
+        """Step the multipliers for 0-based `epoch` from the validation records (clean, then the
+        robust attack's) of the model it starts from; returns log fields."""
+        cfg = self.cfg
+        clean_err, bndy_err, clean_all, bndy_all = error_rates(*validation_counts(records))
+        self.lam_nat, self.lam_bndy, self.lam_margin = update_multipliers(
+            self.lam_nat, self.lam_bndy, self.lam_margin,
+            gaps(clean_err, clean_all, cfg.frl_bound_nat), gaps(bndy_err, bndy_all, cfg.frl_bound_bndy),
+            rate_nat=rate_at(cfg.frl_rate_nat, epoch), rate_bndy=rate_at(cfg.frl_rate_bndy, epoch),
+            rate_margin=cfg.frl_rate_margin, lim=cfg.frl_lim, remargin=self.remargin)
+        self._tables()
+        out = {"frl_lam_nat": self.lam_nat.tolist(), "frl_lam_bndy": self.lam_bndy.tolist()}
+        if self.remargin:
+            out["frl_eps_factor"] = self.factors.tolist()
+        return out
+
+    def radii(self, y):
+        if not self.remargin:
+            return self.cfg.eps_train, self.alpha
+        # the step scales with the radius; their code steps max(batch radii) / 4 for every sample
+        return per_sample(self.factors, y, self.cfg.eps_train), per_sample(self.factors, y, self.alpha)
+
+    def loss(self, y, logits_adv, logits_nat):
+        return frl_loss(logits_nat, logits_adv, y, self.cfg.beta, self.w_nat, self.w_bndy), self.zero()
+
+    def end_epoch(self, epoch: int, model: nn.Module, row: dict) -> dict:
+        if epoch + 1 >= self.cfg.epochs:   # no epoch left to serve
+            return {}
+        # train() has just scored this model on the validation split: its records, reused
+        return self.update(epoch + 1, self.validation.records)
+
+    def state_dict(self) -> dict:
+        return {"lam_nat": self.lam_nat, "lam_bndy": self.lam_bndy, "lam_margin": self.lam_margin}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.lam_nat, self.lam_bndy, self.lam_margin = (
+            state[k].to("cpu", torch.float64) for k in ("lam_nat", "lam_bndy", "lam_margin"))
+        self._tables()
 
 
 __all__ = ["error_rates", "gaps", "project", "rate_at", "update_multipliers", "class_weights",
-           "margin_factors", "frl_loss", "per_sample", "RATE_HALVING_EPOCHS", "MARGIN_MIN",
+           "margin_factors", "frl_loss", "per_sample", "validation_counts", "FRL", "RATE_HALVING_EPOCHS", "MARGIN_MIN",
            "MARGIN_EXP"]

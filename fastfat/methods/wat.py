@@ -13,9 +13,13 @@ by a partial last batch, these functions take the class mean itself.
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import kernels
+from .. import attacks, kernels, losses
+from ..runtime import amp_dtype, autocast
+from ..seeding import eval_noise_seed
+from .base import ClassSums, MethodState, gather
 
 
 def initial_weights(num_classes: int, device=None) -> torch.Tensor:
@@ -58,10 +62,65 @@ def wat_loss(logits_nat: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor
         (sum_c weights[c] * sum_{i: y_i = c} l_i) / N + weights[C] * mean_i l_i,
 
     l = per_sample_trades(...) [N], N the batch size, weights [C + 1] (hedge_weights; the last
-    entry weights the plain TRADES loss, as their code adds it). The class sums go through
-    kernels.class_stats."""
-    loss = per_sample_trades(logits_nat, logits_adv, y, beta)
-    sums, _ = kernels.class_stats(loss, y, num_classes)
-    w = weights.to(device=sums.device, dtype=sums.dtype)
-    n = y.shape[0]
-    return (w[:num_classes] * sums).sum() / n + w[num_classes] * sums.sum() / n
+    entry weights the plain TRADES loss, as their code adds it): losses.weighted_trades_loss
+    with sample i weighted weights[y_i] + weights[C]."""
+    w = weights.to(device=y.device)
+    per = gather(w[:num_classes], y) + w[num_classes]
+    return losses.weighted_trades_loss(logits_nat, logits_adv, y, per, beta * per)
+
+
+# ---------------------------------------------------------------------------------------------
+# The run's state (fastfat.methods.base.MethodState)
+
+def validation_costs(model: nn.Module, loader, cfg, num_classes: int, device, amp) -> torch.Tensor:
+    """The decision set's costs [C + 1] float64 on the validation split: per class, and over all
+    samples, the mean TRADES loss (per_sample_trades at cfg.beta) of the model in eval mode,
+    attacked as the training attack does (TRADES KL, cfg.eps_train, cfg.steps, cfg.alpha()),
+    as their validate(). Start noise per batch b from eval_noise_seed(cfg.seed, b, "pgd<steps>", 0),
+    so a resumed run repeats it. The model's mode is restored after."""
+    stats = ClassSums(num_classes, None, device)
+    was_training = model.training
+    model.eval()
+    try:
+        for b, (x, y) in enumerate(loader):
+            g = torch.Generator(device=x.device).manual_seed(
+                eval_noise_seed(cfg.seed, b, f"pgd{cfg.steps}", 0))
+            x_adv = attacks.pgd(model, x, y, cfg.eps_train, cfg.alpha(), cfg.steps, loss="kl",
+                                generator=g, amp=amp, fold_bn=cfg.fold_bn)
+            with torch.no_grad(), autocast(device, amp):
+                logits_nat, logits_adv = model(x), model(x_adv)
+            stats.add(per_sample_trades(logits_nat, logits_adv, y, cfg.beta), y)
+    finally:
+        model.train(was_training)
+    return costs_from_stats(stats.sums, stats.counts)
+
+
+class WAT(MethodState):
+    """wat: TRADES whose loss weights each class (and the average) by Hedge over the validation
+    split's per-class TRADES loss, updated after every epoch."""
+
+    def __init__(self, cfg, num_classes: int, device):
+        super().__init__(cfg, num_classes, device)
+        self.weights = initial_weights(num_classes, self.device)        # [C + 1] float64
+        self.cum_cost = torch.zeros(num_classes + 1, dtype=torch.float64, device=self.device)
+        self.validation = None
+
+    def begin(self, model: nn.Module, validation, start_epoch: int) -> None:
+        self.validation = validation
+
+    def loss(self, y, logits_adv, logits_nat):
+        return wat_loss(logits_nat, logits_adv, y, self.cfg.beta, self.weights, self.num_classes), self.zero()
+
+    def end_epoch(self, epoch: int, model: nn.Module, row: dict) -> dict:
+        cost = validation_costs(model, self.validation.loader, self.cfg, self.num_classes, self.device,
+                                amp_dtype(self.cfg.amp, self.device))
+        self.cum_cost += cost
+        self.weights = hedge_weights(self.cum_cost, self.cfg.wat_eta)
+        return {"wat_val_cost": cost.tolist(), "wat_weights": self.weights.tolist()}
+
+    def state_dict(self) -> dict:
+        return {"weights": self.weights, "cum_cost": self.cum_cost}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.weights = state["weights"].to(self.device)
+        self.cum_cost = state["cum_cost"].to(self.device)

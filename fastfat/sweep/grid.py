@@ -17,7 +17,8 @@ import tomllib
 from dataclasses import dataclass, fields
 from importlib import resources
 
-from ..config import EvalConfig, TrainConfig, make_eval_config, make_train_config, to_dict
+from ..config import (FINE_TUNE_METHODS, METHODS, EvalConfig, TrainConfig, make_eval_config,
+                      make_train_config, to_dict)
 from ..errors import UserError
 from .labels import lam_suffix
 from .claims import DEFAULT_LEASE_S
@@ -263,6 +264,8 @@ def build_sweep(doc: dict, base: str, *, grid_flags: dict | None = None, train_f
             if "eps_train" in axes and combo[names.index("eps_train")] > 0:
                 continue  # natural training has no radius: one point, plotted at eps_train 0
             cfg.eps_train = 0.0
+        if cfg.init_from in METHODS and cfg.method not in FINE_TUNE_METHODS:
+            cfg.init_from = None   # a method's name starts only the fine-tuning methods (FRL)
         ident = (cfg.dataset, cfg.model, cfg.method, cfg.seed, cfg.eps_train, cfg.lam)
         if ident in seen:
             raise UserError(f"duplicate grid point: {where} is the same point as {seen[ident]} "
@@ -277,6 +280,7 @@ def build_sweep(doc: dict, base: str, *, grid_flags: dict | None = None, train_f
     if fuse != 1 and any(p.train.amp == "fp16" for p in points):
         raise UserError(f"fuse = {fuse!r}: fp16 AMP cannot fuse (its loss scaler skips steps for the "
                         f"whole group); use amp = \"bf16\" or \"off\", or fuse = 1")
+    points = resolve_init_from(points, os.path.abspath(shared_dir) if shared_dir else runs_dir(db))
     return Sweep(db=db, report=report, points=points, threads=threads, lease=lease_s,
                  shared_dir=os.path.abspath(shared_dir) if shared_dir else None, ray=ray, fuse=fuse)
 
@@ -290,6 +294,40 @@ def fuse_setting(value) -> int | str:
         return value
     raise UserError(f"fuse must be an integer >= 1 (grid points per fused group; 1: no fusion) or "
                     f"\"auto\", got {value!r}")
+
+
+def resolve_init_from(points: list[GridPoint], runs: str) -> list[GridPoint]:
+    """Points whose init_from names a grid method (FRL's init_from = "trades") start from that
+    method's point of the same dataset, model, eps_train and seed: their init_from becomes its
+    checkpoint (runs/<key>/checkpoint.pt, the last epoch's), and they run after every point they
+    start from (the grid's order otherwise). Their keys were made from the method's name, so they
+    do not depend on where the runs are. UserError, before any work, when the grid has no such
+    point, has several (a lam axis), or the point fine-tunes itself."""
+    by_ident = {}
+    for q in points:
+        t = q.train
+        by_ident.setdefault((t.method, t.dataset, t.model, t.eps_train, t.seed), []).append(q)
+    first, later = [], []
+    for p in points:
+        t = p.train
+        if t.init_from not in METHODS:
+            first.append(p)
+            continue
+        found = by_ident.get((t.init_from, t.dataset, t.model, t.eps_train, t.seed), [])
+        want = (f"a {t.init_from} point of dataset {t.dataset}, model {t.model}, eps_train "
+                f"{t.eps_train:.4g}, seed {t.seed}")
+        if t.init_from in FINE_TUNE_METHODS:
+            raise UserError(f"{p.label()}: init_from = \"{t.init_from}\" is itself fine-tuned; start "
+                            f"from a method trained from scratch (e.g. \"trades\")")
+        if not found:
+            raise UserError(f"{p.label()}: init_from = \"{t.init_from}\" needs {want} in the grid; "
+                            f"add {t.init_from} to grid.method")
+        if len(found) > 1:
+            raise UserError(f"{p.label()}: init_from = \"{t.init_from}\" matches {len(found)} points "
+                            f"(they differ in lam); give one")
+        t.init_from = os.path.join(runs, found[0].key, "checkpoint.pt")
+        later.append(p)
+    return first + later
 
 
 def ray_settings(keys: dict) -> RaySettings | None:
