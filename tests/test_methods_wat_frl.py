@@ -142,7 +142,9 @@ def test_sweep_frl_points_start_from_their_trades_point_and_run_after_it(tmp_pat
     for seed in (0, 1):
         src = by[("trades", seed)]
         assert by[("frl-rw", seed)].train.init_from == str(tmp_path / "r_runs" / src.key / "checkpoint.pt")
+        assert by[("frl-rw", seed)].depends_on == src.key
         assert by[("wat", seed)].train.init_from is None and src.train.init_from is None
+        assert by[("wat", seed)].depends_on is None
     # keys name the source by method, not by where the runs are
     moved = grid.build_sweep({"db": "r.db", "shared_dir": "elsewhere", "grid": {"method": ["frl-rw", "wat", "trades"],
                               "seed": [0, 1]}, "train": dict({k: v for k, v in TINY.items() if k != "device"},

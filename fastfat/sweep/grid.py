@@ -41,10 +41,13 @@ _TRAIN_DEFAULTS = to_dict(TrainConfig())
 
 @dataclass
 class GridPoint:
-    """One point: its validated configs and the key that names it."""
+    """One point: its validated configs and the key that names it; depends_on: the key of the
+    point whose finished checkpoint it starts from (init_from = "trades" in a sweep), or None.
+    A runner starts a point only after that one is done (resolve_init_from orders them so)."""
     key: str
     train: TrainConfig
     eval: EvalConfig
+    depends_on: str | None = None
 
     def label(self) -> str:
         t = self.train
@@ -326,6 +329,7 @@ def resolve_init_from(points: list[GridPoint], runs: str) -> list[GridPoint]:
             raise UserError(f"{p.label()}: init_from = \"{t.init_from}\" matches {len(found)} points "
                             f"(they differ in lam); give one")
         t.init_from = os.path.join(runs, found[0].key, "checkpoint.pt")
+        p.depends_on = found[0].key
         later.append(p)
     return first + later
 
