@@ -1,4 +1,5 @@
-"""Training: Madry PGD-AT, TRADES, FAT on either, and natural training.
+"""Training: Madry PGD-AT, TRADES, FAT on either, natural training, and the peer methods
+(fastfat.methods) on Madry or TRADES.
 
 One step = attack (PGD on a BN-folded eval copy, input gradients only) -> forward on x_adv
 (AMP on CUDA) -> loss from fastfat.losses -> SGD. Each epoch ends with an atomic checkpoint
@@ -10,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 
@@ -19,13 +19,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import attacks, kernels, losses, methods, selection
-from .config import TrainConfig, from_dict, to_dict
+from .config import TrainConfig
 from .data import build_loader, dataset_info
 from .errors import UserError
-from .files import (atomic_write_json, atomic_write_text, check_writable_dir, load_checkpoint,
-                    remove_stale_temps, save_checkpoint)
+from .files import check_writable_dir
 from .models import build_model
 from .models.fold import fold_bn
+# a run's files, re-exported: fused groups, sweeps and the CLI import them from here
+from .runfiles import (CHECKPOINT, CONFIG, LOG, load_init_weights, load_model,  # noqa: F401
+                       load_resume_state, save_run)
 from .runtime import amp_dtype, autocast, progress_bar, resolve_device, set_backends, synchronize
 from .seeding import epoch_generator
 
@@ -209,11 +211,6 @@ class Trainer:
 # ---------------------------------------------------------------------------------------------
 # The loop
 
-CHECKPOINT = "checkpoint.pt"
-LOG = "log.jsonl"
-CONFIG = "config.json"
-
-
 def train_epoch(trainer: Trainer, loader, epoch: int, *, progress: bool = False,
                 position: int = 0) -> dict:
     """One training epoch (0-based `epoch`): its learning rate, the loader's order and
@@ -303,66 +300,6 @@ def build_train_loader(cfg: TrainConfig, device: torch.device, data=None):
                         limit=cfg.train_limit, num_workers=cfg.num_workers, data=data)
 
 
-def load_resume_state(cfg: TrainConfig, out_dir: str | None) -> dict | None:
-    """out_dir's checkpoint (a dict as save_run writes it), or None if there is none;
-    UserError if it was trained with a different config. Removes the temporary files a writer
-    killed mid-write left in out_dir (resuming is the one time no one else writes there)."""
-    ckpt_path = os.path.join(out_dir, CHECKPOINT) if out_dir else None
-    if out_dir:
-        for name in (CHECKPOINT, LOG, CONFIG):
-            remove_stale_temps(os.path.join(out_dir, name))
-    if not (ckpt_path and os.path.exists(ckpt_path)):
-        return None
-    state = load_checkpoint(ckpt_path)
-    saved = from_dict(TrainConfig, state["config"])
-    if to_dict(saved) != to_dict(cfg):
-        diff = [k for k, v in to_dict(cfg).items() if to_dict(saved).get(k) != v]
-        raise UserError(f"--resume: {ckpt_path} was trained with a different config "
-                        f"({', '.join(diff)} differ)")
-    return state
-
-
-def load_init_weights(cfg: TrainConfig) -> dict | None:
-    """The model weights (a state dict) of the checkpoint cfg.init_from names, loaded with its
-    digest checked, or None without one. UserError if the file is missing or bad, or if it holds
-    another model (name, width or data set) than cfg trains. A checkpoint of an unfinished run
-    is taken, with a note on stderr."""
-    if cfg.init_from is None:
-        return None
-    path = cfg.init_from
-    state = load_checkpoint(path)
-    src = state["config"]
-    differ = [k for k in ("model", "width", "dataset") if src.get(k) != getattr(cfg, k)]
-    if differ:
-        show = lambda d: f"{d.get('model')} width {d.get('width')} on {d.get('dataset')}"
-        raise UserError(f"init_from: {path} holds a {show(src)}; this run trains a {show(to_dict(cfg))} "
-                        f"({', '.join(differ)} differ)")
-    done, total = int(state["epoch"]) + 1, src.get("epochs")
-    if isinstance(total, int) and done < total:
-        print(f"fastfat: note: init_from {path} is after epoch {done} of {total} (an unfinished run)",
-              file=sys.stderr)
-    return state["model"]
-
-
-def save_run(out_dir: str, cfg: TrainConfig, epoch: int, log: list[dict], model_state: dict,
-             optimizer_state: dict, scaler_state: dict | None = None,
-             method_state: dict | None = None) -> None:
-    """A run's files after 0-based `epoch`: config.json, checkpoint.pt (atomic, verified) and
-    log.jsonl. Fused groups write each member through here too, in the same format.
-    method_state: a peer method's state_dict (fastfat.methods), kept as the checkpoint's "method"."""
-    save = {"model": model_state, "optimizer": optimizer_state, "epoch": epoch,
-            "config": to_dict(cfg), "log": [json.dumps(r) for r in log]}
-    if scaler_state is not None:
-        save["scaler"] = scaler_state
-    if method_state is not None:
-        save["method"] = method_state
-    os.makedirs(out_dir, exist_ok=True)
-    # config.json lands with the first checkpoint: a run that fails early leaves nothing.
-    atomic_write_json(os.path.join(out_dir, CONFIG), to_dict(cfg))
-    save_checkpoint(os.path.join(out_dir, CHECKPOINT), save)
-    atomic_write_text(os.path.join(out_dir, LOG), "".join(json.dumps(r) + "\n" for r in log))
-
-
 def train(cfg: TrainConfig, out_dir: str | None = None, *, resume: bool = False,
           progress: bool = True, on_epoch=None, position: int = 0) -> tuple[nn.Module, list[dict]]:
     """Train a model as cfg says. Returns (model, per-epoch log rows).
@@ -441,20 +378,3 @@ def _check_finite(loss: float, epoch: int, step: int) -> None:
     if not math.isfinite(loss):
         raise NonFiniteLoss(f"training diverged: the loss is {loss} in epoch {epoch + 1} "
                             f"(by step {step}); {DIVERGENCE_LEVERS}")
-
-
-def load_model(path: str, device="cpu") -> tuple[nn.Module, TrainConfig]:
-    """A trained model (eval mode) and its config from a checkpoint; UserError if bad. The
-    weights are a peer method's evaluation weights where it has them (CFA: FAWA's average), the
-    trained ones otherwise."""
-    state = load_checkpoint(path)
-    try:
-        cfg = from_dict(TrainConfig, state["config"]).validate()
-        model = build_for_config(cfg, torch.device(device))
-        weights = methods.eval_weights(state)
-        model.load_state_dict(state["model"] if weights is None else weights)
-    except UserError:
-        raise
-    except Exception as e:
-        raise UserError(f"checkpoint {path} does not fit its own config ({type(e).__name__})") from None
-    return model.eval(), cfg
