@@ -67,10 +67,9 @@ BASE_METHODS: dict[str, str] = {"cfa-madry": "madry", "cfa-trades": "trades",
 
 
 # Methods that fine-tune a trained model (init_from required) and methods whose state is updated
-# from the validation split (val_per_class required); FRL's per-method default bounds.
+# from the validation split (val_per_class required).
 FINE_TUNE_METHODS = ("frl-rw", "frl-rwrm")
 VALIDATED_METHODS = ("wat", "frl-rw", "frl-rwrm")
-FRL_BOUNDS = {"frl-rw": 0.1, "frl-rwrm": 0.07}
 
 
 def base_method(method: str) -> str | None:
@@ -254,7 +253,8 @@ class TrainConfig:
         return self
 
     def _validate_peer_fields(self) -> None:
-        """init_from, WAT's and FRL's fields; FRL's bounds default per method (their code's)."""
+        """init_from, WAT's and FRL's fields. FRL's bounds stay None for their per-method default
+        (fastfat.methods.frl.bounds), so every point of a sweep keeps one setting."""
         if self.init_from is not None and not str(self.init_from).strip():
             raise UserError("init_from: give a checkpoint path (or leave it unset)")
         if self.method in FINE_TUNE_METHODS and self.init_from is None:
@@ -266,10 +266,6 @@ class TrainConfig:
                             f"split: give --val-per-class (their code holds out 300 of CIFAR-10's "
                             f"5000 per class: 0.06)")
         _range("wat_eta", self.wat_eta, 0.0, math.inf, low_open=True)
-        if self.method.startswith("frl-"):
-            default = FRL_BOUNDS[self.method]
-            self.frl_bound_nat = default if self.frl_bound_nat is None else self.frl_bound_nat
-            self.frl_bound_bndy = default if self.frl_bound_bndy is None else self.frl_bound_bndy
         for name in ("frl_bound_nat", "frl_bound_bndy"):
             if getattr(self, name) is not None:
                 _range(name, getattr(self, name), 0.0, 1.0)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from fastfat.config import make_train_config
+from fastfat.config import to_dict as config_dict
 from fastfat.errors import UserError
 from fastfat.methods import build, frl, wat
 from fastfat.sweep import grid
@@ -54,7 +55,7 @@ def test_wat_first_epoch_trains_on_twice_trades(tmp_path):
 def test_frl_updates_before_every_epoch_and_remargins(tmp_path, trades_ckpt):
     for method in ("frl-rw", "frl-rwrm"):
         cfg = make_train_config(None, **dict(TINY, method=method, init_from=trades_ckpt))
-        assert cfg.frl_bound_nat == cfg.frl_bound_bndy == {"frl-rw": 0.1, "frl-rwrm": 0.07}[method]
+        assert frl.bounds(cfg) == {"frl-rw": (0.1, 0.1), "frl-rwrm": (0.07, 0.07)}[method]
         _, log = train(cfg, str(tmp_path / method), progress=False)
         assert len(log) == 2 and "frl_lam_nat" in log[0] and "frl_lam_nat" not in log[1]
         lam = torch.tensor(log[0]["frl_lam_nat"] + log[0]["frl_lam_bndy"])
@@ -163,11 +164,13 @@ def test_sweep_frl_without_its_source_in_the_grid_is_an_error(tmp_path):
                          str(tmp_path))
 
 
-def test_checkpoint_config_records_the_resolved_bounds(tmp_path, trades_ckpt):
-    cfg = make_train_config(None, **dict(TINY, method="frl-rwrm", epochs=1, init_from=trades_ckpt))
-    train(cfg, str(tmp_path), progress=False)
-    saved = json.loads((tmp_path / "config.json").read_text())
-    assert saved["frl_bound_nat"] == 0.07 and saved["init_from"] == trades_ckpt
+def test_frl_bounds_default_per_method_and_sweep_points_share_one_setting(tmp_path):
+    cfg = make_train_config(None, **dict(TINY, method="frl-rw", init_from="x.pt", frl_bound_bndy=0.2))
+    assert frl.bounds(cfg) == (0.1, 0.2) and cfg.frl_bound_nat is None
+    # a sweep's points differ only on the grid's axes (and FRL's derived init_from): one setting,
+    # so the report averages seeds and compares FRL with its trades base
+    s = _sweep(tmp_path, ["trades", "wat", "frl-rw", "frl-rwrm"])
+    assert len({grid.setting_of(config_dict(p.train)) for p in s.points}) == 1
 
 
 def test_frl_validation_counts_from_records():

@@ -25,9 +25,18 @@ import torch.nn as nn
 from .. import losses
 from .base import MethodState, gather
 
+DEFAULT_BOUNDS = {"frl-rw": 0.1, "frl-rwrm": 0.07}   # tau of their two scripts
 RATE_HALVING_EPOCHS = 40   # their code: rate1 /= 2 when the 1-based epoch is a multiple of 40
 MARGIN_EXP = 2.0           # their code: exp(2 * lam_margin)
 MARGIN_MIN = 0.98          # their code's lower clip of the radius factor
+
+
+def bounds(cfg) -> tuple[float, float]:
+    """(tau_nat, tau_bndy) of an frl-* config: frl_bound_nat / frl_bound_bndy, or where None the
+    method's default (DEFAULT_BOUNDS: their scripts' 0.1 for frl-rw, 0.07 for frl-rwrm)."""
+    d = DEFAULT_BOUNDS[cfg.method]
+    return (d if cfg.frl_bound_nat is None else cfg.frl_bound_nat,
+            d if cfg.frl_bound_bndy is None else cfg.frl_bound_bndy)
 
 
 def error_rates(clean_correct: torch.Tensor, robust_correct: torch.Tensor, counts: torch.Tensor):
@@ -147,10 +156,11 @@ class FRL(MethodState):
         """Step the multipliers for 0-based `epoch` from the validation records (clean, then the
         robust attack's) of the model it starts from; returns log fields."""
         cfg = self.cfg
+        tau_nat, tau_bndy = bounds(cfg)
         clean_err, bndy_err, clean_all, bndy_all = error_rates(*validation_counts(records))
         self.lam_nat, self.lam_bndy, self.lam_margin = update_multipliers(
             self.lam_nat, self.lam_bndy, self.lam_margin,
-            gaps(clean_err, clean_all, cfg.frl_bound_nat), gaps(bndy_err, bndy_all, cfg.frl_bound_bndy),
+            gaps(clean_err, clean_all, tau_nat), gaps(bndy_err, bndy_all, tau_bndy),
             rate_nat=rate_at(cfg.frl_rate_nat, epoch), rate_bndy=rate_at(cfg.frl_rate_bndy, epoch),
             rate_margin=cfg.frl_rate_margin, lim=cfg.frl_lim, remargin=self.remargin)
         self._tables()
@@ -184,5 +194,5 @@ class FRL(MethodState):
 
 
 __all__ = ["error_rates", "gaps", "project", "rate_at", "update_multipliers", "class_weights",
-           "margin_factors", "frl_loss", "per_sample", "validation_counts", "FRL", "RATE_HALVING_EPOCHS", "MARGIN_MIN",
-           "MARGIN_EXP"]
+           "margin_factors", "frl_loss", "per_sample", "validation_counts", "bounds", "FRL",
+           "DEFAULT_BOUNDS", "RATE_HALVING_EPOCHS", "MARGIN_MIN", "MARGIN_EXP"]

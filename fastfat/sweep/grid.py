@@ -90,8 +90,10 @@ class Sweep:
 
 def setting_of(train_config: dict) -> str:
     """A point's training settings less its grid coordinates, as canonical JSON: points with the
-    same setting differ only along the grid's axes, so they may share a table."""
-    return json.dumps({k: v for k, v in train_config.items() if k not in AXES}, sort_keys=True)
+    same setting differ only along the grid's axes, so they may share a table. init_from is left
+    out too: a sweep derives it per point (an FRL point's source run), like a coordinate."""
+    return json.dumps({k: v for k, v in train_config.items() if k not in AXES + ("init_from",)},
+                      sort_keys=True)
 
 
 def setting_names(settings: list[str]) -> list[str]:
