@@ -213,6 +213,30 @@ def test_point_failing_for_its_own_reason_is_recorded_not_retried(cluster, tmp_p
     assert "retries remaining" not in out.out + out.err   # Ray never saw the task fail
 
 
+def test_fused_groups_run_as_one_task_each(cluster, tmp_path, capsys):
+    """fuse = 2: the grid's four points as two fused groups, one Ray task each (a group's members
+    share each epoch's wall time), give the local fused sweep's database bit for bit (the same
+    shapes and code path, one thread); a member that diverges is recorded failed alone."""
+    local = _sweep(tmp_path, "local.db", fuse=2)
+    assert runner.run_sweep(local, progress=False, report=False)["done"] == 4
+    counts = ray_run(_sweep(tmp_path, ray_flags={"ray": "auto"}, fuse=2))
+    assert (counts["ran"], counts["done"], counts["failed"]) == (4, 4, 0)
+    assert _dump(tmp_path / "ray.db") == _dump(tmp_path / "local.db")
+    con = sqlite3.connect(tmp_path / "ray.db")
+    secs = con.execute("SELECT p.method, e.epoch, COUNT(DISTINCT e.seconds) FROM epochs e JOIN points p "
+                       "ON p.key = e.point GROUP BY p.method, e.epoch").fetchall()
+    con.close()
+    assert len(secs) == 8 and all(n == 1 for *_, n in secs)
+    text = GRID.replace('method = ["madry", "fat-madry"]', 'method = ["fat-madry"]').replace(
+        "seed = [0, 1]", "seed = [0]").replace("lam = [0.5]", "lam = [0.5, 1e38]").replace("epochs = 4", "epochs = 1")
+    counts = ray_run(_sweep(tmp_path, db="div.db", text=text, ray_flags={"ray": "auto"}, fuse=2))
+    assert (counts["done"], counts["failed"]) == (1, 1)
+    con = sqlite3.connect(tmp_path / "div.db")
+    rows = dict(con.execute("SELECT lam, status || ' ' || COALESCE(error, '') FROM points").fetchall())
+    con.close()
+    assert rows[0.5] == "done " and rows[1e38].startswith("failed training diverged")
+
+
 def _driver(path, address):
     return subprocess.Popen([sys.executable, "-m", "fastfat", "sweep", str(path), "--ray", address,
                              "--no-progress", "--no-report"], stdout=subprocess.PIPE,
