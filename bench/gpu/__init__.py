@@ -18,6 +18,10 @@ so a run that is cut off still reports what it measured:
   E  kernels (bench/gpu/kernels.py): each Triton kernel against its torch twin and the
      reference's inline code (triton.testing.do_bench), GB/s against kernels/report.py's bytes;
      fails if a "Triton" time was measured on a twin.
+  G  fused grid points (bench/gpu/fusion.py, bench.fused.run_fused_bench): K members as one
+     fused model vs the same K one after another, images/s per model and the ratio, ResNet18
+     width 64 (the paper's) and 16 at batch 128, bf16, K = 1, 2, 4, 8, 16 or until out of memory.
+     It runs before F, which gets what is left.
   F  torch.compile, last because compiling takes minutes: no fallback in a compiled FAT step
      (B's compiled half) and its speed beside C's rows; --graphs adds CUDA graphs
      (compile mode "reduce-overhead").
@@ -37,7 +41,7 @@ import os
 import sys
 
 # Stage shares of the budget (seconds, full run); F gets what is left.
-SHARES = {"A": 30, "B": 100, "C": 150, "D": 60, "E": 60}
+SHARES = {"A": 30, "B": 100, "C": 150, "D": 60, "E": 60, "G": 60}
 
 
 def parse_args(argv=None):
@@ -47,7 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--smoke", action="store_true", help="toy sizes on the CPU: keeps the command working (CI)")
     p.add_argument("--budget", type=float, default=None, help="seconds for the whole run (default 480; smoke 120)")
     p.add_argument("--device", default=None, help="default cuda (smoke: cpu)")
-    p.add_argument("--stages", default="ABCDEF", help="which stages to run (default ABCDEF)")
+    p.add_argument("--stages", default="ABCDEGF", help="which stages to run (default ABCDEGF)")
     p.add_argument("--graphs", action="store_true", help="stage F: also CUDA graphs (compile mode reduce-overhead)")
     return p.parse_args(argv)
 
@@ -108,6 +112,8 @@ def main(argv=None) -> int:
             ("D", "PGD evaluation images x eps/s", lambda d, c: stage("speed", "stage_d")(d, device, sizes, c, record)),
             ("E", "kernels vs twins vs reference",
              lambda d, c: stage("kernels", "stage_e")(d, device, sizes, c, record)),
+            ("G", "fused grid points: K members vs one after another",
+             lambda d, c: stage("fusion", "stage_g")(d, device, sizes, c, record, args.smoke)),
             ("F", "torch.compile: fallbacks and speed",
              lambda d, c: stage("speed", "stage_f")(d, device, sizes, c, record, _ceiling(a), args.graphs))]
     for name, title, fn in plan:

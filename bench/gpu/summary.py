@@ -1,6 +1,7 @@
 """The summary of a bench.gpu run: fast vs reference per FAT step (an epoch is these steps) and
 per evaluation, the fraction of the bf16 matmul ceiling a FAT step reaches, GPU-busy fractions,
-each kernel against its twin and the reference, and which checks held. As JSON (gpu.json's
+fused against one-after-another images/s per model, each kernel against its twin and the
+reference, and which checks held. As JSON (gpu.json's
 "summary") and as markdown tables (summary.md, for docs/gpu.md)."""
 from __future__ import annotations
 
@@ -58,6 +59,17 @@ def summarize(doc: dict) -> tuple[dict, str]:
     match = d.get("fp32_match", {}).get("match")
     out["eval_fp32_matches_reference"] = match
     md.append(f"fp32 evaluation matches the reference (class accuracies within one sample): {match}")
+    md.append("")
+
+    out["fused"] = []
+    md.append("| fused grid points (G) | K | one after another, img/s per model | fused, img/s per model | ratio |")
+    md.append("|---|---|---|---|---|")
+    for r in st.get("G", {}).get("data", {}).get("rows", []):
+        note = "out of memory" if r.get("oom") else r.get("skipped") or r.get("error")
+        out["fused"].append({k: r.get(k) for k in ("workload", "k", "unfused_img_s_per_model",
+                                                    "fused_img_s_per_model", "ratio")} | {"note": note})
+        md.append(f"| {r['workload']} | {r['k']} | {_f(r.get('unfused_img_s_per_model'), '{:.0f}')} | "
+                  f"{_f(r.get('fused_img_s_per_model'), '{:.0f}')} | {_f(r.get('ratio'))}x |" + (f" {note}" if note else ""))
     md.append("")
 
     out["kernels"] = []
