@@ -122,11 +122,14 @@ def plot_fairness(series: dict[str, list[tuple]], title: str):
     is marked with its eps_train."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.2), dpi=100)
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    methods = list(dict.fromkeys(label.removesuffix(" (best)") for label in series))
     for label, pts in series.items():
         xs, ys = [p[1] for p in pts], [p[2] for p in pts]
-        best = label.endswith("(best)")
-        dots = ax.scatter(xs, ys, label=label, s=30, marker="D" if best else "o")
-        error_bars(ax, xs, ys, [p[4] for p in pts], [p[3] for p in pts], color=dots.get_facecolor()[0])
+        best = label.endswith(" (best)")   # the method's colour, another marker
+        color = cycle[methods.index(label.removesuffix(" (best)")) % len(cycle)]
+        ax.scatter(xs, ys, label=label, s=30, marker="D" if best else "o", color=color)
+        error_bars(ax, xs, ys, [p[4] for p in pts], [p[3] for p in pts], color=color)
         for p in pts:
             ax.annotate(eps_label(p[0]), (p[1], p[2]), fontsize=6, xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel("average robust accuracy (%)")
@@ -207,7 +210,8 @@ def make_figures(data, attack: str, eps: float) -> dict:
         tag, slug = data.tag(setting)
         series = {}
         for r in g.itertuples(index=False):
-            label = method_label(r.method, r.lam).replace("lambda=", "λ=") + (" (best)" if r.checkpoint == "best" else "")
+            label = (method_label(r.method, r.lam).replace("lambda=", "λ=")
+                     + (" (best)" if r.checkpoint == "best" else ""))
             series.setdefault(label, []).append((r.eps_train, 100 * r.avg_acc, 100 * r.worst_acc,
                                                  100 * r.avg_acc_std, 100 * r.worst_acc_std))
         figs[f"fig_fairness_{dataset}_{model}{slug}"] = plot_fairness(

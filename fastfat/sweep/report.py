@@ -46,7 +46,7 @@ INTROS = {   # report.md's words before a section's tables
     "methods_": "One table per robust attack and eps_test. avg is the average of the class accuracies, "
                 "worst the lowest class, k-worst the mean of the k lowest (k: the evaluation's worst_k), "
                 "NSD their standard deviation over their mean (lower is fairer, comparable across "
-                "attacks); rho = (worst - worst_base) / worst_base - (avg_base - avg) / avg_base "
+                "attacks; undefined where every class is at 0, and then left out of the seed mean); rho = (worst - worst_base) / worst_base - (avg_base - avg) / avg_base "
                 "against the method's base method (FAT-Madry: Madry) on the same seed, then averaged "
                 "(> 0: the worst class gained more, relatively, than the average lost). Each cell is the "
                 "mean ± std over its seeds.",
