@@ -250,6 +250,30 @@ def test_claim_group_is_all_or_none(tmp_path):
         assert [st.point(k).status for k in "acd"] == ["pending", "pending", "done"]
 
 
+def test_a_member_taken_over_gives_the_group_back(tmp_path, monkeypatch, capsys):
+    """Another process takes one member over mid-group (this one was silent past its lease): the
+    group stops, that member is left to its new owner and the others are given back (pending),
+    resumable by the next run."""
+    import fastfat.sweep.store as store_mod
+    path = _file(str(tmp_path), fuse=4)
+    real, thief = store_mod.Store.record_epoch, f"{socket.gethostname()}:{os.getppid()}"
+
+    def record_epoch(self, key, row):
+        real(self, key, row)
+        if row["epoch"] == 1:   # after the first member's first epoch: the last member is taken
+            with self.transaction() as db:
+                db.execute("UPDATE points SET owner=?, heartbeat=? WHERE rowid=(SELECT MAX(rowid) FROM points)",
+                           (thief, time.time()))
+
+    monkeypatch.setattr(store_mod.Store, "record_epoch", record_epoch)
+    s, counts = _run(path)
+    assert (counts["busy"], counts["ran"], counts["failed"]) == (1, 0, 0)
+    assert "was taken over by another process" in capsys.readouterr().out
+    with Store(s.db) as st:
+        rows = [(p.status, p.owner) for p in st.points()]
+    assert rows == [("pending", None)] * 3 + [("running", thief)]
+
+
 SIX = GRID.replace('method = ["madry", "fat-madry"]', 'method = ["madry"]').replace(
     "seed = [0]", "").replace("[grid]", "[grid]\nseed = [0, 1, 2]").replace("epochs = 3", "epochs = 5")
 
