@@ -350,9 +350,11 @@ def test_bad_fuse_values_are_one_error_line(tmp_path, capsys, where, value, mess
     assert os.listdir(tmp_path) == ["bad.toml"]
 
 
-def test_flag_wins_over_the_file(tmp_path):
+def test_flag_wins_over_the_file(tmp_path, capsys):
     path = _file(str(tmp_path), fuse=4)
     assert grid.build_sweep(*grid.read_sweep_file(path, None)).fuse == 4
     assert grid.build_sweep(*grid.read_sweep_file(path, None), fuse="auto").fuse == "auto"
     assert grid.build_sweep(*grid.read_sweep_file(path, None), fuse="1").fuse == 1
     assert grid.build_sweep(*grid.read_sweep_file(_file(str(tmp_path / "n")), None)).fuse == 1
+    assert cli.main(["sweep", path, "--dry-run", "--fuse", "3"]) == 0
+    assert "fuse = 3: 1 fused group(s), 1 point(s) alone; sizes [3, 1]" in capsys.readouterr().out

@@ -91,6 +91,11 @@ def run(args) -> int:
         for p in sweep.points:
             print(f"{p.key}  {p.label()}")
         print(f"{len(sweep.points)} points; database {sweep.db}; runs in {sweep.runs_dir}")
+        if sweep.fuse != 1:
+            from ..sweep.groups import plan
+            units = plan(sweep.points, sweep.fuse)
+            print(f"fuse = {sweep.fuse}: {sum(len(u) > 1 for u in units)} fused group(s), "
+                  f"{sum(len(u) == 1 for u in units)} point(s) alone; sizes {[len(u) for u in units]}")
         return 0
     if sweep.ray is not None:
         from ..sweep.ray_runner import import_ray, run_sweep_ray
