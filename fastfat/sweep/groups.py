@@ -76,7 +76,7 @@ def run_group(store, points: list[GridPoint], sweep: Sweep, counts: dict, *, pro
     keys = [p.key for p in points]
     run_dirs = [os.path.join(sweep.runs_dir, k) for k in keys]
     settled: set[str] = set()   # finished or failed: no longer ours to release or fail
-    bar = progress_bar(epochs * len(points), f"{len(points)} fused: " + ", ".join(p.label() for p in points),
+    bar = progress_bar(epochs * len(points), f"{len(points)} fused: {points[0].label()}, ...",
                        progress, position=1, unit="epoch", initial=sum(min(have[k], epochs) for k in keys))
 
     def advance(key, n):
