@@ -21,6 +21,20 @@ WEAK = "pgd20"              # the attack the paper reports, whose gap the gap ta
 STRONG = ("apgd", "aa")     # AutoAttack's pair and its standard version
 MAX_GAP_COLUMNS = 10        # on many classes, those with the largest gap
 
+# report.md's words before the methods and the attack-gap tables
+METHODS_INTRO = (
+    "One table per robust attack and eps_test. avg is the average of the class accuracies, worst "
+    "the lowest class, k-worst the mean of the k lowest (k: the evaluation's worst_k), NSD their "
+    "standard deviation over their mean (lower is fairer, comparable across attacks; undefined "
+    "where every class is at 0, and then left out of the seed mean); rho = (worst - worst_base) / "
+    "worst_base - (avg_base - avg) / avg_base against the method's base method (FAT-Madry: Madry) "
+    "on the same seed, then averaged (> 0: the worst class gained more, relatively, than the "
+    "average lost). Each cell is the mean ± std over its seeds.")
+GAP_INTRO = (
+    "PGD-20 is the paper's attack; AutoAttack (APGD-CE + APGD-T, and the standard ensemble) is "
+    "stronger, and unevenly so across classes: a fairness claim under PGD-20 alone can be wrong in "
+    "the very quantity it is about. Positive: PGD-20 overstates that class's robust accuracy.")
+
 
 def _slug_eps(e: float) -> str:
     return eps_label(e).replace("/", "_")

@@ -35,6 +35,7 @@ from ..errors import UserError
 from ..files import atomic_write_text
 from .labels import (METHOD_ORDER, attack_title, base_method, class_names, dataset_name, eps_label,
                      has_lambda, lam_suffix, lam_text, method_label, method_name, model_name)
+from . import methods_table, seeds
 from .seeds import CELL
 from .seeds import eps_key as _key
 from .tables import Table, fmt, render_csv, render_latex, render_markdown  # noqa: F401 (report's API)
@@ -42,22 +43,8 @@ from .tables import Table, fmt, render_csv, render_latex, render_markdown  # noq
 METRICS = ["avg_acc", "vcra", "worst_acc", "class_acc"]
 RUN_METRICS = ["avg_acc", "vcra", "worst_acc", "worst_k_acc", "nstd", "class_acc"]
 MAX_CLASS_COLUMNS = 10   # Table 2 shows at most this many classes (those that move most)
-INTROS = {   # report.md's words before a section's tables
-    "methods_": "One table per robust attack and eps_test. avg is the average of the class accuracies, "
-                "worst the lowest class, k-worst the mean of the k lowest (k: the evaluation's worst_k), "
-                "NSD their standard deviation over their mean (lower is fairer, comparable across "
-                "attacks; undefined where every class is at 0, and then left out of the seed mean); rho = (worst - worst_base) / worst_base - (avg_base - avg) / avg_base "
-                "against the method's base method (FAT-Madry: Madry) on the same seed, then averaged "
-                "(> 0: the worst class gained more, relatively, than the average lost). Each cell is the "
-                "mean ± std over its seeds.",
-    "attack_gap_": "PGD-20 is the paper's attack; AutoAttack (APGD-CE + APGD-T, and the standard "
-                   "ensemble) is stronger, and unevenly so across classes: a fairness claim under "
-                   "PGD-20 alone can be wrong in the very quantity it is about. Positive: PGD-20 "
-                   "overstates that class's robust accuracy.",
-    "seeds_": "Intervals are for the mean over seeds: mean ± t(0.975, n-1) · std / sqrt(n).",
-    "paired_": "Differences are taken seed by seed (the same seed trains both methods), which removes "
-               "the variation the two share; the interval is the t interval of the mean difference.",
-}
+INTROS = {"methods_": methods_table.METHODS_INTRO, "attack_gap_": methods_table.GAP_INTRO,   # report.md's
+          "seeds_": seeds.SEEDS_INTRO, "paired_": seeds.PAIRED_INTRO}                   # words before them
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,7 +124,6 @@ def _run_row(r: dict, k: int) -> dict:
 
 def load(db_path: str) -> Data:
     """The finished points of a database, per seed and grouped and averaged over seeds."""
-    from . import methods_table, seeds
     from .grid import setting_names, setting_of
     from .store import Store
 

@@ -23,6 +23,11 @@ PAIRED_METRICS = ["avg_acc", "worst_acc", "vcra"]
 CELL = ["setting", "dataset", "model", "method", "lam", "eps_train"]   # a grid point less its seed
 SINGLE = "1 (single seed)"       # how a one-seed cell's n is printed: no interval exists
 
+# report.md's words before the seed and the paired tables
+SEEDS_INTRO = "Intervals are for the mean over seeds: mean ± t(0.975, n-1) · std / sqrt(n)."
+PAIRED_INTRO = ("Differences are taken seed by seed (the same seed trains both methods), which removes "
+                "the variation the two share; the interval is the t interval of the mean difference.")
+
 
 def eps_key(x: float) -> float:
     """An eps (or lambda) as a grouping key: rounded so 8/255 from two sources compares equal."""
