@@ -91,14 +91,15 @@ class TrainConfig:
     # CFA and DAFA (fastfat.methods, README). Epoch counts: N >= 1 epochs or a fraction of the run's.
     cfa_lambda1: float = opt(0.5, "CFA: class radius (lambda1 + train robust acc of the class) * eps")
     cfa_lambda2: float = opt(0.5, "CFA on TRADES: class beta (lambda2 + train robust acc) * beta")
-    cfa_begin: float = opt(10, "CFA: calibrate from this (0-based) epoch on; eps and beta before it")
+    cfa_begin: float = opt(10, "CFA: calibrate from this (0-based) epoch on, N or a fraction of the "
+                               "epochs (theirs: 10); eps and beta before it")
     cfa_fawa: bool = opt(True, "CFA: evaluate FAWA's weight average (needs --val-per-class)")
     cfa_fawa_decay: float = opt(0.85, "CFA's FAWA decay (the paper's 0.85; their code's 0.88)")
     cfa_fawa_threshold: float = opt(0.2, "CFA's FAWA updates when the validation worst-class robust "
                                          "accuracy is >= this (the paper's 0.2; their code's 0.24)")
     dafa_lambda: float = opt(1.0, "DAFA's lambda (their CIFAR-10 1.0; CIFAR-100 and STL-10 1.5)")
     dafa_warmup: float = opt(70, "DAFA: class weights from the adversarial softmax of this epoch, "
-                                 "used after it (theirs: 70 of 110 epochs)")
+                                 "used after it; N or a fraction of the epochs (theirs: 70 of 110)")
     seed: int = opt(0, "seeds the initial weights, batch order, augmentation and attack noise")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
     amp: str = opt("auto", "auto (bf16 on CUDA, off on CPU) | off | bf16 (fast on CPUs with AVX512-BF16) | fp16")

@@ -12,7 +12,7 @@ from .flags import add_dataclass_flags, given
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("train", help="train one model (Madry, TRADES, FAT, natural)",
+    p = sub.add_parser("train", help="train one model (Madry, TRADES, FAT, natural, or a peer method: CFA, DAFA, WAT, FRL)",
                        description="Train one model. Flags override the preset's values.")
     p.add_argument("--preset", default=None, help="paper | authors | demo: a starting point for every field")
     p.add_argument("--out", required=True, help="output directory (config.json, checkpoint.pt, log.jsonl)")
