@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 from matplotlib.collections import PathCollection
+from matplotlib.container import BarContainer
 
 from fastfat import cli
 from fastfat.sweep import figures, report
@@ -213,7 +214,7 @@ def test_figure_series(db):
     assert np.allclose(list(zip(front.get_xdata(), front.get_ydata())), expect)
     # class-wise bars: one bar series per eps_train, heights = class accuracies in %
     (ax,) = figs["fig_classwise_digits_cnn_madry"].axes
-    bars = {c.get_label(): [b.get_height() for b in c] for c in ax.containers}
+    bars = {c.get_label(): [b.get_height() for b in c] for c in ax.containers if isinstance(c, BarContainer)}
     assert list(bars) == ["0.1", "0.2"]
     assert bars["0.2"] == pytest.approx([90, 60, 20, 10])
     for f in figs.values():

@@ -188,3 +188,16 @@ def test_error_bars_and_fairness_scatter(db):
     assert dots["Madry"] == [[pytest.approx(40.0), pytest.approx(20.0)]]
     for f in figs.values():
         figures.pyplot().close(f)
+
+
+def test_classwise_bars_carry_the_seeds_std(db):
+    data = report.load(db)
+    figs = figures.make_figures(data, "pgd20", 0.25)
+    (ax,) = figs["fig_classwise_digits_cnn_madry"].axes
+    (bars,) = [c for c in ax.collections if isinstance(c, LineCollection)]
+    # class 0 under PGD-20 over Madry's three seeds: 0.6, 0.7, 0.5 -> 60 +- 10 (%)
+    seg = bars.get_segments()[0]
+    assert seg[:, 1] == pytest.approx([50.0, 70.0])
+    assert [len(s) for s in bars.get_segments()] == [2, 2, 2, 2]
+    for f in figs.values():
+        figures.pyplot().close(f)

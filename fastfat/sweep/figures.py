@@ -96,8 +96,9 @@ def plot_pareto(series: dict[str, list[tuple[float, float, float]]], title: str,
     return fig
 
 
-def plot_classwise(names: list[str], series: dict[str, list[float]], title: str):
-    """Grouped bars: robust accuracy (%) per class, one bar series per label (eps_train)."""
+def plot_classwise(names: list[str], series: dict[str, list[float]], title: str, errors: dict | None = None):
+    """Grouped bars: robust accuracy (%) per class, one bar series per label (eps_train); errors:
+    label -> each class's std over seeds (NaN where one seed), drawn on the bars."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(names) * max(1, len(series)) / 2), 3.6), dpi=100)
     k = max(1, len(series))
@@ -105,6 +106,7 @@ def plot_classwise(names: list[str], series: dict[str, list[float]], title: str)
     for i, (label, vals) in enumerate(series.items()):
         xs = [c + (i - (k - 1) / 2) * width for c in range(len(names))]
         ax.bar(xs, vals, width=width, label=label)
+        error_bars(ax, xs, vals, (errors or {}).get(label), color="black")
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels(names, rotation=45 if max(len(n) for n in names) > 3 else 0, fontsize=8)
     ax.set_ylabel("robust accuracy (%)")
@@ -149,6 +151,16 @@ def _points(rows) -> list[tuple[float, float, float]]:
 def _errors(rows) -> list[tuple[float, float]]:
     """(var std in 10^-2, rob.acc std in %) over seeds of each row (NaN: one seed)."""
     return list(zip(100 * rows.vcra_std, 100 * rows.avg_acc_std))
+
+
+def _class_std(runs, cell) -> list[float]:
+    """Each class's robust accuracy std over the seeds of a means row's cell (last checkpoint,
+    its attack and eps), in % (NaN where fewer than two seeds have the class)."""
+    from .seeds import CELL, spread
+    mine = runs[(runs.checkpoint == "last") & (runs.attack == cell.attack) & (runs.eps == cell.eps)]
+    for c in CELL:
+        mine = mine[mine[c] == getattr(cell, c)]
+    return [100 * spread(col).std for col in zip(*mine.class_acc)]
 
 
 def _series(g, label):
@@ -202,7 +214,8 @@ def make_figures(data, attack: str, eps: float) -> dict:
         series = {eps_label(e): [100 * a for a in accs] for e, accs in zip(g.eps_train, g.class_acc)}
         figs[f"fig_classwise_{dataset}_{model}_{method}{lam_suffix(method, lam)}{slug}"] = plot_classwise(
             class_names(dataset, len(g.class_acc.iloc[0])), series,
-            f"{method_label(method, lam)}, {model_name(model)} on {dataset_name(dataset)}{tag}, {at}")
+            f"{method_label(method, lam)}, {model_name(model)} on {dataset_name(dataset)}{tag}, {at}",
+            {eps_label(r.eps_train): _class_std(data.runs, r) for r in g.itertuples(index=False)})
     # Robustness against fairness: every method, last and best checkpoints, per data set and model.
     st = ordered(data.stats, data.attacks)
     st = st[(st.attack == attack) & (st.eps == eps_key(eps))]
