@@ -212,6 +212,37 @@ def test_interrupted_during_the_members_evaluations(tmp_path, monkeypatch):
     assert _dump(s.db) == want
 
 
+def test_sigterm_gives_the_whole_group_back(tmp_path):
+    """SIGTERM to a real fused sweep process mid-group: it exits 143 and every member of the group
+    is pending again, owned by no one (resumable at once by any process)."""
+    d = str(tmp_path)
+    path = _file(d, GRID.replace("epochs = 3", "epochs = 50"), fuse=4)
+    db = os.path.join(d, "results.db")
+    proc = subprocess.Popen([sys.executable, "-m", "fastfat", "sweep", path, "--no-progress", "--no-report"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while True:
+        rows = []
+        if os.path.isfile(db):
+            con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+            try:
+                rows = con.execute("SELECT status, epochs_done FROM points").fetchall()
+            except sqlite3.OperationalError:
+                pass
+            finally:
+                con.close()
+        if rows and all(s == "running" for s, _ in rows) and any(n >= 1 for _, n in rows):
+            break
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, (out, err)
+    con = sqlite3.connect(db)
+    assert con.execute("SELECT status, owner FROM points").fetchall() == [("pending", None)] * 4
+    con.close()
+
+
 def _point(key):
     return Point(key=key, method="madry", model="cnn", dataset="digits", eps_train=0.1, lam=0.0, seed=0,
                  train_config={}, eval_config={}, run_dir=key, epochs_total=1)
