@@ -179,3 +179,17 @@ def test_frl_validation_counts_from_records():
     c, r, n = frl.validation_counts(recs)
     assert c.tolist() == [8.0, 0.0, 2.0] and r.tolist() == [4.0, 0.0, 1.0] and n.tolist() == [10.0, 0.0, 4.0]
     assert wat.initial_weights(2).shape == (3,)
+
+
+def test_a_local_sweep_trains_trades_then_frl_from_it(tmp_path):
+    from fastfat.sweep import runner
+    doc = {"db": "r.db", "grid": {"method": ["frl-rw", "trades"]},
+           "train": dict({k: v for k, v in TINY.items() if k != "device"}, epochs=1, init_from="trades"),
+           "eval": {"attacks": ["fgsm"], "eps_test": [0.1], "test_limit": 32}}
+    s = grid.build_sweep(doc, str(tmp_path))
+    counts = runner.run_sweep(s, progress=False, report=False)
+    assert counts["done"] == 2 and counts["failed"] == 0
+    frl_point = s.points[-1]
+    assert frl_point.train.method == "frl-rw"
+    saved = json.loads((tmp_path / "r_runs" / frl_point.key / "config.json").read_text())
+    assert saved["init_from"] == str(tmp_path / "r_runs" / s.points[0].key / "checkpoint.pt")
