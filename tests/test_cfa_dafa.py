@@ -296,3 +296,24 @@ def test_fused_groups_refuse_them():
         check_fusable([_cfg("madry"), _cfg("cfa-madry")])
     assert fuse_key(a) != fuse_key(b)
     check_fusable([_cfg("madry"), _cfg("madry", seed=1)])   # the others still fuse
+
+
+@pytest.mark.parametrize("method, kw", [("cfa-trades", {}), ("dafa-madry", dict(dafa_warmup=1))])
+def test_a_step_makes_the_host_wait_for_nothing(monkeypatch, syncing_ops, method, kw):
+    """A step's radii, loss and statistics (calibrated CFA, DAFA while it collects and after)
+    call no op that waits for a CUDA device; class_stats as off the CPU (its one-hot sum)."""
+    from fastfat.kernels import torch_ops
+    monkeypatch.setattr(torch_ops, "class_stats", torch_ops._class_stats_onehot)
+    m = methods.build(_cfg(method, cfa_fawa=False, **kw), 10, "cpu")
+    y = torch.arange(8) % 10
+    logits, nat = torch.randn(8, 10, requires_grad=True), torch.randn(8, 10)
+
+    def step():
+        m.radii(y)
+        m.loss(y, logits, nat)[0].backward()
+
+    for epoch in range(2):
+        m.start_epoch(epoch)
+        assert syncing_ops(step) == set()
+        m.end_epoch(epoch, nn.Linear(1, 1), {})
+    assert isinstance(m.radii(y)[0], torch.Tensor)   # the calibrated / weighted epoch was checked
