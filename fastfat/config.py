@@ -38,10 +38,8 @@ BASE_METHODS: dict[str, str] = {"cfa-madry": "madry", "cfa-trades": "trades",
                                  "wat": "trades", "frl-rw": "trades", "frl-rwrm": "trades"}
 
 
-# Methods that fine-tune a trained model (init_from required) and methods whose state is updated
-# from the validation split (val_per_class required).
+# Methods that fine-tune a trained model: init_from required (a sweep resolves a method name in it).
 FINE_TUNE_METHODS = ("frl-rw", "frl-rwrm")
-VALIDATED_METHODS = ("wat", "frl-rw", "frl-rwrm")
 
 
 def base_method(method: str) -> str | None:
@@ -207,28 +205,13 @@ class TrainConfig:
         return self
 
     def _validate_peer_fields(self) -> None:
-        """init_from, WAT's and FRL's fields. FRL's bounds stay None for their per-method default
-        (fastfat.methods.frl.bounds), so every point of a sweep keeps one setting."""
+        """init_from (WAT's and FRL's own fields: fastfat.methods.check_config)."""
         if self.init_from is not None and not str(self.init_from).strip():
             raise UserError("init_from: give a checkpoint path (or leave it unset)")
         if self.method in FINE_TUNE_METHODS and self.init_from is None:
             raise UserError(f"method {self.method} fine-tunes a trained model: give --init-from "
                             f"CHECKPOINT (e.g. a trades run's checkpoint.pt; in a sweep, "
                             f"init_from = \"trades\")")
-        if self.method in VALIDATED_METHODS and self.val_per_class is None:
-            raise UserError(f"method {self.method} updates its class weights from a validation "
-                            f"split: give --val-per-class (their code holds out 300 of CIFAR-10's "
-                            f"5000 per class: 0.06)")
-        _range("wat_eta", self.wat_eta, 0.0, math.inf, low_open=True)
-        for name in ("frl_bound_nat", "frl_bound_bndy"):
-            if getattr(self, name) is not None:
-                _range(name, getattr(self, name), 0.0, 1.0)
-        for name in ("frl_rate_nat", "frl_rate_bndy", "frl_rate_margin"):
-            _range(name, getattr(self, name), 0.0, math.inf)
-        _range("frl_lim", self.frl_lim, 0.0, 1.0)
-        if self.frl_lim == 1.0:   # 1/C + lam_c - sum(lam)/C reaches 0 for a class at lam_c = 0
-            raise UserError("frl_lim must be below 1 (at 1 a class's loss weight can reach 0), got 1.0")
-        _range("frl_margin_max", self.frl_margin_max, 1.0, math.inf)
 
 
 @dataclass

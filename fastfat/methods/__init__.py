@@ -73,6 +73,28 @@ def check_config(cfg) -> None:
             raise UserError(f"dafa_warmup {cfg.dafa_warmup:g}: DAFA sets its class weights after "
                             f"epoch {warm}, but the run has {cfg.epochs} epochs; give a smaller "
                             f"--dafa-warmup (an epoch count, or a fraction such as 0.64)")
+    _check_wat_frl(cfg)
+
+
+def _check_wat_frl(cfg) -> None:
+    """WAT's and FRL's fields; both update from the validation split. FRL's bounds stay None for
+    their per-method default (frl.bounds), so a sweep's points keep one setting."""
+    from ..config import _range
+
+    if cfg.method in ("wat", "frl-rw", "frl-rwrm") and cfg.val_per_class is None:
+        raise UserError(f"method {cfg.method} updates its class weights from a validation split: "
+                        f"give --val-per-class (their code holds out 300 of CIFAR-10's 5000 per "
+                        f"class: 0.06)")
+    _range("wat_eta", cfg.wat_eta, 0.0, math.inf, low_open=True)
+    for name in ("frl_bound_nat", "frl_bound_bndy"):
+        if getattr(cfg, name) is not None:
+            _range(name, getattr(cfg, name), 0.0, 1.0)
+    for name in ("frl_rate_nat", "frl_rate_bndy", "frl_rate_margin"):
+        _range(name, getattr(cfg, name), 0.0, math.inf)
+    _range("frl_lim", cfg.frl_lim, 0.0, 1.0)
+    if cfg.frl_lim == 1.0:   # 1/C + lam_c - sum(lam)/C reaches 0 for a class at lam_c = 0
+        raise UserError("frl_lim must be below 1 (at 1 a class's loss weight can reach 0), got 1.0")
+    _range("frl_margin_max", cfg.frl_margin_max, 1.0, math.inf)
 
 
 def _epoch_count(name: str, value) -> None:
