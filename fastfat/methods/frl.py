@@ -125,7 +125,8 @@ def validation_counts(records: list[dict]) -> tuple[torch.Tensor, torch.Tensor, 
     records of one robust attack: the clean record first, then the attack's."""
     clean, robust = records[0], records[1]
     counts = torch.tensor(clean["class_count"], dtype=torch.float64)
-    hits = lambda r: torch.tensor([0.0 if a is None else a for a in r["class_acc"]], dtype=torch.float64) * counts
+    hits = lambda r: counts * torch.tensor([0.0 if a is None else a for a in r["class_acc"]],
+                                           dtype=torch.float64)
     return hits(clean).round(), hits(robust).round(), counts
 
 
