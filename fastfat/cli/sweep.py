@@ -35,6 +35,9 @@ def add_parser(sub) -> None:
     p.add_argument("--report", metavar="DIR", help="report directory (default: <db stem>_report/)")
     p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: the file's threads, else torch's)")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="run N local processes sharing the grid, as N terminals would (default: the "
+                        "file's workers, else 1); with threads = 1, one per core")
     p.add_argument("--fuse", metavar="K|auto",
                    help="train up to K compatible grid points as one fused model (README: When points "
                         "fuse); auto: as many as fit the GPU (no fusion on a CPU); default: the "
@@ -85,7 +88,7 @@ def run(args) -> int:
                         eval_flags=eval_flags, db=args.db, report=args.report, threads=args.threads,
                         lease=args.lease, shared_dir=args.shared_dir,
                         ray_flags={k: v[k] for k in ("ray", "ray_cpus", "ray_gpus", "ray_retries")},
-                        fuse=args.fuse)
+                        fuse=args.fuse, workers=args.workers)
     progress = not args.no_progress
     if args.dry_run:
         for p in sweep.points:
@@ -105,6 +108,10 @@ def run(args) -> int:
     try:
         if sweep.ray is not None:
             counts = run_sweep_ray(sweep, progress=progress, report=not args.no_report, reclaim=args.reclaim)
+        elif sweep.workers > 1:
+            from ..sweep.workers import run_with_workers
+            counts = run_with_workers(sweep, sweep.workers, progress=progress, report=not args.no_report,
+                                      reclaim=args.reclaim)
         else:
             counts = run_sweep(sweep, progress=progress, report=not args.no_report, reclaim=args.reclaim)
     except Terminated:

@@ -26,7 +26,7 @@ from .store import Point
 
 # The grid's axes, in the order points are run (the last varies fastest).
 AXES = ("dataset", "model", "method", "seed", "eps_train", "lam")
-TOP_KEYS = ("db", "report", "threads", "fuse", "lease", "shared_dir", "ray", "ray_cpus", "ray_gpus", "ray_retries",
+TOP_KEYS = ("db", "report", "threads", "workers", "fuse", "lease", "shared_dir", "ray", "ray_cpus", "ray_gpus", "ray_retries",
             "grid", "train", "eval")
 RAY_KEYS = ("ray", "ray_cpus", "ray_gpus", "ray_retries")
 TRAIN_FIELDS = tuple(f.name for f in fields(TrainConfig))
@@ -82,6 +82,7 @@ class Sweep:
     shared_dir: str | None = None    # where the points' run directories go (None: next to the db)
     ray: RaySettings | None = None   # None: run the points in this process
     fuse: int | str = 1              # grid points per fused group: K >= 1 or "auto" (fused/plan.py)
+    workers: int = 1                 # local processes sharing the grid (workers.py)
 
     @property
     def runs_dir(self) -> str:
@@ -176,7 +177,7 @@ def _scalar_list(axis: str, value) -> list:
 def build_sweep(doc: dict, base: str, *, grid_flags: dict | None = None, train_flags: dict | None = None,
                 eval_flags: dict | None = None, db: str | None = None, report: str | None = None,
                 threads=None, lease=None, shared_dir: str | None = None,
-                ray_flags: dict | None = None, fuse=None) -> Sweep:
+                ray_flags: dict | None = None, fuse=None, workers=None) -> Sweep:
     """Validate a sweep file's content merged with flags (flags win) into a Sweep.
 
     Raises UserError naming the key or grid point at fault; nothing is written.
@@ -216,15 +217,8 @@ def build_sweep(doc: dict, base: str, *, grid_flags: dict | None = None, train_f
         db = os.path.join(base, doc["db"])
     if report is None and "report" in doc:
         report = os.path.join(base, doc["report"])
-    threads = doc.get("threads") if threads is None else threads
-    if threads is not None:
-        try:
-            ok = not isinstance(threads, (bool, float)) and int(threads) >= 1
-        except (TypeError, ValueError):
-            ok = False
-        if not ok:
-            raise UserError(f"threads must be an integer >= 1, got {threads!r}")
-        threads = int(threads)
+    threads = _count("threads", doc.get("threads") if threads is None else threads)
+    workers = _count("workers", doc.get("workers", 1) if workers is None else workers)
     lease = doc.get("lease") if lease is None else lease
     if lease is not None:
         try:
@@ -282,12 +276,29 @@ def build_sweep(doc: dict, base: str, *, grid_flags: dict | None = None, train_f
         except UserError as e:
             raise UserError(f"{where}: {e}") from None
         points.append(gp)
+    if ray is not None and workers > 1:
+        raise UserError("workers runs local processes; with ray the cluster runs points side by side "
+                        "(ray_cpus / ray_gpus per point): drop workers or ray")
     if fuse != 1 and any(p.train.amp == "fp16" for p in points):
         raise UserError(f"fuse = {fuse!r}: fp16 AMP cannot fuse (its loss scaler skips steps for the "
                         f"whole group); use amp = \"bf16\" or \"off\", or fuse = 1")
     points = resolve_init_from(points, os.path.abspath(shared_dir) if shared_dir else runs_dir(db))
     return Sweep(db=db, report=report, points=points, threads=threads, lease=lease_s,
-                 shared_dir=os.path.abspath(shared_dir) if shared_dir else None, ray=ray, fuse=fuse)
+                 shared_dir=os.path.abspath(shared_dir) if shared_dir else None, ray=ray, fuse=fuse,
+                 workers=workers)
+
+
+def _count(name: str, value) -> int | None:
+    """A top-level count (threads, workers) as an int >= 1 (None stays None); UserError otherwise."""
+    if value is None:
+        return None
+    try:
+        ok = not isinstance(value, (bool, float)) and int(value) >= 1
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise UserError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
 
 
 def fuse_setting(value) -> int | str:

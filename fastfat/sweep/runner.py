@@ -268,6 +268,47 @@ def claim_points(store, points: list[GridPoint], counts: dict, progress: bool) -
     return mine
 
 
+SOURCE_POLL_S = 2.0   # how often a unit waiting for its source point looks at the database
+
+
+def _busy_source(store, unit: list[GridPoint]) -> str | None:
+    """The key of a point that one of unit's points starts from (GridPoint.depends_on: an FRL
+    point's trained source) while another process is still training it; None when none is."""
+    for p in unit:
+        if p.depends_on is not None and store.point(p.depends_on).status == "running":
+            return p.depends_on
+    return None
+
+
+def _when_sources_settle(store, units: list[list[GridPoint]], progress: bool):
+    """The units in run order, except that a unit whose source point another process is still
+    training (several processes share the grid: `workers`, or a second terminal) goes to the end
+    and is yielded once that point is done or failed. Run order puts every source before its
+    dependants, so a process alone never waits."""
+    waiting = []
+    for unit in units:
+        if _busy_source(store, unit) is None:
+            yield unit
+        else:
+            waiting.append(unit)
+    said = set()
+    while waiting:
+        still = []
+        for unit in waiting:
+            source = _busy_source(store, unit)
+            if source is None:
+                yield unit
+                continue
+            still.append(unit)
+            if source not in said:
+                said.add(source)
+                _say(f"sweep: waiting for {source} (another process is training it) before "
+                     f"{unit[0].label()}, which starts from its checkpoint", progress)
+        waiting = still
+        if waiting:
+            time.sleep(SOURCE_POLL_S)
+
+
 def _run_sweep(sweep: Sweep, progress, report, report_dir, report_options, reclaim) -> dict:
     from .claims import ClaimLost
     from .groups import plan, run_group
@@ -292,7 +333,8 @@ def _run_sweep(sweep: Sweep, progress, report, report_dir, report_options, recla
 
         try:
             done = [p.key for p in sweep.points if have[p.key].status == "done"]
-            for unit in plan(sweep.points, sweep.fuse, done):   # fuse = 1: one point per unit, as todo
+            units = plan(sweep.points, sweep.fuse, done)   # fuse = 1: one point per unit, as todo
+            for unit in _when_sources_settle(store, units, progress):
                 if len(unit) > 1:
                     if overall is not None:
                         overall.set_postfix_str(f"points {finished[0] + 1}-{finished[0] + len(unit)}/{len(todo)}")

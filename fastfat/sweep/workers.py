@@ -1,0 +1,91 @@
+"""Several local sweep processes on one machine (`workers = N`, `fastfat sweep --workers N`): the
+command's own process and N - 1 spawned ones run the same sweep loop, sharing the grid through the
+database's claims, as N terminals running the same command would; the report is written once, at
+the end, by the first process.
+
+Why: a small model trains fastest with one torch thread (the demo CNN: 2.1 s per epoch with one
+thread, far slower with two when the cores are shared), so one process leaves the other cores of
+a CPU idle. Two processes of one thread each train two points at once on a 2-core machine.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import signal
+
+from .grid import Sweep
+
+COUNT_KEYS = ("ran", "failed", "reclaimed")
+GRACE_S = 5.0   # after Ctrl-C, how long a worker may take to give its point back by itself
+
+
+def _child(sweep: Sweep, reclaim: bool, out) -> None:
+    """One spawned worker: the sweep loop without bars or report; its counts go to `out`."""
+    from .runner import Terminated, run_sweep
+    try:
+        out.put(run_sweep(sweep, progress=False, report=False, reclaim=reclaim))
+    except (KeyboardInterrupt, Terminated):
+        out.put(None)   # its running point was given back before the exception reached here
+    except BaseException:
+        out.put(None)   # the parent must not wait for counts that never come; the trace follows
+        raise
+
+
+def _gather(children, out) -> list[dict | None]:
+    """Each worker's counts (None for one that was interrupted or died, kill -9 included)."""
+    got = []
+    while len(got) < len(children):
+        try:
+            got.append(out.get(timeout=1.0))
+        except queue.Empty:
+            if not any(c.is_alive() for c in children) and out.empty():
+                got += [None] * (len(children) - len(got))
+    return got
+
+
+def run_with_workers(sweep: Sweep, workers: int, *, progress: bool = True, report: bool = True,
+                     reclaim: bool = False) -> dict:
+    """Run the sweep in this process and workers - 1 spawned ones; returns run_sweep's counts,
+    summed over the processes, with "done", "busy" (points running in processes outside this
+    command) and "failed_elsewhere" read from the database at the end, and "ran_by_process".
+    Ctrl-C reaches every process of the terminal; on SIGTERM or any error here the workers get
+    SIGTERM, so each gives its running point back."""
+    from .runner import Terminated, run_sweep, write_report
+    from .store import Store
+
+    ctx = mp.get_context("spawn")   # no fork of a process holding torch threads and SQLite handles
+    out = ctx.Queue()
+    # Processes may open the database at the same instant (schema creation is race-free), so the
+    # workers start at once; only this process reclaims.
+    children = [ctx.Process(target=_child, args=(sweep, False, out)) for _ in range(workers - 1)]
+    for c in children:
+        c.start()
+    try:
+        counts = run_sweep(sweep, progress=progress, report=False, reclaim=reclaim)
+        got = _gather(children, out)
+    except BaseException as e:
+        # Ctrl-C in the terminal reached the workers too: give them a moment to hand their points
+        # back on their own (a second signal could interrupt that); else (SIGTERM to this process
+        # alone, an error here) tell them now.
+        ctrl_c = isinstance(e, KeyboardInterrupt) and not isinstance(e, Terminated)
+        for c in children:
+            c.join(GRACE_S if ctrl_c else 0)
+            if c.is_alive():
+                os.kill(c.pid, signal.SIGTERM)
+        raise
+    finally:
+        for c in children:
+            c.join()
+    counts["ran_by_process"] = [counts["ran"]] + [t["ran"] if t else 0 for t in got]
+    for theirs in got:
+        for k in COUNT_KEYS if theirs is not None else ():
+            counts[k] += theirs[k]
+    with Store(sweep.db, readonly=True) as store:
+        now = store.counts(keys=[p.key for p in sweep.points])
+    # A failure in a sibling is this command's own; only the rest failed in other commands.
+    counts["done"], counts["busy"] = now["done"], now["running"]
+    counts["failed_elsewhere"] = max(0, now["failed"] - counts["failed"])
+    if report:
+        write_report(sweep, counts, progress, None, None)
+    return counts

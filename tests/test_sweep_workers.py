@@ -1,0 +1,87 @@
+"""Local worker processes (`workers = N`): the points are shared between the processes through the
+database's claims, each point runs once, and the results equal a single-process sweep's."""
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import pytest
+
+from fastfat import cli
+from fastfat.sweep import grid, runner
+from fastfat.sweep.workers import run_with_workers
+
+from test_sweep import TINY, _doc, _dump
+
+
+def _sweep(d: str, **changes) -> grid.Sweep:
+    doc = _doc(grid__eps_train=["4/255", "8/255", "12/255"], train__epochs=3, train__train_limit=1200, **changes)
+    return grid.build_sweep(doc, d)
+
+
+def test_two_workers_share_the_grid_and_equal_one_process(tmp_path):
+    one = _sweep(str(tmp_path / "one"))
+    counts = runner.run_sweep(one, progress=False, report=False)
+    assert counts["ran"] == len(one.points) == 6
+
+    two = _sweep(str(tmp_path / "two"))
+    counts = run_with_workers(two, 2, progress=False, report=True)
+    assert counts["done"] == 6 and counts["failed"] == 0 and counts["busy"] == 0
+    # every point ran exactly once, and both processes took some (each point is a few seconds
+    # of work, the worker starts in about as much)
+    assert sum(counts["ran_by_process"]) == 6 and len(counts["ran_by_process"]) == 2
+    assert min(counts["ran_by_process"]) >= 1, counts
+    # one thread per process: the same numbers as one process running the grid alone
+    assert _dump(two.db) == _dump(one.db)
+    assert os.path.exists(os.path.join(str(tmp_path / "two"), "results_report", "report.md"))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--workers", "0"], "workers must be an integer >= 1, got 0"),
+    (["--workers", "2", "--ray"], "workers runs local processes"),
+])
+def test_bad_workers_fail_before_anything_is_written(tmp_path, capsys, flags, message):
+    path = tmp_path / "s.toml"
+    path.write_text(TINY)
+    assert cli.main(["sweep", str(path), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastfat: error: ") and message in err and err.count("\n") == 1
+    assert sorted(os.listdir(tmp_path)) == ["s.toml"]
+
+
+def test_workers_flag_and_file_key_reach_the_runner(tmp_path, monkeypatch):
+    import fastfat.sweep.workers as workers_mod
+    seen = []
+    monkeypatch.setattr(workers_mod, "run_with_workers",
+                        lambda sweep, n, **kw: seen.append(n) or dict(points=0, done=0, ran=0, skipped=0,
+                                                                      failed=0, busy=0, failed_elsewhere=0))
+    path = tmp_path / "s.toml"
+    path.write_text("workers = 3\n" + TINY)
+    assert cli.main(["sweep", str(path), "--no-progress"]) == 0
+    assert cli.main(["sweep", str(path), "--no-progress", "--workers", "2"]) == 0
+    assert seen == [3, 2]
+
+
+class _Store:
+    """A store whose points' statuses follow a script: status(key) pops the next value."""
+    def __init__(self, script):
+        self.script = script
+
+    def point(self, key):
+        seq = self.script[key]
+        return SimpleNamespace(status=seq.pop(0) if len(seq) > 1 else seq[0])
+
+
+def test_a_point_waits_while_its_source_runs_in_another_process(monkeypatch):
+    """An FRL point starts from its source point's checkpoint (depends_on): while another process
+    still trains the source, the point goes to the end of the queue and waits; a point alone
+    never waits."""
+    monkeypatch.setattr(runner, "SOURCE_POLL_S", 0.0)
+    a, b, c = (SimpleNamespace(key=k, depends_on=d, label=lambda k=k: k)
+               for k, d in (("a", None), ("frl", "src"), ("c", None)))
+    store = _Store({"src": ["running", "running", "running", "done"]})
+    order = [u[0].key for u in runner._when_sources_settle(store, [[a], [b], [c]], progress=False)]
+    assert order == ["a", "c", "frl"]
+    assert store.script["src"] == ["done"]   # it polled until the source was done
+    store = _Store({"src": ["done"]})
+    assert [u[0].key for u in runner._when_sources_settle(store, [[a], [b], [c]], False)] == ["a", "frl", "c"]
