@@ -317,3 +317,73 @@ def test_a_step_makes_the_host_wait_for_nothing(monkeypatch, syncing_ops, method
         assert syncing_ops(step) == set()
         m.end_epoch(epoch, nn.Linear(1, 1), {})
     assert isinstance(m.radii(y)[0], torch.Tensor)   # the calibrated / weighted epoch was checked
+
+
+def _ref_pgd(model, x, y, eps, alpha, steps, noise, kl):
+    """PGD as CFA's cw_trades_loss (kl: TRADES' KL, start x + 0.001 N(0, 1)) and DAFA's
+    madry_loss without its second, uniform step (CE, start in the ball), per-sample eps and
+    alpha [N] broadcast over the image."""
+    e, a = eps.view(-1, 1, 1, 1), alpha.view(-1, 1, 1, 1)
+    model.eval()
+    with torch.no_grad():
+        p_nat = F.softmax(model(x), 1)
+    x_adv = x + 0.001 * noise if kl else (x + noise * e).clamp(0, 1)
+    for _ in range(steps):
+        x_adv = x_adv.detach().requires_grad_(True)
+        out = model(x_adv)
+        obj = nn.KLDivLoss(reduction="sum")(F.log_softmax(out, 1), p_nat) if kl else F.cross_entropy(out, y)
+        (g,) = torch.autograd.grad(obj, x_adv)
+        x_adv = torch.min(torch.max(x_adv.detach() + a * g.sign(), x - e), x + e).clamp(0, 1)
+    model.train()
+    return x_adv.detach()
+
+
+@pytest.mark.parametrize("method", ["cfa-trades", "dafa-madry"])
+def test_a_calibrated_step_matches_a_plain_reference(method):
+    """One SGD step of the trainer with CFA's class radii and betas (from set class accuracies)
+    or DAFA's weights equals a plain float64 implementation in their code's shape: per-sample
+    radii and steps in the attack, CFA's normalised TRADES loss times 1 + beta, DAFA's weighted
+    CE (parameters compared; BN running statistics depend on how many forwards each code does)."""
+    import copy
+
+    from fastfat.data import MemoryLoader, load_dataset
+    from fastfat.train import Trainer, build_for_config
+    cfg = _cfg(method, cfa_fawa=False, dafa_warmup=1, beta=6.0)
+    fast = build_for_config(cfg, "cpu").double()
+    ref = copy.deepcopy(fast).to(memory_format=torch.contiguous_format)
+    trainer = Trainer(cfg, fast)
+    m = trainer.method
+    classes = torch.arange(10, dtype=D64)
+    if method == "cfa-trades":
+        m.train_acc = classes / 10
+        m.start_epoch(1)
+    else:
+        m.weights = 0.6 + classes / 10
+        m.start_epoch(1)
+    x, y = next(iter(MemoryLoader(load_dataset("digits", "data")[0].subset(32), 32, False)))
+    x = x.double()
+    g_fast, g_ref = (torch.Generator().manual_seed(3) for _ in range(2))
+    trainer.train_step(x.contiguous(memory_format=torch.channels_last), y, g_fast)
+
+    opt = torch.optim.SGD(ref.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if method == "cfa-trades":
+        t = classes[y] / 10
+        eps, alpha = (0.5 + t) * cfg.eps_train, torch.full_like(t, cfg.alpha())
+        noise = torch.randn(x.shape, generator=g_ref).double()
+        x_adv = _ref_pgd(ref, x, y, eps, alpha, cfg.steps, noise, kl=True)
+        adv, nat = ref(x_adv), ref(x)
+        b = (0.5 + t) * 6 / (1 + (0.5 + t) * 6)
+        kl = nn.KLDivLoss(reduction="none")(F.log_softmax(adv, 1), F.softmax(nat, 1)).sum(1)
+        ce = F.cross_entropy(nat, y, reduction="none")
+        loss = 7 * ((1 - b) * ce / len(y) + b * kl / len(y)).sum()
+    else:
+        w = 0.6 + classes[y] / 10
+        noise = torch.empty(x.shape).uniform_(-1, 1, generator=g_ref).double()
+        x_adv = _ref_pgd(ref, x, y, w * cfg.eps_train, w * cfg.alpha(), cfg.steps, noise, kl=False)
+        loss = (F.cross_entropy(ref(x_adv), y, reduction="none") * w).mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    for (k, a), b_ in zip(fast.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b_, rtol=1e-10, atol=1e-12, msg=k)
+    assert not torch.equal(next(fast.parameters()), next(build_for_config(cfg, "cpu").double().parameters()))
