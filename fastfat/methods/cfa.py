@@ -12,6 +12,7 @@ class y in the previous epoch (the train-mode predictions on the training attack
   FAWA: after each epoch, if the validation split's worst-class robust accuracy (PGD-10 at eps)
   is >= threshold, fawa <- decay * fawa + (1 - decay) * weights (the first such epoch copies the
   weights); otherwise fawa stays. CFA reports the FAWA weights.
+Each epoch's log row gains train_worst_acc (min over classes of t_y) and fawa_updates.
 Where we differ, and why:
   - t_y is correct_y / n_y; their code's 10 * correct_y / N equals it on balanced classes only.
   - CCR's loss is theirs times (1 + beta): their code trains TRADES (with or without CFA) on the

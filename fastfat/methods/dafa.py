@@ -11,7 +11,8 @@ class i's samples of the probability of class j. Then, for every pair i != j,
 starting from W = 1 (so a hard class takes weight from the easier classes it is confused with,
 and the weights keep summing to C). From the next epoch on, class y's samples are attacked with
 radius W_y * eps and step W_y * alpha, and W_y weights their CE: on Madry the adversarial CE, on
-TRADES the natural CE (the KL term keeps beta).
+TRADES the natural CE (the KL term keeps beta). The epoch that sets the weights logs them
+(dafa_weights, a list in its log row).
 Where we differ, and why:
   - Their PGD-mode loss (madry_loss) takes, in every attack step, the class-wise step and
     projection and then a second, uniform one (step alpha, radius eps) that overrides the
