@@ -286,6 +286,27 @@ def test_a_sweep_takes_them_on_its_method_axis():
     assert all(p.train.dafa_warmup == 0.5 for p in sweep.points)
 
 
+def test_a_fused_sweep_trains_them_alone(tmp_path):
+    """`fastfat sweep --fuse 2` on cfa-madry and dafa-madry, two seeds each: every point done,
+    each on its own (grouped, they would fail check_fusable), and the stored results of a cfa
+    point are its FAWA weights'."""
+    import sqlite3
+    (tmp_path / "g.toml").write_text(
+        'db = "s.db"\nthreads = 1\n[grid]\nmethod = ["cfa-madry", "dafa-madry"]\n'
+        'dataset = ["digits"]\nmodel = ["cnn"]\nseed = [0, 1]\n[train]\npreset = "demo"\n'
+        'width = 8\nepochs = 2\ntrain_limit = 200\nsteps = 1\nval_per_class = 4\n'
+        'val_attack = "pgd1"\ncfa_begin = 1\ndafa_warmup = 1\ncfa_fawa_threshold = 0.0\n'
+        '[eval]\nattacks = ["fgsm"]\neps_test = [0.15]\ntest_limit = 100\n')
+    assert cli_main(["sweep", str(tmp_path / "g.toml"), "--fuse", "2", "--no-progress"]) == 0
+    db = sqlite3.connect(str(tmp_path / "s.db"))
+    rows = db.execute("SELECT method, status, run_dir FROM points").fetchall()
+    assert sorted(r[:2] for r in rows) == [("cfa-madry", "done")] * 2 + [("dafa-madry", "done")] * 2
+    run = next(tmp_path / r[2] for r in rows if r[0] == "cfa-madry")
+    fawa = load_checkpoint(str(run / CHECKPOINT))["method"][methods.EVAL_MODEL]
+    loaded, _ = load_model(str(run / CHECKPOINT))
+    assert all(torch.equal(v, fawa[k]) for k, v in loaded.state_dict().items())
+
+
 def test_fused_groups_refuse_them():
     """A fused group carries no method state: check_fusable says so (even for one member), and
     plan_groups' key keeps every such point alone."""
