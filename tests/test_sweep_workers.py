@@ -85,3 +85,19 @@ def test_a_point_waits_while_its_source_runs_in_another_process(monkeypatch):
     assert store.script["src"] == ["done"]   # it polled until the source was done
     store = _Store({"src": ["done"]})
     assert [u[0].key for u in runner._when_sources_settle(store, [[a], [b], [c]], False)] == ["a", "frl", "c"]
+
+
+def test_ray_driver_holds_a_unit_until_its_source_is_settled():
+    """The Ray driver runs units side by side: an FRL unit whose source (depends_on) is pending or
+    running stays in the queue while later units go; it goes once the source is done or failed."""
+    from collections import deque
+
+    from fastfat.sweep.ray_runner import _next_ready
+    a, frl, c = ([SimpleNamespace(key=k, depends_on=d)] for k, d in (("a", None), ("frl", "src"), ("c", None)))
+    store = _Store({"src": ["running"]})
+    queue = deque([frl, a, c])
+    assert _next_ready(store, queue) is a and _next_ready(store, queue) is c
+    assert _next_ready(store, queue) is None and list(queue) == [frl]
+    for settled in ("done", "failed"):
+        assert _next_ready(_Store({"src": [settled]}), deque([frl])) is frl
+    assert _next_ready(_Store({"src": ["pending"]}), deque([frl])) is None

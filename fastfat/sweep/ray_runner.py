@@ -278,6 +278,21 @@ def _store(store, p: GridPoint, o: Outcome, counts: dict, progress: bool, n: int
          progress)
 
 
+SOURCE_WAIT_S = 1.0   # how long the driver sleeps when every unit waits for a source point
+
+
+def _next_ready(store, queue: deque) -> list[GridPoint] | None:
+    """Take the first unit of queue whose points' sources (GridPoint.depends_on: the trades run an
+    FRL point starts from) are settled, done or failed, so no task starts from a missing or
+    partial checkpoint; None while every unit waits. Run order puts sources first."""
+    for i, unit in enumerate(queue):
+        if all(p.depends_on is None or store.point(p.depends_on).status in ("done", "failed")
+               for p in unit):
+            del queue[i]
+            return unit
+    return None
+
+
 def _drive(ray, sweep: Sweep, progress: bool, reclaim: bool) -> dict:
     from .store import Store
 
@@ -312,13 +327,16 @@ def _drive(ray, sweep: Sweep, progress: bool, reclaim: bool) -> dict:
                 # As many units in flight as the cluster has slots (at least one, which an
                 # autoscaler sees as demand): 'running' on the bar means running.
                 while queue and len(in_flight) < max(1, slots):
-                    planned = queue.popleft()
+                    planned = _next_ready(store, queue)
+                    if planned is None:
+                        break
                     unit = claim_points(store, planned, counts, progress)   # a group: all or none
                     if unit:
                         runs = [os.path.join(sweep.runs_dir, p.key) for p in unit]
                         in_flight[task.remote(unit, runs, threads, os.getcwd())] = unit
                     _advance(bar, len(planned) - len(unit), counts, in_flight)   # done/busy elsewhere
                 if not in_flight:
+                    time.sleep(SOURCE_WAIT_S)   # every unit left waits for a source running elsewhere
                     continue
                 ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
                 if not ready:
