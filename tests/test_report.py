@@ -228,8 +228,12 @@ def test_pareto_front_function():
 
 def test_labels():
     from fastfat.sweep import labels
-    assert [labels.has_lambda(m) for m in labels.METHOD_ORDER] == [False, False, False, True, True]
-    assert labels.base_method("fat-trades") == "trades" and labels.base_method("madry") == "madry"
+    from fastfat.config import METHODS, base_method
+    assert [m for m in labels.METHOD_ORDER if labels.has_lambda(m)] == ["fat-madry", "fat-trades"]
+    assert sorted(labels.METHOD_ORDER) == sorted(METHODS)   # every method has its place and name
+    assert all(m in labels.METHOD_NAMES for m in METHODS)
+    assert base_method("fat-trades") == "trades" and base_method("madry") is None
+    assert base_method("cfa-madry") == "madry" and base_method("frl-rwrm") == "trades"
     assert labels.method_label("fat-trades", 1.0) == "FAT-TRADES (lambda=1)"
     assert labels.method_label("madry", 0.0) == "Madry"
     assert (labels.lam_suffix("fat-madry", 0.5), labels.lam_suffix("madry", 0.5)) == ("_lam0.5", "")

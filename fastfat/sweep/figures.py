@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import pandas as pd
 
+from ..config import base_method
 from ..files import atomic_write_png
-from .labels import (METHOD_ORDER, attack_title, base_method, class_names, dataset_name, eps_label,
+from .labels import (METHOD_ORDER, attack_title, class_names, dataset_name, eps_label,
                      has_lambda, lam_suffix, method_label, method_name, model_name)
 from .seeds import eps_key, ordered
 

@@ -2,22 +2,20 @@
 labels, and the display names of methods, models, data sets, classes, attacks and radii."""
 from __future__ import annotations
 
-from ..config import FAT_PREFIX, has_lambda
+from ..config import has_lambda
 
 METHOD_NAMES = {"natural": "Natural", "madry": "Madry", "trades": "TRADES",
-                "fat-madry": "FAT-Madry", "fat-trades": "FAT-TRADES"}
+                "fat-madry": "FAT-Madry", "fat-trades": "FAT-TRADES",
+                "cfa-madry": "CFA-Madry", "cfa-trades": "CFA-TRADES", "dafa-madry": "DAFA-Madry",
+                "dafa-trades": "DAFA-TRADES", "wat": "WAT", "frl-rw": "FRL-RW", "frl-rwrm": "FRL-RWRM"}
 MODEL_NAMES = {"resnet18": "ResNet18", "resnet50": "ResNet50", "wrn-32-10": "WRN-32-10",
                "preactresnet18": "PreActResNet18", "cnn": "CNN"}
 DATASET_NAMES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "digits": "digits",
                  "synthetic": "synthetic"}
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
                    "ship", "truck")
-METHOD_ORDER = ("natural", "madry", "trades", "fat-madry", "fat-trades")
-
-
-def base_method(method: str) -> str:
-    """The base method under FAT ('fat-madry' -> 'madry'); other methods are their own base."""
-    return method[len(FAT_PREFIX):] if has_lambda(method) else method
+METHOD_ORDER = ("natural", "madry", "trades", "fat-madry", "fat-trades", "cfa-madry", "cfa-trades",
+                "dafa-madry", "dafa-trades", "wat", "frl-rw", "frl-rwrm")
 
 
 def lam_text(method: str, lam: float) -> str:

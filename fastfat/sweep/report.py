@@ -31,9 +31,10 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from ..config import base_method
 from ..errors import UserError
 from ..files import atomic_write_text
-from .labels import (METHOD_ORDER, attack_title, base_method, class_names, dataset_name, eps_label,
+from .labels import (METHOD_ORDER, attack_title, class_names, dataset_name, eps_label,
                      has_lambda, lam_suffix, lam_text, method_label, method_name, model_name)
 from . import methods_table, seeds
 from .seeds import CELL
