@@ -111,6 +111,24 @@ def test_plan_groups_over_the_whole_grid(tmp_path):
     assert [[p.key for p in u] for u in groups.plan(s.points, "auto")] == [[k] for k in keys]   # CPU: no fusion
 
 
+def test_points_that_cannot_fuse_train_alone(tmp_path):
+    """A validation split (val_per_class: train() holds it out and writes best.pt) or a start from
+    another run (init_from) is not something a fused group does: such points are planned alone,
+    so a fused sweep trains them as an unfused one would, and check_fusable refuses them."""
+    from fastfat.errors import UserError
+    from fastfat.fused.train import check_fusable
+    s = grid.build_sweep(*grid.read_sweep_file(_file(str(tmp_path)), None), fuse="2",
+                         train_flags={"val_per_class": 2})
+    assert [len(u) for u in groups.plan(s.points, 2)] == [1, 1, 1, 1]
+    with pytest.raises(UserError, match="val_per_class .* does not fuse"):
+        check_fusable([s.points[0].train, s.points[1].train])
+    import dataclasses
+    starts = [dataclasses.replace(p.train, init_from="x/checkpoint.pt") for p in s.points[:2]]
+    starts = [dataclasses.replace(c, val_per_class=None) for c in starts]
+    with pytest.raises(UserError, match="init_from .* does not fuse"):
+        check_fusable(starts)
+
+
 def test_fused_sweep_equals_unfused_in_float64(tmp_path, float64):
     """In float64 a fused member is its unfused run to rounding (about 1e-10 after 20 steps,
     test_fused.py), far below what moves a prediction: the databases are equal, class accuracies

@@ -35,14 +35,29 @@ FAMILIES = {"natural": "natural", "madry": "madry", "fat-madry": "madry", "trade
             "fat-trades": "fat-trades"}
 
 
+def alone_reason(cfg: TrainConfig) -> str | None:
+    """Why a point cannot share a fused group, or None: a peer method (its per-class radii and
+    weights change every epoch from validation-driven updates, and its state belongs to one run),
+    checkpoint selection on a validation split (train() holds the split out and writes best.pt;
+    a fused group trains on the whole training set and writes neither), or a start from another
+    run's weights (init_from, which a fused group does not load)."""
+    if cfg.method not in FAMILIES:
+        return f"method {cfg.method} does not fuse (its per-class state belongs to one run)"
+    if cfg.val_per_class is not None:
+        return "val_per_class (checkpoint selection on a validation split) does not fuse"
+    if cfg.init_from is not None:
+        return "init_from (a start from another run's weights) does not fuse"
+    return None
+
+
 def fuse_key(cfg: TrainConfig) -> tuple:
     """Points with equal keys can train as one fused group: every field but PER_MEMBER, and the
     method's family (madry with fat-madry; trades, fat-trades and natural each on their own).
-    A method outside FAMILIES (the peer methods, fastfat.methods) keys on its whole config, so
-    plan_groups leaves each such point alone."""
+    A point that cannot fuse (alone_reason) keys on its whole config, so plan_groups leaves it
+    alone and a sweep trains it unfused."""
     d = to_dict(cfg)
-    if cfg.method not in FAMILIES:
-        return (cfg.method,) + tuple((k, repr(v)) for k, v in sorted(d.items()))
+    if alone_reason(cfg) is not None:
+        return ("alone", cfg.method) + tuple((k, repr(v)) for k, v in sorted(d.items()))
     return (FAMILIES[cfg.method],) + tuple((k, repr(v)) for k, v in sorted(d.items()) if k not in PER_MEMBER)
 
 
@@ -50,12 +65,9 @@ def check_fusable(cfgs: list[TrainConfig]) -> None:
     """UserError, naming the first field that differs, unless cfgs can train as one group."""
     if not cfgs:
         raise UserError("a fused group needs at least one grid point")
-    alone = next((c.method for c in cfgs if c.method not in FAMILIES), None)
+    alone = next((r for r in map(alone_reason, cfgs) if r is not None), None)
     if alone is not None:
-        # per-class radii and weights that change every epoch, validation-driven updates and a
-        # state in the checkpoint: a fused group carries none of it
-        raise UserError(f"method {alone} does not fuse (its per-class state belongs to one run): "
-                        f"train it unfused (fuse = 1)")
+        raise UserError(f"{alone}: train it unfused (fuse = 1)")
     if cfgs[0].amp == "fp16":
         raise UserError("fp16 AMP cannot fuse: its loss scaler skips steps for the whole group; "
                         "use --amp bf16 or off")
