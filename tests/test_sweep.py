@@ -204,8 +204,27 @@ def test_packaged_demo_grid(tmp_path, capsys, monkeypatch):
     methods = {p.train.method for p in s.points}
     assert methods == {"madry", "fat-madry"}
     assert {p.train.dataset for p in s.points} == {"digits"}
-    # the tradeoff regime: every eps_test at or above the largest eps_train
-    assert min(s.points[0].eval.eps_test) >= max(p.train.eps_train for p in s.points)
+    # the fairness regime: eps_test within the training radii and at the largest; several seeds
+    # (the report's intervals), AutoAttack's pair beside PGD-20, both cores busy, seeds fused
+    assert s.points[0].eval.eps_test == [0.2, 0.25]
+    assert {"pgd20", "apgd"} <= set(s.points[0].eval.attacks)
+    assert len({p.train.seed for p in s.points}) == 3 and len(s.points) == 36
+    assert (s.workers, s.fuse, s.threads) == (2, 3, 1)
+    assert os.listdir(tmp_path) == []
+
+
+def test_packaged_methods_grid(tmp_path, capsys, monkeypatch):
+    """Every training method in one grid, under one schedule and split; FRL from its grid's TRADES."""
+    from fastfat.config import METHODS
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["sweep", "--grid", "methods", "--dry-run"]) == 0
+    s = grid.build_sweep(*grid.read_sweep_file(None, "methods"))
+    assert {p.train.method for p in s.points} == set(METHODS) - {"natural"}
+    assert {grid.setting_of(grid.to_dict(p.train)) for p in s.points} == {grid.setting_of(grid.to_dict(s.points[0].train))}
+    frl = [p for p in s.points if p.train.method.startswith("frl")]
+    assert frl and all(p.depends_on and "_trades_" in p.depends_on for p in frl)
+    order = [p.key for p in s.points]
+    assert all(order.index(p.depends_on) < order.index(p.key) for p in frl)
     assert os.listdir(tmp_path) == []
 
 

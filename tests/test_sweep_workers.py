@@ -27,6 +27,7 @@ def test_two_workers_share_the_grid_and_equal_one_process(tmp_path):
     two = _sweep(str(tmp_path / "two"))
     counts = run_with_workers(two, 2, progress=False, report=True)
     assert counts["done"] == 6 and counts["failed"] == 0 and counts["busy"] == 0
+    assert counts["skipped"] == 0 and counts["ran"] == 6
     # every point ran exactly once, and both processes took some (each point is a few seconds
     # of work, the worker starts in about as much)
     assert sum(counts["ran_by_process"]) == 6 and len(counts["ran_by_process"]) == 2
@@ -34,6 +35,8 @@ def test_two_workers_share_the_grid_and_equal_one_process(tmp_path):
     # one thread per process: the same numbers as one process running the grid alone
     assert _dump(two.db) == _dump(one.db)
     assert os.path.exists(os.path.join(str(tmp_path / "two"), "results_report", "report.md"))
+    again = run_with_workers(two, 2, progress=False, report=False)   # nothing left to do
+    assert (again["skipped"], again["ran"], again["done"]) == (6, 0, 6)
 
 
 @pytest.mark.parametrize("flags, message", [

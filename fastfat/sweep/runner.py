@@ -268,6 +268,12 @@ def claim_points(store, points: list[GridPoint], counts: dict, progress: bool) -
     return mine
 
 
+def done_tag(store, sweep: Sweep) -> str:
+    """'[17/36] ': the grid's points done in the database, by any process (several may share the
+    grid, so a count of this process's own would repeat across their lines)."""
+    return f"[{store.counts(keys=[p.key for p in sweep.points])['done']}/{len(sweep.points)}] "
+
+
 SOURCE_POLL_S = 2.0   # how often a unit waiting for its source point looks at the database
 
 
@@ -329,7 +335,7 @@ def _run_sweep(sweep: Sweep, progress, report, report_dir, report_options, recla
 
         def tally(p, records, seconds):   # a fused group's member stored
             finished[0] += 1
-            _say(f"[{finished[0]}/{len(todo)}] " + summary_line(p, records, seconds), progress)
+            _say(done_tag(store, sweep) + summary_line(p, records, seconds), progress)
 
         try:
             done = [p.key for p in sweep.points if have[p.key].status == "done"]
@@ -373,7 +379,7 @@ def _run_sweep(sweep: Sweep, progress, report, report_dir, report_options, recla
                     _say(f"FAILED {p.label()}: {type(e).__name__}: {e}\n{traceback.format_exc()}", progress)
                     continue
                 counts["ran"] += 1
-                _say(f"[{i + 1}/{len(todo)}] " + summary_line(p, records, time.perf_counter() - t0), progress)
+                _say(done_tag(store, sweep) + summary_line(p, records, time.perf_counter() - t0), progress)
         finally:
             if overall is not None:
                 overall.close()

@@ -44,16 +44,28 @@ def _gather(children, out) -> list[dict | None]:
     return got
 
 
+def _done(db: str, keys: list[str]) -> int:
+    """How many of keys are done in the database (0 if it does not exist yet)."""
+    from .store import Store
+    if not os.path.exists(db):
+        return 0
+    with Store(db, readonly=True) as store:
+        return store.counts(keys=keys)["done"]
+
+
 def run_with_workers(sweep: Sweep, workers: int, *, progress: bool = True, report: bool = True,
                      reclaim: bool = False) -> dict:
     """Run the sweep in this process and workers - 1 spawned ones; returns run_sweep's counts,
-    summed over the processes, with "done", "busy" (points running in processes outside this
-    command) and "failed_elsewhere" read from the database at the end, and "ran_by_process".
+    summed over the processes, with "skipped" (done before it started), "done", "busy" (points
+    running in processes outside this command) and "failed_elsewhere" read from the database, and
+    "ran_by_process".
     Ctrl-C reaches every process of the terminal; on SIGTERM or any error here the workers get
     SIGTERM, so each gives its running point back."""
     from .runner import Terminated, run_sweep, write_report
     from .store import Store
 
+    keys = [p.key for p in sweep.points]
+    before = _done(sweep.db, keys)   # the processes' own "skipped" counts include each other's work
     ctx = mp.get_context("spawn")   # no fork of a process holding torch threads and SQLite handles
     out = ctx.Queue()
     # Processes may open the database at the same instant (schema creation is race-free), so the
@@ -82,9 +94,9 @@ def run_with_workers(sweep: Sweep, workers: int, *, progress: bool = True, repor
         for k in COUNT_KEYS if theirs is not None else ():
             counts[k] += theirs[k]
     with Store(sweep.db, readonly=True) as store:
-        now = store.counts(keys=[p.key for p in sweep.points])
+        now = store.counts(keys=keys)
     # A failure in a sibling is this command's own; only the rest failed in other commands.
-    counts["done"], counts["busy"] = now["done"], now["running"]
+    counts["done"], counts["busy"], counts["skipped"] = now["done"], now["running"], before
     counts["failed_elsewhere"] = max(0, now["failed"] - counts["failed"])
     if report:
         write_report(sweep, counts, progress, None, None)
