@@ -213,12 +213,13 @@ def test_packaged_demo_grid(tmp_path, capsys, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
-def test_packaged_methods_grid(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("name", ["methods", "methods_cifar10"])
+def test_packaged_methods_grid(tmp_path, capsys, monkeypatch, name):
     """Every training method in one grid, under one schedule and split; FRL from its grid's TRADES."""
     from fastfat.config import METHODS
     monkeypatch.chdir(tmp_path)
-    assert cli.main(["sweep", "--grid", "methods", "--dry-run"]) == 0
-    s = grid.build_sweep(*grid.read_sweep_file(None, "methods"))
+    assert cli.main(["sweep", "--grid", name, "--dry-run"]) == 0
+    s = grid.build_sweep(*grid.read_sweep_file(None, name))
     assert {p.train.method for p in s.points} == set(METHODS) - {"natural"}
     assert {grid.setting_of(grid.to_dict(p.train)) for p in s.points} == {grid.setting_of(grid.to_dict(s.points[0].train))}
     frl = [p for p in s.points if p.train.method.startswith("frl")]
