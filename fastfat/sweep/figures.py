@@ -22,6 +22,8 @@ def pyplot():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    # A report makes all its figures before saving (and closing) each: a methods grid has dozens.
+    plt.rcParams["figure.max_open_warning"] = 0
     return plt
 
 
@@ -124,9 +126,11 @@ def plot_fairness(series: dict[str, list[tuple]], title: str):
     [(eps_train, avg, worst, avg std, worst std)] (std NaN where one seed: no bars). Each point
     is marked with its eps_train."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4.2), dpi=100)
-    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     methods = list(dict.fromkeys(label.removesuffix(" (best)") for label in series))
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    if len(methods) > len(cycle):   # more methods than the default 10 colours: one each from 20
+        cycle = list(plt.get_cmap("tab20").colors)
+    fig, ax = plt.subplots(figsize=(6 if len(series) <= 6 else 8, 4.2), dpi=100)
     for label, pts in series.items():
         xs, ys = [p[1] for p in pts], [p[2] for p in pts]
         best = label.endswith(" (best)")   # the method's colour, another marker
@@ -138,7 +142,10 @@ def plot_fairness(series: dict[str, list[tuple]], title: str):
     ax.set_xlabel("average robust accuracy (%)")
     ax.set_ylabel("worst-class robust accuracy (%)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if len(series) <= 6:
+        ax.legend(fontsize=7)
+    else:   # beside the plot, where it covers no point
+        ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
     return fig
