@@ -245,6 +245,22 @@ def _run(path, **kw):
     return s, runner.run_sweep(s, progress=False, report=kw.pop("report", False), **kw)
 
 
+def kill9_at_first_checkpoint(path: str, d: str, poll: float = 0.005) -> None:
+    """Run `fastfat sweep path` in a real process and SIGKILL it as soon as a checkpoint exists
+    under d/results_runs (the sweep files here put their runs there)."""
+    proc = subprocess.Popen([sys.executable, "-m", "fastfat", "sweep", path, "--no-progress", "--no-report"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not glob.glob(os.path.join(d, "results_runs", "*", "checkpoint.pt")):
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.monotonic() < deadline
+        time.sleep(poll)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+
+
 def test_resume_after_kill_equals_uninterrupted(tmp_path):
     # The uninterrupted reference, in this process.
     ref, counts = _run(_sweep_file(str(tmp_path / "ref")))
@@ -256,17 +272,7 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path):
     # The same sweep in a subprocess, killed with SIGKILL as soon as a checkpoint exists.
     d = str(tmp_path / "killed")
     path = _sweep_file(d)
-    proc = subprocess.Popen([sys.executable, "-m", "fastfat", "sweep", path, "--no-progress", "--no-report"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while not glob.glob(os.path.join(d, "results_runs", "*", "checkpoint.pt")):
-        assert proc.poll() is None, proc.stderr.read().decode()
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
+    kill9_at_first_checkpoint(path, d)
     killed = _dump(os.path.join(d, "results.db"))
     assert [r[1] for r in killed["points"]].count("done") < 2       # it did not get to the end
     assert sum(r[2] for r in killed["points"]) < 8                   # epochs recorded before the kill

@@ -4,7 +4,6 @@ sweep bit for bit, processes claim whole groups, a diverging member fails alone,
 are one error line. Real processes where processes matter."""
 from __future__ import annotations
 
-import glob
 import os
 import re
 import signal
@@ -20,6 +19,8 @@ from fastfat import cli
 from fastfat.sweep import grid, groups, runner
 from fastfat.sweep.claims import Heartbeat, owner_id
 from fastfat.sweep.store import Point, Store
+
+from test_sweep import kill9_at_first_checkpoint
 
 # 4 points of one fuse key (madry is FAT at lambda 0): the CNN at width 8 on 512 digits, 3 epochs
 # of 16 steps, one torch thread; about 2 s a sweep.
@@ -181,16 +182,7 @@ def test_kill9_mid_group_and_rerun_equals_uninterrupted(tmp_path):
     want = _dump(ref.db)
     d = str(tmp_path / "killed")
     path = _file(d, fuse=4)
-    proc = subprocess.Popen([sys.executable, "-m", "fastfat", "sweep", path, "--no-progress", "--no-report"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while not glob.glob(os.path.join(d, "results_runs", "*", "checkpoint.pt")):
-        assert proc.poll() is None, proc.stderr.read().decode()
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    proc.stderr.close()
+    kill9_at_first_checkpoint(path, d)
     killed = _dump(os.path.join(d, "results.db"))
     assert [r[1] for r in killed["points"]].count("done") == 0 and len(killed["epochs"]) < 12
     s, counts = _run(path)
