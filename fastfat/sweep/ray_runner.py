@@ -30,7 +30,7 @@ from ..files import check_writable_dir
 from ..runtime import progress_bar
 from .grid import GridPoint, RaySettings, Sweep
 from .runner import (Terminated, _open_and_add, _say, _sigterm_as_interrupt, claim_points, evaluate_point,
-                     summary_line, train_and_evaluate, write_report)
+                     summary_line, train_and_evaluate, unsettled_source, write_report)
 
 INSTALL = "pip install 'fastfat[ray]'"
 PROBE_S = 10.0        # how long to wait for the cluster's address to answer
@@ -286,8 +286,7 @@ def _next_ready(store, queue: deque) -> list[GridPoint] | None:
     FRL point starts from) are settled, done or failed, so no task starts from a missing or
     partial checkpoint; None while every unit waits. Run order puts sources first."""
     for i, unit in enumerate(queue):
-        if all(p.depends_on is None or store.point(p.depends_on).status in ("done", "failed")
-               for p in unit):
+        if unsettled_source(store, unit, ("pending", "running")) is None:
             del queue[i]
             return unit
     return None

@@ -277,11 +277,12 @@ def done_tag(store, sweep: Sweep) -> str:
 SOURCE_POLL_S = 2.0   # how often a unit waiting for its source point looks at the database
 
 
-def _busy_source(store, unit: list[GridPoint]) -> str | None:
+def unsettled_source(store, unit: list[GridPoint], unsettled=("running",)) -> str | None:
     """The key of a point that one of unit's points starts from (GridPoint.depends_on: an FRL
-    point's trained source) while another process is still training it; None when none is."""
+    point's trained source) whose status is one of `unsettled` (by default: another process is
+    still training it); None when there is none. The local loop and the Ray driver both ask."""
     for p in unit:
-        if p.depends_on is not None and store.point(p.depends_on).status == "running":
+        if p.depends_on is not None and store.point(p.depends_on).status in unsettled:
             return p.depends_on
     return None
 
@@ -293,7 +294,7 @@ def _when_sources_settle(store, units: list[list[GridPoint]], progress: bool):
     dependants, so a process alone never waits."""
     waiting = []
     for unit in units:
-        if _busy_source(store, unit) is None:
+        if unsettled_source(store, unit) is None:
             yield unit
         else:
             waiting.append(unit)
@@ -301,7 +302,7 @@ def _when_sources_settle(store, units: list[list[GridPoint]], progress: bool):
     while waiting:
         still = []
         for unit in waiting:
-            source = _busy_source(store, unit)
+            source = unsettled_source(store, unit)
             if source is None:
                 yield unit
                 continue
