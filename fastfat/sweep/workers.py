@@ -20,16 +20,16 @@ COUNT_KEYS = ("ran", "failed", "reclaimed")
 GRACE_S = 5.0   # after Ctrl-C, how long a worker may take to give its point back by itself
 
 
-def _child(sweep: Sweep, reclaim: bool, out) -> None:
-    """One spawned worker: the sweep loop without bars or report; its counts go to `out`."""
-    from .runner import Terminated, run_sweep
+def _child(sweep: Sweep, out) -> None:
+    """One spawned worker: the sweep loop without bars, report or reclaim; its counts go to `out`
+    (None if it ends otherwise, so the parent never waits for counts that will not come)."""
+    from .runner import run_sweep
     try:
-        out.put(run_sweep(sweep, progress=False, report=False, reclaim=reclaim))
-    except (KeyboardInterrupt, Terminated):
-        out.put(None)   # its running point was given back before the exception reached here
-    except BaseException:
-        out.put(None)   # the parent must not wait for counts that never come; the trace follows
-        raise
+        out.put(run_sweep(sweep, progress=False, report=False))
+    except BaseException as e:
+        out.put(None)
+        if not isinstance(e, KeyboardInterrupt):   # Ctrl-C, SIGTERM: its point was given back
+            raise
 
 
 def _gather(children, out) -> list[dict | None]:
@@ -70,7 +70,7 @@ def run_with_workers(sweep: Sweep, workers: int, *, progress: bool = True, repor
     out = ctx.Queue()
     # Processes may open the database at the same instant (schema creation is race-free), so the
     # workers start at once; only this process reclaims.
-    children = [ctx.Process(target=_child, args=(sweep, False, out)) for _ in range(workers - 1)]
+    children = [ctx.Process(target=_child, args=(sweep, out)) for _ in range(workers - 1)]
     for c in children:
         c.start()
     try:
@@ -90,8 +90,8 @@ def run_with_workers(sweep: Sweep, workers: int, *, progress: bool = True, repor
         for c in children:
             c.join()
     counts["ran_by_process"] = [counts["ran"]] + [t["ran"] if t else 0 for t in got]
-    for theirs in got:
-        for k in COUNT_KEYS if theirs is not None else ():
+    for theirs in filter(None, got):
+        for k in COUNT_KEYS:
             counts[k] += theirs[k]
     with Store(sweep.db, readonly=True) as store:
         now = store.counts(keys=keys)
