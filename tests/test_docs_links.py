@@ -1,7 +1,7 @@
 """The README and docs/ hold together: every relative link and #anchor in README.md and
 docs/*.md resolves (GitHub's heading slugs), the pages the README's map names exist, and every
-`fastfat` command quoted in a shell block of the README parses with the CLI's own parser
-(subcommand and flags, without running anything)."""
+`fastfat` command quoted in a shell block of the README (and of docs/) parses with the CLI's
+own parser (subcommand and flags, without running anything)."""
 from __future__ import annotations
 
 import glob
@@ -103,35 +103,51 @@ def test_every_relative_link_and_anchor_resolves(page):
     assert not bad, f"{os.path.relpath(page, ROOT)}: " + "; ".join(bad)
 
 
-def readme_commands() -> list[list[str]]:
-    """Each `fastfat ...` command in the README's sh/bash blocks (after `&&`, comments dropped),
-    as its argument list."""
-    out, lang = [], None
-    for line in open(PAGES[0], encoding="utf-8").read().splitlines():
-        if m := FENCE.match(line.strip()):
+SEPARATORS = {"&&", "||", ";", "|", "&"}
+
+
+def shell_commands(path: str) -> list[list[str]]:
+    """Each `fastfat ...` command in a page's sh/bash blocks (backslash continuations joined,
+    comments dropped, split at && ; |), as its argument list."""
+    out, lang, pending = [], None, ""
+    for line in open(path, encoding="utf-8").read().splitlines():
+        if FENCE.match(line.strip()):
             lang = None if lang is not None else (line.strip()[3:].strip() or "text")
             continue
-        if lang not in ("sh", "bash", "shell", "console"):
+        if lang not in ("sh", "bash", "shell"):
             continue
-        for part in re.split(r"&&|;", line):
-            words = shlex.split(part, comments=True)
-            if words and os.path.basename(words[0]) == "fastfat":
-                out.append(words[1:])
+        if line.rstrip().endswith("\\"):
+            pending += line.rstrip()[:-1] + " "
+            continue
+        lex = shlex.shlex(pending + line, posix=True, punctuation_chars=True)
+        lex.whitespace_split, pending = True, ""
+        words: list[str] = []
+        for tok in list(lex) + [";"]:
+            if tok in SEPARATORS:
+                if words and os.path.basename(words[0]) == "fastfat":
+                    out.append(words[1:])
+                words = []
+            else:
+                words.append(tok)
     return out
 
 
+COMMANDS = [(os.path.relpath(p, ROOT), argv) for p in PAGES for argv in shell_commands(p)]
+
+
 def test_readme_has_commands_to_check():
-    cmds = readme_commands()
-    assert {c[0] for c in cmds} >= {"sweep"}, cmds
+    assert {argv[0] for page, argv in COMMANDS if page == "README.md"} >= {"sweep"}, COMMANDS
 
 
-@pytest.mark.parametrize("argv", readme_commands(), ids=" ".join)
-def test_readme_command_parses(argv, capsys):
+@pytest.mark.parametrize("page,argv", COMMANDS, ids=[f"{p}: {' '.join(a)}" for p, a in COMMANDS])
+def test_quoted_command_parses(page, argv, capsys):
+    """The README's commands (and the docs pages'): the CLI's parser takes the subcommand and
+    every flag (argparse exits 2 on an unknown one) without running the work."""
     try:
         build_parser().parse_args(argv)
-    except SystemExit as e:   # argparse's way of refusing (exit 2 with its message)
-        pytest.fail(f"`fastfat {' '.join(argv)}` does not parse: {capsys.readouterr().err.strip()}")
-        raise AssertionError from e
+    except SystemExit as e:
+        pytest.fail(f"{page}: `fastfat {' '.join(argv)}` does not parse (exit {e.code}): "
+                    f"{capsys.readouterr().err.strip()}")
 
 
 def test_the_dry_check_refuses_a_wrong_flag():
