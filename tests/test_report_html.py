@@ -64,12 +64,14 @@ def test_page_is_self_contained_and_opens_with_the_answer(page):
 def test_wide_tables_are_split_with_the_stub_repeated():
     t = Table(slug="w", title="W", caption="c", stub=["model", "method"],
               header=[[("FGSM", 8), ("PGD-20", 8)], [("var", 1), ("rob.acc", 1)] * 8], digits=[2] * 16,
-              rows=[(["cnn", "Madry"], list(range(16)), [False] * 16)])
-    parts = report_html.column_parts(t, max_columns=11)
-    assert [len(p) for p in parts] == [8, 8] and sum(parts, []) == list(range(16))
-    page = report_html.table_html(t)
+              rows=[(["cnn", "Madry"], [1000.0 + i for i in range(16)], [False] * 16)])
+    # each column about 7 * 7 + 14 = 63 px, the stub 49 + 56: all 16 fit in 1150 px, 8 in 700
+    assert report_html.column_parts(t) == [list(range(16))]
+    parts = report_html.column_parts(t, max_px=700)
+    assert parts == [list(range(8)), list(range(8, 16))]   # cut where the attacks meet
+    page = report_html.table_html(t, max_px=700)
     assert page.count("<table>") == 2 and page.count(">Madry<") == 2 and "part 2 of 2" in page
-    narrow = report_html.column_parts(t, max_columns=6)   # a group wider than a part is cut
+    narrow = report_html.column_parts(t, max_px=400)   # a group wider than a part is cut
     assert all(len(p) <= 4 for p in narrow) and sum(narrow, []) == list(range(16))
 
 

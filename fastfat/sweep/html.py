@@ -17,7 +17,7 @@ from .seeds import LEVEL, ordered
 from .tables import Table, fmt
 
 STRONGEST = ("aa", "apgd", "pgd20")   # the answer's attack: the first of these the database has
-MAX_COLUMNS = 11   # stub + value columns per displayed table: wider ones are split (a laptop screen)
+MAX_PX = 1150   # the widest displayed table (px; the page is 1280 wide at most): wider ones are split
 
 CSS = """
 body{font:14px/1.4 system-ui,sans-serif;margin:0 auto;max-width:1280px;padding:0 16px;color:#222}
@@ -92,29 +92,37 @@ def _plain_table(head: list[str], rows: list[list[str]], stub: int) -> str:
     return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def column_parts(t: Table, max_columns: int = MAX_COLUMNS) -> list[list[int]]:
-    """The value columns of t in displayed parts of at most max_columns - len(stub) columns each
-    (at least 2), cut at the top header level's group boundaries where they fit."""
-    per = max(2, max_columns - len(t.stub))
+def _width(texts: list[str]) -> int:
+    """A column's rough width in px at the page's table font (about 7 px a character + padding)."""
+    return 7 * max((len(t) for t in texts), default=1) + 14
+
+
+def column_parts(t: Table, max_px: int = MAX_PX) -> list[list[int]]:
+    """The value columns of t in displayed parts no wider than max_px with the stub repeated in
+    each (at least one column a part), cut at the top header level's group boundaries where they
+    fit, so a laptop screen shows each part without horizontal scrolling."""
+    cells = t.cells("{}")
+    stub = sum(_width([h] + [r[i] for r in t.stub_rows()]) for i, h in enumerate(t.stub))
+    names = t.columns()
+    width = [_width([names[c].split(" ")[-1]] + [r[c] for r in cells]) for c in range(len(t.digits))]
+    room = max(max_px - stub, max(width, default=0))
     groups, start = [], 0
     for _, span in (t.header[0] if t.header else [("", len(t.digits))]):
         groups.append(list(range(start, start + span)))
         start += span
     parts, cur = [], []
     for g in groups:
-        while len(g) > per:   # one group wider than a part: cut it
-            if cur:
-                parts.append(cur)
-                cur = []
-            parts.append(g[:per])
-            g = g[per:]
-        if len(cur) + len(g) > per:
+        if cur and sum(width[c] for c in cur + g) > room:   # the group starts a new part
             parts.append(cur)
             cur = []
-        cur += g
+        for c in g:   # a group wider than a part is cut
+            if cur and sum(width[i] for i in cur) + width[c] > room:
+                parts.append(cur)
+                cur = []
+            cur.append(c)
     if cur:
         parts.append(cur)
-    return [p for p in parts if p]
+    return parts
 
 
 def _header_rows(t: Table, cols: list[int]) -> list[list[tuple[str, int]]]:
@@ -132,11 +140,11 @@ def _header_rows(t: Table, cols: list[int]) -> list[list[tuple[str, int]]]:
     return out
 
 
-def table_html(t: Table) -> str:
+def table_html(t: Table, max_px: int = MAX_PX) -> str:
     """t as one or more HTML tables (the stub repeated in each part), with its title and caption."""
     texts = t.cells("{}")
     stubs = t.stub_rows()
-    parts = column_parts(t)
+    parts = column_parts(t, max_px)
     out = [f"<h3 id=\"{html.escape(t.slug)}\">{html.escape(t.title)}</h3>", f'<p class="c">{html.escape(t.caption)}</p>']
     for i, cols in enumerate(parts):
         levels = _header_rows(t, cols)
@@ -180,7 +188,7 @@ def render(data, tables: list[Table], figures: dict[str, str], sections, intro: 
              '<h2 id="answer">The answer: which method is fairer, at what cost, how sure</h2>',
              answer_html(data),
              '<p class="c">The fairness scatter: worst-class against average robust accuracy per method, '
-             'at the attack and eps_test of Table 2 and the figures (`--attack`, `--eps`).</p>',
+             'at the attack and eps_test of Table 2 and the figures (<code>--attack</code>, <code>--eps</code>).</p>',
              '<div class="figs">' + "".join(_figure(p, s) for s, p in scatter.items()) + "</div>",
              '<h2 id="tables">Tables</h2>']
     for heading, prefix in sections:
