@@ -142,13 +142,13 @@ def restore_backends(state: dict) -> None:
 
 
 def progress_bar(total: int, desc: str, enabled: bool = True, *, position: int = 0,
-                 unit: str = "it", initial: int = 0, leave: bool = False):
+                 unit: str = "it", initial: int = 0, leave: bool = False, bar_format: str | None = None):
     """A tqdm bar, or None when not enabled (callers test for None: no bar, no cost)."""
     if not enabled:
         return None
     from tqdm import tqdm
     return tqdm(total=total, initial=initial, desc=desc, unit=unit, position=position,
-                leave=leave, dynamic_ncols=True)
+                leave=leave, dynamic_ncols=True, bar_format=bar_format)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -104,3 +104,27 @@ def test_ray_driver_holds_a_unit_until_its_source_is_settled():
     for settled in ("done", "failed"):
         assert _next_ready(_Store({"src": [settled]}), deque([frl])) is frl
     assert _next_ready(_Store({"src": ["pending"]}), deque([frl])) is None
+
+
+def test_overall_bar_counts_every_workers_points_and_ends_at_100(tmp_path, capfd):
+    """The overall bar of a 2-worker sweep counts the grid's points done in the database by both
+    processes (each trains only some of them), never goes back, and closes at 6/6 = 100%."""
+    import re
+    two = _sweep(str(tmp_path / "two"))
+    counts = run_with_workers(two, 2, progress=True, report=False)
+    assert counts["done"] == 6 and min(counts["ran_by_process"]) >= 1, counts
+    err = capfd.readouterr().err
+    renders = [r for r in re.split(r"[\r\n]", err) if r.startswith("sweep:")]
+    seen = [int(m.group(1)) for r in renders if (m := re.search(r"\| (\d+)/6 points", r))]
+    assert seen and seen == sorted(seen), renders           # monotone: one count, the database's
+    assert renders[-1].startswith("sweep: 100%") and "6/6 points" in renders[-1], renders[-1]
+    assert "eta 00:00" in renders[-1], renders[-1]
+    # the other process's points are in the count: this process alone ran fewer than 6
+    assert counts["ran_by_process"][0] < 6
+
+
+def test_eta_from_points_measured_so_far():
+    from fastfat.sweep.progress import eta_seconds
+    assert eta_seconds(3, 3, 10, 50.0) is None          # nothing measured since the start
+    assert eta_seconds(5, 3, 10, 60.0) == 150.0         # 2 points in 60 s, 5 left
+    assert eta_seconds(10, 0, 10, 1.0) == 0.0

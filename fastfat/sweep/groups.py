@@ -67,10 +67,7 @@ def run_group(store, points: list[GridPoint], sweep: Sweep, counts: dict, *, pro
 
     have = {p.key: store.point(p.key).epochs_done for p in points}
     epochs = points[0].train.epochs
-    left = {p.key: epochs - min(have[p.key], epochs) + 1 for p in points}   # overall bar's steps
     points = claim_points(store, points, counts, progress)
-    if overall is not None:
-        overall.update(sum(v for k, v in left.items() if k not in {p.key for p in points}))
     if not points:
         return
     keys = [p.key for p in points]
@@ -79,23 +76,21 @@ def run_group(store, points: list[GridPoint], sweep: Sweep, counts: dict, *, pro
     bar = progress_bar(epochs * len(points), f"{len(points)} fused: {points[0].label()}, ...",
                        progress, position=1, unit="epoch", initial=sum(min(have[k], epochs) for k in keys))
 
-    def advance(key, n):
-        n = min(n, left[key])
-        left[key] -= n
-        if overall is not None and n:
-            overall.update(n)
+    def advance():   # the overall bar counts the database's done points: re-read it
+        if overall is not None:
+            overall.update()
 
     def on_epoch(k, row):
         store.record_epoch(keys[k], row)   # after the member's checkpoint is on disk
         if bar is not None:
             bar.update(1)
-        advance(keys[k], 1)
+        advance()
 
     def failed(key, error, trace=None):
         store.fail(key, error)
         settled.add(key)
         counts["failed"] += 1
-        advance(key, left[key])
+        advance()
         label = next(p.label() for p in points if p.key == key)
         _say(f"FAILED {label}: {error}" + (f"\n{trace}" if trace else ""), progress)
 
@@ -135,7 +130,7 @@ def run_group(store, points: list[GridPoint], sweep: Sweep, counts: dict, *, pro
                              eval_seconds=t2 - t1)
                 settled.add(p.key)
                 counts["ran"] += 1
-                advance(p.key, left[p.key])
+                advance()
                 seconds += t2 - t1
                 if tally is not None:
                     tally(p, records, seconds)

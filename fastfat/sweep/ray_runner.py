@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from ..errors import UserError
 from ..files import check_writable_dir
-from ..runtime import progress_bar
+from .progress import GridProgress
 from .grid import GridPoint, RaySettings, Sweep
 from .runner import (Terminated, _open_and_add, _say, _sigterm_as_interrupt, claim_points, evaluate_point,
                      summary_line, train_and_evaluate, unsettled_source, write_report)
@@ -314,7 +314,7 @@ def _drive(ray, sweep: Sweep, progress: bool, reclaim: bool) -> dict:
         if counts["skipped"]:
             _say(f"sweep: {counts['skipped']} of {len(sweep.points)} points already done, skipping them",
                  progress)
-        bar = progress_bar(len(todo), "sweep", progress, position=0, unit="point", leave=True)
+        bar = GridProgress(sweep.db, [p.key for p in sweep.points], enabled=progress)
         done = [p.key for p in sweep.points if have[p.key].status == "done"]
         queue, in_flight = deque(plan_units(sweep.points, sweep.fuse, done)), {}   # ObjectRef -> claimed points
         finished, counted_at, renewed_at = 0, time.monotonic(), time.monotonic()
@@ -333,19 +333,16 @@ def _drive(ray, sweep: Sweep, progress: bool, reclaim: bool) -> dict:
                     if unit:
                         runs = [os.path.join(sweep.runs_dir, p.key) for p in unit]
                         in_flight[task.remote(unit, runs, threads, os.getcwd())] = unit
-                    _advance(bar, len(planned) - len(unit), counts, in_flight)   # done/busy elsewhere
                 if not in_flight:
                     time.sleep(SOURCE_WAIT_S)   # every unit left waits for a source running elsewhere
                     continue
                 ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
-                if not ready:
-                    _advance(bar, 0, counts, in_flight)   # the elapsed time ticks on
                 for ref in ready:
                     unit = in_flight.pop(ref)
                     for p, o in zip(unit, _collect(ray, ref, unit, retries)):
                         finished += 1
                         _store(store, p, o, counts, progress, finished, len(todo))
-                    _advance(bar, len(unit), counts, in_flight)
+                    bar.update()   # the bar counts the database's done points: re-read it now
                 if time.monotonic() - renewed_at > sweep.lease / 5:
                     renewed_at = time.monotonic()
                     _renew(ray, store, in_flight, counts, progress)
@@ -361,18 +358,9 @@ def _drive(ray, sweep: Sweep, progress: bool, reclaim: bool) -> dict:
                     store.release(p.key)
             raise
         finally:
-            if bar is not None:
-                bar.close()
+            bar.close()
         counts["done"] = store.counts(keys=[p.key for p in sweep.points])["done"]
     return counts
-
-
-def _advance(bar, n: int, counts: dict, in_flight: dict) -> None:
-    """Move the overall bar on by n points and show done, running and failed."""
-    if bar is not None:
-        bar.set_postfix_str(f"{counts['ran']} done, {sum(map(len, in_flight.values()))} running, "
-                            f"{counts['failed']} failed", refresh=not n)
-        bar.update(n)
 
 
 def _renew(ray, store, in_flight: dict, counts: dict, progress: bool) -> None:

@@ -337,8 +337,9 @@ def build(data: Data, attack: str | None = None, eps: float | None = None):
 
 
 def write_report(db_path: str, out_dir: str, attack: str | None = None, eps: float | None = None) -> list[str]:
-    """Write report.md, one CSV and one .tex per table and one PNG per figure; returns the paths."""
+    """Write report.md, report.html (html.py), a CSV and a .tex per table, a PNG per figure; returns the paths."""
     from .figures import save_figure
+    from .html import write_html
 
     data = load(db_path)
     tables, figs, (attack, eps) = build(data, attack, eps)
@@ -349,10 +350,10 @@ def write_report(db_path: str, out_dir: str, attack: str | None = None, eps: flo
             path = os.path.join(out_dir, f"{t.slug}.{ext}")
             atomic_write_text(path, render(t))
             written.append(path)
+    pngs = {stem: os.path.join(out_dir, f"{stem}.png") for stem in figs}
     for stem, fig in figs.items():
-        path = os.path.join(out_dir, f"{stem}.png")
-        save_figure(fig, path)
-        written.append(path)
+        save_figure(fig, pngs[stem])
+    written += pngs.values()
 
     done = sum(p.status == "done" for p in data.points)
     md = ["# fastfat sweep report", "",
@@ -374,6 +375,7 @@ def write_report(db_path: str, out_dir: str, attack: str | None = None, eps: flo
                   "checkpoint last (the final epoch) and best (selected on the validation split). "
                   "Tables 1 to 4 and the figures but the methods scatter show the last one; the "
                   "tables from Methods on show both.")
+    md_intro = md[2:]   # the opening sentences, which report.html opens with too
     sections = (("Table 1: robust accuracy and its class-wise variance against eps_train", "table1_"),
                 ("Tables 3 and 4: the base method against FAT", ("table3_", "table4_")),
                 ("Table 2: class-wise robust accuracy", "table2_"),
@@ -391,8 +393,6 @@ def write_report(db_path: str, out_dir: str, attack: str | None = None, eps: flo
         md += ["", "## Figures", ""]
         for stem in figs:
             md += [f"![{stem}]({stem}.png)", ""]
-    md += ["", "## Runs", "", runs_table(data)]
-    path = os.path.join(out_dir, "report.md")
-    atomic_write_text(path, "\n".join(md))
-    written.append(path)
-    return written
+    md += ["", "## Runs", "", runs := runs_table(data)]
+    atomic_write_text(os.path.join(out_dir, "report.md"), "\n".join(md))
+    return written + [os.path.join(out_dir, "report.md"), write_html(data, tables, pngs, sections, md_intro, runs, out_dir)]

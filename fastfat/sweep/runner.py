@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from ..config import to_dict
 from ..errors import UserError
 from ..runtime import progress_bar
+from .progress import GridProgress
 from .grid import GridPoint, Sweep, default_report_dir
 from .labels import lam_suffix
 
@@ -159,7 +160,7 @@ def run_point(store, p: GridPoint, run_dir: str, *, progress: bool, overall=None
             bar.close()
     store.finish(p.key, records, train_seconds=timings["train_seconds"], eval_seconds=timings["eval_seconds"])
     if overall is not None:
-        overall.update(1)  # the evaluation's share of the ETA
+        overall.update(1)   # the point is done: the bar re-reads the database
     return records
 
 
@@ -190,20 +191,22 @@ def _sigterm_as_interrupt():
 
 
 def run_sweep(sweep: Sweep, *, progress: bool = True, report: bool = True, report_dir: str | None = None,
-              report_options: dict | None = None, reclaim: bool = False) -> dict:
+              report_options: dict | None = None, reclaim: bool = False, overall=None) -> dict:
     """Run every point not done yet; returns counts {"points", "done", "ran", "skipped", "failed",
     "busy", "failed_elsewhere", "reclaimed"}. reclaim: first take back running points that no live
-    process on this host holds (stale, or claimed from another host), and say which."""
+    process on this host holds (stale, or claimed from another host), and say which. overall: a
+    GridProgress the caller owns and closes (workers.py: it outlives this process's own loop);
+    by default this run draws and closes its own."""
     with _sigterm_as_interrupt():
         if sweep.threads is None:
-            return _run_sweep(sweep, progress, report, report_dir, report_options, reclaim)
+            return _run_sweep(sweep, progress, report, report_dir, report_options, reclaim, overall)
         # On a shared small CPU, torch's default (one thread per core) in several processes at
         # once oversubscribes the cores; measured here: 2.1 s per epoch with 1 thread, 39 s with 2.
         import torch
         before = torch.get_num_threads()
         torch.set_num_threads(sweep.threads)
         try:
-            return _run_sweep(sweep, progress, report, report_dir, report_options, reclaim)
+            return _run_sweep(sweep, progress, report, report_dir, report_options, reclaim, overall)
         finally:
             torch.set_num_threads(before)
 
@@ -316,7 +319,7 @@ def _when_sources_settle(store, units: list[list[GridPoint]], progress: bool):
             time.sleep(SOURCE_POLL_S)
 
 
-def _run_sweep(sweep: Sweep, progress, report, report_dir, report_options, reclaim) -> dict:
+def _run_sweep(sweep: Sweep, progress, report, report_dir, report_options, reclaim, overall) -> dict:
     from .claims import ClaimLost
     from .groups import plan, run_group
     from .store import Store
@@ -329,13 +332,11 @@ def _run_sweep(sweep: Sweep, progress, report, report_dir, report_options, recla
         if counts["skipped"]:
             _say(f"sweep: {counts['skipped']} of {len(sweep.points)} points already done, skipping them",
                  progress)
-        # Overall ETA in epochs (+1 per point for its evaluation).
-        total = sum(p.train.epochs - min(have[p.key].epochs_done, p.train.epochs) + 1 for p in todo)
-        overall = progress_bar(total, "sweep", progress, position=0, unit="step", leave=True)
-        finished = [0]
+        own_bar = overall is None
+        if own_bar:
+            overall = GridProgress(sweep.db, [p.key for p in sweep.points], enabled=progress)
 
         def tally(p, records, seconds):   # a fused group's member stored
-            finished[0] += 1
             _say(done_tag(store, sweep) + summary_line(p, records, seconds), progress)
 
         try:
@@ -343,18 +344,10 @@ def _run_sweep(sweep: Sweep, progress, report, report_dir, report_options, recla
             units = plan(sweep.points, sweep.fuse, done)   # fuse = 1: one point per unit, as todo
             for unit in _when_sources_settle(store, units, progress):
                 if len(unit) > 1:
-                    if overall is not None:
-                        overall.set_postfix_str(f"points {finished[0] + 1}-{finished[0] + len(unit)}/{len(todo)}")
                     run_group(store, unit, sweep, counts, progress=progress, overall=overall, tally=tally)
                     continue
                 p = unit[0]
-                finished[0] += 1
-                i = finished[0] - 1
-                if overall is not None:
-                    overall.set_postfix_str(f"point {i + 1}/{len(todo)}")
                 if not claim_point(store, p, counts, progress):
-                    if overall is not None:
-                        overall.update(p.train.epochs - min(have[p.key].epochs_done, p.train.epochs) + 1)
                     continue
                 t0 = time.perf_counter()
                 run_dir = os.path.join(sweep.runs_dir, p.key)
@@ -382,7 +375,7 @@ def _run_sweep(sweep: Sweep, progress, report, report_dir, report_options, recla
                 counts["ran"] += 1
                 _say(done_tag(store, sweep) + summary_line(p, records, time.perf_counter() - t0), progress)
         finally:
-            if overall is not None:
+            if own_bar:
                 overall.close()
         counts["done"] = store.counts(keys=[p.key for p in sweep.points])["done"]
     if report:

@@ -15,6 +15,7 @@ import queue
 import signal
 
 from .grid import Sweep
+from .progress import GridProgress
 
 COUNT_KEYS = ("ran", "failed", "reclaimed")
 GRACE_S = 5.0   # after Ctrl-C, how long a worker may take to give its point back by itself
@@ -73,8 +74,11 @@ def run_with_workers(sweep: Sweep, workers: int, *, progress: bool = True, repor
     children = [ctx.Process(target=_child, args=(sweep, out)) for _ in range(workers - 1)]
     for c in children:
         c.start()
+    # One overall bar for the whole command: it counts the grid's points done in the database by
+    # every process, and stays open until the last worker has returned (100% when the grid is done).
+    overall = GridProgress(sweep.db, keys, enabled=progress)
     try:
-        counts = run_sweep(sweep, progress=progress, report=False, reclaim=reclaim)
+        counts = run_sweep(sweep, progress=progress, report=False, reclaim=reclaim, overall=overall)
         got = _gather(children, out)
     except BaseException as e:
         # Ctrl-C in the terminal reached the workers too: give them a moment to hand their points
@@ -89,6 +93,7 @@ def run_with_workers(sweep: Sweep, workers: int, *, progress: bool = True, repor
     finally:
         for c in children:
             c.join()
+        overall.close()
     counts["ran_by_process"] = [counts["ran"]] + [t["ran"] if t else 0 for t in got]
     for theirs in filter(None, got):
         for k in COUNT_KEYS:
