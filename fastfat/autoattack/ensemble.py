@@ -8,7 +8,7 @@ import torch.nn as nn
 from . import apgd, pyaa
 from .common import Logits, Rng, autoattack_seed, input_grads_only, view_rows
 
-IMPLS = ("fastfat", "pyautoattack")
+from ..config import AA_IMPLS as IMPLS
 
 
 def settings(attack: str, num_classes: int, impl: str = "fastfat", **overrides) -> dict:

@@ -1,0 +1,109 @@
+"""fastfat's APGD-CE and APGD-T: pyautoattack's iterates exactly in float64 from the same start,
+its verdicts in fp32, and results that do not depend on batching, sharding or the other eps."""
+import copy
+
+import pytest
+import torch
+from pyautoattack.autopgd_base import APGDAttack, APGDAttack_targeted
+
+from fastfat.autoattack import apgd, run_batch
+from fastfat.autoattack.common import Logits, ce_loss, dlr_loss, dlr_loss_targeted
+from fastfat.data import MemoryLoader
+from fastfat.data.datasets import load_dataset
+from fastfat.models import build_model
+
+EPS = 0.1
+
+
+@pytest.fixture(scope="module")
+def digits():
+    test = load_dataset("digits")[1].subset(48)
+    return next(iter(MemoryLoader(test, 48, False)))
+
+
+@pytest.fixture(scope="module")
+def model64():
+    """A small random-init digits CNN in float64 (exactness needs no training: the logits vary)."""
+    torch.manual_seed(0)
+    return build_model("cnn", 10, width=8, in_channels=1).eval().double()
+
+
+def _start(x, eps, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return apgd.start_point(x, torch.full((x.shape[0],), eps, dtype=x.dtype), 2 * torch.rand(x.shape, generator=g) - 1)
+
+
+def _ref_run(ref, x, y, start):
+    ref.init_hyperparam(x)
+    return ref.attack_single_run(x, y, x_init=start)
+
+
+@pytest.mark.parametrize("n_iter", [100, 17])
+def test_apgd_ce_float64_iterates_equal_pyautoattack(digits, model64, n_iter):
+    """Same start, float64: the best point, its loss, the verdicts and the fooling iterates are
+    pyautoattack's attack_single_run's bit for bit (same ops in the same order; fp32 step size and
+    loss history as there), over its step-size checkpoints (n_iter 100 and an odd 17)."""
+    x, y = digits[0].double(), digits[1]
+    start = _start(x, EPS)
+    ref = APGDAttack(model64, n_iter=n_iter, eps=EPS, loss="ce", device="cpu")
+    x_best, acc, loss_best, x_best_adv = _ref_run(ref, x, y, start)
+    ours = apgd.run(Logits(model64, threads=1, keep_float64=True), x, y, torch.full((48,), EPS, dtype=torch.float64),
+                    start, ce_loss, n_iter=n_iter, rho=0.75, drop=False)
+    assert 0 < (~acc).sum() < 48                       # the attack had something to do
+    assert torch.equal(ours["x_best"], x_best) and torch.equal(ours["loss_best"], loss_best)
+    assert torch.equal(ours["fooled"], ~acc) and torch.equal(ours["x_adv"], x_best_adv)
+    # dropping fooled samples at once changes no verdict
+    dropped = apgd.run(Logits(model64, threads=1, keep_float64=True), x, y, torch.full((48,), EPS, dtype=torch.float64),
+                       start, ce_loss, n_iter=n_iter, rho=0.75, drop=True)
+    assert torch.equal(dropped["fooled"], ~acc)
+
+
+def test_apgd_t_float64_iterates_equal_pyautoattack(digits, model64):
+    """Targeted DLR towards the 2nd .. 4th most likely class, each target from its own start: every
+    (sample, target) run equals pyautoattack's with that y_target, bit for bit; the fastfat runs
+    are all in one working batch."""
+    x, y = digits[0].double()[:24], digits[1][:24]
+    targets = apgd.targets_of(model64(x), 3)
+    n_iter, logits_fn = 30, Logits(model64, threads=1, keep_float64=True)
+    starts = [_start(x, EPS, seed=k) for k in range(3)]
+    xr, yr = x.repeat(3, 1, 1, 1), y.repeat(3)
+    ours = apgd.run(logits_fn, xr, yr, torch.full((72,), EPS, dtype=torch.float64), torch.cat(starts),
+                    dlr_loss_targeted, (targets.T.reshape(-1),), n_iter=n_iter, rho=0.75, drop=False)
+    fooled_any = torch.zeros(24, dtype=torch.bool)
+    for k in range(3):
+        ref = APGDAttack_targeted(model64, n_iter=n_iter, eps=EPS, device="cpu", n_target_classes=3)
+        ref.y_target = targets[:, k]
+        x_best, acc, loss_best, _ = _ref_run(ref, x, y, starts[k])
+        rows = slice(24 * k, 24 * (k + 1))
+        assert torch.equal(ours["x_best"][rows], x_best) and torch.equal(ours["loss_best"][rows], loss_best)
+        assert torch.equal(ours["fooled"][rows], ~acc)
+        fooled_any |= ~acc
+    assert 0 < fooled_any.sum() < 24
+
+
+def test_dlr_losses_equal_pyautoattacks():
+    torch.manual_seed(1)
+    z, y, t = torch.randn(32, 10, dtype=torch.float64), torch.randint(0, 10, (32,)), torch.randint(0, 10, (32,))
+    z[:8] = z[:8].index_put((torch.arange(8), y[:8]), torch.tensor(9.0, dtype=torch.float64))  # y on top
+    ref = APGDAttack_targeted(lambda v: v, eps=EPS)
+    assert torch.equal(dlr_loss(z, y), ref.dlr_loss(z, y))
+    ref.y_target = t
+    assert torch.equal(dlr_loss_targeted(z, y, t), ref.dlr_loss_targeted(z, y))
+
+
+def test_independent_of_batching_sharding_and_other_eps(digits, model64):
+    """A sample's verdict and example at one eps do not depend on the other samples of the batch
+    (dropping fooled ones), on the split over shard workers, or on which other eps share the
+    working batch: float64, so bit for bit."""
+    x, y = digits[0].double(), digits[1]
+    kw = dict(n_iter=10)
+    both, pb = run_batch(model64, x, y, "apgd", [0.05, EPS], [7, 8], 10, threads=1, **kw)
+    with pytest.MonkeyPatch.context() as mp:
+        import fastfat.autoattack.common as common
+        mp.setattr(common, "chunk_size", lambda v: 8)
+        split, ps = run_batch(model64, x, y, "apgd", [0.05, EPS], [7, 8], 10, threads=2, **kw)
+    one, po = run_batch(model64, x, y, "apgd", [EPS], [8], 10, threads=1, **kw)
+    assert torch.equal(both, split) and torch.equal(pb, ps)
+    assert torch.equal(both[48:], one) and torch.equal(pb[48:], po)
+    assert 0 < (po != y).sum() < 48
+    assert ((both - x.repeat(2, 1, 1, 1)).abs().amax((1, 2, 3)) <= torch.tensor([0.05] * 48 + [EPS] * 48) + 1e-12).all()
