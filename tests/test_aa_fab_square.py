@@ -1,0 +1,178 @@
+"""fastfat's FAB-T and Square: pyautoattack's l_inf projection exactly in float64, the verdicts of
+pyautoattack's FABAttack_targeted and SquareAttack on a trained digits CNN, the eps-ball and the
+box, and answers that do not depend on the other rows of the working batch."""
+import copy
+
+import pytest
+import torch
+from pyautoattack.fab_projections import projection_linf as pyaa_projection_linf
+from pyautoattack.fab_pt import FABAttack_PT
+from pyautoattack.square import SquareAttack
+
+from fastfat.autoattack.common import Logits, Rng
+from fastfat.autoattack.fab import fab_t, projection_linf
+from fastfat.autoattack.square import p_schedule, square
+from fastfat.config import make_train_config
+from fastfat.data import MemoryLoader
+from fastfat.data.datasets import load_dataset
+from fastfat.train import train
+
+EPS = 0.1   # on this model FAB-T and Square each fool about half of the clean-correct digits
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A small digits CNN, Madry-trained for a few seconds, in eval mode, and the test digits it
+    classifies correctly (the rows an attack of the ensemble gets)."""
+    cfg = make_train_config("demo", method="madry", width=8, epochs=4, train_limit=1024,
+                            eps_train=0.1, device="cpu", loader="memory")
+    model, _ = train(cfg, str(tmp_path_factory.mktemp("fab_sq")), progress=False)
+    model.eval().requires_grad_(False)
+    x, y = next(iter(MemoryLoader(load_dataset("digits")[1], 497, False)))
+    ok = Logits(model)(x).argmax(1) == y
+    return model, x[ok], y[ok]
+
+
+def _rng(seeds, group, n=None, pos=None):
+    n = group.shape[0] if n is None else n
+    pos = torch.arange(group.shape[0]) if pos is None else pos
+    return Rng(seeds, group, pos, n, "cpu")
+
+
+def _in_ball_and_box(x_adv, x, eps, slack=0.0):
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    assert ((x_adv - x).abs().flatten(1).amax(1) <= eps + slack).all()
+
+
+def _agree(robust_a, robust_b, y):
+    """The per-sample verdicts agree on >= 99.5% and class-wise robust counts within one."""
+    assert (robust_a == robust_b).double().mean() >= 0.995
+    diff = torch.bincount(y[robust_a], minlength=10) - torch.bincount(y[robust_b], minlength=10)
+    assert diff.abs().max() <= 1
+
+
+def test_projection_linf_equals_pyautoattack_in_float64():
+    """Same arithmetic in the same order: equal bits, in each of the projection's cases (the
+    hyperplane reached inside the box, or out of its reach), with ties and zero weights."""
+    g = torch.Generator().manual_seed(0)
+    reached = missed = 0
+    for trial in range(40):
+        r, d = 16, [3, 64, 257][trial % 3]
+        t = torch.rand(r, d, generator=g, dtype=torch.float64)
+        if trial % 2:
+            t = (t * 4).round() / 4                         # ties and box corners
+        w = torch.randn(r, d, generator=g, dtype=torch.float64)
+        w[torch.rand(r, d, generator=g) < 0.2] = 0
+        b = torch.randn(r, generator=g, dtype=torch.float64) * (trial % 7)
+        ours, theirs = projection_linf(t, w, b), pyaa_projection_linf(t, w, b)
+        assert torch.equal(ours, theirs)
+        on_plane = ((w * (t + ours)).sum(1) - b).abs() < 1e-9
+        reached += int(on_plane.sum())
+        missed += int((~on_plane).sum())
+        assert ((t + ours) >= -1e-12).all() and ((t + ours) <= 1 + 1e-12).all()
+    assert reached > 50 and missed > 50
+
+
+def test_fab_t_verdicts_equal_pyautoattack(trained):
+    """FAB-T has no randomness (one restart, started at x), so the verdicts differ only where the
+    model's fp32 logits round differently in other batch shapes (9 targets side by side, rows
+    leaving when fooled). 25 iterations instead of 100 keep pyautoattack's side of it fast."""
+    model, x, y = trained
+    x, y = x[:240], y[:240]
+    logits = Logits(model, threads=1)
+    eps = torch.full((len(y),), EPS)
+    ours = fab_t(logits, x, y, eps, rng=None, n_iter=25, n_target_classes=9)
+    ref = FABAttack_PT(logits, norm="Linf", n_restarts=1, n_iter=25, eps=EPS, targeted=True,
+                       n_target_classes=9, device="cpu").perturb(x, y)
+    robust, robust_ref = logits(ours).argmax(1) == y, logits(ref).argmax(1) == y
+    assert 0.2 < robust.double().mean() < 0.8          # the attack matters on these samples
+    _agree(robust, robust_ref, y)
+    _in_ball_and_box(ours, x, EPS)
+    assert torch.equal(ours[robust], x[robust])
+
+
+def test_square_verdicts_equal_pyautoattack(trained):
+    """One eps group whose rows are the batch's samples in order draws pyautoattack's numbers
+    (same seed, CPU generator, same order), so the queries are the same; the verdicts could differ
+    only by the model's rounding. 400 queries (p schedule rescaled to them) keep it fast."""
+    model, x, y = trained
+    x, y = x[:240], y[:240]
+    logits = Logits(model, threads=1)
+    ours = square(logits, x, y, torch.full((len(y),), EPS), rng=_rng([7], torch.zeros_like(y)),
+                  n_queries=400, p_init=0.8)
+    ref = SquareAttack(logits, norm="Linf", n_queries=400, eps=EPS, p_init=0.8, n_restarts=1,
+                       seed=7, device="cpu").perturb(x, y)
+    robust, robust_ref = logits(ours).argmax(1) == y, logits(ref).argmax(1) == y
+    assert 0.2 < robust.double().mean() < 0.8
+    _agree(robust, robust_ref, y)
+    # x + eps rounds in fp32, as in pyautoattack: the ball holds up to one ulp of 1.0
+    _in_ball_and_box(ours, x, EPS, slack=1.2e-7)
+    assert torch.equal(ours[robust], x[robust])
+
+
+def test_square_p_schedule_is_pyautoattacks():
+    ref = SquareAttack(None, n_queries=5000, eps=EPS, p_init=0.8)
+    for n_queries in (5000, 400):
+        ref.n_queries = n_queries
+        assert all(p_schedule(i, n_queries, 0.8) == ref.p_selection(i) for i in range(n_queries))
+
+
+def _per_sample(trained):
+    """The model in float64, called one sample at a time: a batched forward rounds a sample's
+    logits differently in batches of other sizes (oneDNN and BLAS pick kernels by shape; 3e-17
+    here between 1 and 48 samples), so to test that the attacks themselves do not mix rows, the
+    model's arithmetic must not depend on the batch either."""
+    model, x, y = trained
+    one = Logits(copy.deepcopy(model).double(), threads=1, keep_float64=True)
+
+    def logits(z):
+        return torch.cat([one(z[i:i + 1]) for i in range(z.shape[0])])
+    return logits, x.double(), y
+
+
+def test_square_does_not_depend_on_the_other_rows(trained):
+    """A row's answer depends on its group's generator and its sample only: alone in its group,
+    beside another eps group, or with half of its group gone (already fooled), it is the same;
+    a misclassified sample comes back unchanged."""
+    logits, x, y = _per_sample(trained)
+    x, y = x[:24], y[:24].clone()
+    y[0] = (y[0] + 1) % 10                                 # misclassified from the start
+    n = len(y)
+    eps = torch.full((n,), EPS, dtype=torch.float64)
+    alone = square(logits, x, y, eps, rng=_rng([11], torch.zeros(n, dtype=torch.long)),
+                   n_queries=150)
+    assert torch.equal(alone[0], x[0])
+    # the same samples interleaved with a second group (other seed and eps), rows reversed
+    xx, yy = torch.cat([x, x]).flip(0), torch.cat([y, y]).flip(0)
+    group = torch.cat([torch.zeros(n), torch.ones(n)]).long().flip(0)
+    pos = torch.cat([torch.arange(n), torch.arange(n)]).flip(0)
+    ee = torch.where(group == 0, torch.tensor(EPS, dtype=torch.float64), 0.15)
+    mixed = square(logits, xx, yy, ee, rng=_rng([11, 12], group, n, pos), n_queries=150)
+    assert torch.equal(mixed[group == 0], alone.flip(0))
+    _in_ball_and_box(mixed[group == 1], xx[group == 1], 0.15, slack=1e-15)
+    # every other sample gone: the rest keep their streams
+    keep = torch.arange(0, n, 2)
+    part = square(logits, x[keep], y[keep], eps[keep],
+                  rng=_rng([11], torch.zeros(len(keep), dtype=torch.long), n, keep), n_queries=150)
+    assert torch.equal(part, alone[keep])
+    assert (logits(alone).argmax(1) != y).any()             # the check had fooled rows to keep
+
+
+def test_fab_t_does_not_depend_on_the_other_rows(trained):
+    """FAB-T per sample: the same x_adv alone, in a batch with other samples at another eps, and
+    in another order; a misclassified sample comes back unchanged."""
+    logits, x, y = _per_sample(trained)
+    x, y = x[:12], y[:12].clone()
+    y[0] = (y[0] + 1) % 10
+    n = len(y)
+    eps = torch.full((n,), EPS, dtype=torch.float64)
+    full = fab_t(logits, x, y, eps, n_iter=15)
+    assert torch.equal(full[0], x[0])
+    assert (logits(full).argmax(1) != y).sum() >= 2         # fooled rows to compare
+    xx, yy = torch.cat([x, x]).flip(0), torch.cat([y, y]).flip(0)
+    ee = torch.cat([eps, torch.full((n,), 0.15, dtype=torch.float64)]).flip(0)
+    mixed = fab_t(logits, xx, yy, ee, n_iter=15)
+    assert torch.equal(mixed[n:], full.flip(0))
+    _in_ball_and_box(mixed[:n], xx[:n], 0.15)
+    for i in (1, 5):
+        assert torch.equal(fab_t(logits, x[i:i + 1], y[i:i + 1], eps[i:i + 1], n_iter=15), full[i:i + 1])
