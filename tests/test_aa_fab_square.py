@@ -76,19 +76,38 @@ def test_projection_linf_equals_pyautoattack_in_float64():
 def test_fab_t_verdicts_equal_pyautoattack(trained):
     """FAB-T has no randomness (one restart, started at x), so the verdicts differ only where the
     model's fp32 logits round differently in other batch shapes (9 targets side by side, rows
-    leaving when fooled). 25 iterations instead of 100 keep pyautoattack's side of it fast."""
+    leaving when fooled). Checked two ways, with 25 iterations instead of 100 to keep
+    pyautoattack's side fast: against FABAttack_targeted.perturb at EPS, and, with three eps in one
+    working batch, against the smallest perturbation pyautoattack's runs find over the 9 targets
+    (fooled at eps iff that norm <= eps), which also tests the per-sample eps."""
     model, x, y = trained
     x, y = x[:240], y[:240]
+    n = len(y)
     logits = Logits(model, threads=1)
-    eps = torch.full((len(y),), EPS)
-    ours = fab_t(logits, x, y, eps, rng=None, n_iter=25, n_target_classes=9)
-    ref = FABAttack_PT(logits, norm="Linf", n_restarts=1, n_iter=25, eps=EPS, targeted=True,
-                       n_target_classes=9, device="cpu").perturb(x, y)
+    fab = FABAttack_PT(logits, norm="Linf", n_restarts=1, n_iter=25, eps=EPS, targeted=True,
+                       n_target_classes=9, device="cpu")
+    ref = fab.perturb(x, y)
+    ours = fab_t(logits, x, y, torch.full((n,), EPS), rng=None, n_iter=25, n_target_classes=9)
     robust, robust_ref = logits(ours).argmax(1) == y, logits(ref).argmax(1) == y
     assert 0.2 < robust.double().mean() < 0.8          # the attack matters on these samples
     _agree(robust, robust_ref, y)
     _in_ball_and_box(ours, x, EPS)
     assert torch.equal(ours[robust], x[robust])
+
+    smallest = torch.full((n,), float("inf"))
+    for k in range(2, 11):
+        fab.target_class = k
+        adv = fab.attack_single_run(x, y, use_rand_start=False, is_targeted=True)
+        norm = (adv - x).flatten(1).abs().amax(1)
+        smallest = torch.min(smallest, torch.where(logits(adv).argmax(1) != y, norm, float("inf")))
+    radii = torch.tensor([0.05, EPS, 0.15])
+    ee = radii.repeat_interleave(n)
+    xx, yy = x.repeat(3, 1, 1, 1), y.repeat(3)
+    ours = fab_t(logits, xx, yy, ee, rng=None, n_iter=25, n_target_classes=9)
+    for j, e in enumerate(radii):
+        rows = slice(j * n, (j + 1) * n)
+        _agree(logits(ours[rows]).argmax(1) == y, smallest > e, y)
+        _in_ball_and_box(ours[rows], x, e)
 
 
 def test_square_verdicts_equal_pyautoattack(trained):
