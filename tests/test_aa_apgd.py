@@ -7,10 +7,11 @@ import torch
 from pyautoattack.autopgd_base import APGDAttack, APGDAttack_targeted
 
 from fastfat.autoattack import apgd, run_batch
-from fastfat.autoattack.common import Logits, ce_loss, dlr_loss, dlr_loss_targeted
+from fastfat.autoattack.common import Logits, Rng, ce_loss, dlr_loss, dlr_loss_targeted
 from fastfat.data import MemoryLoader
 from fastfat.data.datasets import load_dataset
-from fastfat.models import build_model
+from fastfat.config import make_train_config
+from fastfat.train import train
 
 EPS = 0.1
 
@@ -22,10 +23,12 @@ def digits():
 
 
 @pytest.fixture(scope="module")
-def model64():
-    """A small random-init digits CNN in float64 (exactness needs no training: the logits vary)."""
-    torch.manual_seed(0)
-    return build_model("cnn", 10, width=8, in_channels=1).eval().double()
+def model64(tmp_path_factory):
+    """A small digits CNN, Madry-trained for a few seconds (so that the attack has work), float64."""
+    cfg = make_train_config("demo", method="madry", width=8, epochs=3, train_limit=1024, eps_train=0.1,
+                            device="cpu", loader="memory")
+    model, _ = train(cfg, str(tmp_path_factory.mktemp("aa_apgd")), progress=False)
+    return model.eval().double()
 
 
 def _start(x, eps, seed=0):
@@ -107,3 +110,36 @@ def test_independent_of_batching_sharding_and_other_eps(digits, model64):
     assert torch.equal(both[48:], one) and torch.equal(pb[48:], po)
     assert 0 < (po != y).sum() < 48
     assert ((both - x.repeat(2, 1, 1, 1)).abs().amax((1, 2, 3)) <= torch.tensor([0.05] * 48 + [EPS] * 48) + 1e-12).all()
+
+
+def _rng(seed, n, device="cpu"):
+    return Rng([seed], torch.zeros(n, dtype=torch.long), torch.arange(n), n, device)
+
+
+@pytest.mark.parametrize("attack", ["apgd-ce", "apgd-t"])
+def test_whole_attack_equals_pyautoattacks_perturb(digits, model64, attack):
+    """The whole attack from the same seed: pyautoattack's perturb (its reseeded global generator,
+    its fp32 iterates) and fastfat's (its keyed stream, dropping fooled samples) fool exactly the
+    same samples, the model computing in float64 on both sides so that nothing rounds differently.
+    APGD-T with one target: its first target's starts are pyautoattack's numbers (later targets'
+    depend, in pyautoattack, on whom the earlier ones fooled)."""
+    x = digits[0]
+    logits_fn = Logits(model64, threads=1, keep_float64=True)
+    with torch.no_grad():
+        y = logits_fn(x).argmax(1)                   # labels: the model's own (every sample attacked)
+    e = 0.15
+    n, seed, kw = len(y), 1234, dict(n_iter=20, eps=e, seed=1234, device="cpu")
+    eps = torch.full((n,), e)
+    if attack == "apgd-ce":
+        ref = APGDAttack(logits_fn, loss="ce", **kw)
+        ours = apgd.apgd_ce(logits_fn, x, y, eps, rng=_rng(seed, n), n_iter=20)
+    else:
+        ref = APGDAttack_targeted(logits_fn, n_target_classes=1, **kw)
+        ours = apgd.apgd_t(logits_fn, x, y, eps, rng=_rng(seed, n), n_iter=20, n_target_classes=1)
+    with torch.random.fork_rng():
+        theirs = ref.perturb(x, y)
+    with torch.no_grad():
+        fooled_ours, fooled_theirs = logits_fn(ours).argmax(1) != y, logits_fn(theirs).argmax(1) != y
+    assert 0 < fooled_theirs.sum() < n
+    assert torch.equal(fooled_ours, fooled_theirs)
+    assert (ours - x).abs().max() <= e + 1e-6 and 0 <= ours.min() and ours.max() <= 1

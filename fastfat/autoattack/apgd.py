@@ -120,8 +120,9 @@ def run(logits_fn, x, y, eps, x_start, loss_fn, loss_args=(), *, n_iter: int, rh
 
 
 def _noise(rng, shape) -> torch.Tensor:
-    """U(-1, 1) start noise [N, *shape] in fp32, as pyautoattack draws it (2 * rand - 1)."""
-    return 2 * rng.draw(shape) - 1
+    """U(-1, 1) start noise [N, *shape] in fp32, pyautoattack's numbers (2 * rand - 1 from its
+    reseeded stream: common.Rng.stream)."""
+    return 2 * rng.stream(shape) - 1
 
 
 def apgd_ce(logits_fn, x, y, eps, *, rng, n_iter: int = 100, rho: float = 0.75) -> torch.Tensor:
@@ -149,7 +150,10 @@ def apgd_t(logits_fn, x, y, eps, *, rng, n_iter: int = 100, rho: float = 0.75,
         targets = targets_of(logits_fn(x), t)
     owner = torch.arange(n, device=x.device).repeat_interleave(t)
     xr, er = x[owner], eps[owner]
-    start = start_point(xr, er, _noise(rng, (t, *x.shape[1:])).flatten(0, 1))
+    # the first target's starts are pyautoattack's (its first draw after reseeding); the other
+    # targets' come next in the same stream (pyautoattack's depend on who the earlier ones fooled)
+    noise = torch.cat([_noise(rng, (1, *x.shape[1:])), _noise(rng, (t - 1, *x.shape[1:]))], 1)
+    start = start_point(xr, er, noise.flatten(0, 1))
     r = run(logits_fn, xr, y[owner], er, start, dlr_loss_targeted, (targets.reshape(-1),),
             n_iter=n_iter, rho=rho, owner=owner)
     fooled = r["fooled"].view(n, t)

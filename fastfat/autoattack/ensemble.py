@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from . import apgd, pyaa
-from .common import Logits, Rng, autoattack_seed, input_grads_only, view_rows
+from .common import Logits, Rng, channels_last_on_cpu, input_grads_only, view_rows
 
 from ..config import AA_IMPLS as IMPLS
 
@@ -54,12 +54,17 @@ def run_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: str, e
     """`attack` ("aa" | "apgd") on one batch at every radius of eps_list at once.
 
     x [n, C, H, W] in [0, 1]; y [n] int64; eps_list: E radii (pixel units); seeds: E ints, the
-    (batch, eps) cells' eval_noise_seed(seed, batch, "aa", e) (each attack draws from its own
-    stream of it: common.autoattack_seed). The model must be in eval mode; only input gradients
+    (batch, eps) cells' eval_noise_seed(seed, batch, "aa", e) (every attack starts its
+    generators from them afresh, as pyautoattack reseeds before each attack: common.Rng). The model must be in eval mode; only input gradients
     are taken. threads: CPU shard workers (None: torch's thread count). Returns (x_adv [E*n, C,
     H, W], pred [E*n] int64), eps-major: row e*n + i is sample i at eps_list[e]; pred == y iff
     the sample was classified correctly and no attack fooled it."""
     s = settings(attack, num_classes, "fastfat", **overrides)
+    with channels_last_on_cpu(model, x):
+        return _run(model, x, y, s, eps_list, seeds, amp, threads)
+
+
+def _run(model, x, y, s, eps_list, seeds, amp, threads):
     logits_fn = Logits(model, amp, threads, keep_float64=True)
     x = x.detach().to(logits_fn.out_dtype)
     n, E = x.shape[0], len(eps_list)
@@ -74,7 +79,7 @@ def run_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: str, e
             idx = (pred == y_rep).nonzero()[:, 0]   # one host sync per attack, outside its loop
             if idx.numel() == 0:
                 break
-            rng = Rng([autoattack_seed(sd, name) for sd in seeds], group[idx], pos[idx], n, x.device)
+            rng = Rng(seeds, group[idx], pos[idx], n, x.device)   # reseeded per attack, as pyautoattack
             adv = _attack_fn(name)(logits_fn, x_rep[idx], y_rep[idx], eps[idx], rng=rng, **_kwargs(name, s))
             p = logits_fn(adv).argmax(1)            # the verdict on the example itself, as pyautoattack's
             fooled = p != y_rep[idx]
