@@ -22,9 +22,13 @@ import math
 import torch
 
 ALPHA_MAX, ETA, BETA = 0.1, 1.05, 0.9
-# On CUDA the working batch is compacted (a host sync) only every this many iterations; fooled
-# samples in between are computed and ignored. On the CPU it is compacted every iteration.
-CUDA_COMPACT_EVERY = 10
+
+
+def compact_every(device: torch.device) -> int:
+    """How often (in iterations) the working batch drops its fooled samples: every iteration on
+    the CPU; on CUDA every 10, as dropping is a host sync (fooled samples in between are computed
+    and ignored)."""
+    return 1 if device.type == "cpu" else 10
 
 
 def projection_linf(t: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -119,9 +123,9 @@ def fab_t(logits_fn, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, *, rng
     x1 = x0.clone()
     e = eps.to(x.dtype)
     active = clean.argmax(1) == y
-    compact_every = 1 if x.device.type == "cpu" else CUDA_COMPACT_EVERY
+    every = compact_every(x.device)
     for it in range(n_iter):
-        if it % compact_every == 0:
+        if it % every == 0:
             keep = active.nonzero().squeeze(1)
             if keep.numel() == 0:
                 break

@@ -19,9 +19,13 @@ import torch
 
 # pyautoattack's p schedule: on the iteration rescaled to 10,000 queries, p halves after each
 THRESHOLDS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
-# On CUDA the working batch is compacted (a host sync) only every this many queries; fooled rows
-# in between are computed and left unchanged. On the CPU it is compacted whenever a row is fooled.
-CUDA_COMPACT_EVERY = 50
+
+
+def compact_every(device: torch.device) -> int:
+    """How often (in queries) the working batch drops its fooled rows: on CUDA every 50, as
+    dropping is a host sync (fooled rows in between are computed and left unchanged); 0 on the
+    CPU: whenever a row was fooled (the check is free there)."""
+    return 0 if device.type == "cpu" else 50
 
 
 def p_schedule(i: int, n_queries: int, p_init: float) -> float:
@@ -72,10 +76,9 @@ def square(logits_fn, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, *, rn
         grp, xs, ys, es, xb, mb = rng.group, x, y, e, x_best, m_best
         hh = torch.arange(h, device=dev).view(1, 1, h, 1)
         ww = torch.arange(w, device=dev).view(1, 1, 1, w)
-        on_cpu = dev.type == "cpu"
+        every = compact_every(dev)
         for i in range(n_queries):
-            # on the CPU, only when a row was fooled (the check is free there)
-            if (i % CUDA_COMPACT_EVERY == 0) if not on_cpu else (i == 0 or bool((mb <= 0).any())):
+            if (i % every == 0) if every else (i == 0 or bool((mb <= 0).any())):
                 done_best[idx], done_m[idx] = xb, mb
                 keep = (mb > 0).nonzero().squeeze(1)
                 if keep.numel() == 0:
