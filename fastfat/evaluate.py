@@ -105,9 +105,10 @@ def evaluate(model: nn.Module, loader, cfg: EvalConfig, num_classes: int, *,
         x_rep = torch.cat([x] * len(eps_list))
         y_rep = y.repeat(len(eps_list))
         eps_rep = _repeated(radii, ("eps", n), eps_list, n, x.device)
+        aa_done = {}   # this batch's AutoAttack results (aa goes on from apgd's)
         for attack in cfg.attacks:
             if attack in autoattack.ATTACKS:
-                _autoattack(attacked, x, y, attack, cfg, b, num_classes, acc, device, ctx_dtype)
+                _autoattack(attacked, x, y, attack, cfg, b, num_classes, acc, device, ctx_dtype, aa_done)
                 continue
             loss, steps, _ = attack_schedule(attack, 1.0)
             alpha_rep = _repeated(radii, (attack, n), [attack_schedule(attack, e)[2] for e in eps_list], n,
@@ -134,16 +135,26 @@ def evaluate(model: nn.Module, loader, cfg: EvalConfig, num_classes: int, *,
     return records
 
 
-def _autoattack(attacked, x, y, attack, cfg, b, num_classes, acc, device, ctx_dtype):
+def _autoattack(attacked, x, y, attack, cfg, b, num_classes, acc, device, ctx_dtype, done):
     """Count a batch under AutoAttack (aa | apgd) at each eps: robust per sample as the ensemble
     finds it, class loss on its adversarial examples. Seeded per (seed, batch, eps), the same for
     aa and apgd: apgd is then exactly aa's first two attacks, and never below aa per sample.
-    cfg.aa_impl fastfat: every eps in one working batch; pyautoattack: one eps at a time."""
+    cfg.aa_impl fastfat: every eps in one working batch, and aa goes on from apgd's result when
+    both are asked for (apgd's run is exactly aa's first two attacks); pyautoattack: one eps at a
+    time. done: this batch's fastfat results so far, by attack."""
     eps_list = list(cfg.eps_test)
     seeds = [eval_noise_seed(cfg.seed, b, "aa", i) for i in range(len(eps_list))]
     n = y.numel()
     if cfg.aa_impl == "fastfat":
-        x_adv, pred = autoattack.run_batch(attacked, x, y, attack, eps_list, seeds, num_classes, amp=ctx_dtype)
+        run = lambda a, after=None: autoattack.run_batch(attacked, x, y, a, eps_list, seeds, num_classes,
+                                                         amp=ctx_dtype, after_apgd=after)
+        if attack == "aa" and "apgd" in cfg.attacks:
+            if "apgd" not in done:
+                done["apgd"] = run("apgd")
+            x_adv, pred = run("aa", done["apgd"])
+        else:
+            x_adv, pred = done[attack] if attack in done else run(attack)
+        done[attack] = (x_adv, pred)
         runs = [(x_adv[i * n:(i + 1) * n], pred[i * n:(i + 1) * n]) for i in range(len(eps_list))]
     else:
         runs = [autoattack.run(attacked, x, y, attack, e, s, num_classes, amp=ctx_dtype, impl="pyautoattack")

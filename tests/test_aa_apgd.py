@@ -143,3 +143,35 @@ def test_whole_attack_equals_pyautoattacks_perturb(digits, model64, attack):
     assert 0 < fooled_theirs.sum() < n
     assert torch.equal(fooled_ours, fooled_theirs)
     assert (ours - x).abs().max() <= e + 1e-6 and 0 <= ours.min() and ours.max() <= 1
+
+
+def test_fp32_apgd_verdicts_equal_pyautoattacks(digits, model64):
+    """fp32, standard settings, as `fastfat eval` runs both (folded copy, keyed seeds, every eps in
+    one working batch for fastfat): the same robust samples up to fp32 rounding (the starts of
+    APGD-CE and of APGD-T's first target are the same numbers): class counts within one sample,
+    verdicts agreeing on >= 99.5% of the (sample, eps) pairs."""
+    from fastfat.autoattack import run
+    from fastfat.models.fold import fold_bn
+    from fastfat.seeding import eval_noise_seed
+    x, y = digits
+    attacked = fold_bn(copy.deepcopy(model64).float())
+    eps, seeds = [0.1, 0.15], [eval_noise_seed(0, 0, "aa", i) for i in range(2)]
+    ours = run_batch(attacked, x, y, "apgd", eps, seeds, 10)[1].view(2, -1) == y
+    theirs = torch.stack([run(attacked, x, y, "apgd", e, s, 10, impl="pyautoattack")[1] for e, s in zip(eps, seeds)]) == y
+    clean = (attacked(x).argmax(1) == y).sum()
+    assert (0 < theirs.sum(1)).all() and (theirs.sum(1) < clean).all()   # the attacks had work at both eps
+    for a, b in zip(ours, theirs):
+        assert (torch.bincount(y[a], minlength=10) - torch.bincount(y[b], minlength=10)).abs().max() <= 1
+    assert (ours == theirs).double().mean() >= 0.995
+
+
+def test_aa_goes_on_from_apgd_exactly(digits, model64):
+    """`aa` started from `apgd`'s result (what evaluate does when both are asked for) equals `aa`
+    from scratch: its first two attacks are that very run (float64, bit for bit)."""
+    x, y = digits
+    kw = dict(n_iter=5, square_n_queries=20)
+    first = run_batch(model64, x, y, "apgd", [EPS, 0.15], [3, 4], 10, **kw)
+    went_on = run_batch(model64, x, y, "aa", [EPS, 0.15], [3, 4], 10, after_apgd=first, **kw)
+    scratch = run_batch(model64, x, y, "aa", [EPS, 0.15], [3, 4], 10, **kw)
+    assert torch.equal(went_on[0], scratch[0]) and torch.equal(went_on[1], scratch[1])
+    assert ((went_on[1] == y.repeat(2)) <= (first[1] == y.repeat(2))).all()

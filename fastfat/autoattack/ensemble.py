@@ -50,7 +50,7 @@ def _kwargs(name: str, s: dict) -> dict:
 
 def run_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: str, eps_list, seeds,
               num_classes: int, *, amp: torch.dtype | None = None, threads: int | None = None,
-              **overrides) -> tuple[torch.Tensor, torch.Tensor]:
+              after_apgd: tuple | None = None, **overrides) -> tuple[torch.Tensor, torch.Tensor]:
     """`attack` ("aa" | "apgd") on one batch at every radius of eps_list at once.
 
     x [n, C, H, W] in [0, 1]; y [n] int64; eps_list: E radii (pixel units); seeds: E ints, the
@@ -58,13 +58,15 @@ def run_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: str, e
     generators from them afresh, as pyautoattack reseeds before each attack: common.Rng). The model must be in eval mode; only input gradients
     are taken. threads: CPU shard workers (None: torch's thread count). Returns (x_adv [E*n, C,
     H, W], pred [E*n] int64), eps-major: row e*n + i is sample i at eps_list[e]; pred == y iff
-    the sample was classified correctly and no attack fooled it."""
+    the sample was classified correctly and no attack fooled it. after_apgd: the result of
+    `apgd` on the same batch, radii, seeds and settings; `aa` then goes on from it with FAB-T and
+    Square (its first two attacks would repeat that run exactly)."""
     s = settings(attack, num_classes, "fastfat", **overrides)
     with channels_last_on_cpu(model, x):
-        return _run(model, x, y, s, eps_list, seeds, amp, threads)
+        return _run(model, x, y, s, eps_list, seeds, amp, threads, after_apgd)
 
 
-def _run(model, x, y, s, eps_list, seeds, amp, threads):
+def _run(model, x, y, s, eps_list, seeds, amp, threads, after_apgd):
     logits_fn = Logits(model, amp, threads, keep_float64=True)
     x = x.detach().to(logits_fn.out_dtype)
     n, E = x.shape[0], len(eps_list)
@@ -72,10 +74,15 @@ def _run(model, x, y, s, eps_list, seeds, amp, threads):
     pos = torch.arange(n, device=x.device).repeat(E)
     eps = torch.tensor([float(e) for e in eps_list], dtype=torch.float64, device=x.device)[group].to(x.dtype)
     with input_grads_only(model), torch.no_grad():
-        pred = logits_fn(x).argmax(1)[pos]
         x_rep, y_rep = x[pos], y[pos]
-        x_adv = x_rep.clone()
-        for name in s["attacks"]:
+        attacks = s["attacks"]
+        if after_apgd is None:
+            pred = logits_fn(x).argmax(1)[pos]
+            x_adv = x_rep.clone()
+        else:
+            x_adv, pred = after_apgd[0].to(x.dtype).clone(), after_apgd[1].clone()
+            attacks = [a for a in attacks if a not in ("apgd-ce", "apgd-t")]
+        for name in attacks:
             idx = (pred == y_rep).nonzero()[:, 0]   # one host sync per attack, outside its loop
             if idx.numel() == 0:
                 break
