@@ -175,3 +175,12 @@ def test_aa_goes_on_from_apgd_exactly(digits, model64):
     scratch = run_batch(model64, x, y, "aa", [EPS, 0.15], [3, 4], 10, **kw)
     assert torch.equal(went_on[0], scratch[0]) and torch.equal(went_on[1], scratch[1])
     assert ((went_on[1] == y.repeat(2)) <= (first[1] == y.repeat(2))).all()
+
+
+def test_aa_impl_is_checked_at_the_edge():
+    from fastfat.config import make_eval_config
+    from fastfat.errors import UserError
+    assert make_eval_config(None).aa_impl == "fastfat"
+    assert make_eval_config(None, aa_impl="pyautoattack").aa_impl == "pyautoattack"
+    with pytest.raises(UserError, match="aa_impl"):
+        make_eval_config(None, aa_impl="foolbox")

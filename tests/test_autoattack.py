@@ -203,6 +203,8 @@ def test_cli_eval_writes_aa_apgd_and_pgd20_class_by_class(trained, tmp_path):
     for x in recs:
         assert len(x["class_acc"]) == 10 and len(x["class_loss"]) == 10
         assert ("attack_settings" in x) == (x["attack"] in ("aa", "apgd"))
+        if "attack_settings" in x:   # fastfat's implementation by default
+            assert x["attack_settings"]["implementation"] == "fastfat"
     by = {x["attack"]: torch.tensor(x["class_acc"]) for x in recs}
     assert (by["aa"] <= by["apgd"]).all() and (by["apgd"] <= by["clean"]).all()   # apgd is aa's prefix
     assert "AA 0.3" in r.stdout and "APGD 0.3" in r.stdout
