@@ -204,3 +204,36 @@ def test_fab_t_does_not_depend_on_the_other_rows(trained, monkeypatch):
     # fooled samples dropped only every 4 iterations (CUDA's way, to spare host syncs): same answers
     monkeypatch.setattr(fab_module, "compact_every", lambda device: 4)
     assert torch.equal(fab_t(logits, xx, yy, ee, n_iter=15), mixed)
+
+
+def _count_syncing(fn, *args, **kwargs):
+    """How many times fn calls each aten op that makes the host wait for a CUDA device
+    (conftest.SYNCING_OPS): a CPU run cannot see a sync, but it can count these calls."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from conftest import SYNCING_OPS
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func._overloadpacket.__name__
+            if name in SYNCING_OPS:
+                seen[name] = seen.get(name, 0) + 1
+            return func(*args, **(kwargs or {}))
+    seen = {}
+    with Count():
+        fn(*args, **kwargs)
+    return seen
+
+
+def test_the_only_host_syncs_are_the_periodic_compactions(monkeypatch):
+    """With CUDA's compaction interval, the only ops that make the host wait are the one nonzero
+    per compaction (rows that stay robust: every iteration runs, none of them fooled)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    x = torch.rand(6, 1, 8, 8)
+    y = net(x).argmax(1)
+    eps = torch.full((6,), 1e-4)                          # too small to fool anything
+    monkeypatch.setattr(fab_module, "compact_every", lambda device: 5)
+    assert _count_syncing(fab_t, net, x, y, eps, n_iter=12) == {"nonzero": 3}
+    monkeypatch.setattr(square_module, "compact_every", lambda device: 50)
+    rng = _rng([3], torch.zeros(6, dtype=torch.long))
+    assert _count_syncing(square, net, x, y, eps, rng=rng, n_queries=120) == {"nonzero": 3}

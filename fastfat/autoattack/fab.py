@@ -131,7 +131,7 @@ def fab_t(logits_fn, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, *, rng
                 break
             idx, la, la_t, x0, x1, e, active = (v[keep] for v in (idx, la, la_t, x0, x1, e, active))
         s = idx.shape[0]
-        rows_y = la.repeat_interleave(k)
+        rows_y = la.unsqueeze(1).expand(s, k).reshape(-1)
         rows_t = la_t.reshape(-1)
         u = torch.arange(s * k, device=x.device)
         xg = x1.reshape(s * k, *shape).detach().requires_grad_()
@@ -143,8 +143,7 @@ def fab_t(logits_fn, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, *, rng
             x1 = _step(x1.reshape(s * k, dim), x0.reshape(s * k, dim), diff.detach(),
                        dg.reshape(s * k, dim).to(x.dtype)).view(s, k, dim)
             fooled = (logits_fn(x1.view(s * k, *shape)).argmax(1) != rows_y).view(s, k)
-            x0v = x0
-            dist = (x1 - x0v).abs().max(dim=2)[0]
+            dist = (x1 - x0).abs().max(dim=2)[0]
             win = fooled & (dist <= e.unsqueeze(1)) & active.unsqueeze(1)
             hit = win.any(1)
             first = win.int().argmax(1)              # the lowest target that fooled it
@@ -152,5 +151,5 @@ def fab_t(logits_fn, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, *, rng
             x_adv[idx] = torch.where(hit.view(-1, *([1] * len(shape))), best, x_adv[idx])
             active = active & ~hit
             # an adversarial iterate is pulled back toward the original (beta) and searched on
-            x1 = torch.where(fooled.unsqueeze(2), x0v + (x1 - x0v) * BETA, x1)
+            x1 = torch.where(fooled.unsqueeze(2), x0 + (x1 - x0) * BETA, x1)
     return x_adv
