@@ -3,13 +3,13 @@ eps-ball, queries batched over the samples and eps of a working batch, a sample 
 it is misclassified.
 
 The specification is pyautoattack 0.2.0's SquareAttack in the standard version (n_queries 5000,
-p_init 0.8, one restart, margin loss, the p schedule rescaled to n_queries). As there, every
-iteration draws one square (position and per-channel signs) shared by the rows of a random stream:
-here one stream per eps group (rng's generators), so a row's queries depend only on its group's
-generator and its sample, not on which other rows are still attacked. The start (vertical stripes
-of +-eps) is drawn per sample through rng.draw. With one group whose rows are all the batch's
-samples in order, the numbers drawn are pyautoattack's (same seed, CPU): the same iterates up to
-the model's rounding of other batch shapes.
+p_init 0.8, one restart, margin loss, the p schedule rescaled to n_queries). Its random numbers
+are pyautoattack's own, per eps group: from the group's CPU generator (rng.stream, seeded as
+pyautoattack reseeds its global generator before the attack), the start stripes of +-eps for the
+group's rows in sample order, then for every query one square (row, column, per-channel signs)
+shared by the group's rows, as pyautoattack shares it by batch. So with the same seed and rows,
+the queries are pyautoattack's and the iterates differ only by the model's rounding; a row's
+answer does not depend on the other eps groups of the working batch or on the sharding.
 """
 from __future__ import annotations
 
@@ -56,8 +56,9 @@ def square(logits_fn, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, *, rn
     """Square attack (l_inf) on each sample of x at its radius.
 
     logits_fn: [M, C, H, W] -> logits [M, K] (no gradients taken); x [N, C, H, W] in [0, 1];
-    y [N] int64; eps [N] (pixel units, x's dtype); rng: common.Rng of these rows (its generators,
-    one per eps group, and each row's group and sample). Returns x_adv [N, C, H, W]: the best point
+    y [N] int64; eps [N] (pixel units, x's dtype); rng: common.Rng of these rows (its CPU
+    generators, one per eps group, and each row's group; rows group by group in sample order, as
+    rng.stream needs). Returns x_adv [N, C, H, W]: the best point
     found for each sample it misclassified (in the ball and the box), x elsewhere."""
     n, c, h, w = x.shape
     x = x.detach()
@@ -65,11 +66,15 @@ def square(logits_fn, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, *, rn
     e = eps.to(x.dtype).view(-1, 1, 1, 1)
     with torch.no_grad():
         correct = logits_fn(x).argmax(1) == y               # the others are left as they are
-        x_best = (x + e * _sign(rng.draw([c, 1, w]))).clamp(0.0, 1.0)
+        # pyautoattack draws the start for the correctly classified rows only
+        start = torch.zeros((n, c, 1, w), dtype=x.dtype, device=dev)
+        start[correct] = rng.rows(correct).stream([c, 1, w]).to(x.dtype)
+        x_best = (x + e * _sign(start)).clamp(0.0, 1.0)
         m_best = margin(logits_fn(x_best), y).masked_fill(~correct, float("-inf"))
-        # per group, per query: square row, column, then C signs (pyautoattack's draw order)
-        draws = torch.stack([torch.rand((n_queries, 2 + c), generator=g, device=dev)
-                             for g in rng.gens])
+        # per group, per query: square row, column, then C signs, in pyautoattack's draw order
+        # on the same generator after the start (one transfer to the device, before the loop)
+        draws = torch.stack([torch.rand((n_queries, 2 + c), generator=g)
+                             for g in rng.cpu_gens]).to(dev)
         # the state of rows that left the working batch (written back at each compaction)
         done_best, done_m = x_best.clone(), m_best.clone()
         idx = torch.arange(n, device=dev)
