@@ -105,8 +105,9 @@ def fab_t(logits_fn, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, *, rng
     logits_fn: [M, C, H, W] -> logits [M, K] (autograd through it); x [N, C, H, W] in [0, 1];
     y [N] int64; eps [N] (pixel units, x's dtype); rng: unused (the single restart starts at x; taken
     for the ensemble's common signature). n_target_classes is capped at K - 1.
-    Returns x_adv [N, C, H, W]: for each sample fooled, the first iterate of its lowest fooling
-    target that is misclassified within eps (in the box); x elsewhere, misclassified samples too."""
+    Returns x_adv [N, C, H, W]: for each sample fooled, at the first iteration where an iterate of
+    one of its targets is misclassified within eps, that of the lowest such target (in the box);
+    x elsewhere, misclassified samples too."""
     n = x.shape[0]
     x_adv = x.detach().clone()
     if n == 0:
