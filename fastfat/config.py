@@ -24,6 +24,7 @@ FAT_PREFIX = "fat-"   # FAT on a base method: fat-madry, fat-trades
 SCHEDULES = ("paper", "authors", "constant")
 LOADERS = ("auto", "memory", "torchvision", "ffcv")
 AMP_MODES = ("auto", "off", "bf16", "fp16")
+AA_IMPLS = ("fastfat", "pyautoattack")   # AutoAttack implementations (fastfat.autoattack)
 
 
 def has_lambda(method: str) -> bool:
@@ -231,6 +232,8 @@ class EvalConfig:
                           "and logits (recorded in eval.json)")
     tf32: bool = opt(False, "CUDA: TF32 for fp32 matmuls and convolutions (recorded in eval.json)")
     worst_k: int = opt(3, "fairness: worst_k_acc is the mean accuracy of the k worst classes")
+    aa_impl: str = opt("fastfat", "AutoAttack (aa, apgd) implementation: fastfat (its own, batched; "
+                                  "docs/autoattack.md) | pyautoattack (the authors' package, the cross-check)")
 
     def validate(self) -> "EvalConfig":
         if not self.attacks:
@@ -249,6 +252,7 @@ class EvalConfig:
             _int_at_least("test_limit", self.test_limit, 1)
         _choice("loader", self.loader, LOADERS)
         _choice("amp", self.amp, AMP_MODES[1:])
+        _choice("aa_impl", self.aa_impl, AA_IMPLS)
         return self
 
 

@@ -4,7 +4,8 @@ For each test batch, each attack runs once over the batch repeated for every eps
 eps), so one pass of the data serves every radius. The start noise for (batch, attack, eps) comes
 from a generator keyed by those indices (fastfat.seeding.eval_noise_seed), so the numbers do not
 depend on how the work is batched and equal the reference's one-at-a-time evaluation.
-AutoAttack (fastfat.autoattack) runs once per batch and eps, seeded by the key of (batch, "aa", eps).
+AutoAttack (fastfat.autoattack) is seeded by the key of (batch, "aa", eps); fastfat's implementation runs
+every eps of a batch at once, pyautoattack's (--aa-impl pyautoattack) one eps at a time.
 """
 from __future__ import annotations
 
@@ -81,8 +82,8 @@ def evaluate(model: nn.Module, loader, cfg: EvalConfig, num_classes: int, *,
     {"attack", "eps", "class_acc": [C fractions], "avg_acc", "vcra" (raw variance), "worst_acc",
     "worst_k_acc", "worst_k", "nstd" (metrics.summarize), "class_loss": [C mean CE], "amp", "tf32"},
     clean first (attack "clean", eps 0), then attack-major, eps-minor (amp: None takes cfg.amp);
-    aa / apgd records add "attack_settings" (fastfat.autoattack.settings: pyautoattack's version
-    and parameters). "class_count": [C test samples per class]; a class without samples (a
+    aa / apgd records add "attack_settings" (fastfat.autoattack.settings: the implementation,
+    its version and parameters). "class_count": [C test samples per class]; a class without samples (a
     --test-limit subset) has class_acc and class_loss None (JSON null), and the summaries are over
     the classes present; class_loss is None also where it is not finite (a diverged model)."""
     # amp (None: cfg.amp, "off" by default: the paper evaluates in fp32) and TF32 (cfg.tf32, set
@@ -104,10 +105,10 @@ def evaluate(model: nn.Module, loader, cfg: EvalConfig, num_classes: int, *,
         x_rep = torch.cat([x] * len(eps_list))
         y_rep = y.repeat(len(eps_list))
         eps_rep = _repeated(radii, ("eps", n), eps_list, n, x.device)
+        aa_done = {}   # this batch's AutoAttack results (aa goes on from apgd's)
         for attack in cfg.attacks:
             if attack in autoattack.ATTACKS:
-                _autoattack(attacked, x, y, attack, cfg.seed, b, eps_list, num_classes, acc,
-                            device, ctx_dtype)
+                _autoattack(attacked, x, y, attack, cfg, b, num_classes, acc, device, ctx_dtype, aa_done)
                 continue
             loss, steps, _ = attack_schedule(attack, 1.0)
             alpha_rep = _repeated(radii, (attack, n), [attack_schedule(attack, e)[2] for e in eps_list], n,
@@ -130,17 +131,35 @@ def evaluate(model: nn.Module, loader, cfg: EvalConfig, num_classes: int, *,
                         **metrics.summarize(class_acc, cfg.worst_k),
                         "class_loss": _json_floats((loss_sum / total).tolist()), "amp": amp, "tf32": cfg.tf32})
         if attack in autoattack.ATTACKS:
-            records[-1]["attack_settings"] = autoattack.settings(attack, num_classes)
+            records[-1]["attack_settings"] = autoattack.settings(attack, num_classes, cfg.aa_impl)
     return records
 
 
-def _autoattack(attacked, x, y, attack, seed, b, eps_list, num_classes, acc, device, ctx_dtype):
-    """Count a batch under AutoAttack (aa | apgd) at each eps: robust per sample as pyautoattack
+def _autoattack(attacked, x, y, attack, cfg, b, num_classes, acc, device, ctx_dtype, done):
+    """Count a batch under AutoAttack (aa | apgd) at each eps: robust per sample as the ensemble
     finds it, class loss on its adversarial examples. Seeded per (seed, batch, eps), the same for
-    aa and apgd: apgd is then exactly aa's first two attacks, and never below aa per sample."""
-    for i, e in enumerate(eps_list):
-        x_adv, pred = autoattack.run(attacked, x, y, attack, e, eval_noise_seed(seed, b, "aa", i),
-                                     num_classes, amp=ctx_dtype)
+    aa and apgd: apgd is then exactly aa's first two attacks, and never below aa per sample.
+    cfg.aa_impl fastfat: every eps in one working batch, and aa goes on from apgd's result when
+    both are asked for (apgd's run is exactly aa's first two attacks); pyautoattack: one eps at a
+    time. done: this batch's fastfat results so far, by attack."""
+    eps_list = list(cfg.eps_test)
+    seeds = [eval_noise_seed(cfg.seed, b, "aa", i) for i in range(len(eps_list))]
+    n = y.numel()
+    if cfg.aa_impl == "fastfat":
+        run = lambda a, after=None: autoattack.run_batch(attacked, x, y, a, eps_list, seeds, num_classes,
+                                                         amp=ctx_dtype, after_apgd=after)
+        if attack == "aa" and "apgd" in cfg.attacks:
+            if "apgd" not in done:
+                done["apgd"] = run("apgd")
+            x_adv, pred = run("aa", done["apgd"])
+        else:
+            x_adv, pred = done[attack] if attack in done else run(attack)
+        done[attack] = (x_adv, pred)
+        runs = [(x_adv[i * n:(i + 1) * n], pred[i * n:(i + 1) * n]) for i in range(len(eps_list))]
+    else:
+        runs = [autoattack.run(attacked, x, y, attack, e, s, num_classes, amp=ctx_dtype, impl="pyautoattack")
+                for e, s in zip(eps_list, seeds)]
+    for e, (x_adv, pred) in zip(eps_list, runs):
         _count(_logits(attacked, x_adv.to(x.dtype), device, ctx_dtype), y, num_classes, acc,
                (attack, e), pred=pred)
 

@@ -5,9 +5,11 @@ how, draws each random number of a run, so that resuming, splitting and re-batch
 - training attack start noise: epoch_generator(seed, epoch, device, "attack"), batch after batch;
 - per-sample torchvision transforms: sample_seed(epoch_seed, i);
 - evaluation start noise for (batch b, attack a, eps index e): a fresh generator seeded with
-  eval_noise_seed(seed, b, a, e); AutoAttack, which draws from torch's global generator, gets
-  eval_noise_seed(seed, b, "aa", e) as its seed (inside torch.random.fork_rng) for both `aa` and
-  `apgd`, so `apgd` runs exactly the first two attacks of `aa`.
+  eval_noise_seed(seed, b, a, e); AutoAttack's (batch, eps) cell is seeded with
+  eval_noise_seed(seed, b, "aa", e) for both `aa` and `apgd`, so `apgd` runs exactly the first two
+  attacks of `aa`: pyautoattack (--aa-impl pyautoattack) reseeds torch's global generator with it
+  (inside torch.random.fork_rng), fastfat's implementation starts fresh generators from it for
+  every attack (fastfat.autoattack.common.Rng), APGD drawing pyautoattack's very numbers.
 """
 from __future__ import annotations
 

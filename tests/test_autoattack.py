@@ -1,5 +1,6 @@
-"""AutoAttack (aa, apgd): fastfat's runs on the BN-folded copy equal pyautoattack's own on the plain
-model, are seeded and side-effect free, and `fastfat eval` writes them class by class."""
+"""AutoAttack (aa, apgd) through pyautoattack (--aa-impl pyautoattack, the cross-check) and through
+fastfat's own implementation: runs on the BN-folded copy equal pyautoattack's own on the plain model,
+are seeded and side-effect free, and `fastfat eval` writes them class by class."""
 import copy
 import json
 import os
@@ -12,6 +13,7 @@ from pyautoattack import AutoAttack
 from pyautoattack.autopgd_base import APGDAttack, APGDAttack_targeted
 
 from fastfat import autoattack
+from fastfat.autoattack import common
 from fastfat.config import make_eval_config, make_train_config
 from fastfat.data import MemoryLoader
 from fastfat.data.datasets import load_dataset
@@ -68,7 +70,7 @@ def test_apgd_in_evaluate_equals_pyautoattack_direct(trained):
     per class (the folded copy rounds differently; here they agree exactly)."""
     model, _, x, y = trained
     x, y = x[:32], y[:32]   # the standard 100 + 9 x 100 iterations: a smaller batch for time
-    ecfg = make_eval_config(None, attacks=["apgd"], eps_test=[EPS], batch_size=32, seed=5)
+    ecfg = make_eval_config(None, attacks=["apgd"], eps_test=[EPS], batch_size=32, seed=5, aa_impl="pyautoattack")
     (clean, rec) = evaluate(model, [(x, y)], ecfg, 10)
     robust = _direct(model, x, y, "apgd", EPS, eval_noise_seed(5, 0, "aa", 0))
     counts = torch.bincount(y, minlength=10).double()
@@ -77,6 +79,7 @@ def test_apgd_in_evaluate_equals_pyautoattack_direct(trained):
     assert 0 < rec["avg_acc"] < clean["avg_acc"]
     assert rec["attack_settings"]["attacks"] == ["apgd-ce", "apgd-t"]
     assert rec["attack_settings"]["version"] == "0.2.0" and rec["attack_settings"]["n_iter"] == 100
+    assert rec["attack_settings"]["implementation"] == "pyautoattack"
 
 
 def test_eval_seed_reaches_pyautoattack(trained, monkeypatch):
@@ -96,21 +99,24 @@ def test_eval_seed_reaches_pyautoattack(trained, monkeypatch):
     batches = [(x[:8], y[:8]), (x[8:16], y[8:16])]
     for seed in (5, 6):
         seen.clear()
-        ecfg = make_eval_config(None, attacks=["apgd", "aa"], eps_test=[0.05, EPS], batch_size=8, seed=seed)
+        ecfg = make_eval_config(None, attacks=["apgd", "aa"], eps_test=[0.05, EPS], batch_size=8, seed=seed,
+                                aa_impl="pyautoattack")
         evaluate(model, batches, ecfg, 10)
         want = [eval_noise_seed(seed, b, "aa", i) for b in range(2) for _ in ("apgd", "aa") for i in range(2)]
         assert seen == [(s, s, s) for s in want]
     assert eval_noise_seed(5, 0, "aa", 0) != eval_noise_seed(6, 0, "aa", 0)
     monkeypatch.undo()
-    runs = [autoattack.run(model, x, y, "apgd", EPS, s, 10, n_iter=2)[0] for s in (5, 6)]
-    assert not torch.equal(runs[0], runs[1])
+    for impl in autoattack.IMPLS:
+        runs = [autoattack.run(model, x, y, "apgd", EPS, s, 10, n_iter=2, impl=impl)[0] for s in (5, 6)]
+        assert not torch.equal(runs[0], runs[1])
 
 
 def test_aa_equals_pyautoattack_direct(trained):
     """The whole standard ensemble (iterations and queries cut for time, on both sides alike)
     finds the same robust samples as pyautoattack's standard version on the plain model."""
     model, _, x, y = trained
-    ours = autoattack.run(fold_bn(model), x, y, "aa", EPS, 11, 10, n_iter=10, square_n_queries=100)[1] == y
+    ours = autoattack.run(fold_bn(model), x, y, "aa", EPS, 11, 10, n_iter=10, square_n_queries=100,
+                          impl="pyautoattack")[1] == y
     theirs = _direct(model, x, y, "aa", EPS, 11, n_iter=10, n_queries=100)
     assert _per_class_diff(ours, theirs, y) <= 1
     assert 0 < ours.sum() < (model(x).argmax(1) == y).sum()
@@ -126,7 +132,7 @@ def test_folded_copy_gives_the_plain_models_results(trained, dtype):
     folded = fold_bn(plain)
     assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules()) == 0 < \
         sum(isinstance(m, torch.nn.BatchNorm2d) for m in plain.modules())
-    kw = dict(n_iter=10, square_n_queries=100)
+    kw = dict(n_iter=10, square_n_queries=100, impl="pyautoattack")
     xa, pa = autoattack.run(folded, x.to(dtype), y, "aa", EPS, 3, 10, **kw)
     xb, pb = autoattack.run(plain, x.to(dtype), y, "aa", EPS, 3, 10, **kw)
     if dtype == torch.float64:
@@ -141,9 +147,9 @@ def test_split_over_workers_changes_nothing(trained):
     one inline pass."""
     model, _, x, y = trained
     folded = fold_bn(copy.deepcopy(model).double())
-    kw = dict(n_iter=10, square_n_queries=50)
+    kw = dict(n_iter=10, square_n_queries=50, impl="pyautoattack")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(autoattack, "chunk_size", lambda x: 8)
+        mp.setattr(common, "chunk_size", lambda x: 8)
         xa, pa = autoattack.run(folded, x.double(), y, "aa", EPS, 3, 10, threads=2, **kw)
     xb, pb = autoattack.run(folded, x.double(), y, "aa", EPS, 3, 10, threads=1, **kw)
     assert torch.equal(pa, pb) and torch.equal(xa, xb)
@@ -157,19 +163,26 @@ def test_seeded_and_side_effect_free(trained):
         p.grad = None
     torch.manual_seed(123)
     expected = torch.rand(3)
-    torch.manual_seed(123)
-    runs = [autoattack.run(model, x, y, "apgd", EPS, 9, 10, n_iter=10) for _ in range(2)]
-    assert torch.equal(torch.rand(3), expected)
-    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
-    assert all(p.requires_grad and p.grad is None for p in model.parameters())
-    # the adversarial examples stay in the ball and the box
-    x_adv = runs[0][0]
-    assert (x_adv - x).abs().max() <= EPS + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
+    for impl in autoattack.IMPLS:
+        torch.manual_seed(123)
+        runs = [autoattack.run(model, x, y, "apgd", EPS, 9, 10, n_iter=10, impl=impl) for _ in range(2)]
+        assert torch.equal(torch.rand(3), expected)
+        assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+        assert all(p.requires_grad and p.grad is None for p in model.parameters())
+        # the adversarial examples stay in the ball and the box
+        x_adv = runs[0][0]
+        assert (x_adv - x).abs().max() <= EPS + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
 
 
 def test_settings_record_the_standard_version():
-    s = autoattack.settings("aa", 10)
+    s = autoattack.settings("aa", 10, "pyautoattack")
     assert s["package"] == "pyautoattack" and s["version"] == "0.2.0"
+    ours = autoattack.settings("aa", 10)   # fastfat's, the default: the same parameters
+    assert ours["implementation"] == "fastfat" and ours["spec"] == "pyautoattack 0.2.0"
+    assert {k: v for k, v in ours.items() if k not in ("implementation", "package", "version", "spec")} == \
+        {k: v for k, v in s.items() if k not in ("implementation", "package", "version")}
+    with pytest.raises(ValueError):
+        autoattack.settings("aa", 10, "foolbox")
     assert s["attacks"] == ["apgd-ce", "apgd-t", "fab-t", "square"]
     assert (s["n_iter"], s["n_target_classes"], s["square_n_queries"]) == (100, 9, 5000)
     assert autoattack.settings("apgd", 4)["n_target_classes"] == 3   # capped at C - 1
@@ -190,6 +203,8 @@ def test_cli_eval_writes_aa_apgd_and_pgd20_class_by_class(trained, tmp_path):
     for x in recs:
         assert len(x["class_acc"]) == 10 and len(x["class_loss"]) == 10
         assert ("attack_settings" in x) == (x["attack"] in ("aa", "apgd"))
+        if "attack_settings" in x:   # fastfat's implementation by default
+            assert x["attack_settings"]["implementation"] == "fastfat"
     by = {x["attack"]: torch.tensor(x["class_acc"]) for x in recs}
     assert (by["aa"] <= by["apgd"]).all() and (by["apgd"] <= by["clean"]).all()   # apgd is aa's prefix
     assert "AA 0.3" in r.stdout and "APGD 0.3" in r.stdout

@@ -41,7 +41,7 @@ import os
 import sys
 
 # Stage shares of the budget (seconds, full run); F gets what is left.
-SHARES = {"A": 30, "B": 100, "C": 150, "D": 60, "E": 60, "G": 60}
+SHARES = {"A": 30, "B": 100, "C": 150, "D": 60, "E": 60, "G": 60, "H": 60}
 
 
 def parse_args(argv=None):
@@ -51,7 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--smoke", action="store_true", help="toy sizes on the CPU: keeps the command working (CI)")
     p.add_argument("--budget", type=float, default=None, help="seconds for the whole run (default 480; smoke 120)")
     p.add_argument("--device", default=None, help="default cuda (smoke: cpu)")
-    p.add_argument("--stages", default="ABCDEGF", help="which stages to run (default ABCDEGF)")
+    p.add_argument("--stages", default="ABCDEGHF", help="which stages to run (default ABCDEGHF)")
     p.add_argument("--graphs", action="store_true", help="stage F: also CUDA graphs (compile mode reduce-overhead)")
     return p.parse_args(argv)
 
@@ -114,6 +114,8 @@ def main(argv=None) -> int:
              lambda d, c: stage("kernels", "stage_e")(d, device, sizes, c, record)),
             ("G", "fused grid points: K members vs one after another",
              lambda d, c: stage("fusion", "stage_g")(d, device, sizes, c, record, args.smoke)),
+            ("H", "AutoAttack apgd: fastfat vs pyautoattack",
+             lambda d, c: stage("aa", "stage_h")(d, device, sizes, c, record)),
             ("F", "torch.compile: fallbacks and speed",
              lambda d, c: stage("speed", "stage_f")(d, device, sizes, c, record, _ceiling(a), args.graphs))]
     for name, title, fn in plan:

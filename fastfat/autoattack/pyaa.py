@@ -1,5 +1,5 @@
-"""AutoAttack (pyautoattack, its authors' package) as fastfat's attacks `aa` and `apgd`: which
-samples of a batch stay robust at one radius, and the settings that eval.json records.
+"""AutoAttack through pyautoattack (its authors' package; --aa-impl pyautoattack, the cross-check
+of fastfat's own): which samples of a batch stay robust at one radius, and its settings.
 
 `aa` is the standard version (APGD-CE, APGD-T with 9 targets, FAB-T with 9 targets, Square with
 5000 queries, 100 iterations each); `apgd` is its first two attacks, the cheap strong pair, with
@@ -12,14 +12,12 @@ for aa and apgd alike, and the caller's global generator state is saved and rest
 """
 from __future__ import annotations
 
-import contextlib
-
 import pyautoattack
 import torch
 import torch.nn as nn
 from pyautoattack.autopgd_base import APGDAttack, APGDAttack_targeted
 
-from .runtime import autocast, chunk_size, shard_count, sharded
+from .common import Logits, input_grads_only
 
 ATTACKS = ("aa", "apgd")
 VERSION = pyautoattack.__version__
@@ -49,102 +47,18 @@ def settings(attack: str, num_classes: int, **overrides) -> dict:
     if attack == "apgd":
         for k in ("fab_t_restarts", "square_n_queries", "square_p_init"):
             del s[k]
-    return {"package": "pyautoattack", "version": VERSION, "norm": "Linf",
+    return {"implementation": "pyautoattack", "package": "pyautoattack", "version": VERSION, "norm": "Linf",
             "attacks": list(ENSEMBLES[attack]), **s}
-
-
-class _Logits(nn.Module):
-    """The logits pyautoattack sees: model(x) with x cast to the model's dtype and layout, the
-    forward under autocast at `amp`, the logits in fp32. pyautoattack works in fp32 (FAB fails on
-    float64 logits); a float64 model still computes its forward and input gradient in float64.
-
-    On the CPU the batch is split as fastfat's own attacks split it (runtime.sharded: `threads`
-    single-threaded workers, cache-sized slices), forward and backward: pyautoattack cannot be
-    split itself (it reseeds torch's global generator), but its model calls can. Samples are
-    independent in eval mode, so only the rounding of the batch shapes changes."""
-
-    def __init__(self, model: nn.Module, amp: torch.dtype | None, threads: int | None = None):
-        super().__init__()
-        self.model, self.amp, self.threads = model, amp, threads
-        # float64 models stay float64; fp32 otherwise (an AMP-dtype copy keeps fp32 inputs)
-        self.dtype = torch.float64 if any(p.dtype == torch.float64 for p in model.parameters()) \
-            else torch.float32
-        conv = next((q for q in model.parameters() if q.dim() == 4), None)
-        cl = conv is not None and conv.is_contiguous(memory_format=torch.channels_last) \
-            and not conv.is_contiguous()
-        self.layout = torch.channels_last if cl else torch.contiguous_format
-
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """The model's fp32 logits of x (any slice), on the calling thread."""
-        x = x.to(dtype=self.dtype)
-        if x.dim() == 4:
-            x = x.contiguous(memory_format=self.layout)
-        with autocast(x.device, self.amp):
-            return self.model(x).float()
-
-    def split(self, x: torch.Tensor) -> tuple[int, int | None]:
-        return shard_count(x, self.threads), chunk_size(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shards, chunk = self.split(x)
-        if shards == 1 and (chunk is None or x.shape[0] <= chunk):
-            return self.logits(x)
-        if torch.is_grad_enabled() and x.requires_grad:
-            return _SplitLogits.apply(x, self)
-
-        def run(sl):
-            with torch.no_grad():
-                return self.logits(x[sl])
-        return torch.cat(sharded(run, x.shape[0], shards, chunk))
-
-
-class _SplitLogits(torch.autograd.Function):
-    """_Logits' forward slice by slice on the shard workers, each slice keeping its own graph;
-    the backward takes each slice's input gradient on the same workers. Graphs are retained:
-    FAB calls backward once per class on the same logits."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, logits: _Logits) -> torch.Tensor:
-        shards, chunk = logits.split(x)
-
-        def run(sl):
-            xs = x[sl].detach().requires_grad_()
-            with torch.enable_grad():   # grad mode is per thread
-                return sl, xs, logits.logits(xs)
-        ctx.parts, ctx.split = sharded(run, x.shape[0], shards, chunk), (x.shape[0], shards, chunk)
-        return torch.cat([out.detach() for _, _, out in ctx.parts])
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        parts = {sl.start: (xs, out) for sl, xs, out in ctx.parts}
-
-        def run(sl):
-            xs, out = parts[sl.start]
-            return torch.autograd.grad(out, xs, grad[sl], retain_graph=True)[0]
-        return torch.cat(sharded(run, *ctx.split)), None
-
-
-@contextlib.contextmanager
-def _input_grads_only(model: nn.Module):
-    """requires_grad False on every parameter for the block (restored after): FAB calls
-    backward(), which would otherwise accumulate into the parameters' .grad."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    model.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, r in flags:
-            p.requires_grad_(r)
 
 
 def build(model: nn.Module, attack: str, eps: float, seed: int, num_classes: int, *,
           amp: torch.dtype | None = None, device=None, threads: int | None = None,
           **overrides) -> pyautoattack.AutoAttack:
     """A pyautoattack.AutoAttack for `attack` at l_inf radius eps (pixel units) with the settings
-    of settings(attack, num_classes, **overrides), on `model` as _Logits wraps it."""
+    of settings(attack, num_classes, **overrides), on `model` as common.Logits wraps it."""
     s = settings(attack, num_classes, **overrides)
     device = device if device is not None else next(model.parameters()).device
-    logits = _Logits(model, amp, threads)
+    logits = Logits(model, amp, threads)
     aa = pyautoattack.AutoAttack(logits, norm="Linf", eps=eps, seed=seed, device=device,
                                  version="custom", attacks=list(s["attacks"]))
     aa.verbose = False
@@ -178,6 +92,6 @@ def run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: str, eps: fl
     aa = build(model, attack, eps, seed, num_classes, amp=amp, device=x.device, threads=threads,
                **overrides)
     devices = [x.device] if x.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), _input_grads_only(model):
+    with torch.random.fork_rng(devices=devices), input_grads_only(model):
         x_adv, pred = aa.run_standard_evaluation(x.detach().float(), y, batch_size=x.shape[0])
     return x_adv, pred
