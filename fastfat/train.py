@@ -19,14 +19,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import attacks, kernels, losses, methods, selection
+from .losses import method_loss  # noqa: F401  (fused groups and tests import it here)
 from .config import TrainConfig
 from .data import build_loader, dataset_info
 from .errors import UserError
 from .files import check_writable_dir
-from .models import build_model
 from .models.fold import fold_bn
 # a run's files, re-exported: fused groups, sweeps and the CLI import them from here
-from .runfiles import (CHECKPOINT, CONFIG, LOG, load_init_weights, load_model,  # noqa: F401
+from .runfiles import (CHECKPOINT, CONFIG, LOG, build_for_config, load_init_weights, load_model,  # noqa: F401
                        load_resume_state, save_run)
 from .runtime import amp_dtype, autocast, progress_bar, resolve_device, set_backends, synchronize
 from .seeding import epoch_generator
@@ -55,17 +55,6 @@ def lr_at(epoch: int, epochs: int, lr: float, schedule: str) -> float:
     return lr * mult
 
 
-def build_for_config(cfg: TrainConfig, device: torch.device) -> nn.Module:
-    """The model a config trains, on device, in channels_last when asked."""
-    info = dataset_info(cfg.dataset)
-    torch.manual_seed(cfg.seed)  # the initial weights depend on the seed only
-    model = build_model(cfg.model, info.num_classes, width=cfg.width, in_channels=info.channels)
-    model = model.to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model
-
-
 def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
     """The SGD a config trains with (lr, momentum, weight decay); fused groups build theirs here too."""
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -77,28 +66,6 @@ class NonFiniteLoss(UserError):
 
 # ---------------------------------------------------------------------------------------------
 # The step
-
-def method_loss(cfg: TrainConfig, num_classes: int, y: torch.Tensor, logits_adv=None,
-                logits_nat=None, lam: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, vcar) of cfg.method from its logits [N, classes] (logits_nat for natural, trades and
-    fat-trades; logits_adv for all but natural) and labels y [N]: 0-dim tensors, vcar detached
-    (0 for methods without VCAR). Trainer.loss and fused groups (one call per member) use it.
-    lam: FAT's lambda for this step (None: cfg.lam; lambda's warm-up passes its current value)."""
-    lam = cfg.lam if lam is None else lam
-    ce = lambda logits: F.cross_entropy(kernels.upcast(logits), y)
-    zero = torch.zeros((), device=y.device)
-    if cfg.method == "natural":
-        return ce(logits_nat), zero
-    if cfg.method == "madry":
-        return ce(logits_adv), zero
-    if cfg.method == "trades":
-        return losses.trades_loss(logits_nat, logits_adv, y, cfg.beta), zero
-    if cfg.method == "fat-madry":
-        return losses.fat_loss(logits_adv, y, num_classes, lam, cfg.vcar_mode, cfg.superclass,
-                               return_vcar=True)
-    return losses.fat_trades_loss(logits_nat, logits_adv, y, num_classes, cfg.beta, lam,
-                                  cfg.vcar_mode, cfg.superclass, return_vcar=True)
-
 
 def warmup_lam(lam: float, warmup_epochs: int, step: int, steps_per_epoch: int) -> float:
     """FAT's lambda at 1-based global `step` (epoch * steps_per_epoch + step in epoch + 1) under a
