@@ -18,12 +18,23 @@ The closed forms (Lagrange conditions; the maximiser is interior for r > 0):
 the temperature t > 0 is the one at which the constraint is tight: KL falls monotonically in t,
 so a search on log t finds it (grid refinement, a fixed number of rounds, no host sync). Both
 depend on t / spread(a) only, so the search runs on that ratio.
+Where fastfat differs, and why:
+  - Their training step also runs the model on the clean batch in train mode (its output unused
+    by their AT loss, but BatchNorm's running statistics move); fastfat's faal does not.
+  - Their script keeps the epoch with the best worst-class robust accuracy on the test set;
+    fastfat selects on the validation split (fastfat.selection), never the test set.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+
+from .. import kernels
+from ..config_values import _choice, _range, opt
+from .base import Method, MethodState
 
 DIVERGENCES = ("code", "tilting")
 
@@ -72,7 +83,8 @@ def dro_weights(a: torch.Tensor, r: float, divergence: str = "code") -> torch.Te
         over = _kl(_weights(d, grid, divergence), divergence) > r      # True for small t
         # the last grid point still outside the ball (KL falls in t): the bracket is [k, k + 1]
         k = (over.to(torch.int64).sum() - 1).clamp(0, GRID - 2)
-        lo, hi = grid[k], grid[k + 1]
+        pair = grid.index_select(0, torch.stack([k, k + 1]))   # no host sync
+        lo, hi = pair[0], pair[1]
     q = _weights(d, hi[None], divergence)[0]       # hi: inside the ball (feasible side)
     # r = 0, or no spread to tilt along: uniform (spread 0 makes d all 0, so q is uniform anyway)
     return torch.where(torch.as_tensor(r > 0, device=a.device), q, uniform)
@@ -105,3 +117,32 @@ def weighted_loss(per_sample: torch.Tensor, y: torch.Tensor, q: torch.Tensor) ->
     (detached); uniform q gives the plain mean."""
     c, n = q.numel(), per_sample.numel()
     return (per_sample * q.to(per_sample.dtype).index_select(0, y)).sum() * (c / n)
+
+
+@dataclass
+class FAALParams:
+    """FAAL's hyperparameters (TrainConfig fields, flags and sweep keys)."""
+    faal_r: float = opt(0.5, "FAAL: the KL radius around the uniform class weights (their run's 0.5)")
+    faal_divergence: str = opt("code", "FAAL: the ball: code (KL(u || q), their cvxpy problem) or "
+                                       "tilting (KL(q || u), exponential tilting)")
+
+
+def check(cfg) -> None:
+    """FAALParams' ranges."""
+    _range("faal_r", cfg.faal_r, 0.0, math.inf)
+    _choice("faal_divergence", cfg.faal_divergence, DIVERGENCES)
+
+
+class FAAL(MethodState):
+    """faal: no state across steps; each batch's class weights come from its own margins."""
+
+    def loss(self, y, logits_adv, logits_nat):
+        logits = kernels.upcast(logits_adv)
+        q = faal_weights(F.softmax(logits.detach(), dim=1), y, self.num_classes, self.cfg.faal_r,
+                         self.cfg.faal_divergence)
+        return weighted_loss(F.cross_entropy(logits, y, reduction="none"), y, q), self.zero()
+
+
+METHOD = Method(bases={"faal": "madry"}, titles={"faal": "FAAL"}, state=FAAL, params=FAALParams,
+                check=check, fine_tune=True, official_attack_bn="eval",
+                source="Zhang et al., CVPR 2024; github.com/TrustAI/FAAL")
