@@ -93,6 +93,19 @@ def build_for_config(cfg: TrainConfig, device) -> nn.Module:
     return model
 
 
+def load_teacher(cfg: TrainConfig, device) -> nn.Module | None:
+    """The frozen teacher a distillation method learns from: cfg.teacher's model (digest-checked,
+    eval mode, no parameter gradients) on device, or None without cfg.teacher. UserError if it
+    was trained on another data set than cfg."""
+    if cfg.teacher is None:
+        return None
+    teacher, tcfg = load_model(cfg.teacher, device)
+    if tcfg.dataset != cfg.dataset:
+        raise UserError(f"teacher: {cfg.teacher} was trained on {tcfg.dataset}; this run trains on "
+                        f"{cfg.dataset}")
+    return teacher.requires_grad_(False)
+
+
 def load_model(path: str, device="cpu") -> tuple[nn.Module, TrainConfig]:
     """A trained model (eval mode) and its config from a checkpoint; UserError if bad. The
     weights are a peer method's evaluation weights where it has them (CFA: FAWA's average), the

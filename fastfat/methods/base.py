@@ -24,9 +24,13 @@ class MethodState:
 
     The defaults reproduce the base method (cfg's BASE_METHODS entry, "madry" or "trades")
     exactly, through the same code path; a method overrides only what it changes:
-      begin(model, validation, start_epoch)  once, before the first epoch this process trains
+      begin(model, validation, start_epoch, teacher)  once, before the first epoch this
+                                process trains (teacher: the cfg.teacher model, frozen, or None)
       start_epoch(epoch)        before the epoch's first step (0-based epoch): reset accumulators,
                                 fix this epoch's class tables
+      attack(model, x, y, generator, amp)  the training attack's x_adv, or None (the default):
+                                the base method's attack at radii(y); called before loss() for the
+                                same batch, so per-batch data (teacher logits) may wait on self
       radii(y)                  the training attack's (eps, alpha) for labels y [N]: floats, or
                                 per-sample tensors [N] (pixel units)
       loss(y, adv, nat)         (loss, vcar) from the train-mode logits [N, C] (nat only for a
@@ -55,14 +59,27 @@ class MethodState:
         """Whether the loss needs the natural logits (a TRADES base)."""
         return self.base == "trades"
 
-    def begin(self, model: nn.Module, validation, start_epoch: int) -> None:
+    # Whether the natural forward runs before the adversarial one (their code's order; it moves
+    # BatchNorm's running statistics): fastfat's bases run the adversarial one first, as FAT's code.
+    natural_first = False
+
+    def begin(self, model: nn.Module, validation, start_epoch: int, teacher: nn.Module | None = None) -> None:
         """Before the run's first epoch (0-based start_epoch; > 0 on resume, after
-        load_state_dict): the model as it starts and the validation split's scorer
-        (fastfat.selection.Selector; None without cfg.val_per_class). WAT and FRL keep the
+        load_state_dict): the model as it starts, the validation split's scorer
+        (fastfat.selection.Selector; None without cfg.val_per_class) and the teacher (cfg.teacher's
+        model in eval mode without parameter gradients; None without one). WAT and FRL keep the
         scorer; FRL makes its first update here."""
 
     def start_epoch(self, epoch: int) -> None:
         pass
+
+    def attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator=None,
+               amp: torch.dtype | None = None) -> torch.Tensor | None:
+        """The training attack's x_adv [N, C, H, W] for x [N, C, H, W] in [0, 1] and y [N], or
+        None for the base method's attack at radii(y). model is what the Trainer attacks
+        (its BN-folded eval copy, or the model itself under cfg.attack_bn "train"); attack noise
+        from generator; amp: the autocast dtype (None: fp32)."""
+        return None
 
     def radii(self, y: torch.Tensor):
         """(eps, alpha) of the training attack for labels y [N]."""
@@ -108,7 +125,8 @@ class Method:
     fine_tune: starts from a trained model (cfg.init_from required; in a sweep a method's name).
     teacher: distils from a teacher (cfg.teacher required; in a sweep a method's name).
     official_attack_bn: BatchNorm's mode while their code crafts the training attack, "eval" or
-        "train" (documented; --attack-bn train gives the official behaviour).
+        "train", or a dict method name -> mode where the module's methods differ (CFA); recorded
+        for docs/methods.md and tests (--attack-bn train gives "train" to any run).
     source: where it comes from (paper, official repository), for docs and errors.
     """
     bases: dict

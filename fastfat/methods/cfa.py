@@ -164,5 +164,5 @@ class CFA(MethodState):
 
 METHOD = Method(bases={"cfa-madry": "madry", "cfa-trades": "trades"},
                 titles={"cfa-madry": "CFA-Madry", "cfa-trades": "CFA-TRADES"},
-                state=CFA, params=CFAParams, check=check, official_attack_bn="train",
+                state=CFA, params=CFAParams, check=check, official_attack_bn={"cfa-madry": "train", "cfa-trades": "eval"},
                 source="Wei et al., CVPR 2023; github.com/PKU-ML/CFA")

@@ -47,6 +47,9 @@ class FRLParams:
                               "0.5); below 1, every class keeps a positive loss weight")
     frl_margin_max: float = opt(3.0, "FRL-RWRM: the largest factor a class's radius grows by (their "
                                      "code's 3)")
+    frl_batch_step: bool = opt(False, "FRL-RWRM: every sample steps the batch's largest radius x "
+                                      "alpha/eps (their code: max radius / 4); off: each sample's "
+                                      "own radius x alpha/eps")
 
 
 def check(cfg) -> None:
@@ -148,9 +151,11 @@ def frl_loss(logits_nat: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor
 
 
 def per_sample(class_values: torch.Tensor, y: torch.Tensor, scale: float) -> torch.Tensor:
-    """scale * class_values[y]: a per-class factor [C] as a per-sample radius or step [N] fp32
-    (what attacks.pgd takes), on y's device; the product in float64, rounded once."""
-    return gather((scale * class_values.to(device=y.device, dtype=torch.float64)).float(), y)
+    """scale * class_values[y]: a per-class factor [C] as a per-sample radius or step [N] in
+    class_values' dtype (float64 stays float64: attacks.pgd rounds it to the attack's dtype, so a
+    float64 run keeps it exact), on y's device; the product in float64, rounded at most once."""
+    v = scale * class_values.to(device=y.device, dtype=torch.float64)
+    return gather(v.to(class_values.dtype), y)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,7 +189,7 @@ class FRL(MethodState):
         self.w_bndy = class_weights(self.lam_bndy).to(self.device)
         self.factors = margin_factors(self.lam_margin, self.cfg.frl_margin_max).to(self.device)
 
-    def begin(self, model: nn.Module, validation, start_epoch: int) -> None:
+    def begin(self, model: nn.Module, validation, start_epoch: int, teacher=None) -> None:
         self.validation = validation
         if start_epoch == 0:   # their code updates before every epoch, the first included
             self.update(0, self.validation.evaluate(model))
@@ -210,7 +215,10 @@ class FRL(MethodState):
         if not self.remargin:
             return self.cfg.eps_train, self.alpha
         # the step scales with the radius; their code steps max(batch radii) / 4 for every sample
-        return per_sample(self.factors, y, self.cfg.eps_train), per_sample(self.factors, y, self.alpha)
+        eps, alpha = per_sample(self.factors, y, self.cfg.eps_train), per_sample(self.factors, y, self.alpha)
+        if self.cfg.frl_batch_step:   # the largest, on the device (no host sync)
+            alpha = alpha.max().expand(alpha.shape)
+        return eps, alpha
 
     def loss(self, y, logits_adv, logits_nat):
         return frl_loss(logits_nat, logits_adv, y, self.cfg.beta, self.w_nat, self.w_bndy), self.zero()

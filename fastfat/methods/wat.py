@@ -121,7 +121,9 @@ class WAT(MethodState):
         self.cum_cost = torch.zeros(num_classes + 1, dtype=torch.float64, device=self.device)
         self.validation = None
 
-    def begin(self, model: nn.Module, validation, start_epoch: int) -> None:
+    natural_first = True   # their code: natural_logits = model(data), then model(x_adv)
+
+    def begin(self, model: nn.Module, validation, start_epoch: int, teacher=None) -> None:
         self.validation = validation
 
     def loss(self, y, logits_adv, logits_nat):
