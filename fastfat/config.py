@@ -185,6 +185,10 @@ class RunConfig:
         _choice("attack_bn", self.attack_bn, ATTACK_BN)
         if self.attack_bn == "train" and self.method == "natural":
             raise UserError("attack_bn train: natural training crafts no attack")
+        if self.attack_bn == "train" and self.amp == "fp16":
+            # fp16's per-sample loss scaling (attacks._input_grad) is exact only for independent
+            # samples; batch statistics couple them
+            raise UserError("attack_bn train does not run under --amp fp16 (use bf16 or off)")
         for name in ("init_from", "teacher"):
             if getattr(self, name) is not None and not str(getattr(self, name)).strip():
                 raise UserError(f"{name}: give a checkpoint path (or leave it unset)")
