@@ -16,7 +16,7 @@ Peer methods do not fuse (fastfat.fused.train.check_fusable): fused groups carry
 """
 from __future__ import annotations
 
-from . import cfa, dafa, frl, wat
+from . import absld, cfa, dafa, faal, fair_ard, frl, wat
 from .base import EVAL_MODEL, Method, MethodState, epochs_of
 
 REGISTRY: tuple[Method, ...] = (
@@ -24,6 +24,9 @@ REGISTRY: tuple[Method, ...] = (
     dafa.METHOD,
     wat.METHOD,
     frl.METHOD,
+    faal.METHOD,
+    fair_ard.METHOD,
+    absld.METHOD,
 )
 
 # method name -> its Method, in registry order (the order of --help, tables and figures)

@@ -121,7 +121,8 @@ class ABSLD(MethodState):
         self._soft = self.soft_labels(teacher_logits, y)
         eps, alpha = self.radii(y)
         return attacks.pgd(model, x, y, eps, alpha, self.cfg.steps, loss="kl", generator=generator,
-                           amp=amp, fold_bn=self.cfg.fold_bn, target=self._soft[0])
+                           amp=amp, fold_bn=self.cfg.fold_bn, target=self._soft[0],
+                           batch_stats=self.cfg.attack_bn == "train")
 
     def loss(self, y, logits_adv, logits_nat):
         ce = lambda logits: F.cross_entropy(kernels.upcast(logits.detach()), y, reduction="none")

@@ -14,8 +14,8 @@ c: kappa_c = the epoch's sum of kappa_i over c's samples / c's sample count, and
 the first epoch trains with w = 1.
 Where fastfat differs, and why:
   - Their attack runs with the student in train mode (BatchNorm on batch statistics, its running
-    statistics moved by every attack step); fastfat's attacks run in eval mode, as every method's
-    here (official_attack_bn below records theirs).
+    statistics moved by every attack step); fastfat's attacks run in eval mode by default, as
+    every method's here; --attack-bn train gives theirs (official_attack_bn below records it).
   - kappa_c divides by the class's own sample count, theirs by N / C (the same on a balanced
     training set such as CIFAR-10's).
   - The student's checkpoint is chosen on the validation split (fastfat.selection), not the test set.
@@ -73,19 +73,28 @@ def distill_loss(student_adv: torch.Tensor, teacher_nat: torch.Tensor, w: torch.
 
 
 def pgd_counting(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float,
-                 steps: int, *, generator=None, amp=None, fold_bn: bool = True):
+                 steps: int, *, generator=None, amp=None, fold_bn: bool = True,
+                 batch_stats: bool = False):
     """(x_adv [N, C, H, W], kappa [N] float) of a CE PGD from the uniform start: fastfat.attacks.pgd
     run one step at a time from each iterate (its start noise set to the iterate's offset), with
-    kappa_i the number of iterates x_0..x_{steps-1} the model (eval mode) classifies correctly."""
-    x_k = attacks.pgd(model, x, y, eps, alpha, 0, generator=generator, amp=amp, fold_bn=fold_bn)
+    kappa_i the number of iterates x_0..x_{steps-1} the model classifies correctly: in eval mode,
+    or in train mode with batch_stats (their code's: every forward moves BN's running statistics)."""
+    kw = dict(amp=amp, fold_bn=fold_bn, batch_stats=batch_stats)
+    x_k = attacks.pgd(model, x, y, eps, alpha, 0, generator=generator, **kw)
     kappa = torch.zeros(y.shape, device=y.device)
     scale = eps if eps > 0 else 1.0
     for _ in range(steps):
-        with torch.no_grad(), attacks.eval_mode(model), autocast(x.device, amp):
-            kappa += (model(x_k).argmax(1) == y).float()
+        with torch.no_grad(), autocast(x.device, amp):
+            if batch_stats:
+                was = model.training
+                logits = model.train()(x_k)
+                model.train(was)
+            else:
+                with attacks.eval_mode(model):
+                    logits = model(x_k)
+        kappa += (logits.argmax(1) == y).float()
         # pgd starts at clamp(x + noise * eps): the offset / eps starts it at x_k, ball around x
-        x_k = attacks.pgd(model, x, y, eps, alpha, 1, noise=(x_k - x) / scale, amp=amp,
-                          fold_bn=fold_bn)
+        x_k = attacks.pgd(model, x, y, eps, alpha, 1, noise=(x_k - x) / scale, **kw)
     return x_k, kappa
 
 
@@ -115,7 +124,8 @@ class FairARD(MethodState):
             self._teacher_logits = kernels.upcast(self.teacher(x))
         eps, alpha = self.radii(y)
         x_adv, kappa = pgd_counting(model, x, y, eps, alpha, self.cfg.steps, generator=generator,
-                                    amp=amp, fold_bn=self.cfg.fold_bn)
+                                    amp=amp, fold_bn=self.cfg.fold_bn,
+                                    batch_stats=self.cfg.attack_bn == "train")
         self.kappa.add(kappa, y)
         return x_adv
 
