@@ -141,3 +141,19 @@ def test_a_sweep_trains_them_end_to_end(tmp_path):
     assert cli_main(["sweep", str(tmp_path / "g.toml"), "--no-progress"]) == 0
     rows = sqlite3.connect(str(tmp_path / "s.db")).execute("SELECT method, status FROM points").fetchall()
     assert sorted(rows) == [("absld", "done"), ("faal", "done"), ("fair-ard", "done"), ("trades", "done")]
+
+
+@pytest.mark.parametrize("name", ["methods", "methods_cifar10"])
+def test_the_packaged_methods_grids_start_them_from_their_trades_point(name):
+    from fastfat.sweep import grid
+    s = grid.build_sweep(*grid.read_sweep_file(None, name))
+    trades = {p.train.seed: p.key for p in s.points if p.train.method == "trades"}
+    order = [p.key for p in s.points]
+    new = [p for p in s.points if p.train.method in ("faal", "fair-ard", "absld")]
+    assert len(new) == 3 * len(trades) == 9
+    for p in new:
+        field = "init_from" if p.train.method == "faal" else "teacher"
+        assert getattr(p.train, field).endswith(f"{trades[p.train.seed]}/checkpoint.pt")
+        assert p.depends_on == trades[p.train.seed] and order.index(p.depends_on) < order.index(p.key)
+    # the other methods ignore both (their points, keys and settings stay as they were)
+    assert all(p.train.teacher is None for p in s.points if p.train.method not in ("fair-ard", "absld"))
