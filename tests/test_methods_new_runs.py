@@ -157,3 +157,31 @@ def test_the_packaged_methods_grids_start_them_from_their_trades_point(name):
         assert p.depends_on == trades[p.train.seed] and order.index(p.depends_on) < order.index(p.key)
     # the other methods ignore both (their points, keys and settings stay as they were)
     assert all(p.train.teacher is None for p in s.points if p.train.method not in ("fair-ard", "absld"))
+
+
+@pytest.mark.parametrize("method", ["faal", "fair-ard", "absld"])
+def test_a_step_makes_the_host_wait_for_nothing(monkeypatch, syncing_ops, method):
+    """FAAL's closed-form weights (its search included), Fair-ARD's step counts and ABSLD's soft
+    labels and class losses call no op that waits for a CUDA device; class_stats as off the CPU."""
+    import torch.nn as nn
+    from fastfat import methods
+    from fastfat.kernels import torch_ops
+    monkeypatch.setattr(torch_ops, "class_stats", torch_ops._class_stats_onehot)
+    cfg = make_train_config(None, **dict(TINY, method=method,
+                                         **({"init_from": "x"} if method == "faal" else {"teacher": "x"})))
+    m = methods.build(cfg, 10, "cpu")
+    torch.manual_seed(0)
+    student = nn.Sequential(nn.Flatten(), nn.Linear(16, 10))
+    m.begin(student, None, 0, teacher=nn.Sequential(nn.Flatten(), nn.Linear(16, 10)).requires_grad_(False))
+    x, y = torch.rand(8, 1, 4, 4), torch.arange(8) % 10
+
+    def step():
+        x_adv = m.attack(student, x, y, None, None)
+        x_adv = x if x_adv is None else x_adv
+        nat = student(x) if m.natural_forward else None
+        m.loss(y, student(x_adv), nat)[0].backward()
+
+    for epoch in range(2):
+        m.start_epoch(epoch)
+        assert syncing_ops(step) == set()
+        m.end_epoch(epoch, student, {"lr": cfg.lr})
