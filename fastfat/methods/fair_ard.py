@@ -16,6 +16,8 @@ Where fastfat differs, and why:
   - Their attack runs with the student in train mode (BatchNorm on batch statistics, its running
     statistics moved by every attack step); fastfat's attacks run in eval mode by default, as
     every method's here; --attack-bn train gives theirs (official_attack_bn below records it).
+  - Their step always runs the student on the clean batch in train mode (used only when
+    alpha < 1, but it moves BatchNorm's running statistics); fastfat's runs it only when used.
   - kappa_c divides by the class's own sample count, theirs by N / C (the same on a balanced
     training set such as CIFAR-10's).
   - The student's checkpoint is chosen on the validation split (fastfat.selection), not the test set.
