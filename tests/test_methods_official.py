@@ -1,7 +1,7 @@
 """The peer methods' official behaviours offered as options (issue 23, part 5): BatchNorm in train
 mode while the training attack is crafted (--attack-bn train, CFA's Madry attack), Nesterov
 momentum (--nesterov, DAFA's code), FRL-RWRM's per-sample radii in the input's dtype and its
-batch-max step (--frl-batch-step), and WAT's natural-first forward order."""
+batch-max step (--frl-batch-step), and WAT's and FRL's natural-first forward order."""
 import pytest
 import torch
 import torch.nn as nn
@@ -158,9 +158,10 @@ def test_frl_batch_step_is_the_batch_largest():
 
 
 def test_wat_runs_the_natural_forward_first():
-    """WAT's code: natural_logits = model(data), then model(x_adv); TRADES keeps FAT's order."""
+    """WAT's and FRL's code: the natural forward, then model(x_adv); TRADES keeps FAT's order."""
     order = {}
-    for method, extra in (("wat", dict(val_per_class=5)), ("trades", {})):
+    for method, extra in (("wat", dict(val_per_class=5)), ("frl-rw", dict(val_per_class=5, init_from="x.pt")),
+                          ("trades", {})):
         cfg = make_train_config(None, **dict(TINY, method=method, **extra))
         model = build_for_config(cfg, torch.device("cpu"))
         t = Trainer(cfg, model)
@@ -168,8 +169,8 @@ def test_wat_runs_the_natural_forward_first():
         x_adv = x + 0.01
         seen = []
         t.forward = lambda inp, seen=seen: seen.append("nat" if inp is x else "adv") or model(inp)
-        if t.method is not None:
+        if method == "wat":
             t.method.weights = torch.ones(11, dtype=torch.float64)
         t.loss(x, y, x_adv)
         order[method] = seen
-    assert order == {"wat": ["nat", "adv"], "trades": ["adv", "nat"]}
+    assert order == {"wat": ["nat", "adv"], "frl-rw": ["nat", "adv"], "trades": ["adv", "nat"]}

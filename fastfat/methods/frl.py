@@ -189,6 +189,10 @@ class FRL(MethodState):
         self.w_bndy = class_weights(self.lam_bndy).to(self.device)
         self.factors = margin_factors(self.lam_margin, self.cfg.frl_margin_max).to(self.device)
 
+    # their code: model(data) for the CE, then model(x_adv) and model(data) again for the KL; the
+    # first two in their order, the third forward (a second BN update by the clean batch) not run
+    natural_first = True
+
     def begin(self, model: nn.Module, validation, start_epoch: int, teacher=None) -> None:
         self.validation = validation
         if start_epoch == 0:   # their code updates before every epoch, the first included
