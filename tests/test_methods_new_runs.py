@@ -185,3 +185,24 @@ def test_a_step_makes_the_host_wait_for_nothing(monkeypatch, syncing_ops, method
         m.start_epoch(epoch)
         assert syncing_ops(step) == set()
         m.end_epoch(epoch, student, {"lr": cfg.lr})
+
+
+def test_any_zoo_model_teaches_and_a_bad_teacher_stops_before_any_work(tmp_path, trades_ckpt, capsys):
+    """The teacher need not be the student's architecture (here a wider CNN teaches a narrower
+    one); a teacher file that fails its digest is one error line, exit 2, nothing written."""
+    wide = tmp_path / "wide"
+    train(make_train_config(None, **dict(TINY, method="trades", width=16, epochs=1)), str(wide), progress=False)
+    _, log = train(_cfg("fair-ard", str(wide / CHECKPOINT), epochs=1), None, progress=False)
+    assert log[0]["loss"] > 0
+    bad = tmp_path / "bad.pt"
+    state = torch.load(trades_ckpt, weights_only=True)
+    name = next(iter(state["model"]))
+    state["model"][name] = state["model"][name] + 1   # altered weights, the old digest
+    torch.save(state, bad)
+    out = tmp_path / "never"
+    args = ["train", "--dataset", "digits", "--model", "cnn", "--width", "8", "--epochs", "1",
+            "--train-limit", "128", "--steps", "1", "--device", "cpu", "--no-progress",
+            "--method", "absld", "--teacher", str(bad), "--out", str(out)]
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err
+    assert "integrity check" in err and err.count("\n") == 1 and not out.exists()
