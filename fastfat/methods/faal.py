@@ -8,9 +8,10 @@ m_i = max_{j != y_i} p_ij - p_i,y_i (a class absent from the batch: -1), then we
 simplex that solve
     max_q  sum_c q_c a_c   s.t.  KL(u || q) = sum_c u log(u / q_c) <= r,    u = 1/C,
 with a_c = n_c * margin_c (their objective sums q_{y_i} * margin_{y_i} over the batch's samples,
-so a class counts once per sample of it), and the loss (C / N) sum_i q_{y_i} CE_i (Madry; on a
-TRADES base the per-sample TRADES loss CE_nat + beta KL takes CE's place). Their run: r = 0.5,
-2 epochs from a PGD-AT or TRADES checkpoint, lr 0.01 dropped x0.1 after the first epoch.
+so a class counts once per sample of it), and the loss (C / N) sum_i q_{y_i} CE_i: their run's
+AT loss (their script also offers TRADES' and MART's per-sample losses in CE's place; fastfat's
+faal is the AT one). Their run: r = 0.5, 2 epochs from a PGD-AT or TRADES checkpoint, lr 0.01
+dropped x0.1 after the first epoch, PGD-10 at step 2/255.
 
 The closed forms (Lagrange conditions; the maximiser is interior for r > 0):
   KL(u || q) <= r (their code's cp.kl_div(u, q)):  q_c = 1 / (t + max(a) - a_c), normalised;
