@@ -89,11 +89,12 @@ def float64(monkeypatch):
     built, and the memory loaders yield, in float64; the rest of the sweep runs unchanged)."""
     import fastfat.fused.group as fused_group
     import fastfat.fused.train as fused_train
+    import fastfat.runfiles as runfiles
     import fastfat.train as train_mod
     from fastfat.data.loaders import MemoryLoader
 
-    build, batches = train_mod.build_for_config, MemoryLoader.__iter__
-    for mod in (train_mod, fused_train, fused_group):
+    build, batches = runfiles.build_for_config, MemoryLoader.__iter__
+    for mod in (runfiles, train_mod, fused_train, fused_group):   # runfiles: load_model's
         monkeypatch.setattr(mod, "build_for_config", lambda cfg, device: build(cfg, device).double())
     monkeypatch.setattr(MemoryLoader, "__iter__", lambda self: ((x.double(), y) for x, y in batches(self)))
 

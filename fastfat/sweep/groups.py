@@ -17,7 +17,7 @@ import traceback
 
 from ..errors import UserError
 from ..runtime import progress_bar
-from . import points
+from . import points as point_runs   # not `points`, the name of the lists of points here
 from .grid import GridPoint, Sweep
 from .points import claim_points, say as _say
 
@@ -59,7 +59,7 @@ def train_group(points: list[GridPoint], run_dirs: list[str], *, progress: bool 
 def run_group(store, points: list[GridPoint], sweep: Sweep, counts: dict, *, progress: bool, overall=None,
               tally=None) -> None:
     """Claim the group's points at once (Store.claim_group: all or none), train them fused and
-    evaluate and store each surviving member (points.evaluate_point, store.finish); a member
+    evaluate and store each surviving member (point_runs.evaluate_point, store.finish); a member
     that diverges is stored failed with its reason while the others go on. Updates counts as
     the single-point loop does. Ctrl-C / SIGTERM give every member still running back; a member
     taken over by another process (this one was silent past its lease) ends the group's run
@@ -123,7 +123,7 @@ def run_group(store, points: list[GridPoint], sweep: Sweep, counts: dict, *, pro
                     store.record_epoch(p.key, row)
                 t1 = time.perf_counter()
                 try:
-                    records = points.evaluate_point(p, run_dir)
+                    records = point_runs.evaluate_point(p, run_dir)
                 except UserError as e:
                     failed(p.key, str(e))
                     continue
