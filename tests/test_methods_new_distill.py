@@ -153,3 +153,17 @@ def test_absld_attack_matches_their_inner_loss():
     own = attacks.pgd(model, x, y, eps, alpha, 4, loss="kl", generator=torch.Generator().manual_seed(9),
                       fold_bn=False)
     assert (own - got).abs().max() > 1e-3
+
+
+@pytest.mark.filterwarnings("ignore:reduction")   # KLDivLoss warns about 'mean', which they use
+def test_fair_ard_distill_loss_is_their_per_sample_loop():
+    """Their loss: per sample nn.KLDivLoss()(log_softmax(s_i / T), softmax(t_i / T)) (its default
+    'mean' over the C entries of a 1-D input) times w_{y_i}, summed / N, times T^2."""
+    g = torch.Generator().manual_seed(3)
+    s, t = torch.randn(6, 4, dtype=D, generator=g) * 3, torch.randn(6, 4, dtype=D, generator=g) * 3
+    w = torch.rand(6, dtype=D, generator=g) + 0.5
+    temp = 30.0
+    kl = nn.KLDivLoss()
+    theirs = sum(kl(F.log_softmax(s[i] / temp, dim=0), F.softmax(t[i] / temp, dim=0)) * w[i]
+                 for i in range(6)) / 6 * temp * temp
+    torch.testing.assert_close(fair_ard.distill_loss(s, t, w, temp), theirs, rtol=1e-10, atol=0)
