@@ -43,6 +43,8 @@ class MethodState:
                                 saved in the checkpoint after every epoch, so a resumed run repeats
                                 an uninterrupted one; a state_dict()[EVAL_MODEL] (a model state
                                 dict) is what the run's evaluation loads instead of its weights.
+      natural_forward, natural_first  whether the Trainer passes natural logits, and whether
+                                it runs that forward before the adversarial one (their code's order)
     Accumulators live within one epoch only: checkpoints fall between epochs.
     """
 
