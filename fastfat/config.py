@@ -185,6 +185,8 @@ class RunConfig:
         _choice("attack_bn", self.attack_bn, ATTACK_BN)
         if self.attack_bn == "train" and self.method == "natural":
             raise UserError("attack_bn train: natural training crafts no attack")
+        if self.nesterov and self.momentum == 0:
+            raise UserError("nesterov needs momentum > 0 (Nesterov's look-ahead is along the momentum)")
         if self.attack_bn == "train" and self.amp == "fp16":
             # fp16's per-sample loss scaling (attacks._input_grad) is exact only for independent
             # samples; batch statistics couple them

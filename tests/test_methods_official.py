@@ -88,8 +88,9 @@ def test_attack_bn_train_trains_end_to_end(tmp_path):
     (dict(method="natural", attack_bn="train"), "natural training crafts no attack"),
     (dict(method="madry", attack_bn="batch"), "attack_bn: unknown value 'batch'"),
     (dict(method="madry", attack_bn="train", amp="fp16"), "does not run under --amp fp16"),
+    (dict(method="madry", nesterov=True, momentum=0.0), "nesterov needs momentum > 0"),
 ])
-def test_attack_bn_checks(kw, msg):
+def test_option_checks(kw, msg):
     with pytest.raises(UserError, match=msg):
         make_train_config(None, **dict(TINY, **kw))
 
