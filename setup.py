@@ -30,7 +30,8 @@ setup(
     extras_require={
         "ffcv": ["ffcv==1.0.2", "numba", "Pillow"],
         # torchattacks: the bench times fastfat.pgd beside torchattacks.PGD on the same model
-        "dev": ["pytest", "pytest-benchmark", "pytest-timeout", "py-spy", "pyinstrument", "torchattacks"],
+        "dev": ["pytest", "pytest-benchmark", "pytest-timeout", "py-spy", "pyinstrument", "torchattacks",
+                "cvxpy"],
         # `fastfat sweep --ray`: the core package runs clusters (ray start, tasks, retries);
         # ray[default] adds the dashboard, which fastfat does not need
         "ray": ["ray>=2.10"],

@@ -88,7 +88,8 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps, alpha, steps: i
         random_start: bool = True, loss: str = "ce", kappa: float = 50.0, *,
         generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
         amp: torch.dtype | None = None, threads: int | None = None,
-        group: int | None = None, fold_bn: bool = True) -> torch.Tensor:
+        group: int | None = None, fold_bn: bool = True,
+        target: torch.Tensor | None = None, batch_stats: bool = False) -> torch.Tensor:
     """Projected gradient ascent in the l_inf ball of radius eps around x.
 
     x [N, C, H, W] in [0, 1]; y [N] int64; eps, alpha: float or [N] (pixel units); steps >= 0.
@@ -109,11 +110,27 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps, alpha, steps: i
     conv and no parameter gradients; made once and reused while the weights are unchanged),
     as the trainer attacks; False attacks the model itself. A model in train mode is attacked
     as it is (in eval mode, as always).
+    target: for "kl", the logits [N, classes] whose softmax the attack moves away from instead of
+    the model's own natural prediction (a teacher's soft labels in robust distillation).
+    batch_stats: attack the model in train mode instead (BatchNorm on the batch's statistics, its
+    running statistics updated by every forward, as CFA's code crafts its Madry attack); the
+    batch stays whole (one slice: its statistics couple the samples), no BN folding.
     Returns x_adv [N, C, H, W], detached, in x's memory layout.
     """
     if loss not in ATTACK_LOSSES:
         raise ValueError(f"unknown attack loss {loss!r}; expected one of {ATTACK_LOSSES}")
     x = x.detach()
+    if batch_stats:
+        if noise is None:
+            noise = start_noise(x, loss, random_start, generator)
+        was = model.training
+        model.train()
+        try:
+            out = _pgd_slice(model, x, y, _as_batch(eps, x), _as_batch(alpha, x), steps,
+                             random_start, loss, kappa, noise, amp, target)
+        finally:
+            model.train(was)
+        return out.contiguous(memory_format=_layout(x))
     if fold_bn and not model.training:
         model = attack_copy(model, amp)
     # Draw the start for the whole batch here, on the caller's thread and generator, so the
@@ -131,7 +148,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps, alpha, steps: i
     def attack(runs: slice) -> torch.Tensor:
         sl = slice(runs.start * g, runs.stop * g)
         return _pgd_slice(model, x[sl], y[sl], cut(e, sl), cut(a, sl), steps, random_start, loss,
-                          kappa, cut(noise, sl), amp)
+                          kappa, cut(noise, sl), amp, cut(target, sl))
 
     with eval_mode(model):
         parts = sharded(attack, x.shape[0] // g, max(shards, 1),
@@ -140,14 +157,19 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps, alpha, steps: i
     return out.contiguous(memory_format=_layout(x))
 
 
-def _pgd_slice(model, x, y, e, a, steps, random_start, loss, kappa, noise, amp) -> torch.Tensor:
-    """pgd on one slice of the batch, model already in eval mode; noise drawn by the caller.
+def _pgd_slice(model, x, y, e, a, steps, random_start, loss, kappa, noise, amp,
+               target=None) -> torch.Tensor:
+    """pgd on one slice of the batch, model in the mode the caller set (eval; train under
+    batch_stats); noise drawn by the caller.
     Runs on the thread it is called from, so grad mode and autocast are set here."""
     with torch.enable_grad():
         p_nat = None
         if loss == "kl":
-            with torch.no_grad(), autocast(x.device, amp):
-                p_nat = kernels.upcast(model(x))
+            if target is not None:
+                p_nat = kernels.upcast(target.detach())
+            else:
+                with torch.no_grad(), autocast(x.device, amp):
+                    p_nat = kernels.upcast(model(x))
             x_adv = (x + 0.001 * noise.to(x.dtype)).contiguous(memory_format=_layout(x))
         elif random_start:
             x_adv = x.clone()

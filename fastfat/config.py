@@ -10,16 +10,18 @@ import dataclasses
 import math
 import types
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 # single values: parsing and the checks validate() makes (re-exported: other modules import them here)
+from . import methods
 from .config_values import (SEED_LIMIT, _choice, _int_at_least, _range, _seed, canonical_attack,  # noqa: F401
-                            parse_eps, resolve_step)
+                            opt, parse_eps, resolve_step)
 from .errors import UserError
 
-METHODS = ("natural", "madry", "trades", "fat-madry", "fat-trades",
-           "cfa-madry", "cfa-trades", "dafa-madry", "dafa-trades",
-           "wat", "frl-rw", "frl-rwrm")   # peers: fastfat.methods
+# Madry, TRADES, FAT and natural training live in fastfat.train; the others in fastfat.methods,
+# whose registry names them (and their bases, hyperparameters and needs).
+OWN_METHODS = ("natural", "madry", "trades", "fat-madry", "fat-trades")
+METHODS = OWN_METHODS + methods.NAMES
 FAT_PREFIX = "fat-"   # FAT on a base method: fat-madry, fat-trades
 SCHEDULES = ("paper", "authors", "constant")
 LOADERS = ("auto", "memory", "torchvision", "ffcv")
@@ -32,15 +34,15 @@ def has_lambda(method: str) -> bool:
     return method.startswith(FAT_PREFIX)
 
 
-# The base method each robust-fairness method modifies (beyond FAT, whose base is its suffix):
+# The base method each registered method modifies (beyond FAT, whose base is its suffix):
 # the report's rho and paired comparisons measure a method against its base.
-BASE_METHODS: dict[str, str] = {"cfa-madry": "madry", "cfa-trades": "trades",
-                                 "dafa-madry": "madry", "dafa-trades": "trades",
-                                 "wat": "trades", "frl-rw": "trades", "frl-rwrm": "trades"}
+BASE_METHODS: dict[str, str] = methods.BASES
 
-
-# Methods that fine-tune a trained model: init_from required (a sweep resolves a method name in it).
-FINE_TUNE_METHODS = ("frl-rw", "frl-rwrm")
+# Methods that fine-tune a trained model: init_from required (a sweep resolves a method name in
+# it); methods that distil from a teacher: teacher required (likewise).
+FINE_TUNE_METHODS = methods.FINE_TUNE
+TEACHER_METHODS = methods.TEACHER
+ATTACK_BN = ("eval", "train")
 
 
 def base_method(method: str) -> str | None:
@@ -53,17 +55,10 @@ def base_method(method: str) -> str | None:
 
 # ---------------------------------------------------------------------------------------------
 
-def opt(default=dataclasses.MISSING, help: str = "", *, factory=dataclasses.MISSING):
-    """A config field with its --help text (read by fastfat.cli.flags)."""
-    return field(default=default, default_factory=factory, metadata={"help": help})
-
-
 @dataclass
-class TrainConfig:
-    """Everything that defines one training run (one grid point)."""
-    method: str = opt("madry", "natural | madry | trades | fat-madry | fat-trades (Fair AT) | "
-                               "cfa-madry | cfa-trades | dafa-madry | dafa-trades | wat | frl-rw | "
-                               "frl-rwrm")
+class RunConfig:
+    """TrainConfig's own fields (the method's hyperparameters come from fastfat.methods)."""
+    method: str = opt("madry", " | ".join(METHODS) + " (fat-*: Fair AT; docs/methods.md)")
     model: str = opt("resnet18", "resnet18 | resnet50 | wrn-32-10 (= wrn-34-10) | preactresnet18 | cnn")
     width: int | None = opt(None, "first-stage channels (None: the model's full width)")
     dataset: str = opt("cifar10", "cifar10 | cifar100 | digits | synthetic")
@@ -87,18 +82,6 @@ class TrainConfig:
                                              "SGD step (None: off, as the paper and the authors' code)")
     lam_warmup_epochs: int = opt(0, "FAT: lambda rises linearly from 0 over this many epochs, step by "
                                     "step (0: off, as the paper)")
-    # CFA and DAFA (fastfat.methods, README). Epoch counts: N >= 1 epochs or a fraction of the run's.
-    cfa_lambda1: float = opt(0.5, "CFA: class radius (lambda1 + train robust acc of the class) * eps")
-    cfa_lambda2: float = opt(0.5, "CFA on TRADES: class beta (lambda2 + train robust acc) * beta")
-    cfa_begin: float = opt(10, "CFA: calibrate from this (0-based) epoch on, N or a fraction of the "
-                               "epochs (theirs: 10); eps and beta before it")
-    cfa_fawa: bool = opt(True, "CFA: evaluate FAWA's weight average (needs --val-per-class)")
-    cfa_fawa_decay: float = opt(0.85, "CFA's FAWA decay (the paper's 0.85; their code's 0.88)")
-    cfa_fawa_threshold: float = opt(0.2, "CFA's FAWA updates when the validation worst-class robust "
-                                         "accuracy is >= this (the paper's 0.2; their code's 0.24)")
-    dafa_lambda: float = opt(1.0, "DAFA's lambda (their CIFAR-10 1.0; CIFAR-100 and STL-10 1.5)")
-    dafa_warmup: float = opt(70, "DAFA: class weights from the adversarial softmax of this epoch, "
-                                 "used after it; N or a fraction of the epochs (theirs: 70 of 110)")
     seed: int = opt(0, "seeds the initial weights, batch order, augmentation and attack noise")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
     amp: str = opt("auto", "auto (bf16 on CUDA, off on CPU) | off | bf16 (fast on CPUs with AVX512-BF16) | fp16")
@@ -122,20 +105,13 @@ class TrainConfig:
                                       "schedule and log start afresh); FRL fine-tunes from one. In a sweep, "
                                       "a method's name (e.g. \"trades\") means that method's point of the "
                                       "same dataset, model, eps_train and seed, trained first")
-    wat_eta: float = opt(0.1, "WAT: Hedge learning rate on the classes' cumulative validation TRADES "
-                              "loss (their code's 0.1)")
-    frl_bound_nat: float | None = opt(None, "FRL: how far a class's clean error may exceed the average "
-                                            "(tau; None: 0.1 for frl-rw, 0.07 for frl-rwrm, their code's)")
-    frl_bound_bndy: float | None = opt(None, "FRL: the same for the boundary error (None: 0.1 for frl-rw, "
-                                             "0.07 for frl-rwrm)")
-    frl_rate_nat: float = opt(0.05, "FRL: step of the clean-error multipliers (their code's 0.05)")
-    frl_rate_bndy: float = opt(0.1, "FRL: step of the boundary-error multipliers (their code: twice "
-                                    "the clean step)")
-    frl_rate_margin: float = opt(0.2, "FRL-RWRM: step of the radius multipliers (their code's 0.2)")
-    frl_lim: float = opt(0.5, "FRL: the multipliers of each kind sum to at most this (their code's "
-                              "0.5); below 1, every class keeps a positive loss weight")
-    frl_margin_max: float = opt(3.0, "FRL-RWRM: the largest factor a class's radius grows by (their "
-                                     "code's 3)")
+    teacher: str | None = opt(None, "distillation methods: the teacher's checkpoint (digest-checked). In a "
+                                    "sweep, a method's name means that method's point of the same "
+                                    "dataset, model, eps_train and seed, trained first")
+    attack_bn: str = opt("eval", "BatchNorm while crafting the training attack: eval (running statistics, "
+                                 "fastfat's default) | train (batch statistics, running statistics "
+                                 "updated by every attack step: CFA's official code; docs/methods.md)")
+    nesterov: bool = opt(False, "SGD with Nesterov momentum (DAFA's code; off as the paper and FAT's code)")
     num_workers: int = opt(0, "torchvision loader only")
     preset: str = opt("", "which preset filled the defaults (recorded, not re-applied)")
 
@@ -200,19 +176,42 @@ class TrainConfig:
                 raise UserError("val_per_class selects on robust accuracy at eps_train: it needs eps_train > 0")
         if self.method != "natural" and self.eps_train == 0.0:
             raise UserError(f"method {self.method} needs eps_train > 0 (natural training is --method natural)")
-        from .methods import check_config   # CFA's and DAFA's fields
-        check_config(self)
-        self._validate_peer_fields()
+        methods.check_config(self)   # every registered method's hyperparameters
+        self._validate_method_needs()
         return self
 
-    def _validate_peer_fields(self) -> None:
-        """init_from (WAT's and FRL's own fields: fastfat.methods.check_config)."""
-        if self.init_from is not None and not str(self.init_from).strip():
-            raise UserError("init_from: give a checkpoint path (or leave it unset)")
+    def _validate_method_needs(self) -> None:
+        """attack_bn, and what the registry says cfg.method needs: a validation split, a model
+        to fine-tune (init_from), a teacher."""
+        _choice("attack_bn", self.attack_bn, ATTACK_BN)
+        if self.attack_bn == "train" and self.method == "natural":
+            raise UserError("attack_bn train: natural training crafts no attack")
+        if self.nesterov and self.momentum == 0:
+            raise UserError("nesterov needs momentum > 0 (Nesterov's look-ahead is along the momentum)")
+        if self.attack_bn == "train" and self.amp == "fp16":
+            # fp16's per-sample loss scaling (attacks._input_grad) is exact only for independent
+            # samples; batch statistics couple them
+            raise UserError("attack_bn train does not run under --amp fp16 (use bf16 or off)")
+        for name in ("init_from", "teacher"):
+            if getattr(self, name) is not None and not str(getattr(self, name)).strip():
+                raise UserError(f"{name}: give a checkpoint path (or leave it unset)")
+        if self.method in methods.NEEDS_VALIDATION and self.val_per_class is None:
+            raise UserError(f"method {self.method} updates its class weights from a validation split: "
+                            f"give --val-per-class (their code holds out 300 of CIFAR-10's 5000 per "
+                            f"class: 0.06)")
         if self.method in FINE_TUNE_METHODS and self.init_from is None:
             raise UserError(f"method {self.method} fine-tunes a trained model: give --init-from "
                             f"CHECKPOINT (e.g. a trades run's checkpoint.pt; in a sweep, "
                             f"init_from = \"trades\")")
+        if self.method in TEACHER_METHODS and self.teacher is None:
+            raise UserError(f"method {self.method} distils from a teacher: give --teacher CHECKPOINT "
+                            f"(in a sweep, teacher = \"trades\" or another method's name)")
+
+
+@dataclass
+class TrainConfig(*reversed(methods.PARAMS), RunConfig):
+    """Everything that defines one training run (one grid point): RunConfig's fields, then each
+    registered method's hyperparameters (fastfat.methods.PARAMS, in registry order)."""
 
 
 @dataclass

@@ -1,12 +1,20 @@
-"""Single config values: radii and step sizes in pixel units (parse_eps, resolve_step), attack
-names (canonical_attack), and the checks TrainConfig/EvalConfig.validate make of one value
-(_choice, _range, _seed, _int_at_least), each failing with one clear UserError line."""
+"""Single config values: the field maker with --help text (opt), radii and step sizes in pixel
+units (parse_eps, resolve_step), attack names (canonical_attack), and the checks
+TrainConfig/EvalConfig.validate and the methods' checks make of one value (_choice, _range, _seed,
+_int_at_least), each failing with one clear UserError line."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 
 from .errors import UserError
+
+
+def opt(default=dataclasses.MISSING, help: str = "", *, factory=dataclasses.MISSING):
+    """A config field with its --help text (read by fastfat.cli.flags); method modules declare
+    their hyperparameters with it too."""
+    return dataclasses.field(default=default, default_factory=factory, metadata={"help": help})
 
 
 def parse_eps(value) -> float:

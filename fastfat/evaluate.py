@@ -21,7 +21,7 @@ from .models.fold import fold_bn
 from .runtime import (amp_dtype, autocast, chunk_size, progress_bar, resolve_device, set_backends, shard_count,
                       sharded)
 from .seeding import eval_noise_seed
-from .train import load_model
+from .runfiles import load_model
 
 
 def attack_schedule(attack: str, eps: float) -> tuple[str, int, float]:

@@ -1,6 +1,6 @@
 """A training run's files: config.json, checkpoint.pt and log.jsonl after every epoch (save_run),
-read back to resume (load_resume_state), a starting checkpoint's weights (load_init_weights) and
-a trained model for evaluation (load_model)."""
+read back to resume (load_resume_state), a starting checkpoint's weights (load_init_weights), the
+model a config trains (build_for_config) and a trained model for evaluation (load_model)."""
 from __future__ import annotations
 
 import json
@@ -12,8 +12,10 @@ import torch.nn as nn
 
 from . import methods
 from .config import TrainConfig, from_dict, to_dict
+from .data import dataset_info
 from .errors import UserError
 from .files import atomic_write_json, atomic_write_text, load_checkpoint, remove_stale_temps, save_checkpoint
+from .models import build_model
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"
@@ -80,11 +82,34 @@ def save_run(out_dir: str, cfg: TrainConfig, epoch: int, log: list[dict], model_
     atomic_write_text(os.path.join(out_dir, LOG), "".join(json.dumps(r) + "\n" for r in log))
 
 
+def build_for_config(cfg: TrainConfig, device) -> nn.Module:
+    """The model a config trains, on device, in channels_last when asked."""
+    info = dataset_info(cfg.dataset)
+    torch.manual_seed(cfg.seed)  # the initial weights depend on the seed only
+    model = build_model(cfg.model, info.num_classes, width=cfg.width, in_channels=info.channels)
+    model = model.to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def load_teacher(cfg: TrainConfig, device) -> nn.Module | None:
+    """The frozen teacher a distillation method learns from: cfg.teacher's model (digest-checked,
+    eval mode, no parameter gradients) on device, or None without cfg.teacher. UserError if it
+    was trained on another data set than cfg."""
+    if cfg.teacher is None:
+        return None
+    teacher, tcfg = load_model(cfg.teacher, device)
+    if tcfg.dataset != cfg.dataset:
+        raise UserError(f"teacher: {cfg.teacher} was trained on {tcfg.dataset}; this run trains on "
+                        f"{cfg.dataset}")
+    return teacher.requires_grad_(False)
+
+
 def load_model(path: str, device="cpu") -> tuple[nn.Module, TrainConfig]:
     """A trained model (eval mode) and its config from a checkpoint; UserError if bad. The
     weights are a peer method's evaluation weights where it has them (CFA: FAWA's average), the
     trained ones otherwise."""
-    from .train import build_for_config   # train imports this module
     state = load_checkpoint(path)
     try:
         cfg = from_dict(TrainConfig, state["config"]).validate()

@@ -19,14 +19,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import attacks, kernels, losses, methods, selection
+from .losses import method_loss  # noqa: F401  (fused groups and tests import it here)
 from .config import TrainConfig
 from .data import build_loader, dataset_info
 from .errors import UserError
 from .files import check_writable_dir
-from .models import build_model
 from .models.fold import fold_bn
 # a run's files, re-exported: fused groups, sweeps and the CLI import them from here
-from .runfiles import (CHECKPOINT, CONFIG, LOG, load_init_weights, load_model,  # noqa: F401
+from .runfiles import (CHECKPOINT, CONFIG, LOG, build_for_config, load_init_weights, load_model, load_teacher,  # noqa: F401
                        load_resume_state, save_run)
 from .runtime import amp_dtype, autocast, progress_bar, resolve_device, set_backends, synchronize
 from .seeding import epoch_generator
@@ -55,20 +55,11 @@ def lr_at(epoch: int, epochs: int, lr: float, schedule: str) -> float:
     return lr * mult
 
 
-def build_for_config(cfg: TrainConfig, device: torch.device) -> nn.Module:
-    """The model a config trains, on device, in channels_last when asked."""
-    info = dataset_info(cfg.dataset)
-    torch.manual_seed(cfg.seed)  # the initial weights depend on the seed only
-    model = build_model(cfg.model, info.num_classes, width=cfg.width, in_channels=info.channels)
-    model = model.to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model
-
-
 def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
-    """The SGD a config trains with (lr, momentum, weight decay); fused groups build theirs here too."""
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    """The SGD a config trains with (lr, momentum, weight decay, Nesterov or not); fused groups
+    build theirs here too."""
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                           nesterov=cfg.nesterov)
 
 
 class NonFiniteLoss(UserError):
@@ -77,28 +68,6 @@ class NonFiniteLoss(UserError):
 
 # ---------------------------------------------------------------------------------------------
 # The step
-
-def method_loss(cfg: TrainConfig, num_classes: int, y: torch.Tensor, logits_adv=None,
-                logits_nat=None, lam: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, vcar) of cfg.method from its logits [N, classes] (logits_nat for natural, trades and
-    fat-trades; logits_adv for all but natural) and labels y [N]: 0-dim tensors, vcar detached
-    (0 for methods without VCAR). Trainer.loss and fused groups (one call per member) use it.
-    lam: FAT's lambda for this step (None: cfg.lam; lambda's warm-up passes its current value)."""
-    lam = cfg.lam if lam is None else lam
-    ce = lambda logits: F.cross_entropy(kernels.upcast(logits), y)
-    zero = torch.zeros((), device=y.device)
-    if cfg.method == "natural":
-        return ce(logits_nat), zero
-    if cfg.method == "madry":
-        return ce(logits_adv), zero
-    if cfg.method == "trades":
-        return losses.trades_loss(logits_nat, logits_adv, y, cfg.beta), zero
-    if cfg.method == "fat-madry":
-        return losses.fat_loss(logits_adv, y, num_classes, lam, cfg.vcar_mode, cfg.superclass,
-                               return_vcar=True)
-    return losses.fat_trades_loss(logits_nat, logits_adv, y, num_classes, cfg.beta, lam,
-                                  cfg.vcar_mode, cfg.superclass, return_vcar=True)
-
 
 def warmup_lam(lam: float, warmup_epochs: int, step: int, steps_per_epoch: int) -> float:
     """FAT's lambda at 1-based global `step` (epoch * steps_per_epoch + step in epoch + 1) under a
@@ -166,11 +135,20 @@ class Trainer:
         return self.model
 
     def adversarial(self, x, y, generator=None) -> torch.Tensor:
+        """The training attack's x_adv for x [N, C, H, W], y [N]: the method's own attack where it
+        has one, else PGD at its radii. cfg.attack_bn "train" attacks the model itself in train
+        mode (batch statistics; every forward updates BN's running statistics), as CFA's code."""
         cfg = self.cfg
+        batch_stats = cfg.attack_bn == "train"
+        model = self.model if batch_stats else self.attack_model()
+        if self.method is not None:
+            x_adv = self.method.attack(model, x, y, generator, self.amp)
+            if x_adv is not None:
+                return x_adv
         eps, alpha = (cfg.eps_train, self.alpha) if self.method is None else self.method.radii(y)
-        return attacks.pgd(self.attack_model(), x, y, eps, alpha, cfg.steps,
+        return attacks.pgd(model, x, y, eps, alpha, cfg.steps,
                            loss=self.attack_loss, generator=generator,
-                           amp=self.amp, fold_bn=cfg.fold_bn)
+                           amp=self.amp, fold_bn=cfg.fold_bn, batch_stats=batch_stats)
 
     def loss(self, x, y, x_adv) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss, vcar) for the method; model in train mode. x, x_adv [N, C, H, W], y [N]."""
@@ -178,10 +156,14 @@ class Trainer:
         with autocast(self.device, self.amp):
             if cfg.method == "natural":
                 return method_loss(cfg, self.num_classes, y, logits_nat=self.forward(x))
-            logits_adv = self.forward(x_adv)
-            # the natural forward after the adversarial one, as the authors
+            # the natural forward after the adversarial one, as the authors (or before it, where
+            # a method's code does so: the order moves BatchNorm's running statistics)
             natural = self.method.natural_forward if self.method else cfg.method in ("trades", "fat-trades")
-            logits_nat = self.forward(x) if natural else None
+            first = natural and self.method is not None and self.method.natural_first
+            logits_nat = self.forward(x) if first else None
+            logits_adv = self.forward(x_adv)
+            if natural and not first:
+                logits_nat = self.forward(x)
         if self.method is not None:
             return self.method.loss(y, logits_adv, logits_nat)
         return method_loss(cfg, self.num_classes, y, logits_adv, logits_nat, lam=self.lam)
@@ -348,7 +330,7 @@ def train(cfg: TrainConfig, out_dir: str | None = None, *, resume: bool = False,
                             f"({type(e).__name__}); move it away to start afresh") from None
 
     if trainer.method is not None:
-        trainer.method.begin(model, selector, start)
+        trainer.method.begin(model, selector, start, load_teacher(cfg, device))
     for epoch in range(start, cfg.epochs):
         row = train_epoch(trainer, loader, epoch, progress=progress, position=position)
         if selector is not None:

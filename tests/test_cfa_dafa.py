@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from fastfat import losses, methods
 from fastfat.config import base_method, make_train_config
 from fastfat.errors import UserError
-from fastfat.methods.cfa import CFA, calibrated_beta, calibrated_eps, ccr_weights, fawa_update
-from fastfat.methods.dafa import DAFA, class_weights
+from fastfat.methods.cfa import calibrated_beta, calibrated_eps, ccr_weights, fawa_update
+from fastfat.methods.dafa import class_weights
 
 D64 = torch.float64
 
@@ -35,7 +35,7 @@ def test_ccm_radii_from_the_previous_epochs_class_accuracy():
     """t_y = correct_y / n_y of the epoch's train-mode adversarial predictions; from cfa_begin
     on, class y is attacked at (lambda1 + t_y) * eps with the step unchanged; before, at eps."""
     cfg = _cfg(cfa_begin=1, cfa_lambda1=0.5, cfa_fawa=False)
-    m = CFA(cfg, 10, "cpu")
+    m = methods.build(cfg, 10, "cpu")
     m.start_epoch(0)
     y = torch.tensor([0, 0, 1, 1, 2])
     assert m.radii(y) == (cfg.eps_train, cfg.alpha())
@@ -83,7 +83,7 @@ def test_fawa_is_an_ema_gated_by_the_validation_worst_class():
     the first epoch at or above it copies the weights, later ones average with decay; integer
     buffers are copied."""
     cfg = _cfg(cfa_fawa_decay=0.85, cfa_fawa_threshold=0.2)
-    m = CFA(cfg, 10, "cpu")
+    m = methods.build(cfg, 10, "cpu")
     model = nn.Sequential(nn.Linear(1, 1, bias=False), nn.BatchNorm1d(1))
     w = model[0].weight
     rows = [(1.0, 0.1), (1.0, 0.2), (3.0, 0.5), (5.0, 0.19)]   # (weight, val_worst_acc)
@@ -125,7 +125,7 @@ def test_dafa_statistics_weights_radii_and_losses():
     class y's radius and step are W_y times eps and alpha, and W_y weights its CE (Madry: the
     adversarial CE; TRADES: the natural CE, beta * KL unweighted)."""
     cfg = _cfg("dafa-madry", dafa_warmup=1, dafa_lambda=1.0)
-    m = DAFA(cfg, 3, "cpu")
+    m = methods.build(cfg, 3, "cpu")
     m.start_epoch(0)
     assert m.collect
     rows = torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.7, 0.1], [0.05, 0.05, 0.9]], dtype=D64)
@@ -146,7 +146,7 @@ def test_dafa_statistics_weights_radii_and_losses():
     ce = F.cross_entropy(logits, y, reduction="none")
     loss, _ = m.loss(y, logits, None)
     assert abs(float(loss) - float((w * ce).mean())) < 1e-12
-    t = DAFA(_cfg("dafa-trades", dafa_warmup=1), 3, "cpu")
+    t = methods.build(_cfg("dafa-trades", dafa_warmup=1), 3, "cpu")
     t.load_state_dict(m.state_dict())
     nat = logits.flip(1)
     kl = (F.softmax(nat, 1) * (F.log_softmax(nat, 1) - F.log_softmax(logits, 1))).sum(1)

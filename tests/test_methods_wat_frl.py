@@ -74,8 +74,10 @@ def test_frl_updates_before_every_epoch_and_remargins(tmp_path, trades_ckpt):
     assert state.lam_margin.abs().sum() > 0
     y = torch.arange(10)
     eps, alpha = state.radii(y)
-    torch.testing.assert_close(eps, (0.1 * state.factors).float(), rtol=0, atol=0)
-    torch.testing.assert_close(alpha, (0.025 * state.factors).float(), rtol=1e-7, atol=0)
+    # the factors' float64, not rounded to fp32 (attacks.pgd rounds once, to the attack's dtype)
+    assert eps.dtype == alpha.dtype == torch.float64
+    torch.testing.assert_close(eps, 0.1 * state.factors, rtol=0, atol=0)
+    torch.testing.assert_close(alpha, 0.025 * state.factors, rtol=1e-15, atol=0)
     assert float(eps.min()) >= 0.1 * 0.98 - 1e-7 and float(eps.max()) <= 0.3 + 1e-7
 
 

@@ -11,7 +11,7 @@ import pytest
 from fastfat.data import dataset_info
 from fastfat.errors import UserError
 from fastfat.evaluate import evaluate, make_test_loader
-from fastfat.sweep import grid, runner
+from fastfat.sweep import grid, points, runner
 from fastfat.sweep.store import Store
 from fastfat.train import load_model
 from test_report import _md_table
@@ -71,7 +71,7 @@ def test_a_point_trained_with_a_split_needs_its_best_checkpoint(swept, tmp_path)
     shutil.copytree(os.path.join(s.runs_dir, p.key), run_dir)
     os.remove(os.path.join(run_dir, "best.pt"))
     with pytest.raises(UserError, match="best.pt is missing"):
-        runner.evaluate_point(p, run_dir)
+        points.evaluate_point(p, run_dir)
 
 
 def test_when_the_last_epoch_is_the_best_it_is_evaluated_once(swept, tmp_path, monkeypatch):
@@ -86,7 +86,7 @@ def test_when_the_last_epoch_is_the_best_it_is_evaluated_once(swept, tmp_path, m
     calls = []
     real = ev.evaluate
     monkeypatch.setattr(ev, "evaluate", lambda *a, **k: calls.append(1) or real(*a, **k))
-    recs = runner.evaluate_point(p, run_dir)
+    recs = points.evaluate_point(p, run_dir)
     assert len(calls) == 1
     last, best = recs[:3], recs[3:]
     assert [r["checkpoint"] for r in recs] == ["last"] * 3 + ["best"] * 3

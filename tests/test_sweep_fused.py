@@ -16,7 +16,7 @@ import time
 import pytest
 
 from fastfat import cli
-from fastfat.sweep import grid, groups, runner
+from fastfat.sweep import grid, groups, points, runner
 from fastfat.sweep.claims import Heartbeat, owner_id
 from fastfat.sweep.store import Point, Store
 
@@ -89,11 +89,12 @@ def float64(monkeypatch):
     built, and the memory loaders yield, in float64; the rest of the sweep runs unchanged)."""
     import fastfat.fused.group as fused_group
     import fastfat.fused.train as fused_train
+    import fastfat.runfiles as runfiles
     import fastfat.train as train_mod
     from fastfat.data.loaders import MemoryLoader
 
-    build, batches = train_mod.build_for_config, MemoryLoader.__iter__
-    for mod in (train_mod, fused_train, fused_group):
+    build, batches = runfiles.build_for_config, MemoryLoader.__iter__
+    for mod in (runfiles, train_mod, fused_train, fused_group):   # runfiles: load_model's
         monkeypatch.setattr(mod, "build_for_config", lambda cfg, device: build(cfg, device).double())
     monkeypatch.setattr(MemoryLoader, "__iter__", lambda self: ((x.double(), y) for x, y in batches(self)))
 
@@ -197,7 +198,7 @@ def test_interrupted_during_the_members_evaluations(tmp_path, monkeypatch):
     ref, _ = _run(_file(str(tmp_path / "ref"), fuse=4))
     want = _dump(ref.db)
     path = _file(str(tmp_path / "cut"), fuse=4)
-    real, calls = runner.evaluate_point, [0]
+    real, calls = points.evaluate_point, [0]
 
     def stop_at_second(p, run_dir):
         calls[0] += 1
@@ -205,12 +206,12 @@ def test_interrupted_during_the_members_evaluations(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(p, run_dir)
 
-    monkeypatch.setattr(runner, "evaluate_point", stop_at_second)
+    monkeypatch.setattr(points, "evaluate_point", stop_at_second)
     with pytest.raises(KeyboardInterrupt):
         _run(path)
     with Store(os.path.join(str(tmp_path / "cut"), "results.db")) as st:
         assert sorted(p.status for p in st.points()) == ["done", "pending", "pending", "pending"]
-    monkeypatch.setattr(runner, "evaluate_point", real)
+    monkeypatch.setattr(points, "evaluate_point", real)
     import fastfat.fused.train as fused_train
 
     def no_training(*a, **kw):

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from .. import attacks
+from .. import attacks, methods
 from ..config import TrainConfig, to_dict
 from ..errors import UserError
 from ..runtime import autocast, progress_bar, synchronize
@@ -40,13 +40,19 @@ def alone_reason(cfg: TrainConfig) -> str | None:
     weights change every epoch from validation-driven updates, and its state belongs to one run),
     checkpoint selection on a validation split (train() holds the split out and writes best.pt;
     a fused group trains on the whole training set and writes neither), or a start from another
-    run's weights (init_from, which a fused group does not load)."""
-    if cfg.method not in FAMILIES:
+    run's weights (init_from, which a fused group does not load), a teacher, or an attack on
+    batch statistics (attack_bn "train": BN statistics over the K members' whole batch would
+    mix the members)."""
+    if cfg.method in methods.BY_NAME:   # every registered method: a state of its own
         return f"method {cfg.method} does not fuse (its per-class state belongs to one run)"
     if cfg.val_per_class is not None:
         return "val_per_class (checkpoint selection on a validation split) does not fuse"
     if cfg.init_from is not None:
         return "init_from (a start from another run's weights) does not fuse"
+    if cfg.teacher is not None:
+        return "teacher (distillation from another run) does not fuse"
+    if cfg.attack_bn != "eval":
+        return "attack_bn train (an attack on batch statistics) does not fuse"
     return None
 
 

@@ -1,13 +1,18 @@
-"""MethodState, the per-run state of a peer robust-fairness method that the Trainer consults,
-and the small pieces the methods share (class tables, per-class accumulators, epoch counts)."""
+"""Method, what a robust-fairness method module declares to the registry; MethodState, its
+per-run state that the Trainer consults; and the small pieces the methods share (class tables,
+per-class accumulators, epoch counts). Imports neither fastfat.config nor fastfat.train."""
 from __future__ import annotations
 
 import dataclasses
+import math
+from typing import Callable
 
 import torch
 import torch.nn as nn
 
-from .. import kernels
+from .. import kernels, losses
+from ..config_values import _range
+from ..errors import UserError
 
 # The key of a method's state_dict whose value (a model state dict) is what the run's evaluation
 # loads (fastfat.train.load_model) instead of the trained weights: CFA's FAWA average.
@@ -19,9 +24,13 @@ class MethodState:
 
     The defaults reproduce the base method (cfg's BASE_METHODS entry, "madry" or "trades")
     exactly, through the same code path; a method overrides only what it changes:
-      begin(model, validation, start_epoch)  once, before the first epoch this process trains
+      begin(model, validation, start_epoch, teacher)  once, before the first epoch this
+                                process trains (teacher: the cfg.teacher model, frozen, or None)
       start_epoch(epoch)        before the epoch's first step (0-based epoch): reset accumulators,
                                 fix this epoch's class tables
+      attack(model, x, y, generator, amp)  the training attack's x_adv, or None (the default):
+                                the base method's attack at radii(y); called before loss() for the
+                                same batch, so per-batch data (teacher logits) may wait on self
       radii(y)                  the training attack's (eps, alpha) for labels y [N]: floats, or
                                 per-sample tensors [N] (pixel units)
       loss(y, adv, nat)         (loss, vcar) from the train-mode logits [N, C] (nat only for a
@@ -34,13 +43,14 @@ class MethodState:
                                 saved in the checkpoint after every epoch, so a resumed run repeats
                                 an uninterrupted one; a state_dict()[EVAL_MODEL] (a model state
                                 dict) is what the run's evaluation loads instead of its weights.
+      natural_forward, natural_first  whether the Trainer passes natural logits, and whether
+                                it runs that forward before the adversarial one (their code's order)
     Accumulators live within one epoch only: checkpoints fall between epochs.
     """
 
-    def __init__(self, cfg, num_classes: int, device):
-        from ..config import base_method
+    def __init__(self, cfg, num_classes: int, device, base: str):
         self.cfg, self.num_classes, self.device = cfg, num_classes, torch.device(device)
-        self.base = base_method(cfg.method)
+        self.base = base   # "madry" or "trades": the Method's bases[cfg.method]
         self.base_cfg = dataclasses.replace(cfg, method=self.base)
         # TRADES' KL objective, as the base method attacks (and these methods' code does)
         self.attack_loss = "kl" if self.base == "trades" else "ce"
@@ -51,16 +61,30 @@ class MethodState:
         """Whether the loss needs the natural logits (a TRADES base)."""
         return self.base == "trades"
 
-    def begin(self, model: nn.Module, validation, start_epoch: int) -> None:
+    # Whether the natural forward runs before the adversarial one (their code's order; it moves
+    # BatchNorm's running statistics): fastfat's bases run the adversarial one first, as FAT's code.
+    natural_first = False
+
+    def begin(self, model: nn.Module, validation, start_epoch: int, teacher: nn.Module | None = None) -> None:
         """Before the run's first epoch (0-based start_epoch; > 0 on resume, after
-        load_state_dict): the model as it starts and the validation split's scorer
-        (fastfat.selection.Selector; None without cfg.val_per_class). WAT and FRL keep the
+        load_state_dict): the model as it starts, the validation split's scorer
+        (fastfat.selection.Selector; None without cfg.val_per_class) and the teacher (cfg.teacher's
+        model in eval mode without parameter gradients; None without one). WAT and FRL keep the
         scorer; FRL makes its first update here."""
 
     def start_epoch(self, epoch: int) -> None:
         pass
 
+    def attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator=None,
+               amp: torch.dtype | None = None) -> torch.Tensor | None:
+        """The training attack's x_adv [N, C, H, W] for x [N, C, H, W] in [0, 1] and y [N], or
+        None for the base method's attack at radii(y). model is what the Trainer attacks
+        (its BN-folded eval copy, or the model itself under cfg.attack_bn "train"); attack noise
+        from generator; amp: the autocast dtype (None: fp32)."""
+        return None
+
     def radii(self, y: torch.Tensor):
+        """(eps, alpha) of the training attack for labels y [N]."""
         return self.cfg.eps_train, self.alpha
 
     def loss(self, y, logits_adv, logits_nat) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,8 +92,7 @@ class MethodState:
 
     def base_loss(self, y, logits_adv, logits_nat) -> tuple[torch.Tensor, torch.Tensor]:
         """The base method's (loss, vcar), exactly as its own runs compute it."""
-        from ..train import method_loss   # train imports this package
-        return method_loss(self.base_cfg, self.num_classes, y, logits_adv, logits_nat)
+        return losses.method_loss(self.base_cfg, self.num_classes, y, logits_adv, logits_nat)
 
     def end_epoch(self, epoch: int, model: nn.Module, row: dict) -> dict:
         return {}
@@ -82,6 +105,42 @@ class MethodState:
 
     def zero(self) -> torch.Tensor:
         return torch.zeros((), device=self.device)
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """What one method module declares (its module-level METHOD); fastfat.methods.REGISTRY lists
+    them, and config, CLI flags, sweep keys, report names and fusion rules read them there.
+
+    bases: each method name the module serves -> the method it modifies ("madry" or "trades"):
+        its attack objective, its forwards and the report's rho follow that base.
+    titles: method name -> the name tables and figures print ("CFA-Madry").
+    state: the MethodState subclass the Trainer builds, state(cfg, num_classes, device, base).
+    params: a dataclass of the method's hyperparameters, every field named with the method's
+        prefix (cfa_lambda1) and made with config_values.opt(default, help): the paper's or their
+        code's default and the --help text. TrainConfig inherits these fields, so each is a flag
+        (--cfa-lambda1), a sweep key and a checkpoint config entry. None: no hyperparameters.
+    check: check(cfg) -> None, raising UserError for a value out of range or a combination that
+        cannot run; TrainConfig.validate calls it for every run (whatever its method: a field at
+        a bad value is an error even when unused), after the generic checks. None: no checks.
+    needs_validation: the method reads the validation split (cfg.val_per_class required).
+    fine_tune: starts from a trained model (cfg.init_from required; in a sweep a method's name).
+    teacher: distils from a teacher (cfg.teacher required; in a sweep a method's name).
+    official_attack_bn: BatchNorm's mode while their code crafts the training attack, "eval" or
+        "train", or a dict method name -> mode where the module's methods differ (CFA); recorded
+        for docs/methods.md and tests (--attack-bn train gives "train" to any run).
+    source: where it comes from (paper, official repository), for docs and errors.
+    """
+    bases: dict
+    titles: dict
+    state: type
+    params: type | None = None
+    check: Callable | None = None
+    needs_validation: bool = False
+    fine_tune: bool = False
+    teacher: bool = False
+    official_attack_bn: str = "eval"
+    source: str = ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,3 +192,11 @@ class ClassSums:
         """sums / counts per class (float64); 0 for a class without samples."""
         n = self.counts.clamp(min=1)
         return self.sums / (n if self.dim is None else n[:, None])
+
+
+def check_epoch_count(name: str, value) -> None:
+    """UserError unless value is N >= 1 whole epochs or a fraction in (0, 1) (see epochs_of)."""
+    _range(name, value, 0.0, math.inf, low_open=True)
+    if value >= 1 and not float(value).is_integer():
+        raise UserError(f"{name} must be a whole number of epochs (>= 1) or a fraction of the "
+                        f"epochs in (0, 1), got {value:g}")

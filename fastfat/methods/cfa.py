@@ -25,11 +25,50 @@ Where we differ, and why:
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 
 from .. import losses
-from .base import EVAL_MODEL, ClassSums, MethodState, epochs_of, gather
+from ..config_values import _range, opt
+from ..errors import UserError
+from .base import EVAL_MODEL, ClassSums, Method, MethodState, check_epoch_count, epochs_of, gather
+
+
+@dataclass
+class CFAParams:
+    """CFA's hyperparameters (TrainConfig fields, flags and sweep keys). Epoch counts: N >= 1
+    epochs or a fraction of the run's."""
+    cfa_lambda1: float = opt(0.5, "CFA: class radius (lambda1 + train robust acc of the class) * eps")
+    cfa_lambda2: float = opt(0.5, "CFA on TRADES: class beta (lambda2 + train robust acc) * beta")
+    cfa_begin: float = opt(10, "CFA: calibrate from this (0-based) epoch on, N or a fraction of the "
+                               "epochs (theirs: 10); eps and beta before it")
+    cfa_fawa: bool = opt(True, "CFA: evaluate FAWA's weight average (needs --val-per-class)")
+    cfa_fawa_decay: float = opt(0.85, "CFA's FAWA decay (the paper's 0.85; their code's 0.88)")
+    cfa_fawa_threshold: float = opt(0.2, "CFA's FAWA updates when the validation worst-class robust "
+                                         "accuracy is >= this (the paper's 0.2; their code's 0.24)")
+
+
+def check(cfg) -> None:
+    """CFAParams' ranges; for a cfa-* run, a cfa_begin inside the run and FAWA's validation split."""
+    for name in ("cfa_lambda1", "cfa_lambda2"):
+        _range(name, getattr(cfg, name), 0.0, math.inf)
+    _range("cfa_fawa_decay", cfg.cfa_fawa_decay, 0.0, 1.0)
+    _range("cfa_fawa_threshold", cfg.cfa_fawa_threshold, 0.0, 1.0)
+    check_epoch_count("cfa_begin", cfg.cfa_begin)
+    if not cfg.method.startswith("cfa-"):
+        return
+    begin = epochs_of(cfg.cfa_begin, cfg.epochs)
+    if begin >= cfg.epochs:
+        raise UserError(f"cfa_begin {cfg.cfa_begin:g}: CFA calibrates from epoch {begin + 1} on, "
+                        f"but the run has {cfg.epochs} epochs; give a smaller --cfa-begin")
+    if cfg.cfa_fawa and cfg.val_per_class is None:
+        raise UserError(f"{cfg.method}: FAWA updates its weight average only in epochs whose "
+                        f"validation worst-class robust accuracy reaches cfa_fawa_threshold; "
+                        f"give --val-per-class (CFA holds out 2% of each class: 0.02) or "
+                        f"turn FAWA off with --no-cfa-fawa")
 
 
 def calibrated_eps(train_acc: torch.Tensor, lambda1: float, eps: float) -> torch.Tensor:
@@ -68,8 +107,8 @@ def fawa_update(fawa: dict | None, weights: dict, decay: float) -> dict:
 class CFA(MethodState):
     """cfa-madry (CCM + FAWA) and cfa-trades (CCM + CCR + FAWA)."""
 
-    def __init__(self, cfg, num_classes: int, device):
-        super().__init__(cfg, num_classes, device)
+    def __init__(self, cfg, num_classes: int, device, base: str):
+        super().__init__(cfg, num_classes, device, base)
         self.calibrate_from = epochs_of(cfg.cfa_begin, cfg.epochs)
         self.train_acc: torch.Tensor | None = None   # [C] float64, the last epoch's t_y
         self.fawa: dict | None = None
@@ -121,3 +160,9 @@ class CFA(MethodState):
         self.fawa_updates = int(state["fawa_updates"])
         fawa = state.get(EVAL_MODEL)
         self.fawa = None if fawa is None else {k: v.to(self.device) for k, v in fawa.items()}
+
+
+METHOD = Method(bases={"cfa-madry": "madry", "cfa-trades": "trades"},
+                titles={"cfa-madry": "CFA-Madry", "cfa-trades": "CFA-TRADES"},
+                state=CFA, params=CFAParams, check=check, official_attack_bn={"cfa-madry": "train", "cfa-trades": "eval"},
+                source="Wei et al., CVPR 2023; github.com/PKU-ML/CFA")

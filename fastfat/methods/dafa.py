@@ -25,12 +25,37 @@ Where we differ, and why:
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import kernels, losses
-from .base import ClassSums, MethodState, epochs_of, gather
+from ..config_values import _range, opt
+from ..errors import UserError
+from .base import ClassSums, Method, MethodState, check_epoch_count, epochs_of, gather
+
+
+@dataclass
+class DAFAParams:
+    """DAFA's hyperparameters (TrainConfig fields, flags and sweep keys)."""
+    dafa_lambda: float = opt(1.0, "DAFA's lambda (their CIFAR-10 1.0; CIFAR-100 and STL-10 1.5)")
+    dafa_warmup: float = opt(70, "DAFA: class weights from the adversarial softmax of this epoch, "
+                                 "used after it; N or a fraction of the epochs (theirs: 70 of 110)")
+
+
+def check(cfg) -> None:
+    """DAFAParams' ranges; for a dafa-* run, a warm-up that ends inside the run."""
+    _range("dafa_lambda", cfg.dafa_lambda, 0.0, math.inf)
+    check_epoch_count("dafa_warmup", cfg.dafa_warmup)
+    if cfg.method.startswith("dafa-"):
+        warm = epochs_of(cfg.dafa_warmup, cfg.epochs)
+        if warm >= cfg.epochs:
+            raise UserError(f"dafa_warmup {cfg.dafa_warmup:g}: DAFA sets its class weights after "
+                            f"epoch {warm}, but the run has {cfg.epochs} epochs; give a smaller "
+                            f"--dafa-warmup (an epoch count, or a fraction such as 0.64)")
 
 
 def class_weights(similarity: torch.Tensor, lam: float) -> torch.Tensor:
@@ -49,8 +74,8 @@ def class_weights(similarity: torch.Tensor, lam: float) -> torch.Tensor:
 class DAFA(MethodState):
     """dafa-madry and dafa-trades."""
 
-    def __init__(self, cfg, num_classes: int, device):
-        super().__init__(cfg, num_classes, device)
+    def __init__(self, cfg, num_classes: int, device, base: str):
+        super().__init__(cfg, num_classes, device, base)
         self.warmup = epochs_of(cfg.dafa_warmup, cfg.epochs)
         self.weights: torch.Tensor | None = None   # [C] float64 once computed
         self.collect = False
@@ -91,3 +116,9 @@ class DAFA(MethodState):
     def load_state_dict(self, state: dict) -> None:
         w = state["weights"]
         self.weights = None if w is None else w.to(self.device)
+
+
+METHOD = Method(bases={"dafa-madry": "madry", "dafa-trades": "trades"},
+                titles={"dafa-madry": "DAFA-Madry", "dafa-trades": "DAFA-TRADES"},
+                state=DAFA, params=DAFAParams, check=check, official_attack_bn="eval",
+                source="Lee et al., ICLR 2024; github.com/rucy74/DAFA")

@@ -19,11 +19,50 @@ every 40th epoch, before its update; rate_margin is never halved.
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 
 from .. import losses
-from .base import MethodState, gather
+from ..config_values import _range, opt
+from ..errors import UserError
+from .base import Method, MethodState, gather
+
+
+@dataclass
+class FRLParams:
+    """FRL's hyperparameters (TrainConfig fields, flags and sweep keys). The bounds stay None
+    for their per-method default (bounds), so a sweep's frl-rw and frl-rwrm points keep one setting."""
+    frl_bound_nat: float | None = opt(None, "FRL: how far a class's clean error may exceed the average "
+                                            "(tau; None: 0.1 for frl-rw, 0.07 for frl-rwrm, their code's)")
+    frl_bound_bndy: float | None = opt(None, "FRL: the same for the boundary error (None: 0.1 for frl-rw, "
+                                             "0.07 for frl-rwrm)")
+    frl_rate_nat: float = opt(0.05, "FRL: step of the clean-error multipliers (their code's 0.05)")
+    frl_rate_bndy: float = opt(0.1, "FRL: step of the boundary-error multipliers (their code: twice "
+                                    "the clean step)")
+    frl_rate_margin: float = opt(0.2, "FRL-RWRM: step of the radius multipliers (their code's 0.2)")
+    frl_lim: float = opt(0.5, "FRL: the multipliers of each kind sum to at most this (their code's "
+                              "0.5); below 1, every class keeps a positive loss weight")
+    frl_margin_max: float = opt(3.0, "FRL-RWRM: the largest factor a class's radius grows by (their "
+                                     "code's 3)")
+    frl_batch_step: bool = opt(False, "FRL-RWRM: every sample steps the batch's largest radius x "
+                                      "alpha/eps (their code: max radius / 4); off: each sample's "
+                                      "own radius x alpha/eps")
+
+
+def check(cfg) -> None:
+    """FRLParams' ranges."""
+    for name in ("frl_bound_nat", "frl_bound_bndy"):
+        if getattr(cfg, name) is not None:
+            _range(name, getattr(cfg, name), 0.0, 1.0)
+    for name in ("frl_rate_nat", "frl_rate_bndy", "frl_rate_margin"):
+        _range(name, getattr(cfg, name), 0.0, math.inf)
+    _range("frl_lim", cfg.frl_lim, 0.0, 1.0)
+    if cfg.frl_lim == 1.0:   # 1/C + lam_c - sum(lam)/C reaches 0 for a class at lam_c = 0
+        raise UserError("frl_lim must be below 1 (at 1 a class's loss weight can reach 0), got 1.0")
+    _range("frl_margin_max", cfg.frl_margin_max, 1.0, math.inf)
 
 DEFAULT_BOUNDS = {"frl-rw": 0.1, "frl-rwrm": 0.07}   # tau of their two scripts
 RATE_HALVING_EPOCHS = 40   # their code: rate1 /= 2 when the 1-based epoch is a multiple of 40
@@ -112,9 +151,11 @@ def frl_loss(logits_nat: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor
 
 
 def per_sample(class_values: torch.Tensor, y: torch.Tensor, scale: float) -> torch.Tensor:
-    """scale * class_values[y]: a per-class factor [C] as a per-sample radius or step [N] fp32
-    (what attacks.pgd takes), on y's device; the product in float64, rounded once."""
-    return gather((scale * class_values.to(device=y.device, dtype=torch.float64)).float(), y)
+    """scale * class_values[y]: a per-class factor [C] as a per-sample radius or step [N] in
+    class_values' dtype (float64 stays float64: attacks.pgd rounds it to the attack's dtype, so a
+    float64 run keeps it exact), on y's device; the product in float64, rounded at most once."""
+    v = scale * class_values.to(device=y.device, dtype=torch.float64)
+    return gather(v.to(class_values.dtype), y)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,8 +175,8 @@ class FRL(MethodState):
     """frl-rw and frl-rwrm: TRADES fine-tuning whose loss weights (and, for rwrm, attack radii
     per class) follow Lagrange multipliers updated from the validation split before every epoch."""
 
-    def __init__(self, cfg, num_classes: int, device):
-        super().__init__(cfg, num_classes, device)
+    def __init__(self, cfg, num_classes: int, device, base: str):
+        super().__init__(cfg, num_classes, device, base)
         self.remargin = cfg.method == "frl-rwrm"
         z = lambda: torch.zeros(num_classes, dtype=torch.float64)
         self.lam_nat, self.lam_bndy, self.lam_margin = z(), z(), z()
@@ -148,7 +189,11 @@ class FRL(MethodState):
         self.w_bndy = class_weights(self.lam_bndy).to(self.device)
         self.factors = margin_factors(self.lam_margin, self.cfg.frl_margin_max).to(self.device)
 
-    def begin(self, model: nn.Module, validation, start_epoch: int) -> None:
+    # their code: model(data) for the CE, then model(x_adv) and model(data) again for the KL; the
+    # first two in their order, the third forward (a second BN update by the clean batch) not run
+    natural_first = True
+
+    def begin(self, model: nn.Module, validation, start_epoch: int, teacher=None) -> None:
         self.validation = validation
         if start_epoch == 0:   # their code updates before every epoch, the first included
             self.update(0, self.validation.evaluate(model))
@@ -174,7 +219,10 @@ class FRL(MethodState):
         if not self.remargin:
             return self.cfg.eps_train, self.alpha
         # the step scales with the radius; their code steps max(batch radii) / 4 for every sample
-        return per_sample(self.factors, y, self.cfg.eps_train), per_sample(self.factors, y, self.alpha)
+        eps, alpha = per_sample(self.factors, y, self.cfg.eps_train), per_sample(self.factors, y, self.alpha)
+        if self.cfg.frl_batch_step:   # the largest, on the device (no host sync)
+            alpha = alpha.max().expand(alpha.shape)
+        return eps, alpha
 
     def loss(self, y, logits_adv, logits_nat):
         return frl_loss(logits_nat, logits_adv, y, self.cfg.beta, self.w_nat, self.w_bndy), self.zero()
@@ -192,6 +240,12 @@ class FRL(MethodState):
         self.lam_nat, self.lam_bndy, self.lam_margin = (
             state[k].to("cpu", torch.float64) for k in ("lam_nat", "lam_bndy", "lam_margin"))
         self._tables()
+
+
+METHOD = Method(bases={"frl-rw": "trades", "frl-rwrm": "trades"},
+                titles={"frl-rw": "FRL-RW", "frl-rwrm": "FRL-RWRM"}, state=FRL, params=FRLParams,
+                check=check, needs_validation=True, fine_tune=True, official_attack_bn="eval",
+                source="Xu et al., ICML 2021; github.com/hannxu123/fair_robust")
 
 
 __all__ = ["error_rates", "gaps", "project", "rate_at", "update_multipliers", "class_weights",

@@ -12,14 +12,30 @@ by a partial last batch, these functions take the class mean itself.
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import attacks, kernels, losses
+from ..config_values import _range, opt
 from ..runtime import amp_dtype, autocast
 from ..seeding import eval_noise_seed
-from .base import ClassSums, MethodState, gather
+from .base import ClassSums, Method, MethodState, gather
+
+
+@dataclass
+class WATParams:
+    """WAT's hyperparameter (a TrainConfig field, flag and sweep key)."""
+    wat_eta: float = opt(0.1, "WAT: Hedge learning rate on the classes' cumulative validation TRADES "
+                              "loss (their code's 0.1)")
+
+
+def check(cfg) -> None:
+    """wat_eta > 0."""
+    _range("wat_eta", cfg.wat_eta, 0.0, math.inf, low_open=True)
 
 
 def initial_weights(num_classes: int, device=None) -> torch.Tensor:
@@ -99,13 +115,15 @@ class WAT(MethodState):
     """wat: TRADES whose loss weights each class (and the average) by Hedge over the validation
     split's per-class TRADES loss, updated after every epoch."""
 
-    def __init__(self, cfg, num_classes: int, device):
-        super().__init__(cfg, num_classes, device)
+    def __init__(self, cfg, num_classes: int, device, base: str):
+        super().__init__(cfg, num_classes, device, base)
         self.weights = initial_weights(num_classes, self.device)        # [C + 1] float64
         self.cum_cost = torch.zeros(num_classes + 1, dtype=torch.float64, device=self.device)
         self.validation = None
 
-    def begin(self, model: nn.Module, validation, start_epoch: int) -> None:
+    natural_first = True   # their code: natural_logits = model(data), then model(x_adv)
+
+    def begin(self, model: nn.Module, validation, start_epoch: int, teacher=None) -> None:
         self.validation = validation
 
     def loss(self, y, logits_adv, logits_nat):
@@ -124,3 +142,8 @@ class WAT(MethodState):
     def load_state_dict(self, state: dict) -> None:
         self.weights = state["weights"].to(self.device)
         self.cum_cost = state["cum_cost"].to(self.device)
+
+
+METHOD = Method(bases={"wat": "trades"}, titles={"wat": "WAT"}, state=WAT, params=WATParams,
+                check=check, needs_validation=True, official_attack_bn="eval",
+                source="Li and Liu, AISTATS 2023; github.com/boqili/WAT")

@@ -17,7 +17,7 @@ import tomllib
 from dataclasses import dataclass, fields
 from importlib import resources
 
-from ..config import (FINE_TUNE_METHODS, METHODS, EvalConfig, TrainConfig, make_eval_config,
+from ..config import (FINE_TUNE_METHODS, METHODS, TEACHER_METHODS, EvalConfig, TrainConfig, make_eval_config,
                       make_train_config, to_dict)
 from ..errors import UserError
 from .labels import lam_suffix
@@ -42,8 +42,9 @@ _TRAIN_DEFAULTS = to_dict(TrainConfig())
 @dataclass
 class GridPoint:
     """One point: its validated configs and the key that names it; depends_on: the key of the
-    point whose finished checkpoint it starts from (init_from = "trades" in a sweep), or None.
-    A runner starts a point only after that one is done (resolve_init_from orders them so)."""
+    point whose finished checkpoint it starts from (init_from = "trades" in a sweep) or distils
+    from (teacher = "trades"), or None. A runner starts a point only after that one is done
+    (resolve_init_from orders them so)."""
     key: str
     train: TrainConfig
     eval: EvalConfig
@@ -92,9 +93,10 @@ class Sweep:
 def setting_of(train_config: dict) -> str:
     """A point's training settings less its grid coordinates, as canonical JSON: points with the
     same setting differ only along the grid's axes, so they may share a table. init_from is left
-    out too: a sweep derives it per point (an FRL point's source run), like a coordinate."""
-    return json.dumps({k: v for k, v in train_config.items() if k not in AXES + ("init_from",)},
-                      sort_keys=True)
+    out too, and teacher: a sweep derives them per point (an FRL point's source run, a distilling
+    point's teacher run), like a coordinate."""
+    return json.dumps({k: v for k, v in train_config.items()
+                       if k not in AXES + ("init_from", "teacher")}, sort_keys=True)
 
 
 def setting_names(settings: list[str]) -> list[str]:
@@ -265,6 +267,8 @@ def build_sweep(doc: dict, base: str, *, grid_flags: dict | None = None, train_f
             cfg.eps_train = 0.0
         if cfg.init_from in METHODS and cfg.method not in FINE_TUNE_METHODS:
             cfg.init_from = None   # a method's name starts only the fine-tuning methods (FRL)
+        if cfg.teacher in METHODS and cfg.method not in TEACHER_METHODS:
+            cfg.teacher = None     # a method's name teaches only the distilling methods
         ident = (cfg.dataset, cfg.model, cfg.method, cfg.seed, cfg.eps_train, cfg.lam)
         if ident in seen:
             raise UserError(f"duplicate grid point: {where} is the same point as {seen[ident]} "
@@ -314,11 +318,13 @@ def fuse_setting(value) -> int | str:
 
 def resolve_init_from(points: list[GridPoint], runs: str) -> list[GridPoint]:
     """Points whose init_from names a grid method (FRL's init_from = "trades") start from that
-    method's point of the same dataset, model, eps_train and seed: their init_from becomes its
-    checkpoint (runs/<key>/checkpoint.pt, the last epoch's), and they run after every point they
-    start from (the grid's order otherwise). Their keys were made from the method's name, so they
+    method's point of the same dataset, model, eps_train and seed, and points whose teacher names
+    one (Fair-ARD's teacher = "trades") distil from it: the field becomes that point's checkpoint
+    (runs/<key>/checkpoint.pt, the last epoch's), and they run after every point they start or
+    learn from (the grid's order otherwise). Their keys were made from the method's name, so they
     do not depend on where the runs are. UserError, before any work, when the grid has no such
-    point, has several (a lam axis), or the point fine-tunes itself."""
+    point, has several (a lam axis), the source itself starts from another point, or a point
+    names two sources."""
     by_ident = {}
     for q in points:
         t = q.train
@@ -326,22 +332,29 @@ def resolve_init_from(points: list[GridPoint], runs: str) -> list[GridPoint]:
     first, later = [], []
     for p in points:
         t = p.train
-        if t.init_from not in METHODS:
+        fields_ = [f for f in ("init_from", "teacher") if getattr(t, f) in METHODS]
+        if not fields_:
             first.append(p)
             continue
-        found = by_ident.get((t.init_from, t.dataset, t.model, t.eps_train, t.seed), [])
-        want = (f"a {t.init_from} point of dataset {t.dataset}, model {t.model}, eps_train "
+        if len(fields_) > 1:
+            raise UserError(f"{p.label()}: init_from and teacher both name a grid method; a point "
+                            f"starts from at most one other point (give one as a checkpoint path)")
+        field = fields_[0]
+        source = getattr(t, field)
+        found = by_ident.get((source, t.dataset, t.model, t.eps_train, t.seed), [])
+        want = (f"a {source} point of dataset {t.dataset}, model {t.model}, eps_train "
                 f"{t.eps_train:.4g}, seed {t.seed}")
-        if t.init_from in FINE_TUNE_METHODS:
-            raise UserError(f"{p.label()}: init_from = \"{t.init_from}\" is itself fine-tuned; start "
-                            f"from a method trained from scratch (e.g. \"trades\")")
+        if source in FINE_TUNE_METHODS or source in TEACHER_METHODS:
+            kind = "fine-tuned" if source in FINE_TUNE_METHODS else "distilled"
+            raise UserError(f"{p.label()}: {field} = \"{source}\" is itself {kind}; name a method "
+                            f"trained from scratch (e.g. \"trades\")")
         if not found:
-            raise UserError(f"{p.label()}: init_from = \"{t.init_from}\" needs {want} in the grid; "
-                            f"add {t.init_from} to grid.method")
+            raise UserError(f"{p.label()}: {field} = \"{source}\" needs {want} in the grid; "
+                            f"add {source} to grid.method")
         if len(found) > 1:
-            raise UserError(f"{p.label()}: init_from = \"{t.init_from}\" matches {len(found)} points "
+            raise UserError(f"{p.label()}: {field} = \"{source}\" matches {len(found)} points "
                             f"(they differ in lam); give one")
-        t.init_from = os.path.join(runs, found[0].key, "checkpoint.pt")
+        setattr(t, field, os.path.join(runs, found[0].key, "checkpoint.pt"))
         p.depends_on = found[0].key
         later.append(p)
     return first + later

@@ -17,7 +17,9 @@ import traceback
 
 from ..errors import UserError
 from ..runtime import progress_bar
+from . import points as point_runs   # not `points`, the name of the lists of points here
 from .grid import GridPoint, Sweep
+from .points import claim_points, say as _say
 
 
 def plan(points: list[GridPoint], fuse: int | str, done=()) -> list[list[GridPoint]]:
@@ -57,13 +59,12 @@ def train_group(points: list[GridPoint], run_dirs: list[str], *, progress: bool 
 def run_group(store, points: list[GridPoint], sweep: Sweep, counts: dict, *, progress: bool, overall=None,
               tally=None) -> None:
     """Claim the group's points at once (Store.claim_group: all or none), train them fused and
-    evaluate and store each surviving member (runner.evaluate_point, store.finish); a member
+    evaluate and store each surviving member (point_runs.evaluate_point, store.finish); a member
     that diverges is stored failed with its reason while the others go on. Updates counts as
     the single-point loop does. Ctrl-C / SIGTERM give every member still running back; a member
     taken over by another process (this one was silent past its lease) ends the group's run
     here and gives the other members back. tally(p, records, seconds) after each stored member."""
     from .claims import ClaimLost
-    from .runner import _say, claim_points, evaluate_point
 
     have = {p.key: store.point(p.key).epochs_done for p in points}
     epochs = points[0].train.epochs
@@ -117,7 +118,7 @@ def run_group(store, points: list[GridPoint], sweep: Sweep, counts: dict, *, pro
                     store.record_epoch(p.key, row)
                 t1 = time.perf_counter()
                 try:
-                    records = evaluate_point(p, run_dir)
+                    records = point_runs.evaluate_point(p, run_dir)
                 except UserError as e:
                     failed(p.key, str(e))
                     continue

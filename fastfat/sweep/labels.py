@@ -2,20 +2,19 @@
 labels, and the display names of methods, models, data sets, classes, attacks and radii."""
 from __future__ import annotations
 
+from .. import methods
 from ..config import has_lambda
 
+# fastfat's own methods, then the registry's (their Method.titles, in registry order)
 METHOD_NAMES = {"natural": "Natural", "madry": "Madry", "trades": "TRADES",
-                "fat-madry": "FAT-Madry", "fat-trades": "FAT-TRADES",
-                "cfa-madry": "CFA-Madry", "cfa-trades": "CFA-TRADES", "dafa-madry": "DAFA-Madry",
-                "dafa-trades": "DAFA-TRADES", "wat": "WAT", "frl-rw": "FRL-RW", "frl-rwrm": "FRL-RWRM"}
+                "fat-madry": "FAT-Madry", "fat-trades": "FAT-TRADES", **methods.TITLES}
 MODEL_NAMES = {"resnet18": "ResNet18", "resnet50": "ResNet50", "wrn-32-10": "WRN-32-10",
                "preactresnet18": "PreActResNet18", "cnn": "CNN"}
 DATASET_NAMES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "digits": "digits",
                  "synthetic": "synthetic"}
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
                    "ship", "truck")
-METHOD_ORDER = ("natural", "madry", "trades", "fat-madry", "fat-trades", "cfa-madry", "cfa-trades",
-                "dafa-madry", "dafa-trades", "wat", "frl-rw", "frl-rwrm")
+METHOD_ORDER = tuple(METHOD_NAMES)
 
 
 def lam_text(method: str, lam: float) -> str:

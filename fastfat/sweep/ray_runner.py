@@ -29,7 +29,8 @@ from ..errors import UserError
 from ..files import check_writable_dir
 from .progress import GridProgress
 from .grid import GridPoint, RaySettings, Sweep
-from .runner import (Terminated, _open_and_add, _say, _sigterm_as_interrupt, claim_points, evaluate_point,
+from .points import evaluate_point
+from .runner import (Terminated, _open_and_add, _say, _sigterm_as_interrupt, claim_points,
                      summary_line, train_and_evaluate, unsettled_source, write_report)
 
 INSTALL = "pip install 'fastfat[ray]'"
