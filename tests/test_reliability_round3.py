@@ -155,6 +155,14 @@ def test_argparse_refusals_are_one_line(tmp_path, capsys, monkeypatch, argv, nee
     assert os.listdir(tmp_path) == []
 
 
+def test_negative_values_reach_the_value_checks():
+    """-inf and -1e5 are attached to their flag; plain negatives stay argparse's (a list's values)."""
+    assert cli._negatives_attached(["--clip-grad-norm", "-inf", "--lr", "-1e5"]) == [
+        "--clip-grad-norm=-inf", "--lr=-1e5"]
+    args = cli.build_parser().parse_args(cli._negatives_attached(["sweep", "--grid", "demo", "--lam", "-1", "0.5"]))
+    assert vars(args)["grid.lam"] == ["-1", "0.5"]
+
+
 def test_raw_pickle_checkpoint_is_the_error_line_alone(tmp_path, capsys):
     raw = tmp_path / "r.pt"
     raw.write_bytes(pickle.dumps({"a": 1}))   # protocol 4 or 5: torch warns before refusing it

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import signal
 import sys
 import threading
@@ -26,10 +27,12 @@ class Parser(argparse.ArgumentParser):
 
 def _negatives_attached(argv: list[str]) -> list[str]:
     """`--flag -inf` as `--flag=-inf`: argparse takes a value such as -inf, -nan or -1e5 for a
-    flag of its own and refuses the line; attached, it reaches the value checks."""
+    flag of its own and refuses the line; attached, it reaches the value checks. Plain negative
+    numbers (-1, -0.5) argparse reads itself, also as one of a list's values."""
     out = []
     for tok in argv:
-        if out and out[-1].startswith("--") and "=" not in out[-1] and tok.startswith("-"):
+        if (out and out[-1].startswith("--") and "=" not in out[-1] and tok.startswith("-")
+                and not re.fullmatch(r"-\d+|-\d*\.\d+", tok)):
             try:
                 float(tok)
             except ValueError:
