@@ -26,7 +26,7 @@ def _child(sweep: Sweep, out, run_mark: int) -> None:
     (run_mark: a point a sibling failed in this command is not retried here); its counts go to
     `out` (None if it ends otherwise, so the parent never waits for counts that will not come)."""
     from .runner import run_sweep
-    signal.signal(signal.SIGINT, signal.default_int_handler)   # ignored while it started: see start
+    signal.signal(signal.SIGINT, signal.default_int_handler)   # ignored while it started: see _start
     _follow_parent()
     try:
         out.put(run_sweep(sweep, progress=False, report=False, run_mark=run_mark))
