@@ -8,15 +8,28 @@ Functional API (inputs in [0, 1], eps in pixel units, floats or per-sample tenso
     fastfat.classwise_accuracy / vcra / ...   metrics (fastfat.metrics)
     fastfat.fuse_models / split_models        train K same-architecture models as one
                                               (fastfat.fused; example in fuse_models)
+
+The names load on first use (PEP 562), so `import fastfat` and the command's start are quick
+and hold no half-imported torch when Ctrl-C comes early.
 """
-from .attacks import PGD, cw_inf, fgsm, pgd
-from .fused import fuse_models, split_models
-from .losses import fat_loss, fat_trades_loss, trades_loss, vcar
-from .metrics import (average_accuracy, classwise_accuracy, classwise_loss, vca, vcra,
-                      worst_class_accuracy)
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = ["pgd", "fgsm", "cw_inf", "PGD", "vcar", "fat_loss", "trades_loss", "fat_trades_loss",
-           "classwise_accuracy", "average_accuracy", "vcra", "vca", "worst_class_accuracy",
-           "classwise_loss", "fuse_models", "split_models"]
+_HOME = {"pgd": "attacks", "fgsm": "attacks", "cw_inf": "attacks", "PGD": "attacks",
+         "vcar": "losses", "fat_loss": "losses", "trades_loss": "losses", "fat_trades_loss": "losses",
+         "classwise_accuracy": "metrics", "average_accuracy": "metrics", "vcra": "metrics",
+         "vca": "metrics", "worst_class_accuracy": "metrics", "classwise_loss": "metrics",
+         "fuse_models": "fused", "split_models": "fused"}
+
+__all__ = list(_HOME)
+
+
+def __getattr__(name: str):
+    if name in _HOME:
+        return getattr(importlib.import_module("." + _HOME[name], __name__), name)
+    raise AttributeError(f"module 'fastfat' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

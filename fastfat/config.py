@@ -163,7 +163,10 @@ class RunConfig:
         _range("step_size", a, 0.0, 1.0, low_open=self.method != "natural")
         if self.superclass and info.num_classes != 100:
             raise UserError("superclass VCAR needs dataset cifar100")
-        self.val_attack = canonical_attack(self.val_attack)
+        try:
+            self.val_attack = canonical_attack(self.val_attack)
+        except UserError as e:
+            raise UserError(f"val_attack: {e}") from None
         if self.val_per_class is not None:
             _range("val_per_class", self.val_per_class, 0.0, math.inf, low_open=True)
             if self.val_per_class >= 1 and not float(self.val_per_class).is_integer():
@@ -358,7 +361,10 @@ def _coerce(name: str, value, tp):
     if tp is float:
         if isinstance(value, bool):
             raise UserError(f"{name}: expected a number, got {value!r}")
-        return parse_eps(value)
+        try:
+            return parse_eps(value)
+        except UserError as e:   # name the key: a sweep file's message names only the grid point
+            raise UserError(f"{name}: {e}") from None
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise UserError(f"{name}: expected a string, got {value!r}")

@@ -10,12 +10,15 @@ recompute it). A file with a valid digest is then checked for the parts training
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import json
 import os
 import re
+import shutil
 import tempfile
+import warnings
 
 import torch
 
@@ -46,10 +49,32 @@ def remove_stale_temps(path: str) -> list[str]:
     return removed
 
 
-def check_writable_dir(path: str, flag: str) -> None:
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+TEMP_SUFFIX_LEN = 8 + len(".tmp")   # mkstemp's random part and our suffix
+
+
+def _size(n: int) -> str:
+    return f"{n / 2 ** 20:.1f} MiB" if n >= 2 ** 20 else f"{n / 2 ** 10:.1f} KiB" if n >= 2 ** 10 else f"{n} bytes"
+
+
+def disk_full_error(path: str, needed: int | None = None) -> UserError:
+    """The one-line error for a write that found no room: how much it needed (when known) and how
+    much the file system has left."""
+    d = os.path.dirname(os.path.abspath(path))
+    try:
+        free = f", {_size(shutil.disk_usage(d).free)} free there"
+    except OSError:
+        free = ""
+    need = f" ({_size(needed)} needed{free})" if needed is not None else (f" ({free[2:]})" if free else "")
+    return UserError(f"disk full: cannot write {path}{need}")
+
+
+def check_writable_dir(path: str, flag: str, names=()) -> None:
     """UserError (one line naming `flag`) unless `path` is a directory fastfat can write into, or
-    can create: checked before any work, so no work is lost to a bad output directory. Nothing is
-    created here."""
+    can create, with the files `names` in it: checked before any work, so no work is lost to a bad
+    output directory. Every path component must fit the file system's name limit; in a directory
+    that exists, each name's temporary file (the atomic write's) is created and removed, so the
+    real names are tried. Nothing else is created here."""
     if not path or not path.strip():
         raise UserError(f"{flag}: empty path; give an output directory")
     p = os.path.abspath(path)
@@ -65,6 +90,51 @@ def check_writable_dir(path: str, flag: str) -> None:
     if not os.access(probe, os.W_OK | os.X_OK):
         where = "" if probe == p else f" (cannot create it in {probe})"
         raise UserError(f"{flag} {path} is not writable{where}")
+    try:
+        name_max, path_max = os.pathconf(probe, "PC_NAME_MAX"), os.pathconf(probe, "PC_PATH_MAX")
+    except (OSError, ValueError):
+        name_max, path_max = 255, 4096
+    parts = [c for c in os.path.relpath(p, probe).split(os.sep) if c not in ("", ".")]
+    parts += [temp_prefix(n) + "x" * TEMP_SUFFIX_LEN for n in names]
+    for c in parts:
+        if len(os.fsencode(c)) > name_max:
+            raise UserError(f"{flag} {path}: a name in it is {len(os.fsencode(c))} bytes long, over "
+                            f"this file system's limit of {name_max} bytes")
+    longest = max([os.path.join(p, n) for n in names] + [p], key=lambda q: len(os.fsencode(q)))
+    if len(os.fsencode(longest)) + TEMP_SUFFIX_LEN + 1 >= path_max:
+        raise UserError(f"{flag} {path}: the path is too long ({len(os.fsencode(longest))} bytes; "
+                        f"this system's limit is {path_max})")
+    if probe == p:
+        for n in names:   # the real names, as the atomic write will make them
+            try:
+                fd, tmp = tempfile.mkstemp(dir=p, prefix=temp_prefix(n), suffix=".tmp")
+            except OSError as e:
+                raise UserError(f"{flag} {path}: cannot create {n} there ({e.strerror})") from None
+            os.close(fd)
+            os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def made_dirs(path: str):
+    """Make the directory `path` (and its missing parents) for the block's files; if the block
+    raises, the directories made here are removed again where they are empty, so a failed write
+    leaves the tree as it was."""
+    made, d = [], os.path.abspath(path)
+    while not os.path.exists(d):
+        made.append(d)
+        d = os.path.dirname(d)
+    try:
+        os.makedirs(path, exist_ok=True)
+        yield path
+    except BaseException:
+        _rmdirs(made)
+        raise
+
+
+def _rmdirs(dirs: list[str]) -> None:
+    for d in dirs:   # deepest first
+        with contextlib.suppress(OSError):
+            os.rmdir(d)
 
 
 def _umask() -> int:
@@ -74,27 +144,34 @@ def _umask() -> int:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str):
+def atomic_path(path: str, needed: int | None = None):
     """A temporary path beside `path` to write the file to: renamed onto `path` when the block
     ends normally, removed when it raises, so readers see the old file or the new one, never a
-    part. For writers that want a path (FFCV); atomic_write_bytes is built on it."""
+    part. A full disk (or quota) becomes one UserError saying so (disk_full_error; needed: the
+    file's size in bytes, when known). For writers that want a path (FFCV); atomic_write_bytes is
+    built on it."""
     d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=temp_prefix(path), suffix=".tmp")
-    os.close(fd)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results are meant to be shared
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        with made_dirs(d):   # a directory made for this file goes again if the file fails
+            fd, tmp = tempfile.mkstemp(dir=d, prefix=temp_prefix(path), suffix=".tmp")
+            os.close(fd)
+            try:
+                os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results are meant to be shared
+                yield tmp
+                os.replace(tmp, path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+    except OSError as e:
+        if e.errno in DISK_FULL:
+            raise disk_full_error(path, needed) from None
         raise
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
     """Write data to path atomically (atomic_path), synced to disk before the rename."""
-    with atomic_path(path) as tmp:
+    with atomic_path(path, len(data)) as tmp:
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
@@ -160,7 +237,9 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
     if not os.path.isfile(path):
         raise UserError(f"checkpoint not found: {path}")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():   # torch warns about a raw pickle's protocol before refusing it
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         raise UserError(f"cannot read checkpoint {path}: not a valid fastfat checkpoint "
                         f"({type(e).__name__})") from None

@@ -3,6 +3,7 @@ read back to resume (load_resume_state), a starting checkpoint's weights (load_i
 model a config trains (build_for_config) and a trained model for evaluation (load_model)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -14,12 +15,14 @@ from . import methods
 from .config import TrainConfig, from_dict, to_dict
 from .data import dataset_info
 from .errors import UserError
-from .files import atomic_write_json, atomic_write_text, load_checkpoint, remove_stale_temps, save_checkpoint
+from .files import (atomic_write_json, atomic_write_text, load_checkpoint, made_dirs, remove_stale_temps,
+                    save_checkpoint)
 from .models import build_model
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"
 CONFIG = "config.json"
+RUN_FILES = (CONFIG, CHECKPOINT, LOG, "best.pt")   # every name a run directory may get (selection.BEST)
 
 
 def load_resume_state(cfg: TrainConfig, out_dir: str | None) -> dict | None:
@@ -75,11 +78,20 @@ def save_run(out_dir: str, cfg: TrainConfig, epoch: int, log: list[dict], model_
         save["scaler"] = scaler_state
     if method_state is not None:
         save["method"] = method_state
-    os.makedirs(out_dir, exist_ok=True)
-    # config.json lands with the first checkpoint: a run that fails early leaves nothing.
-    atomic_write_json(os.path.join(out_dir, CONFIG), to_dict(cfg))
-    save_checkpoint(os.path.join(out_dir, CHECKPOINT), save)
-    atomic_write_text(os.path.join(out_dir, LOG), "".join(json.dumps(r) + "\n" for r in log))
+    # config.json lands with the first checkpoint: a run that fails early leaves nothing, and a
+    # first checkpoint that does not fit (a full disk) takes its config.json and new dirs away.
+    first = not os.path.exists(os.path.join(out_dir, CHECKPOINT))
+    with made_dirs(out_dir):
+        try:
+            atomic_write_json(os.path.join(out_dir, CONFIG), to_dict(cfg))
+            save_checkpoint(os.path.join(out_dir, CHECKPOINT), save)
+            atomic_write_text(os.path.join(out_dir, LOG), "".join(json.dumps(r) + "\n" for r in log))
+        except BaseException:
+            if first:
+                for name in (CONFIG, CHECKPOINT, LOG):
+                    with contextlib.suppress(OSError):
+                        os.unlink(os.path.join(out_dir, name))
+            raise
 
 
 def build_for_config(cfg: TrainConfig, device) -> nn.Module:

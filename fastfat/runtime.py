@@ -17,16 +17,33 @@ from .errors import UserError
 
 
 def resolve_device(spec: str) -> torch.device:
-    """'auto' -> cuda if available else cpu; otherwise the named device (checked)."""
+    """'auto' -> cuda if available else cpu; otherwise the named device, which must be one this
+    build of torch can train on here (UserError naming those otherwise: mps, meta, a missing GPU)."""
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    usable = usable_devices()
     try:
         dev = torch.device(spec)
     except RuntimeError:
-        raise UserError(f"unknown device {spec!r}; use auto, cpu, cuda or cuda:N") from None
+        raise UserError(f"unknown device {spec!r}; this build of torch can use {', '.join(usable)}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {spec} asked for, but CUDA is not available here")
-    return dev
+        raise UserError(f"device {spec} asked for, but CUDA is not available here; "
+                        f"this build of torch can use {', '.join(usable)}")
+    if (dev.type == "cpu" or (dev.type == "mps" and "mps" in usable) or
+            (dev.type == "cuda" and (dev.index is None or dev.index < torch.cuda.device_count()))):
+        return dev
+    raise UserError(f"device {spec} cannot be used here; this build of torch can use {', '.join(usable)}")
+
+
+def usable_devices() -> list[str]:
+    """The --device values this build of torch can train on, here."""
+    names = ["auto", "cpu"]
+    if torch.cuda.is_available():
+        names += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        names.append("mps")
+    return names
 
 
 def amp_dtype(mode: str, device: torch.device):

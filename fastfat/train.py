@@ -26,8 +26,8 @@ from .errors import UserError
 from .files import check_writable_dir
 from .models.fold import fold_bn
 # a run's files, re-exported: fused groups, sweeps and the CLI import them from here
-from .runfiles import (CHECKPOINT, CONFIG, LOG, build_for_config, load_init_weights, load_model, load_teacher,  # noqa: F401
-                       load_resume_state, save_run)
+from .runfiles import (CHECKPOINT, CONFIG, LOG, RUN_FILES, build_for_config, load_init_weights, load_model,  # noqa: F401
+                       load_resume_state, load_teacher, save_run)
 from .runtime import amp_dtype, autocast, progress_bar, resolve_device, set_backends, synchronize
 from .seeding import epoch_generator
 
@@ -296,7 +296,7 @@ def train(cfg: TrainConfig, out_dir: str | None = None, *, resume: bool = False,
     Raises NonFiniteLoss (a UserError) if the loss becomes NaN/inf; nothing is saved for that epoch.
     """
     if out_dir is not None:
-        check_writable_dir(out_dir, "out_dir")   # before any work, as the CLI does for --out
+        check_writable_dir(out_dir, "out_dir", RUN_FILES)   # before any work, as the CLI does for --out
     device = resolve_device(cfg.device)
     state = load_resume_state(cfg, out_dir) if resume else None
     init = load_init_weights(cfg) if state is None else None   # a resumed run has its own weights

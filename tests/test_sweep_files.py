@@ -28,6 +28,7 @@ def _as_nobody(fn, *args):
             nobody = pwd.getpwnam("nobody")
         except KeyError:
             pytest.skip("running as root and there is no unprivileged user 'nobody' to test with")
+    cli.build_parser()   # the subcommands' modules load lazily in cli.main: load them here
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:   # the child: never returns into pytest

@@ -27,7 +27,7 @@ def run(args) -> int:
     if not os.path.isfile(args.db):
         raise UserError(f"results database not found: {args.db}")
     out = default_report_dir(args.db) if args.out is None else args.out
-    check_writable_dir(out, "--out")
+    check_writable_dir(out, "--out", ("report.md",))
     written = write_report(args.db, out, attack, eps)
     print(f"wrote {len(written)} files to {out} (start with {os.path.join(out, 'report.md')})")
     return 0

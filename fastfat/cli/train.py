@@ -7,7 +7,7 @@ import sys
 from ..config import TrainConfig, make_train_config
 from ..errors import UserError
 from ..files import check_writable_dir
-from ..train import CHECKPOINT, train
+from ..train import CHECKPOINT, RUN_FILES, train
 from .flags import add_dataclass_flags, given
 
 
@@ -25,7 +25,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     overrides = {k: v for k, v in given(args, TrainConfig).items() if k != "preset"}
     cfg = make_train_config(args.preset, **overrides)
-    check_writable_dir(args.out, "--out")
+    check_writable_dir(args.out, "--out", RUN_FILES)
     has_checkpoint = os.path.exists(os.path.join(args.out, CHECKPOINT))
     if not args.resume and has_checkpoint:
         raise UserError(f"{args.out} already holds a checkpoint; pass --resume to continue it "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 from ..errors import UserError
+from ..files import check_writable_dir, made_dirs
 from .datasets import dataset_info, load_dataset
 from .ffcv import BetonInfo, beton_paths, check_beton, require_ffcv, write_betons
 
@@ -22,15 +23,18 @@ def convert(dataset: str, out: str, *, data_root: str = "data", download: bool =
     if workers < 1:
         raise UserError(f"--workers must be at least 1, got {workers}")
     require_ffcv("fastfat data convert")
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise UserError(f"--out {out} exists and is not a directory")
     paths = beton_paths(out, info.name)
+    check_writable_dir(out, "--out", [os.path.basename(p) for p in paths])
     existing = [p for p in paths if os.path.exists(p)]
     if existing and not force:
         raise UserError(f"{', '.join(existing)} already exist(s); pass --force to overwrite")
+    folders = [p for p in existing if os.path.isdir(p)]
+    if folders:   # --force replaces files; a directory in a file's place would stop it half-way
+        raise UserError(f"{', '.join(folders)} is a directory, not a .beton file; "
+                        f"--force replaces files only: move it away or choose another --out")
     train, test = load_dataset(info.name, data_root, download)
-    os.makedirs(out, exist_ok=True)
-    write_betons([(paths[0], train), (paths[1], test)], num_workers=workers)
+    with made_dirs(out):   # a directory made for a pair that could not be written goes again
+        write_betons([(paths[0], train), (paths[1], test)], num_workers=workers)
     return [(p, check_beton(p, info)) for p in paths]   # read back, as the loader will
 
 

@@ -5,12 +5,14 @@ whose errors (a missing or unwritable directory, a locked file) become one UserE
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import time
 import urllib.parse
 
 from ..errors import UserError
+from .schema import table_columns
 
 TIMEOUT_S = 30.0   # how long a connection waits for another process's transaction
 
@@ -34,9 +36,11 @@ def connect_ro(path: str, *, inspect: bool = False) -> sqlite3.Connection:
     """A read-only connection that writes nothing into the file.
 
     A WAL-mode database without a -wal file is read as immutable where a plain read-only open
-    would fail or leave -wal/-shm files behind: for a look at a file before trusting it
-    (inspect=True), and in a directory we cannot write to (a report on a read-only copy). With a
-    -wal file present a writer may be active, so the WAL is read the normal way.
+    would fail or leave -wal/-shm files behind: for a look at a file before trusting it and for
+    the report (inspect=True: the directory stays as it was), and in a directory we cannot write
+    to. With a -wal file present a writer may be active, so the WAL is read the normal way (a
+    sweep that starts during an immutable read writes into its own -wal; only its checkpoint at
+    the end of its run changes the main file).
     """
     quiet = _is_wal(path) and not os.path.exists(path + "-wal")
     directory = os.path.dirname(os.path.abspath(path))
@@ -48,8 +52,8 @@ def connect_ro(path: str, *, inspect: bool = False) -> sqlite3.Connection:
     return con
 
 
-def look(path: str) -> tuple[set[str], str | None]:
-    """(table names, meta 'schema' value or None) of the SQLite file at path, read without writing.
+def look(path: str) -> tuple[dict[str, set[str]], str | None]:
+    """({table name: its columns}, meta 'schema' value or None) of the SQLite file at path, read without writing.
 
     An absent or 0-byte file has no tables (a sweep creates its database that way, so another
     sweep starting at the same instant may find it so). Raises UserError for anything that is not
@@ -60,16 +64,16 @@ def look(path: str) -> tuple[set[str], str | None]:
         raise UserError(f"results database {path} is a directory; give a file name such as results.db")
     try:
         if os.path.getsize(path) == 0:
-            return set(), None
+            return {}, None
     except FileNotFoundError:
-        return set(), None
+        return {}, None
     except OSError as e:
         raise UserError(f"cannot read results database {path}: {e.strerror}") from None
     for inspect in (True, False):   # an immutable read can race a writer's checkpoint: once more
         try:
             con = connect_ro(path, inspect=inspect)
             try:
-                tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+                tables = table_columns(con)
                 row = (con.execute("SELECT value FROM meta WHERE name='schema'").fetchone()
                        if "meta" in tables else None)
                 return tables, None if row is None else str(row[0])
@@ -102,6 +106,20 @@ def connect_rw(path: str) -> sqlite3.Connection:
         raise UserError(f"cannot open results database {path}: {e}") from None
     con.row_factory = sqlite3.Row
     return con
+
+
+def remove_empty(path: str) -> None:
+    """Remove a database file this process created that holds no table (its schema could not be
+    written: a full disk), with its -wal, -shm and -journal files. A file another process filled
+    with its schema in the meantime stays."""
+    try:
+        tables, _ = look(path)
+    except UserError:
+        return
+    if not tables:
+        for name in (path, path + "-wal", path + "-shm", path + "-journal"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name)
 
 
 def use_wal(con: sqlite3.Connection, path: str) -> None:

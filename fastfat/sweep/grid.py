@@ -341,9 +341,10 @@ def resolve_init_from(points: list[GridPoint], runs: str) -> list[GridPoint]:
                             f"starts from at most one other point (give one as a checkpoint path)")
         field = fields_[0]
         source = getattr(t, field)
-        found = by_ident.get((source, t.dataset, t.model, t.eps_train, t.seed), [])
+        eps = 0.0 if source == "natural" else t.eps_train   # a natural point sits at eps_train 0
+        found = by_ident.get((source, t.dataset, t.model, eps, t.seed), [])
         want = (f"a {source} point of dataset {t.dataset}, model {t.model}, eps_train "
-                f"{t.eps_train:.4g}, seed {t.seed}")
+                f"{eps:.4g}, seed {t.seed}")
         if source in FINE_TUNE_METHODS or source in TEACHER_METHODS:
             kind = "fine-tuned" if source in FINE_TUNE_METHODS else "distilled"
             raise UserError(f"{p.label()}: {field} = \"{source}\" is itself {kind}; name a method "
@@ -357,7 +358,34 @@ def resolve_init_from(points: list[GridPoint], runs: str) -> list[GridPoint]:
         setattr(t, field, os.path.join(runs, found[0].key, "checkpoint.pt"))
         p.depends_on = found[0].key
         later.append(p)
+    _check_init_files(first)
     return first + later
+
+
+def _check_init_files(points: list[GridPoint]) -> None:
+    """A checkpoint file named by init_from is read (its digest, weights only) and matched to
+    every point starting from it before the database exists: UserError naming the key, where a
+    point would otherwise fail only when it runs. A name that is no file but looks like a grid
+    method's ("TRADES", "trade") is called so."""
+    import difflib
+
+    from ..runfiles import load_init_weights
+    checked = set()
+    for p in points:
+        t = p.train
+        if t.init_from is None or (t.init_from, t.model, t.width, t.dataset) in checked:
+            continue
+        checked.add((t.init_from, t.model, t.width, t.dataset))
+        if not os.path.exists(t.init_from):
+            near = difflib.get_close_matches(t.init_from.lower(), METHODS, n=1, cutoff=0.75)
+            hint = (f"; did you mean the grid method \"{near[0]}\" (names are lower case)?" if near else
+                    f"; give a checkpoint file or a grid method's name ({', '.join(METHODS)})")
+            raise UserError(f"[train] init_from = \"{t.init_from}\": no such checkpoint{hint}")
+        try:
+            load_init_weights(t)
+        except UserError as e:
+            msg = str(e).removeprefix("init_from: ")
+            raise UserError(f"[train] init_from = \"{t.init_from}\" ({p.label()}): {msg}") from None
 
 
 def ray_settings(keys: dict) -> RaySettings | None:

@@ -25,6 +25,7 @@ last is used.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ import pandas as pd
 
 from ..config import base_method
 from ..errors import UserError
-from ..files import atomic_write_text
+from ..files import atomic_write_text, made_dirs
 from .labels import (METHOD_ORDER, attack_title, class_names, dataset_name, eps_label,
                      has_lambda, lam_suffix, lam_text, method_label, method_name, model_name)
 from . import methods_table, seeds
@@ -337,13 +338,25 @@ def build(data: Data, attack: str | None = None, eps: float | None = None):
 
 
 def write_report(db_path: str, out_dir: str, attack: str | None = None, eps: float | None = None) -> list[str]:
-    """Write report.md, report.html (html.py), a CSV and a .tex per table, a PNG per figure; returns the paths."""
+    """Write report.md, report.html (html.py), a CSV and a .tex per table, a PNG per figure; returns
+    the paths. A report that cannot be finished (a full disk) takes the files it added away again."""
+    data = load(db_path)
+    tables, figs, (attack, eps) = build(data, attack, eps)
+    with made_dirs(out_dir):
+        before = set(os.listdir(out_dir))
+        try:
+            return _write_files(data, tables, figs, attack, eps, db_path, out_dir)
+        except BaseException:
+            for name in set(os.listdir(out_dir)) - before:
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(out_dir, name))
+            raise
+
+
+def _write_files(data, tables, figs, attack, eps, db_path, out_dir) -> list[str]:
     from .figures import save_figure
     from .html import write_html
 
-    data = load(db_path)
-    tables, figs, (attack, eps) = build(data, attack, eps)
-    os.makedirs(out_dir, exist_ok=True)
     written = []
     for t in tables:
         for ext, render in (("csv", render_csv), ("tex", render_latex)):

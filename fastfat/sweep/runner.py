@@ -125,33 +125,35 @@ def _sigterm_as_interrupt():
 
 
 def run_sweep(sweep: Sweep, *, progress: bool = True, report: bool = True, report_dir: str | None = None,
-              report_options: dict | None = None, reclaim: bool = False, overall=None) -> dict:
+              report_options: dict | None = None, reclaim: bool = False, overall=None,
+              run_mark: int | None = None) -> dict:
     """Run every point not done yet; returns counts {"points", "done", "ran", "skipped", "failed",
     "busy", "failed_elsewhere", "reclaimed"}. reclaim: first take back running points that no live
     process on this host holds (stale, or claimed from another host), and say which. overall: a
     GridProgress the caller owns and closes (workers.py: it outlives this process's own loop);
-    by default this run draws and closes its own."""
+    by default this run draws and closes its own. run_mark: the run this process joins
+    (Store.begin_run of the command's first process; workers.py), else a run of its own."""
     with _sigterm_as_interrupt():
         if sweep.threads is None:
-            return _run_sweep(sweep, progress, report, report_dir, report_options, reclaim, overall)
+            return _run_sweep(sweep, progress, report, report_dir, report_options, reclaim, overall, run_mark)
         # On a shared small CPU, torch's default (one thread per core) in several processes at
         # once oversubscribes the cores; measured here: 2.1 s per epoch with 1 thread, 39 s with 2.
         import torch
         before = torch.get_num_threads()
         torch.set_num_threads(sweep.threads)
         try:
-            return _run_sweep(sweep, progress, report, report_dir, report_options, reclaim, overall)
+            return _run_sweep(sweep, progress, report, report_dir, report_options, reclaim, overall, run_mark)
         finally:
             torch.set_num_threads(before)
 
 
-def _open_and_add(store, sweep: Sweep, progress: bool, reclaim: bool) -> tuple[dict, int]:
+def _open_and_add(store, sweep: Sweep, progress: bool, reclaim: bool, run_mark=None) -> tuple[dict, int]:
     """Add the grid's points to the store, say what else the database holds, reclaim if asked;
     returns the store's Points of this grid by key and how many were reclaimed."""
     from .grid import setting_of
 
     db_dir = os.path.dirname(os.path.abspath(sweep.db))
-    store.begin_run()
+    store.begin_run(run_mark)
     for p in sweep.points:
         store.add_point(p.to_point(os.path.relpath(os.path.join(sweep.runs_dir, p.key), db_dir)))
         store.sync_eval_config(p.key, to_dict(p.eval))
@@ -224,13 +226,14 @@ def _when_sources_settle(store, units: list[list[GridPoint]], progress: bool):
             time.sleep(SOURCE_POLL_S)
 
 
-def _run_sweep(sweep: Sweep, progress, report, report_dir, report_options, reclaim, overall) -> dict:
+def _run_sweep(sweep: Sweep, progress, report, report_dir, report_options, reclaim, overall=None,
+               run_mark=None) -> dict:
     from .claims import ClaimLost
     from .groups import plan, run_group
     from .store import Store
 
     with Store(sweep.db, lease=sweep.lease) as store:
-        have, reclaimed = _open_and_add(store, sweep, progress, reclaim)
+        have, reclaimed = _open_and_add(store, sweep, progress, reclaim, run_mark)
         todo = [p for p in sweep.points if have[p.key].status != "done"]
         counts = {"points": len(sweep.points), "skipped": len(sweep.points) - len(todo),
                   "ran": 0, "failed": 0, "busy": 0, "failed_elsewhere": 0, "reclaimed": reclaimed}

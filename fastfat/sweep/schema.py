@@ -119,14 +119,33 @@ _UPGRADE_FROM_2 = (
 )
 
 
-def check_version(path: str, tables: set, schema) -> int:
-    """The schema version of a database with these tables and meta 'schema' value; UserError if
-    it is not fastfat's (or is newer than this fastfat)."""
+# The columns every schema version has (1 to 3): a file whose tables lack them is another
+# program's, whatever its meta says.
+REQUIRED_COLUMNS = {
+    "meta": {"name", "value"},
+    "points": {"key", "method", "model", "dataset", "eps_train", "lam", "seed", "train_config",
+               "eval_config", "run_dir", "status", "epochs_done", "epochs_total"},
+    "epochs": {"point", "epoch"},
+    "results": {"point", "attack", "eps", "avg_acc", "vcra", "worst_acc"},
+    "class_acc": {"point", "attack", "eps", "cls", "acc"},
+}
+
+
+def table_columns(con: sqlite3.Connection) -> dict[str, set[str]]:
+    """Each table of the database and its column names (read only)."""
+    names = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+    return {n: {r[1] for r in con.execute("SELECT * FROM pragma_table_info(?)", (n,))} for n in names}
+
+
+def check_version(path: str, tables: dict, schema) -> int:
+    """The schema version of a database with these tables (table_columns) and meta 'schema'
+    value; UserError if it is not fastfat's (or is newer than this fastfat). The one test of
+    whether a file is a fastfat database: sweeps and the report both ask it (Store)."""
     try:
         version = int(schema)
     except (TypeError, ValueError):
         version = None
-    if version is None or "points" not in tables:
+    if version is None or any(not cols <= tables.get(t, set()) for t, cols in REQUIRED_COLUMNS.items()):
         raise UserError(f"{path} is an SQLite database of something else; left untouched, "
                         f"choose another --db")
     if not 1 <= version <= SCHEMA_VERSION:
@@ -141,7 +160,7 @@ def init_schema(con: sqlite3.Connection, path: str) -> int:
     the transaction, and the second finds the first's tables. Returns SCHEMA_VERSION."""
     con.execute("BEGIN IMMEDIATE")
     try:
-        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        tables = table_columns(con)
         if tables:
             row = con.execute("SELECT value FROM meta WHERE name='schema'").fetchone() \
                 if "meta" in tables else None

@@ -81,7 +81,8 @@ class Store:
         elif readonly or not create:
             raise UserError(f"results database not found: {path}" if not os.path.exists(path)
                             else f"{path} is not a fastfat results database (it is empty)")
-        self.db = dbfile.connect_ro(path) if readonly else dbfile.connect_rw(path)
+        created = not tables and not os.path.exists(path)
+        self.db = dbfile.connect_ro(path, inspect=True) if readonly else dbfile.connect_rw(path)
         try:
             if not readonly:
                 self.db.execute("PRAGMA synchronous=FULL")   # a committed point survives power loss
@@ -92,6 +93,8 @@ class Store:
             self._per_checkpoint = "checkpoint" in self._columns   # schema 3 (read-only: older ones too)
         except BaseException as e:
             self.db.close()
+            if created:   # a database that could not get its schema (a full disk) is not left behind
+                dbfile.remove_empty(path)
             if isinstance(e, sqlite3.DatabaseError):
                 raise UserError(f"cannot open results database {path}: {e}") from None
             raise
@@ -115,9 +118,13 @@ class Store:
         self.db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE name='clock'")
         return int(self.db.execute("SELECT value FROM meta WHERE name='clock'").fetchone()[0])
 
-    def begin_run(self) -> int:
+    def begin_run(self, mark: int | None = None) -> int:
         """Mark this process's run as begun: failures marked later (by a concurrent run) are not
-        retried by it. Returns the mark."""
+        retried by it. mark: join a run another process of the same command began (its mark)
+        instead. Returns the mark."""
+        if mark is not None:
+            self.run_mark = int(mark)
+            return self.run_mark
         with self.transaction():
             self.run_mark = self._tick()
         return self.run_mark

@@ -13,6 +13,7 @@ import multiprocessing as mp
 import os
 import queue
 import signal
+import threading
 
 from .grid import Sweep
 from .progress import GridProgress
@@ -21,16 +22,49 @@ COUNT_KEYS = ("ran", "failed", "reclaimed")
 GRACE_S = 5.0   # after Ctrl-C, how long a worker may take to give its point back by itself
 
 
-def _child(sweep: Sweep, out) -> None:
-    """One spawned worker: the sweep loop without bars, report or reclaim; its counts go to `out`
-    (None if it ends otherwise, so the parent never waits for counts that will not come)."""
+def _child(sweep: Sweep, out, run_mark: int) -> None:
+    """One spawned worker: the sweep loop without bars, report or reclaim, in the command's run
+    (run_mark: a point a sibling failed in this command is not retried here); its counts go to
+    `out` (None if it ends otherwise, so the parent never waits for counts that will not come)."""
     from .runner import run_sweep
+    signal.signal(signal.SIGINT, signal.default_int_handler)   # ignored while it started: see _start
+    _follow_parent()
     try:
-        out.put(run_sweep(sweep, progress=False, report=False))
+        out.put(run_sweep(sweep, progress=False, report=False, run_mark=run_mark))
     except BaseException as e:
         out.put(None)
         if not isinstance(e, KeyboardInterrupt):   # Ctrl-C, SIGTERM: its point was given back
             raise
+
+
+def _follow_parent() -> None:
+    """End this worker as SIGTERM would (its point given back) once the command's process is gone,
+    kill -9 included: a watcher thread waits on the parent's sentinel."""
+    parent = mp.parent_process()
+    if parent is None:
+        return
+
+    def watch():
+        parent.join()
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="parent watch", daemon=True).start()
+
+
+def _start(children) -> None:
+    """Start the workers with SIGINT ignored (a spawned process inherits that across exec): a
+    Ctrl-C while one is still importing would print its traceback; each takes Ctrl-C again once
+    it runs the sweep (_child), and the parent tells a late one by SIGTERM."""
+    if threading.current_thread() is not threading.main_thread():
+        for c in children:
+            c.start()
+        return
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        for c in children:
+            c.start()
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 def _gather(children, out) -> list[dict | None]:
@@ -67,18 +101,21 @@ def run_with_workers(sweep: Sweep, workers: int, *, progress: bool = True, repor
 
     keys = [p.key for p in sweep.points]
     before = _done(sweep.db, keys)   # the processes' own "skipped" counts include each other's work
+    # One run for the whole command: a point one process fails is not "failed in an earlier run"
+    # to its siblings, so no other process retries it (each would otherwise, once).
+    with Store(sweep.db, lease=sweep.lease) as store:
+        run_mark = store.begin_run()
     ctx = mp.get_context("spawn")   # no fork of a process holding torch threads and SQLite handles
     out = ctx.Queue()
-    # Processes may open the database at the same instant (schema creation is race-free), so the
-    # workers start at once; only this process reclaims.
-    children = [ctx.Process(target=_child, args=(sweep, out)) for _ in range(workers - 1)]
-    for c in children:
-        c.start()
+    # Only this process reclaims; the workers start at once (schema creation is race-free).
+    children = [ctx.Process(target=_child, args=(sweep, out, run_mark)) for _ in range(workers - 1)]
+    _start(children)
     # One overall bar for the whole command: it counts the grid's points done in the database by
     # every process, and stays open until the last worker has returned (100% when the grid is done).
     overall = GridProgress(sweep.db, keys, enabled=progress)
     try:
-        counts = run_sweep(sweep, progress=progress, report=False, reclaim=reclaim, overall=overall)
+        counts = run_sweep(sweep, progress=progress, report=False, reclaim=reclaim, overall=overall,
+                           run_mark=run_mark)
         got = _gather(children, out)
     except BaseException as e:
         # Ctrl-C in the terminal reached the workers too: give them a moment to hand their points
