@@ -63,8 +63,10 @@ def test_corrupt_cifar_file(tmp_path):
 
 
 def test_unknown_dataset():
-    with pytest.raises(UserError, match="unknown dataset"):
+    with pytest.raises(UserError, match="unknown dataset") as e:
         dataset_info("mnist-9000")
+    for known in ("cifar10", "cifar100", "fashion-mnist", "mnist", "svhn", "stl10", "digits"):
+        assert known in str(e.value)
 
 
 def _find_shift(orig, aug, pad):
