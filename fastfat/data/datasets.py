@@ -28,6 +28,7 @@ class DatasetInfo:
     size: int          # images are size x size
     crop_pad: int      # RandomCrop padding used for training
     flip: bool         # horizontal flip is label-preserving for this data
+    classes: tuple[str, ...] = ()   # class names by label, where the data set names them
 
 
 DATASETS = {
@@ -37,11 +38,15 @@ DATASETS = {
     "digits": DatasetInfo("digits", 10, 1, 8, 1, False),
     # 28x28 grey: a 2-pixel shift keeps the object in the frame; a mirrored garment is the same
     # garment, a mirrored digit is not.
-    "fashion-mnist": DatasetInfo("fashion-mnist", 10, 1, 28, 2, True),
+    "fashion-mnist": DatasetInfo("fashion-mnist", 10, 1, 28, 2, True,
+                                 ("T-shirt/top", "trouser", "pullover", "dress", "coat", "sandal",
+                                  "shirt", "sneaker", "bag", "ankle boot")),
     "mnist": DatasetInfo("mnist", 10, 1, 28, 2, False),
     "svhn": DatasetInfo("svhn", 10, 3, 32, 4, False),
     # STL-10's labelled 96x96 images, padded by 4 for cropping and flipped, as DAFA trains them
-    "stl10": DatasetInfo("stl10", 10, 3, 96, 4, True),
+    "stl10": DatasetInfo("stl10", 10, 3, 96, 4, True,
+                         ("airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship",
+                          "truck")),
     "synthetic": DatasetInfo("synthetic", 10, 3, 16, 2, True),
 }
 
