@@ -61,9 +61,10 @@ class RunConfig:
     method: str = opt("madry", " | ".join(METHODS) + " (fat-*: Fair AT; docs/methods.md)")
     model: str = opt("resnet18", "resnet18 | resnet50 | wrn-32-10 (= wrn-34-10) | preactresnet18 | cnn")
     width: int | None = opt(None, "first-stage channels (None: the model's full width)")
-    dataset: str = opt("cifar10", "cifar10 | cifar100 | digits | synthetic")
+    dataset: str = opt("cifar10", "cifar10 | cifar100 | fashion-mnist | mnist | svhn | stl10 | digits | "
+                                  "synthetic")
     data_root: str = opt("data", "where the data set files are (or go, with --download)")
-    download: bool = opt(False, "fetch CIFAR through torchvision if missing")
+    download: bool = opt(False, "fetch the data set through torchvision if missing")
     loader: str = opt("auto", "auto | memory | torchvision | ffcv")
     eps_train: float = opt(8 / 255, "l_inf training radius, pixel units")
     steps: int = opt(10, "PGD steps of the training attack")
@@ -95,6 +96,9 @@ class RunConfig:
     crop_pad: int | None = opt(None, "None: the data set's default")
     flip: bool | None = opt(None, "None: the data set's default")
     train_limit: int | None = opt(None, "train on the first N samples only")
+    train_per_class: int | None = opt(None, "train on N samples of every class, a stratified draw "
+                                            "from the seed's stream (val_per_class is then held out "
+                                            "of this pool); None: the whole training set")
     test_limit: int | None = opt(None, "evaluate on the first N test samples only")
     drop_last: bool = opt(False, "drop the last partial training batch")
     val_per_class: float | None = opt(None, "hold out N training samples per class (N >= 1) or a "
@@ -154,6 +158,7 @@ class RunConfig:
                 _int_at_least(name, getattr(self, name), 1)
         if self.crop_pad is not None:
             _int_at_least("crop_pad", self.crop_pad, 0)
+        self._validate_train_per_class()
         _int_at_least("num_workers", self.num_workers, 0)
         try:
             a = self.alpha()
@@ -209,6 +214,25 @@ class RunConfig:
         if self.method in TEACHER_METHODS and self.teacher is None:
             raise UserError(f"method {self.method} distils from a teacher: give --teacher CHECKPOINT "
                             f"(in a sweep, teacher = \"trades\" or another method's name)")
+
+
+    def _validate_train_per_class(self) -> None:
+        """train_per_class: a whole number >= 1, at most what each class holds (known for the
+        data sets whose class sizes are fixed), in memory (FFCV files hold the whole set)."""
+        n = self.train_per_class
+        if n is None:
+            return
+        _int_at_least("train_per_class", n, 1)
+        if self.train_limit is not None:
+            raise UserError("give train_per_class or train_limit, not both")
+        if self.loader == "ffcv":
+            raise UserError("train_per_class needs the memory or torchvision loader (the FFCV "
+                            "files hold the whole training set)")
+        from .data.split import TRAIN_PER_CLASS
+        have = TRAIN_PER_CLASS.get(self.dataset)
+        if have is not None and n > have:
+            raise UserError(f"train_per_class {n}: every class of {self.dataset}'s training set "
+                            f"holds at most {have} samples")
 
 
 @dataclass

@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from .config import TrainConfig, make_eval_config, to_dict
 from .data import MemoryLoader, load_dataset
-from .data.split import stratified_holdout
+from .data.split import balanced_pool, stratified_holdout
 from .files import save_checkpoint
 
 BEST = "best.pt"
@@ -24,10 +24,19 @@ CRITERION = "val_avg_acc + val_worst_acc"
 VAL_BATCH = 256
 
 
+def training_pool(cfg: TrainConfig, data=None):
+    """cfg's training ImageSet: the data set's training split (or `data`, already loaded), then
+    train_per_class's balanced draw or train_limit's first N."""
+    if data is None:
+        data, _ = load_dataset(cfg.dataset, cfg.data_root, cfg.download)
+    if cfg.train_per_class is not None:
+        return balanced_pool(data, cfg.train_per_class, cfg.seed)
+    return data.subset(cfg.train_limit)
+
+
 def split_training_set(cfg: TrainConfig):
-    """(train, validation) ImageSets of cfg's training data (after train_limit), stratified."""
-    train, _ = load_dataset(cfg.dataset, cfg.data_root, cfg.download)
-    return stratified_holdout(train.subset(cfg.train_limit), cfg.val_per_class, cfg.seed)
+    """(train, validation) ImageSets of cfg's training pool (training_pool), stratified."""
+    return stratified_holdout(training_pool(cfg), cfg.val_per_class, cfg.seed)
 
 
 def loader_config(cfg: TrainConfig) -> TrainConfig:

@@ -305,6 +305,8 @@ def train(cfg: TrainConfig, out_dir: str | None = None, *, resume: bool = False,
         train_set, val_set = selection.split_training_set(cfg)
         loader = build_train_loader(selection.loader_config(cfg), device, data=train_set)
         selector = selection.Selector(cfg, val_set, device)
+    elif cfg.train_per_class is not None:   # a class-balanced pool in memory
+        loader = build_train_loader(selection.loader_config(cfg), device, data=selection.training_pool(cfg))
     else:
         loader = build_train_loader(cfg, device)
     model = build_for_config(cfg, device)

@@ -63,8 +63,10 @@ def test_corrupt_cifar_file(tmp_path):
 
 
 def test_unknown_dataset():
-    with pytest.raises(UserError, match="unknown dataset"):
+    with pytest.raises(UserError, match="unknown dataset") as e:
         dataset_info("mnist-9000")
+    for known in ("cifar10", "cifar100", "fashion-mnist", "mnist", "svhn", "stl10", "digits"):
+        assert known in str(e.value)
 
 
 def _find_shift(orig, aug, pad):
@@ -155,3 +157,12 @@ def test_build_loader_limit_and_defaults():
     assert len(ld) == 3 and ld.crop_pad == 1 and ld.flip is False
     ld = build_loader("auto", "synthetic", "test", batch_size=100)
     assert isinstance(ld, MemoryLoader) and ld.crop_pad == 0 and not ld.train
+
+
+def test_class_names_where_given_cover_every_class():
+    from fastfat.data import DATASETS
+    named = {k: v.classes for k, v in DATASETS.items() if v.classes}
+    assert {"fashion-mnist", "stl10"} <= set(named)
+    for k, names in named.items():
+        assert len(names) == DATASETS[k].num_classes == len(set(names)), k
+    assert DATASETS["fashion-mnist"].classes[6] == "shirt"   # label 6 in the published files

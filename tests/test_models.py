@@ -287,3 +287,16 @@ def test_fold_in_the_amp_dtype(name):
     fresh = fold_bn(model, dtype=torch.bfloat16)
     for k, v in fresh.state_dict().items():
         assert v.dtype == f16.state_dict()[k].dtype and torch.equal(f16.state_dict()[k], v), k
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("in_ch,hw", [(1, 28), (3, 96)])
+def test_grey_28_and_colour_96_inputs(name, in_ch, hw):
+    """(Fashion-)MNIST's one-channel 28x28 and STL-10's three-channel 96x96: logits of the right
+    shape, and the BN-folded attack copy is the eval-mode model (float64: the fold reorders only
+    the per-channel affine arithmetic, so 1e-9 of the largest magnitude bounds it)."""
+    model = _randomize_bn(_narrow(name, in_channels=in_ch)).double().eval()
+    x = torch.rand(2, in_ch, hw, hw, dtype=torch.float64)
+    out = model(x)
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+    _assert_same_function(model, fold_bn(model), x, 1e-9)

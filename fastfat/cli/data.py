@@ -11,7 +11,7 @@ def add_parser(subparsers) -> None:
 
     c = sub.add_parser("convert", help="write <name>_train.beton and <name>_test.beton",
                        description="Convert a data set to FFCV .beton files (raw pixels).")
-    c.add_argument("--dataset", required=True, help="cifar10 | cifar100 | digits (or synthetic)")
+    c.add_argument("--dataset", required=True, help="cifar10 | cifar100 | fashion-mnist | mnist | svhn | stl10 | digits (or synthetic)")
     c.add_argument("--out", required=True, help="directory for the .beton files")
     c.add_argument("--data-root", default="data", help="where the source files are (default: data)")
     c.add_argument("--download", action="store_true", help="download the source files if missing")

@@ -1,7 +1,7 @@
 """`fastfat data convert` and `check` as library calls: FFCV .beton files for a data set.
 
-convert reads what load_dataset reads (torchvision's CIFAR files under data_root, or the bundled
-digits) and writes OUT/<name>_train.beton and OUT/<name>_test.beton (beton_paths), raw pixels,
+convert reads what load_dataset reads (any data set fastfat knows: CIFAR, (Fashion-)MNIST, SVHN,
+STL-10 from their files, or the bundled digits) and writes OUT/<name>_train.beton and OUT/<name>_test.beton (beton_paths), raw pixels,
 so the FFCV loader serves exactly the images the memory loader serves. check validates both
 files of a data set the way the FFCV loader does before training.
 """

@@ -1,5 +1,6 @@
 """Data sets as uint8 tensors (`ImageSet`): CIFAR-10/100 read from torchvision's on-disk format,
-scikit-learn's bundled digits, and a synthetic set for tests; `DatasetInfo` holds their shapes.
+MNIST and Fashion-MNIST (mnist.py), SVHN and STL-10 (svhn_stl10.py), scikit-learn's bundled
+digits, and a synthetic set for tests; `DatasetInfo` holds their shapes.
 
 CIFAR files are read straight from torchvision's on-disk format (the python pickle batches), so
 torchvision downloads them when asked and tests can fabricate files in the same format. They are
@@ -27,6 +28,7 @@ class DatasetInfo:
     size: int          # images are size x size
     crop_pad: int      # RandomCrop padding used for training
     flip: bool         # horizontal flip is label-preserving for this data
+    classes: tuple[str, ...] = ()   # class names by label, where the data set names them
 
 
 DATASETS = {
@@ -34,6 +36,17 @@ DATASETS = {
     "cifar100": DatasetInfo("cifar100", 100, 3, 32, 4, True),
     # Digits are 8x8: a 4-pixel shift would move half the digit out; mirrored digits change meaning.
     "digits": DatasetInfo("digits", 10, 1, 8, 1, False),
+    # 28x28 grey: a 2-pixel shift keeps the object in the frame; a mirrored garment is the same
+    # garment, a mirrored digit is not.
+    "fashion-mnist": DatasetInfo("fashion-mnist", 10, 1, 28, 2, True,
+                                 ("T-shirt/top", "trouser", "pullover", "dress", "coat", "sandal",
+                                  "shirt", "sneaker", "bag", "ankle boot")),
+    "mnist": DatasetInfo("mnist", 10, 1, 28, 2, False),
+    "svhn": DatasetInfo("svhn", 10, 3, 32, 4, False),
+    # STL-10's labelled 96x96 images, padded by 4 for cropping and flipped, as DAFA trains them
+    "stl10": DatasetInfo("stl10", 10, 3, 96, 4, True,
+                         ("airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship",
+                          "truck")),
     "synthetic": DatasetInfo("synthetic", 10, 3, 16, 2, True),
 }
 
@@ -157,6 +170,11 @@ def _read_cifar(name: str, root: str, download: bool) -> tuple[ImageSet, ImageSe
                 raise UserError(f"cannot read {path}: not a CIFAR batch file ({type(e).__name__})") from None
             if len(x) != len(y):
                 raise UserError(f"cannot read {path}: {len(x)} images but {len(y)} labels")
+            classes = DATASETS[name].num_classes
+            if len(y) and (int(y.min()) < 0 or int(y.max()) >= classes):
+                bad = int(y.min()) if int(y.min()) < 0 else int(y.max())
+                raise UserError(f"cannot read {path}: not a valid CIFAR batch (label {bad} is "
+                                f"outside 0..{classes - 1})")
             xs.append(x)
             ys.append(y)
         return ImageSet(torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys)),
@@ -197,11 +215,26 @@ def make_synthetic(n_train: int = 500, n_test: int = 200, seed: int = 0,
     return draw(n_train), draw(n_test)
 
 
+def _from_arrays(pair, num_classes: int) -> ImageSet:
+    x, y = pair
+    return ImageSet(torch.from_numpy(x), torch.from_numpy(y), num_classes)
+
+
 def load_dataset(name: str, root: str = "data", download: bool = False) -> tuple[ImageSet, ImageSet]:
-    """(train, test) ImageSets for cifar10 | cifar100 | digits | synthetic, on the CPU."""
+    """(train, test) ImageSets for any name in DATASETS, on the CPU (images uint8 [N, C, H, W])."""
     info = dataset_info(name)
     if info.name in _CIFAR_FILES:
         return _read_cifar(info.name, root, download)
+    if info.name in ("fashion-mnist", "mnist", "svhn", "stl10"):
+        from .mnist import read_mnist
+        from .svhn_stl10 import read_stl10, read_svhn
+        if info.name == "svhn":
+            tr, te = read_svhn(root, download)
+        elif info.name == "stl10":
+            tr, te = read_stl10(root, download)
+        else:
+            tr, te = read_mnist(info.name, root, download, info.num_classes)
+        return _from_arrays(tr, info.num_classes), _from_arrays(te, info.num_classes)
     if info.name == "digits":
         return _load_digits()
     return make_synthetic()

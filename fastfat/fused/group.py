@@ -22,6 +22,7 @@ from ..data import load_dataset
 from ..data.build import choose_loader
 from ..errors import UserError
 from ..files import atomic_write_json, check_writable_dir
+from .. import selection
 from ..runtime import resolve_device
 from ..train import (CHECKPOINT, build_for_config, build_train_loader, load_resume_state, make_optimizer,
                      save_run)
@@ -181,4 +182,7 @@ def _loaders(cfgs: list[TrainConfig], device) -> list:
         data = load_dataset(c.dataset, c.data_root, c.download)[0]
         if kind == "memory":
             data = data.to(device)   # each MemoryLoader's .to(device) is then a no-op
+    if c.train_per_class is not None:   # each member its own seed's balanced pool, in memory
+        return [build_train_loader(selection.loader_config(cfg), device, selection.training_pool(cfg, data))
+                for cfg in cfgs]
     return [build_train_loader(cfg, device, data) for cfg in cfgs]

@@ -1,8 +1,12 @@
 """Model zoo: `build_model(name, num_classes, width, in_channels)`.
 
 All models take [B, in_channels, H, W] images in [0, 1] (no normalization inside, like the FAT
-authors' code) and return logits [B, num_classes]; pooling is adaptive so 8x8 digits work too.
-`width` is each family's base channel count (None -> the paper's size)."""
+authors' code) and return logits [B, num_classes]; pooling is adaptive, so 8x8 digits, one-channel
+28x28 (Fashion-)MNIST and three-channel 96x96 STL-10 go through the same networks. Every model
+keeps its CIFAR stem (a 3x3 stride-1 conv, no max-pool) at every size, as DAFA's STL-10 runs
+do with their CIFAR ResNet (they resize STL-10 to 64x64 first; fastfat trains on the 96x96
+pixels, so a 96x96 step costs about 9x a 32x32 one). `width` is each family's base channel
+count (None -> the paper's size)."""
 from __future__ import annotations
 
 import torch.nn as nn

@@ -1,6 +1,7 @@
 """A small fast CNN for CPU demos: conv(w)-BN-ReLU, conv(2w)-BN-ReLU, max-pool,
-conv(4w)-BN-ReLU, max-pool, global average pool, linear. Works on 8x8 digits and 32x32 images
-(8x8 -> 2x2 before the pool, 32x32 -> 8x8)."""
+conv(4w)-BN-ReLU, max-pool, global average pool, linear. Works on 8x8 digits, 28x28
+(Fashion-)MNIST, 32x32 and 96x96 images (8x8 -> 2x2 before the pool, 28x28 -> 7x7, 32x32 -> 8x8,
+96x96 -> 24x24)."""
 from __future__ import annotations
 
 import torch
