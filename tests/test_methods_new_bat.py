@@ -130,3 +130,21 @@ def test_cli_trains_bat_and_rejects_bad_values(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("fastfat: error: ") and says in err and err.count("\n") == 1, err
         assert not out.exists()
+
+
+def test_a_step_makes_the_host_wait_for_nothing(syncing_ops):
+    """Both stopping rules and the loss run on the device without a host sync (the attack steps
+    the whole batch instead of dropping the stopped samples)."""
+    from fastfat import methods
+    m = methods.build(make_train_config(None, **dict(TINY, method="bat")), 10, "cpu")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 10))
+    m.begin(model, None, 0)
+    x, y = torch.rand(8, 1, 4, 4), torch.arange(8) % 10
+
+    def step():
+        x_adv = m.attack(model, x, y, None, None)
+        m.loss(y, model(x_adv), model(x))[0].backward()
+
+    assert syncing_ops(step) == set()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
