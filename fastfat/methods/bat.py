@@ -117,8 +117,6 @@ def check(cfg) -> None:
 class BAT(MethodState):
     """bat: its own attack (both stopping points); no state across steps or epochs."""
 
-    natural_first = False
-
     def begin(self, model, validation, start_epoch, teacher=None):
         self.model = model     # the trainable model: the last-clean forward in loss()
 
