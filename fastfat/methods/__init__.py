@@ -16,7 +16,7 @@ Peer methods do not fuse (fastfat.fused.train.check_fusable): fused groups carry
 """
 from __future__ import annotations
 
-from . import absld, cfa, dafa, faal, fair_ard, frl, wat
+from . import absld, bat, cfa, dafa, faal, fair_ard, frl, wat
 from .base import EVAL_MODEL, Method, MethodState, epochs_of
 
 REGISTRY: tuple[Method, ...] = (
@@ -27,6 +27,7 @@ REGISTRY: tuple[Method, ...] = (
     faal.METHOD,
     fair_ard.METHOD,
     absld.METHOD,
+    bat.METHOD,
 )
 
 # method name -> its Method, in registry order (the order of --help, tables and figures)
