@@ -106,3 +106,25 @@ def syncing_ops():
             fn(*args, **kwargs)
         return rec.seen
     return run
+
+
+@pytest.fixture
+def cut_and_resume(tmp_path):
+    """cut_and_resume(cfg) -> (full, log_full, resumed, log_resumed): cfg trained whole under
+    tmp_path/full, and under tmp_path/cut stopped by an exception after its first epoch (as a
+    kill would leave it: the epoch's checkpoint written) and then resumed with --resume."""
+    from fastfat.train import train
+
+    class Stop(Exception):
+        pass
+
+    def stop(row):
+        raise Stop
+
+    def run(cfg):
+        full, log_full = train(cfg, str(tmp_path / "full"), progress=False)
+        with pytest.raises(Stop):
+            train(cfg, str(tmp_path / "cut"), progress=False, on_epoch=stop)
+        resumed, log_resumed = train(cfg, str(tmp_path / "cut"), resume=True, progress=False)
+        return full, log_full, resumed, log_resumed
+    return run

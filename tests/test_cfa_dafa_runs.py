@@ -34,21 +34,11 @@ def test_first_epoch_is_the_base_method_then_it_departs(tmp_path, method, base, 
     ("cfa-trades", dict(cfa_begin=1, cfa_fawa_threshold=0.0)),
     ("dafa-madry", dict(dafa_warmup=1)),
 ])
-def test_resume_continues_exactly(tmp_path, method, kw):
+def test_resume_continues_exactly(tmp_path, cut_and_resume, method, kw):
     """Killed after epoch 1 and resumed, the run ends as the uninterrupted one: CFA's class
     accuracies and FAWA average, DAFA's weights come back from the checkpoint."""
     cfg = _cfg(method, **kw)
-    full, log_full = train(cfg, str(tmp_path / "full"), progress=False)
-
-    class Stop(Exception):
-        pass
-
-    def stop(row):
-        raise Stop
-
-    with pytest.raises(Stop):
-        train(cfg, str(tmp_path / "cut"), progress=False, on_epoch=stop)
-    resumed, log_resumed = train(cfg, str(tmp_path / "cut"), resume=True, progress=False)
+    full, log_full, resumed, log_resumed = cut_and_resume(cfg)
     assert log_resumed[1]["loss"] == log_full[1]["loss"]
     for k, v in full.state_dict().items():
         assert torch.equal(v, resumed.state_dict()[k]), k

@@ -13,7 +13,7 @@ from fastfat.cli import main as cli_main
 from fastfat.config import make_train_config
 from fastfat.files import load_checkpoint
 from fastfat.methods.bat import bat_loss, kl_to_uniform, stop_points
-from fastfat.train import CHECKPOINT, train
+from fastfat.train import CHECKPOINT
 
 TINY = dict(dataset="digits", model="cnn", width=8, epochs=2, batch_size=64, steps=2, step_size="eps/4",
             eps_train=0.1, lr=0.05, train_limit=256, schedule="constant", device="cpu")
@@ -99,19 +99,9 @@ def test_zero_steps_return_the_start():
     assert torch.equal(lc, x) and torch.equal(fa, x)
 
 
-def test_resume_continues_exactly(tmp_path):
+def test_resume_continues_exactly(tmp_path, cut_and_resume):
     cfg = make_train_config(None, **dict(TINY, method="bat"))
-    full, log_full = train(cfg, str(tmp_path / "full"), progress=False)
-
-    class Stop(Exception):
-        pass
-
-    def stop(row):
-        raise Stop
-
-    with pytest.raises(Stop):
-        train(cfg, str(tmp_path / "cut"), progress=False, on_epoch=stop)
-    resumed, log_resumed = train(cfg, str(tmp_path / "cut"), resume=True, progress=False)
+    full, log_full, resumed, log_resumed = cut_and_resume(cfg)
     assert log_resumed == [dict(r, seconds=s["seconds"], images_per_s=s["images_per_s"])
                            for r, s in zip(log_full, log_resumed)]
     for k, v in full.state_dict().items():

@@ -32,21 +32,11 @@ def _cfg(method, ckpt, **kw):
 
 
 @pytest.mark.parametrize("method", ["faal", "fair-ard", "absld"])
-def test_resume_continues_exactly(tmp_path, trades_ckpt, method):
+def test_resume_continues_exactly(tmp_path, cut_and_resume, trades_ckpt, method):
     """Killed after epoch 1 and resumed, the run ends as the uninterrupted one (Fair-ARD's class
     weights and ABSLD's temperatures come back from the checkpoint)."""
     cfg = _cfg(method, trades_ckpt)
-    full, log_full = train(cfg, str(tmp_path / "full"), progress=False)
-
-    class Stop(Exception):
-        pass
-
-    def stop(row):
-        raise Stop
-
-    with pytest.raises(Stop):
-        train(cfg, str(tmp_path / "cut"), progress=False, on_epoch=stop)
-    resumed, log_resumed = train(cfg, str(tmp_path / "cut"), resume=True, progress=False)
+    full, log_full, resumed, log_resumed = cut_and_resume(cfg)
     assert log_resumed == [dict(r, seconds=s["seconds"], images_per_s=s["images_per_s"])
                            for r, s in zip(log_full, log_resumed)]
     for k, v in full.state_dict().items():
