@@ -348,10 +348,13 @@ def _drive(ray, sweep: Sweep, progress: bool, reclaim: bool) -> dict:
                     renewed_at = time.monotonic()
                     _renew(ray, store, in_flight, counts, progress)
         except BaseException:
-            # Ctrl-C, SIGTERM or an error here: stop the tasks, give their points back.
+            # Ctrl-C, SIGTERM or an error here: stop the tasks, give their points back. Not
+            # force=True: Ray 2.60's driver aborts the whole process ("Tried to complete task that
+            # was not pending", task_manager.cc) when a force-killed task's reply is already on
+            # its way; a plain cancel raises KeyboardInterrupt in the task at its next bytecode.
             for ref in in_flight:
                 try:
-                    ray.cancel(ref, force=True)
+                    ray.cancel(ref)
                 except Exception:
                     pass
             for unit in in_flight.values():
