@@ -26,7 +26,7 @@ def test_gpu_smoke_runs_every_stage(tmp_path):
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     doc = json.loads((tmp_path / "gpu" / "gpu.json").read_text())
     status = {k: v["status"] for k, v in doc["stages"].items()}
-    assert status == {"A": "ok", "B": "ok", "C": "ok", "D": "ok", "E": "ok", "G": "ok", "F": "skipped"}, status
+    assert status == {"A": "ok", "B": "ok", "C": "ok", "D": "ok", "E": "ok", "G": "ok", "H": "ok", "F": "skipped"}, status
     assert doc["smoke"] and doc["triton_note"] is None          # Triton ran, interpreted
     checks = doc["stages"]["B"]["data"]["checks"]
     for name in ("triton_active", "zero_fallbacks_eager_off", "zero_fallbacks_eager_bf16", "float64_match",
