@@ -16,22 +16,12 @@ from fastfat import cli
 from fastfat.config import make_train_config
 from fastfat.sweep import grid, runner
 from fastfat.train import CHECKPOINT, train
+from test_reliability import _main, _one_error_line   # the CLI-in-process helpers of round 1-2
 
 TINY = dict(dataset="synthetic", model="cnn", width=4, epochs=1, batch_size=32, steps=2,
             step_size="eps/2", eps_train=8 / 255, lr=0.05, train_limit=64, schedule="constant",
             device="cpu", loader="memory")
 EVAL = ["--attacks", "fgsm", "--eps-test", "8/255", "--test-limit", "20"]
-
-
-def _main(capsys, *argv) -> tuple[int, list[str]]:
-    """fastfat's CLI in this process: (exit code, stderr lines)."""
-    rc = cli.main(list(argv))
-    return rc, capsys.readouterr().err.strip().splitlines()
-
-
-def _one_error_line(rc, lines, needle):
-    assert rc == 2 and len(lines) == 1, lines
-    assert lines[0].startswith("fastfat: error:") and needle in lines[0], lines
 
 
 def _tree(d) -> list[str]:
