@@ -162,7 +162,17 @@ def test_build_loader_limit_and_defaults():
 def test_class_names_where_given_cover_every_class():
     from fastfat.data import DATASETS
     named = {k: v.classes for k, v in DATASETS.items() if v.classes}
-    assert {"fashion-mnist", "stl10"} <= set(named)
+    assert {"cifar10", "fashion-mnist", "stl10"} <= set(named)
     for k, names in named.items():
         assert len(names) == DATASETS[k].num_classes == len(set(names)), k
     assert DATASETS["fashion-mnist"].classes[6] == "shirt"   # label 6 in the published files
+
+
+def test_report_names_classes_where_the_data_set_does():
+    # the report's tables and figures label classes with DatasetInfo.classes, else with the label
+    from fastfat.sweep.labels import class_names, dataset_name
+    assert class_names("fashion-mnist", 10)[6] == "shirt" and class_names("cifar10", 10)[0] == "airplane"
+    assert class_names("stl10", 10)[7] == "monkey"
+    assert class_names("digits", 10) == [str(i) for i in range(10)]
+    assert class_names("cifar100", 100)[99] == "99"
+    assert dataset_name("fashion-mnist") == "Fashion-MNIST" and dataset_name("stl10") == "STL-10"

@@ -6,6 +6,7 @@ import ast
 import pathlib
 
 import fastfat
+import fastfat.kernels   # loaded explicitly: the graph below reads where it lives
 
 ROOT = pathlib.Path(fastfat.__file__).parent
 
@@ -13,8 +14,8 @@ ROOT = pathlib.Path(fastfat.__file__).parent
 def _modules() -> dict[str, pathlib.Path]:
     """Every module of the package (fastfat.kernels lives in kernels/, installed as fastfat.kernels)."""
     roots = [(ROOT, "fastfat")]
-    kernels = pathlib.Path(fastfat.kernels.__file__).parent if hasattr(fastfat, "kernels") else None
-    if kernels is not None and kernels.parent != ROOT:
+    kernels = pathlib.Path(fastfat.kernels.__file__).parent
+    if kernels.parent != ROOT:
         roots.append((kernels, "fastfat.kernels"))
     mods = {}
     for base, prefix in roots:

@@ -32,7 +32,9 @@ class DatasetInfo:
 
 
 DATASETS = {
-    "cifar10": DatasetInfo("cifar10", 10, 3, 32, 4, True),
+    "cifar10": DatasetInfo("cifar10", 10, 3, 32, 4, True,
+                           ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                            "ship", "truck")),
     "cifar100": DatasetInfo("cifar100", 100, 3, 32, 4, True),
     # Digits are 8x8: a 4-pixel shift would move half the digit out; mirrored digits change meaning.
     "digits": DatasetInfo("digits", 10, 1, 8, 1, False),

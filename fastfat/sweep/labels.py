@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .. import methods
 from ..config import has_lambda
+from ..data.datasets import DATASETS
 
 # fastfat's own methods, then the registry's (their Method.titles, in registry order)
 METHOD_NAMES = {"natural": "Natural", "madry": "Madry", "trades": "TRADES",
@@ -11,9 +12,8 @@ METHOD_NAMES = {"natural": "Natural", "madry": "Madry", "trades": "TRADES",
 MODEL_NAMES = {"resnet18": "ResNet18", "resnet50": "ResNet50", "wrn-32-10": "WRN-32-10",
                "preactresnet18": "PreActResNet18", "cnn": "CNN"}
 DATASET_NAMES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "digits": "digits",
-                 "synthetic": "synthetic"}
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
-                   "ship", "truck")
+                 "fashion-mnist": "Fashion-MNIST", "mnist": "MNIST", "svhn": "SVHN",
+                 "stl10": "STL-10", "synthetic": "synthetic"}
 METHOD_ORDER = tuple(METHOD_NAMES)
 
 
@@ -46,7 +46,10 @@ def dataset_name(d: str) -> str:
 
 
 def class_names(dataset: str, n: int) -> list[str]:
-    return list(CIFAR10_CLASSES) if dataset == "cifar10" and n == 10 else [str(i) for i in range(n)]
+    """The data set's class names by label where it names them (CIFAR-10, Fashion-MNIST, STL-10),
+    else the labels as text."""
+    named = DATASETS[dataset].classes if dataset in DATASETS else ()
+    return list(named) if len(named) == n else [str(i) for i in range(n)]
 
 
 def eps_label(eps: float) -> str:
