@@ -100,6 +100,8 @@ class RunConfig:
                                             "from the seed's stream (val_per_class is then held out "
                                             "of this pool); None: the whole training set")
     test_limit: int | None = opt(None, "evaluate on the first N test samples only")
+    test_per_class: int | None = opt(None, "evaluate on the first N test samples of every class (a "
+                                           "stratified subset, the file's order; not with test_limit)")
     drop_last: bool = opt(False, "drop the last partial training batch")
     val_per_class: float | None = opt(None, "hold out N training samples per class (N >= 1) or a "
                                             "fraction of each class (0 < f < 1) to select the best "
@@ -159,6 +161,9 @@ class RunConfig:
         if self.crop_pad is not None:
             _int_at_least("crop_pad", self.crop_pad, 0)
         self._validate_train_per_class()
+        _validate_test_per_class(self)
+        from .data.split import check_test_per_class
+        check_test_per_class(self.test_per_class, self.dataset)
         _int_at_least("num_workers", self.num_workers, 0)
         try:
             a = self.alpha()
@@ -235,6 +240,19 @@ class RunConfig:
                             f"holds at most {have} samples")
 
 
+def _validate_test_per_class(cfg) -> None:
+    """test_per_class (RunConfig and EvalConfig): a whole number >= 1, not beside test_limit, not
+    with the FFCV loader; its upper bound is the data set's (data.split.check_test_per_class)."""
+    if cfg.test_per_class is None:
+        return
+    _int_at_least("test_per_class", cfg.test_per_class, 1)
+    if cfg.test_limit is not None:
+        raise UserError("give test_per_class or test_limit, not both")
+    if cfg.loader == "ffcv":
+        raise UserError("test_per_class needs the memory or torchvision loader (FFCV reads the test "
+                        "file in order, without its labels)")
+
+
 @dataclass
 class TrainConfig(*reversed(methods.PARAMS), RunConfig):
     """Everything that defines one training run (one grid point): RunConfig's fields, then each
@@ -250,6 +268,8 @@ class EvalConfig:
     cw_kappa: float = opt(50.0, "C&W margin kappa")
     seed: int = opt(0, "seeds the attacks' start noise")
     test_limit: int | None = opt(None, "evaluate on the first N test samples only")
+    test_per_class: int | None = opt(None, "evaluate on the first N test samples of every class (a "
+                                           "stratified subset, the file's order; not with test_limit)")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
     loader: str = opt("auto", "auto | memory | torchvision | ffcv")
     data_root: str | None = opt(None, "None: the training run's")
@@ -277,6 +297,7 @@ class EvalConfig:
         if self.test_limit is not None:
             _int_at_least("test_limit", self.test_limit, 1)
         _choice("loader", self.loader, LOADERS)
+        _validate_test_per_class(self)
         _choice("amp", self.amp, AMP_MODES[1:])
         _choice("aa_impl", self.aa_impl, AA_IMPLS)
         return self

@@ -203,11 +203,13 @@ def table1_row(records: list[dict], label: str = "") -> str:
 def make_test_loader(tcfg, ecfg: EvalConfig, device):
     """The test loader for a model trained with tcfg, evaluated as ecfg says (sequential, plain).
 
-    The eval config's data_root and test_limit win; else the training run's."""
+    The eval config's data_root and test subset (test_limit or test_per_class) win; else the
+    training run's."""
+    subset = ecfg if (ecfg.test_limit, ecfg.test_per_class) != (None, None) else tcfg
     return build_loader(ecfg.loader, tcfg.dataset, "test", data_root=ecfg.data_root or tcfg.data_root,
                         download=False, batch_size=ecfg.batch_size, device=device,
-                        channels_last=tcfg.channels_last,
-                        limit=ecfg.test_limit if ecfg.test_limit is not None else tcfg.test_limit)
+                        channels_last=tcfg.channels_last, limit=subset.test_limit,
+                        per_class=subset.test_per_class)
 
 
 def evaluate_checkpoint(checkpoint: str, cfg_overrides: dict, *, progress=True):

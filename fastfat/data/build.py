@@ -7,6 +7,7 @@ from ..errors import UserError
 from .datasets import ImageSet, dataset_info, load_dataset
 from .ffcv import FFCVLoader, beton_paths, ffcv_installed
 from .loaders import MemoryLoader, TorchvisionLoader
+from .split import first_per_class
 
 
 def choose_loader(kind: str, data_root: str, dataset: str) -> str:
@@ -31,13 +32,19 @@ def build_loader(kind: str, dataset: str, split: str, *, data_root: str = "data"
                  download: bool = False, batch_size: int, seed: int = 0, device="cpu",
                  crop_pad: int | None = None, flip: bool | None = None, channels_last: bool = True,
                  drop_last: bool = False, limit: int | None = None, num_workers: int = 0,
-                 data: ImageSet | None = None):
+                 data: ImageSet | None = None, per_class: int | None = None):
     """One loader for split 'train' (shuffled, augmented) or 'test' (sequential, plain).
 
     kind: auto | memory | torchvision | ffcv. crop_pad / flip default to the data set's.
-    `data` may pass an already loaded ImageSet (memory and torchvision loaders).
+    `data` may pass an already loaded ImageSet (memory and torchvision loaders). limit keeps the
+    first `limit` samples; per_class the first `per_class` of every class (not with ffcv, whose
+    files are read in order without their labels; auto then picks memory).
     """
     info = dataset_info(dataset)
+    if per_class is not None:
+        if kind == "ffcv":
+            raise UserError("test_per_class needs the memory or torchvision loader, not ffcv")
+        kind = "memory" if kind == "auto" else kind
     kind = choose_loader(kind, data_root, info.name)
     train = split == "train"
     pad = info.crop_pad if crop_pad is None else crop_pad
@@ -51,7 +58,7 @@ def build_loader(kind: str, dataset: str, split: str, *, data_root: str = "data"
     if data is None:
         tr, te = load_dataset(info.name, data_root, download)
         data = tr if train else te
-    data = data.subset(limit)
+    data = data.subset(limit) if per_class is None else first_per_class(data, per_class)
     if kind == "torchvision":
         return TorchvisionLoader(data, batch_size, train, seed=seed, crop_pad=pad if train else 0,
                                  flip=flp and train, num_workers=num_workers, device=device,

@@ -1,5 +1,6 @@
-"""Stratified draws from a training set: the class-balanced training pool (train_per_class) and
-the validation hold-out that checkpoints are selected on (val_per_class)."""
+"""Stratified draws: the class-balanced training pool (train_per_class), the validation hold-out
+that checkpoints are selected on (val_per_class), and the class-balanced test subset
+(test_per_class)."""
 from __future__ import annotations
 
 import torch
@@ -13,6 +14,35 @@ from .datasets import ImageSet
 # class); a data set not listed is checked when it is loaded (balanced_pool).
 TRAIN_PER_CLASS = {"cifar10": 5000, "cifar100": 500, "fashion-mnist": 6000, "mnist": 5421,
                    "svhn": 4659, "stl10": 500}
+
+# The smallest class of each data set's test split (MNIST's digit 5, SVHN's digit 9, the digits'
+# 497-image test split's digit 5), for test_per_class's check before any work.
+TEST_PER_CLASS = {"cifar10": 1000, "cifar100": 100, "fashion-mnist": 1000, "mnist": 892,
+                  "svhn": 1595, "stl10": 800, "digits": 37}
+
+
+def check_test_per_class(per_class: int | None, dataset: str) -> None:
+    """UserError when a class of dataset's test split holds fewer than per_class samples (for the
+    data sets whose counts are known; the others are checked when loaded, by first_per_class)."""
+    have = TEST_PER_CLASS.get(dataset)
+    if per_class is not None and have is not None and per_class > have:
+        raise UserError(f"test_per_class {per_class}: the smallest class of {dataset}'s test set "
+                        f"holds {have} samples")
+
+
+def first_per_class(data: ImageSet, per_class: int) -> ImageSet:
+    """The first per_class samples of every class, in the set's order: a stratified test subset
+    that needs no seed, so every run and sweep evaluates the same images. UserError when a class
+    holds fewer."""
+    labels = data.labels.cpu()
+    keep = torch.zeros(len(labels), dtype=torch.bool)
+    for c in range(data.num_classes):
+        idx = (labels == c).nonzero().flatten()
+        if len(idx) < per_class:
+            raise UserError(f"test_per_class {per_class}: class {c} has only {len(idx)} test samples")
+        keep[idx[:per_class]] = True
+    keep = keep.to(data.images.device)
+    return ImageSet(data.images[keep], data.labels[keep], data.num_classes)
 
 
 def balanced_pool(data: ImageSet, per_class: int, seed: int) -> ImageSet:

@@ -27,7 +27,7 @@ from .model import FusedModel, fuse_models, split_models
 # Training fields that may differ between members: they enter only the member's own attack
 # radius/step, loss, random streams, or evaluation. Every other field must agree.
 PER_MEMBER = ("seed", "eps_train", "step_size", "lam", "beta", "vcar_mode", "superclass", "method",
-              "preset", "test_limit", "download")
+              "preset", "test_limit", "test_per_class", "download")
 # Methods fuse when they run the same attack objective and the same train-mode forwards (a
 # natural forward updates BN running statistics, so madry cannot ride with fat-trades). TRADES
 # attacks with its KL objective and the authors' FAT-TRADES with CE, so those two do not fuse.

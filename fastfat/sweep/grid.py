@@ -20,6 +20,7 @@ from importlib import resources
 from ..config import (FINE_TUNE_METHODS, METHODS, TEACHER_METHODS, EvalConfig, TrainConfig, make_eval_config,
                       make_train_config, to_dict)
 from ..errors import UserError
+from ..data.split import check_test_per_class
 from .labels import lam_suffix
 from .claims import DEFAULT_LEASE_S
 from .store import Point
@@ -255,6 +256,7 @@ def build_sweep(doc: dict, base: str, *, grid_flags: dict | None = None, train_f
         where = "grid point " + ", ".join(f"{a}={coords[a]}" for a in names)
         try:
             cfg = make_train_config(preset, **train, **coords)
+            check_test_per_class(ecfg.test_per_class, cfg.dataset)
         except UserError as e:
             raise UserError(f"{where}: {e}") from None
         if not cfg.has_lambda:
