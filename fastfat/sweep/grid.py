@@ -22,13 +22,14 @@ from ..config import (FINE_TUNE_METHODS, METHODS, TEACHER_METHODS, EvalConfig, T
 from ..errors import UserError
 from ..data.split import check_test_per_class
 from .labels import lam_suffix
+from .only import dropped, parse_only
 from .claims import DEFAULT_LEASE_S
 from .store import Point
 
 # The grid's axes, in the order points are run (the last varies fastest).
 AXES = ("dataset", "model", "method", "seed", "eps_train", "lam")
 TOP_KEYS = ("db", "report", "threads", "workers", "fuse", "lease", "shared_dir", "ray", "ray_cpus", "ray_gpus", "ray_retries",
-            "grid", "train", "eval")
+            "grid", "only", "train", "eval")
 RAY_KEYS = ("ray", "ray_cpus", "ray_gpus", "ray_retries")
 TRAIN_FIELDS = tuple(f.name for f in fields(TrainConfig))
 EVAL_FIELDS = tuple(f.name for f in fields(EvalConfig))
@@ -249,10 +250,13 @@ def build_sweep(doc: dict, base: str, *, grid_flags: dict | None = None, train_f
 
     # in the file's order: the first axis varies slowest, and errors name points the same way
     axes = {a: _scalar_list(a, grid[a]) for a in grid}
+    only = parse_only(doc.get("only"), axes)
     points, seen = [], {}
     names = list(axes)
     for combo in itertools.product(*(range(len(axes[a])) for a in names)):
         coords = {a: axes[a][i] for a, i in zip(names, combo)}
+        if dropped(only, coords):
+            continue   # [only]: this method runs on part of the axis
         where = "grid point " + ", ".join(f"{a}={coords[a]}" for a in names)
         try:
             cfg = make_train_config(preset, **train, **coords)
