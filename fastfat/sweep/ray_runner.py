@@ -156,6 +156,9 @@ def run_sweep_ray(sweep: Sweep, *, progress: bool = True, report: bool = True, r
     check_writable_dir(sweep.runs_dir, "shared_dir")
     with _sigterm_as_interrupt() as sigterm:
         connected = _connect(ray, sweep.ray.address)
+        # ray.init installs its C++ failure handler for SIGTERM (a stack dump, then exit 15),
+        # which would end the driver with its points left 'running': ours again, after it.
+        sigterm["rearm"]()
         try:
             counts = _drive(ray, sweep, progress, reclaim)
         except KeyboardInterrupt as e:

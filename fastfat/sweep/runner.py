@@ -107,8 +107,9 @@ def _sigterm_as_interrupt():
     """While a sweep runs, SIGTERM raises Terminated (the default would end the process at once
     and leave its point 'running'); the previous handler comes back after. Yields a dict whose
     "received" turns True on SIGTERM (Ray's C++ wait re-raises any exception of a signal handler
-    as a plain KeyboardInterrupt)."""
-    state = {"received": False}
+    as a plain KeyboardInterrupt), and whose "rearm" installs the handler again (ray.init puts its
+    own C++ handler in its place)."""
+    state = {"received": False, "rearm": lambda: None}
     if threading.current_thread() is not threading.main_thread():
         yield state   # signal handlers can only be set from the main thread
         return
@@ -117,6 +118,7 @@ def _sigterm_as_interrupt():
         state["received"] = True
         raise Terminated()
 
+    state["rearm"] = lambda: signal.signal(signal.SIGTERM, handler)
     old = signal.signal(signal.SIGTERM, handler)
     try:
         yield state
