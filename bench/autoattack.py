@@ -37,7 +37,9 @@ def trained_model(name: str, epochs: int = 5) -> torch.nn.Module:
     return model.eval()
 
 
-def test_digits(limit: int | None = None):
+def digits_test_split(limit: int | None = None):
+    """The digits test split (the first `limit` images) as one batch (x, y); not named test_*, so
+    pytest does not collect it from the bench module that imports it."""
     test = load_dataset("digits")[1]
     test = test.subset(limit) if limit else test
     return next(iter(MemoryLoader(test, len(test), False)))
@@ -84,7 +86,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     overrides = dict(n_iter=10, square_n_queries=100) if args.quick else {}
-    x, y = test_digits(64 if args.quick else None)
+    x, y = digits_test_split(64 if args.quick else None)
     print(f"AutoAttack: pyautoattack vs fastfat, digits {len(y)} test images, eps {list(EPS)}, "
           f"{args.threads} thread(s), load average {os.getloadavg()[0]:.2f}"
           + (" (quick: 10 iterations, 100 queries)" if args.quick else " (standard settings)"))

@@ -11,7 +11,7 @@ from fastfat import autoattack
 from fastfat.models.fold import fold_bn
 from fastfat.seeding import eval_noise_seed
 
-from .autoattack import EPS, test_digits, trained_model
+from .autoattack import EPS, digits_test_split, trained_model
 
 # (images, overrides) per scale: "full" the standard settings on 128 digits; "small" a smoke run
 SIZES = {"full": (128, {}), "small": (32, dict(n_iter=5, square_n_queries=20))}
@@ -28,7 +28,7 @@ def cnn():
 def test_bench_autoattack(benchmark, scale, cnn, attack, impl):
     benchmark.group = f"AutoAttack {attack}: fastfat vs pyautoattack, demo CNN, digits, eps {list(EPS)}"
     n, overrides = SIZES[scale.name]
-    x, y = test_digits(n)
+    x, y = digits_test_split(n)
     attacked = fold_bn(cnn)
     seeds = [eval_noise_seed(0, 0, "aa", i) for i in range(len(EPS))]
 
