@@ -303,7 +303,8 @@ def ref_train(cfg, train_set, model: nn.Module, *, attack_loss: str | None = Non
 
     SGD(lr, momentum, weight_decay); TorchvisionLoader (per-sample RandomCrop + flip, the data
     set's defaults unless cfg overrides them) on train_set.subset(cfg.train_limit) (or, with
-    cfg.train_per_class, on data.split.balanced_pool's class-balanced pool), each batch
+    cfg.train_per_class, on data.split.balanced_pool's class-balanced pool), less the validation
+    hold-out with cfg.val_per_class (no selection: the last epoch's model), each batch
     moved to `device` (None: the model's), as their `data.cuda()`; lr from ref_lr at the start of
     each 0-based epoch; attack noise from epoch_generator(cfg.seed, epoch, device, "attack"),
     drawn batch after batch. max_steps stops after that many SGD steps in total (for pinning a
@@ -316,10 +317,13 @@ def ref_train(cfg, train_set, model: nn.Module, *, attack_loss: str | None = Non
     info = dataset_info(cfg.dataset)
     pad = info.crop_pad if cfg.crop_pad is None else cfg.crop_pad
     flip = info.flip if cfg.flip is None else cfg.flip
+    # the fast trainer's training data, drawn by the same functions (fastfat.selection)
+    from .data.split import balanced_pool, stratified_holdout
     data = train_set.subset(cfg.train_limit)
-    if cfg.train_per_class is not None:   # the fast trainer's class-balanced pool, drawn the same way
-        from .data.split import balanced_pool
+    if cfg.train_per_class is not None:   # the class-balanced pool
         data = balanced_pool(train_set, cfg.train_per_class, cfg.seed)
+    if cfg.val_per_class is not None:     # less the validation hold-out
+        data = stratified_holdout(data, cfg.val_per_class, cfg.seed)[0]
     loader = TorchvisionLoader(data, cfg.batch_size, True, seed=cfg.seed,
                                crop_pad=pad, flip=flip, num_workers=cfg.num_workers,
                                drop_last=cfg.drop_last, device=device)

@@ -273,7 +273,7 @@ def test_ref_train_first_step_is_ref_train_step():
 
 def test_ref_train_draws_the_balanced_pool_as_the_fast_trainer_does():
     """train_per_class: ref_train's first step is the first batch of balanced_pool's pool."""
-    from fastfat.data.split import balanced_pool
+    from fastfat.data.split import balanced_pool, stratified_holdout
     from fastfat.seeding import epoch_generator
 
     tr, _ = make_synthetic(n_train=200, n_test=16, seed=0)
@@ -293,6 +293,21 @@ def test_ref_train_draws_the_balanced_pool_as_the_fast_trainer_does():
     # and not the first 50 images' batch: the pool is what it trained on
     b = R.ref_train(_cfg(train_limit=50), tr, _model(width=4), max_steps=1)
     assert any(not torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    # val_per_class: it trains on the pool less the hold-out, as selection.split_training_set does
+    cfg = _cfg(train_limit=None, train_per_class=5, val_per_class=2)
+    rest = stratified_holdout(pool, 2, cfg.seed)[0]
+    assert rest.labels.bincount().tolist() == [3] * 10
+    c = R.ref_train(cfg, tr, _model(width=4), max_steps=1)
+    model = _model(width=4)
+    loader = TorchvisionLoader(rest, cfg.batch_size, True,
+                               seed=cfg.seed, crop_pad=2, flip=True)
+    loader.set_epoch(0)
+    x, y = next(iter(loader))
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    R.ref_train_step(model, opt, x, y, method=cfg.method, eps=cfg.eps_train, alpha=cfg.alpha(),
+                     steps=cfg.steps, lam=cfg.lam, beta=cfg.beta, mode=cfg.vcar_mode, superclass=False,
+                     num_classes=10, generator=epoch_generator(cfg.seed, 0, "cpu", "attack"))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in c.state_dict().items())
 
 
 def test_ref_train_raises_on_divergence():
