@@ -252,62 +252,51 @@ def test_ref_train_is_deterministic_and_trains(device):
     assert any(not torch.equal(v, d.state_dict()[k]) for k, v in a.state_dict().items())
 
 
-def test_ref_train_first_step_is_ref_train_step():
-    """One step of ref_train = the loader's first batch + ref_train_step with epoch 0's generator."""
+def _one_step_on(data, cfg):
+    """A fresh model after ref_train_step on the first batch of a TorchvisionLoader over data, with
+    epoch 0's attack generator: what ref_train's first step must equal."""
     from fastfat.seeding import epoch_generator
 
+    model = _model(width=4)
+    loader = TorchvisionLoader(data, cfg.batch_size, True, seed=cfg.seed, crop_pad=2, flip=True)
+    loader.set_epoch(0)
+    x, y = next(iter(loader))
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    R.ref_train_step(model, opt, x, y, method=cfg.method, eps=cfg.eps_train, alpha=cfg.alpha(),
+                     steps=cfg.steps, lam=cfg.lam, beta=cfg.beta, mode=cfg.vcar_mode, superclass=False,
+                     num_classes=10, generator=epoch_generator(cfg.seed, 0, "cpu", "attack"))
+    return model
+
+
+def _same(a, b) -> bool:
+    return all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+
+
+def test_ref_train_first_step_is_ref_train_step():
+    """One step of ref_train = the loader's first batch + ref_train_step with epoch 0's generator."""
     tr, _ = make_synthetic(n_train=64, n_test=16, seed=0)
     cfg = _cfg(method="fat-trades", vcar_mode="authors")
     a = R.ref_train(cfg, tr, _model(width=4), max_steps=1)
-    model = _model(width=4)
-    loader = TorchvisionLoader(tr.subset(cfg.train_limit), cfg.batch_size, True, seed=cfg.seed,
-                               crop_pad=2, flip=True)
-    loader.set_epoch(0)
-    x, y = next(iter(loader))
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    R.ref_train_step(model, opt, x, y, method="fat-trades", eps=cfg.eps_train, alpha=cfg.alpha(),
-                     steps=cfg.steps, lam=cfg.lam, beta=cfg.beta, mode="authors", superclass=False,
-                     num_classes=10, generator=epoch_generator(cfg.seed, 0, "cpu", "attack"))
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in a.state_dict().items())
+    assert _same(a, _one_step_on(tr.subset(cfg.train_limit), cfg))
 
 
 def test_ref_train_draws_the_balanced_pool_as_the_fast_trainer_does():
-    """train_per_class: ref_train's first step is the first batch of balanced_pool's pool."""
+    """train_per_class: ref_train's first step is the first batch of balanced_pool's pool; with
+    val_per_class, of that pool less the hold-out (selection.split_training_set's split)."""
     from fastfat.data.split import balanced_pool, stratified_holdout
-    from fastfat.seeding import epoch_generator
 
     tr, _ = make_synthetic(n_train=200, n_test=16, seed=0)
     cfg = _cfg(train_limit=None, train_per_class=5)
-    a = R.ref_train(cfg, tr, _model(width=4), max_steps=1)
     pool = balanced_pool(tr, 5, cfg.seed)
     assert pool.labels.bincount().tolist() == [5] * 10
-    model = _model(width=4)
-    loader = TorchvisionLoader(pool, cfg.batch_size, True, seed=cfg.seed, crop_pad=2, flip=True)
-    loader.set_epoch(0)
-    x, y = next(iter(loader))
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    R.ref_train_step(model, opt, x, y, method=cfg.method, eps=cfg.eps_train, alpha=cfg.alpha(),
-                     steps=cfg.steps, lam=cfg.lam, beta=cfg.beta, mode=cfg.vcar_mode, superclass=False,
-                     num_classes=10, generator=epoch_generator(cfg.seed, 0, "cpu", "attack"))
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in a.state_dict().items())
+    a = R.ref_train(cfg, tr, _model(width=4), max_steps=1)
+    assert _same(a, _one_step_on(pool, cfg))
     # and not the first 50 images' batch: the pool is what it trained on
-    b = R.ref_train(_cfg(train_limit=50), tr, _model(width=4), max_steps=1)
-    assert any(not torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
-    # val_per_class: it trains on the pool less the hold-out, as selection.split_training_set does
+    assert not _same(a, R.ref_train(_cfg(train_limit=50), tr, _model(width=4), max_steps=1))
     cfg = _cfg(train_limit=None, train_per_class=5, val_per_class=2)
     rest = stratified_holdout(pool, 2, cfg.seed)[0]
     assert rest.labels.bincount().tolist() == [3] * 10
-    c = R.ref_train(cfg, tr, _model(width=4), max_steps=1)
-    model = _model(width=4)
-    loader = TorchvisionLoader(rest, cfg.batch_size, True,
-                               seed=cfg.seed, crop_pad=2, flip=True)
-    loader.set_epoch(0)
-    x, y = next(iter(loader))
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    R.ref_train_step(model, opt, x, y, method=cfg.method, eps=cfg.eps_train, alpha=cfg.alpha(),
-                     steps=cfg.steps, lam=cfg.lam, beta=cfg.beta, mode=cfg.vcar_mode, superclass=False,
-                     num_classes=10, generator=epoch_generator(cfg.seed, 0, "cpu", "attack"))
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in c.state_dict().items())
+    assert _same(R.ref_train(cfg, tr, _model(width=4), max_steps=1), _one_step_on(rest, cfg))
 
 
 def test_ref_train_raises_on_divergence():
