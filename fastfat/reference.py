@@ -317,11 +317,10 @@ def ref_train(cfg, train_set, model: nn.Module, *, attack_loss: str | None = Non
     info = dataset_info(cfg.dataset)
     pad = info.crop_pad if cfg.crop_pad is None else cfg.crop_pad
     flip = info.flip if cfg.flip is None else cfg.flip
-    # the fast trainer's training data, drawn by the same functions (fastfat.selection)
-    from .data.split import balanced_pool, stratified_holdout
-    data = train_set.subset(cfg.train_limit)
-    if cfg.train_per_class is not None:   # the class-balanced pool
-        data = balanced_pool(train_set, cfg.train_per_class, cfg.seed)
+    # the fast trainer's training data, drawn by the same functions (selection.split_training_set)
+    from .data.split import stratified_holdout
+    from .selection import training_pool
+    data = training_pool(cfg, train_set)
     if cfg.val_per_class is not None:     # less the validation hold-out
         data = stratified_holdout(data, cfg.val_per_class, cfg.seed)[0]
     loader = TorchvisionLoader(data, cfg.batch_size, True, seed=cfg.seed,
