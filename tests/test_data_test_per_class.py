@@ -12,7 +12,6 @@ from fastfat.config import make_eval_config, make_train_config
 from fastfat.data import ImageSet, build_loader
 from fastfat.data.split import first_per_class
 from fastfat.errors import UserError
-from fastfat.sweep import grid
 
 
 def test_first_per_class_keeps_the_first_n_of_each_class_in_order():
