@@ -186,6 +186,47 @@ def test_square_does_not_depend_on_the_other_eps(trained, monkeypatch):
                               n_queries=150), mixed)
 
 
+def test_square_speculation_makes_the_sequential_attacks_queries(trained, monkeypatch):
+    """Evaluating K queries of a sample in one forward and taking the first accepted one is the
+    sequential attack query for query: with a per-sample float64 model the examples are the same
+    bits for K = 1, 3 and 32 and with CUDA's way (every candidate evaluated, rows dropped every 7
+    rounds); they are pyautoattack's own examples up to its fp32 rounding of 2 * eps (< 1e-8), and
+    the default CPU run makes under a fifth of the sequential attack's forwards; skipping the
+    queries that repeat the best point spares more than a tenth of the rows."""
+    logits, x, y = _per_sample(trained)
+    x, y = x[:40], y[:40]
+    eps = torch.full((len(y),), EPS, dtype=torch.float64)
+    calls = []
+
+    def counted(z):
+        calls.append(z.shape[0])
+        return logits(z)
+
+    def run(k=None, every=None):
+        calls.clear()
+        if k is not None:
+            monkeypatch.setattr(square_module, "queries_ahead", lambda r, device: k)
+        if every is not None:
+            monkeypatch.setattr(square_module, "compact_every", lambda device: every)
+        return square(counted, x, y, eps, rng=_rng([7], torch.zeros_like(y)), n_queries=300)
+
+    default = run()
+    forwards, rows = len(calls), sum(calls)
+    ref = SquareAttack(logits, norm="Linf", n_queries=300, eps=EPS, p_init=0.8, n_restarts=1,
+                       seed=7, device="cpu").perturb(x, y)
+    fooled = logits(default).argmax(1) != y
+    assert 0.2 < fooled.double().mean() < 0.9
+    assert torch.equal(fooled, logits(ref).argmax(1) != y)
+    assert (default - ref).abs().max() < 1e-8
+    seen = {}
+    for k, every in ((1, None), (3, None), (32, None), (3, 7), (1, 1)):   # patches stay set
+        assert torch.equal(run(k, every), default), (k, every)
+        seen[k, every] = len(calls), sum(calls)
+    # (1, 1) is the sequential attack: a forward per query, every row's query evaluated
+    assert forwards < seen[1, 1][0] / 5
+    assert seen[1, None][1] < 0.9 * seen[1, 1][1]          # the repeats it did not evaluate
+
+
 def test_fab_t_does_not_depend_on_the_other_rows(trained, monkeypatch):
     """FAB-T per sample: the same x_adv alone, in a batch with other samples at another eps, and
     in another order; a misclassified sample comes back unchanged."""
@@ -240,6 +281,7 @@ def test_the_only_host_syncs_in_the_loop_are_the_periodic_compactions(monkeypatc
     short, longer = (_count_syncing(fab_t, net, x, y, eps, n_iter=k) for k in (12, 17))
     assert short["nonzero"] == 3 and longer == {**short, "nonzero": 4}
     monkeypatch.setattr(square_module, "compact_every", lambda device: 50)
+    monkeypatch.setattr(square_module, "queries_ahead", lambda rows, device: 1)   # round = query
     short, longer = (_count_syncing(square, net, x, y, eps, n_queries=q,
                                     rng=_rng([3], torch.zeros(6, dtype=torch.long)))
                      for q in (120, 170))
