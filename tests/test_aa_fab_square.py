@@ -211,7 +211,7 @@ def test_square_speculation_makes_the_sequential_attacks_queries(trained, monkey
         return square(counted, x, y, eps, rng=_rng([7], torch.zeros_like(y)), n_queries=300)
 
     default = run()
-    forwards, rows = len(calls), sum(calls)
+    forwards = len(calls)
     ref = SquareAttack(logits, norm="Linf", n_queries=300, eps=EPS, p_init=0.8, n_restarts=1,
                        seed=7, device="cpu").perturb(x, y)
     fooled = logits(default).argmax(1) != y
