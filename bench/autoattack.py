@@ -2,7 +2,9 @@
 and ResNet18 width 16, briefly Madry-trained on digits, the 497 test digits at eps_test 0.2 and
 0.25, `apgd` and `aa`, on the BN-folded copy that `fastfat eval` attacks, the same keyed seeds.
 Prints wall and CPU seconds, their ratios, how many samples per class the robust counts differ by,
-and the share of per-sample verdicts that agree.
+and the share of per-sample verdicts that agree; and the floor: what the samples no attack fools
+cost any implementation that runs the ensemble's iterations, at this CPU's best per-row cost of
+the model, and so the largest ratio that any such implementation could reach.
 
     python -m bench.autoattack [--quick] [--models cnn resnet18] [--attacks apgd aa] [--threads 1]
 """
@@ -16,6 +18,7 @@ import time
 import torch
 
 from fastfat import autoattack
+from fastfat.autoattack.common import Logits, ce_loss, channels_last_on_cpu, input_grads_only
 from fastfat.config import make_train_config
 from fastfat.data import MemoryLoader
 from fastfat.data.datasets import load_dataset
@@ -69,12 +72,53 @@ def compare(model, x, y, attack: str, seed: int = 0, threads: int = 1, **overrid
     return res
 
 
+def row_costs(attacked, x, threads: int = 1, sizes=(128, 512, 1024)) -> tuple[float, float]:
+    """(seconds per row of a forward and input backward, seconds per row of a forward) of the
+    attacked model as fastfat's attacks call it (Logits: channels_last, cache-sized slices), the
+    best of a few batch sizes: the model's cost per row when nothing else is."""
+    fb = f = float("inf")
+    with channels_last_on_cpu(attacked, x), input_grads_only(attacked):
+        logits = Logits(attacked, None, threads)
+        for b in sizes:
+            xb = x[torch.arange(b) % x.shape[0]].contiguous()
+            yb = torch.zeros(b, dtype=torch.long)
+            for grad in (True, False):
+                for rep in range(4):   # the first is a warm-up
+                    t = time.perf_counter()
+                    if grad:
+                        logits.loss_grad(xb, ce_loss, yb)
+                    else:
+                        with torch.no_grad():
+                            logits(xb)
+                    dt = (time.perf_counter() - t) / b
+                    if rep:
+                        fb, f = (min(fb, dt), f) if grad else (fb, min(f, dt))
+    return fb, f
+
+
+def floor(r: dict, costs: tuple[float, float], n_iter: int = 100, targets: int = 9) -> float:
+    """Seconds that the samples both implementations leave robust cost any implementation that
+    runs the ensemble's iterations: per such sample and radius, APGD-CE's n_iter + 1 and APGD-T's
+    targets x (n_iter + 1) forward-backward passes, and for `aa` FAB-T's targets x n_iter passes
+    and as many forwards (Square's queries left out: a lower bound), each at costs' per-row
+    price. pyautoattack's seconds over this is the largest ratio reachable."""
+    fb, f = costs
+    robust = sum(min(r[e]["robust_fastfat"], r[e]["robust_pyautoattack"]) for e in EPS)
+    per = (1 + targets) * (n_iter + 1) * fb
+    if r["attack"] == "aa":
+        per += targets * n_iter * (fb + f)
+    return robust * per
+
+
 def line(model: str, r: dict) -> str:
     per_eps = "  ".join(f"eps {e}: robust {r[e]['robust_fastfat']}/{r[e]['robust_pyautoattack']} "
                         f"class diff {r[e]['max_class_diff']} agree {100 * r[e]['agree']:.1f}%" for e in EPS)
     return (f"{model:9s} {r['attack']:5s} pyautoattack {r['pyautoattack_s']:7.1f} s  fastfat {r['fastfat_s']:6.1f} s  "
             f"ratio {r['ratio']:5.2f}x (CPU s {r['pyautoattack_cpu_s']:.1f} / {r['fastfat_cpu_s']:.1f} = "
-            f"{r['cpu_ratio']:.2f}x)  {per_eps}")
+            f"{r['cpu_ratio']:.2f}x)  {per_eps}"
+            + (f"\n{'':15s} floor {r['floor_s']:.1f} s (robust samples x passes x {1e6 * r['costs'][0]:.0f} us "
+               f"per row-pass): any implementation at most {r['pyautoattack_s'] / r['floor_s']:.2f}x"
+               if r.get("floor_s") else ""))
 
 
 def main(argv=None) -> None:
@@ -92,8 +136,11 @@ def main(argv=None) -> None:
           + (" (quick: 10 iterations, 100 queries)" if args.quick else " (standard settings)"))
     for name in args.models:
         model = trained_model(name, epochs=2 if args.quick else 5)
+        costs = row_costs(fold_bn(model), x, args.threads)
         for attack in args.attacks:
-            print(line(name, compare(model, x, y, attack, threads=args.threads, **overrides)), flush=True)
+            r = compare(model, x, y, attack, threads=args.threads, **overrides)
+            r.update(costs=costs, floor_s=floor(r, costs, overrides.get("n_iter", 100)))
+            print(line(name, r), flush=True)
     print(f"load average after: {os.getloadavg()[0]:.2f} (the machine is shared: ratios are side by side)")
 
 

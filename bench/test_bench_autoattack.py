@@ -11,7 +11,7 @@ from fastfat import autoattack
 from fastfat.models.fold import fold_bn
 from fastfat.seeding import eval_noise_seed
 
-from .autoattack import EPS, digits_test_split, trained_model
+from .autoattack import EPS, digits_test_split, floor, trained_model
 
 # (images, overrides) per scale: "full" the standard settings on 128 digits; "small" a smoke run
 SIZES = {"full": (128, {}), "small": (32, dict(n_iter=5, square_n_queries=20))}
@@ -47,3 +47,14 @@ def test_bench_autoattack(benchmark, scale, cnn, attack, impl):
             diff = torch.bincount(y, weights=a.double(), minlength=10) - torch.bincount(y, weights=b.double(), minlength=10)
             assert diff.abs().max() <= 1
     benchmark.extra_info["robust"] = robust[impl].sum(1).tolist()
+
+
+def test_floor_counts_the_passes_of_the_samples_both_leave_robust():
+    """3 samples robust to both at eps 0.2 (fastfat 3, pyautoattack 4), none at 0.25: `apgd`
+    costs each (1 + 9) x 101 forward-backward passes; `aa` adds FAB-T's 9 x 100 passes and
+    forwards. Hand-computed at 100 us per pass and 40 us per forward."""
+    r = {0.2: dict(robust_fastfat=3, robust_pyautoattack=4), 0.25: dict(robust_fastfat=0, robust_pyautoattack=1)}
+    costs = (1e-4, 4e-5)
+    assert floor({**r, "attack": "apgd"}, costs) == pytest.approx(3 * 1010 * 1e-4)
+    assert floor({**r, "attack": "aa"}, costs) == pytest.approx(3 * (0.101 + 900 * 1.4e-4))
+    assert floor({**r, "attack": "apgd"}, costs, n_iter=10, targets=2) == pytest.approx(3 * 3 * 11 * 1e-4)
