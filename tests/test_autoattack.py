@@ -155,6 +155,31 @@ def test_split_over_workers_changes_nothing(trained):
     assert torch.equal(pa, pb) and torch.equal(xa, xb)
 
 
+def test_fastfat_aa_on_the_device_agrees_with_the_cpu(trained, device):
+    """fastfat's `aa` on the test device (`pytest --device cuda`: APGD without compaction, FAB-T
+    and Square dropping rows only every few iterations, Square's 4 queries a round: CUDA's own
+    paths, no host sync in their loops) against the CPU's: examples in the ball and the box,
+    class-wise robust counts within one sample, verdicts agreeing on >= 95% (short runs in fp32 on
+    other hardware round differently). On the CPU it is the same run twice: equal."""
+    model, _, x, y = trained
+    radii, seeds = [EPS, 0.15], [eval_noise_seed(0, 0, "aa", i) for i in range(2)]
+    kw = dict(n_iter=10, square_n_queries=200)
+    cpu = autoattack.run_batch(model, x, y, "aa", radii, seeds, 10, **kw)
+    dev = autoattack.run_batch(copy.deepcopy(model).to(device), x.to(device), y.to(device), "aa",
+                               radii, seeds, 10, **kw)
+    assert dev[1].device.type == device.type
+    n = len(y)
+    for i, e in enumerate(radii):
+        rows = slice(i * n, (i + 1) * n)
+        a, b = cpu[1][rows] == y, dev[1][rows].cpu() == y
+        assert 0 < int(a.sum()) < n                     # every attack of the ensemble had work
+        assert _per_class_diff(a, b, y) <= 1 and (a == b).double().mean() >= 0.95
+        if device.type == "cpu":
+            assert torch.equal(a, b) and torch.equal(cpu[0], dev[0])
+        adv = dev[0][rows].cpu()
+        assert (adv - x).abs().max() <= e + 1e-6 and adv.min() >= 0 and adv.max() <= 1
+
+
 def test_seeded_and_side_effect_free(trained):
     """Same seed, same result; the caller's global RNG stream and the model's parameters (flags
     and .grad) are as before."""
