@@ -317,12 +317,10 @@ def ref_train(cfg, train_set, model: nn.Module, *, attack_loss: str | None = Non
     info = dataset_info(cfg.dataset)
     pad = info.crop_pad if cfg.crop_pad is None else cfg.crop_pad
     flip = info.flip if cfg.flip is None else cfg.flip
-    # the fast trainer's training data, drawn by the same functions (selection.split_training_set)
-    from .data.split import stratified_holdout
-    from .selection import training_pool
-    data = training_pool(cfg, train_set)
-    if cfg.val_per_class is not None:     # less the validation hold-out
-        data = stratified_holdout(data, cfg.val_per_class, cfg.seed)[0]
+    # the fast trainer's training data, drawn by the same functions (train.train's choice)
+    from .selection import split_training_set, training_pool
+    data = (split_training_set(cfg, train_set)[0] if cfg.val_per_class is not None
+            else training_pool(cfg, train_set))
     loader = TorchvisionLoader(data, cfg.batch_size, True, seed=cfg.seed,
                                crop_pad=pad, flip=flip, num_workers=cfg.num_workers,
                                drop_last=cfg.drop_last, device=device)

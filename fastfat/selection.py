@@ -34,9 +34,10 @@ def training_pool(cfg: TrainConfig, data=None):
     return data.subset(cfg.train_limit)
 
 
-def split_training_set(cfg: TrainConfig):
-    """(train, validation) ImageSets of cfg's training pool (training_pool), stratified."""
-    return stratified_holdout(training_pool(cfg), cfg.val_per_class, cfg.seed)
+def split_training_set(cfg: TrainConfig, data=None):
+    """(train, validation) ImageSets of cfg's training pool (training_pool of `data`, or of the
+    data set's training split), stratified."""
+    return stratified_holdout(training_pool(cfg, data), cfg.val_per_class, cfg.seed)
 
 
 def loader_config(cfg: TrainConfig) -> TrainConfig:
