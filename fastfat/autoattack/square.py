@@ -119,12 +119,12 @@ def square(logits_fn, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, *, rn
         grp, xs, ys, es, xb, mb = rng.group, x, y, e, x_best, m_best
         hh = torch.arange(h, device=dev).view(1, 1, 1, h, 1)
         ww = torch.arange(w, device=dev).view(1, 1, 1, 1, w)
-        every, k = compact_every(dev), 1
-        finished = torch.ones(1, dtype=torch.bool)
+        every, k = compact_every(dev), queries_ahead(n, dev)
+        finished = (mb <= 0) | (nxt >= n_queries)    # rows the next compaction drops
         for rnd in range(n_queries):        # a round moves every row on by at least one query
             if (rnd % every == 0) if every else bool(finished.any()):
                 done_best[idx], done_m[idx] = xb, mb
-                keep = ((mb > 0) & (nxt < n_queries)).nonzero().squeeze(1)
+                keep = (~finished).nonzero().squeeze(1)
                 if keep.numel() == 0:
                     break
                 idx, grp, nxt, xs, ys, es, xb, mb = (v[keep] for v in (idx, grp, nxt, xs, ys, es, xb, mb))
