@@ -76,13 +76,13 @@ def row_costs(attacked, x, threads: int = 1, sizes=(128, 512, 1024)) -> tuple[fl
     """(seconds per row of a forward and input backward, seconds per row of a forward) of the
     attacked model as fastfat's attacks call it (Logits: channels_last, cache-sized slices), the
     best of a few batch sizes: the model's cost per row when nothing else is."""
-    fb = f = float("inf")
+    best = {True: float("inf"), False: float("inf")}   # with input gradient, forward only
     with channels_last_on_cpu(attacked, x), input_grads_only(attacked):
         logits = Logits(attacked, None, threads)
         for b in sizes:
             xb = x[torch.arange(b) % x.shape[0]].contiguous()
             yb = torch.zeros(b, dtype=torch.long)
-            for grad in (True, False):
+            for grad in best:
                 for rep in range(4):   # the first is a warm-up
                     t = time.perf_counter()
                     if grad:
@@ -90,10 +90,9 @@ def row_costs(attacked, x, threads: int = 1, sizes=(128, 512, 1024)) -> tuple[fl
                     else:
                         with torch.no_grad():
                             logits(xb)
-                    dt = (time.perf_counter() - t) / b
                     if rep:
-                        fb, f = (min(fb, dt), f) if grad else (fb, min(f, dt))
-    return fb, f
+                        best[grad] = min(best[grad], (time.perf_counter() - t) / b)
+    return best[True], best[False]
 
 
 def floor(r: dict, costs: tuple[float, float], n_iter: int = 100, targets: int = 9) -> float:
