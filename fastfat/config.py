@@ -259,6 +259,17 @@ class TrainConfig(*reversed(methods.PARAMS), RunConfig):
     registered method's hyperparameters (fastfat.methods.PARAMS, in registry order)."""
 
 
+def _once(name: str, given: list, values: list, what: str) -> list:
+    """values (the parsed `given`) unchanged; UserError if two entries are the same value."""
+    for i, v in enumerate(values):
+        if v in values[:i]:
+            first = given[values.index(v)]
+            same = (f"{first} is given twice" if str(first) == str(given[i])
+                    else f"{first} and {given[i]} are the same {what}")
+            raise UserError(f"{name}: {same}; give each {what} once (it would be counted twice)")
+    return values
+
+
 @dataclass
 class EvalConfig:
     """What to evaluate a trained model with."""
@@ -284,10 +295,12 @@ class EvalConfig:
     def validate(self) -> "EvalConfig":
         if not self.attacks:
             raise UserError("attacks: give at least one attack (fgsm, pgd20, cw)")
-        self.attacks = list(dict.fromkeys(canonical_attack(a) for a in self.attacks))
+        # A repeated attack or radius would be evaluated and counted twice (class_count doubled):
+        # refused, in any spelling (PGD-20 = pgd20, 8/255 = 0.0313725...), as a repeated grid value is.
+        self.attacks = _once("attacks", self.attacks, [canonical_attack(a) for a in self.attacks], "attack")
         if not self.eps_test:
             raise UserError("eps_test: give at least one radius")
-        self.eps_test = [parse_eps(e) for e in self.eps_test]
+        self.eps_test = _once("eps_test", self.eps_test, [parse_eps(e) for e in self.eps_test], "radius")
         for e in self.eps_test:
             _range("eps_test", e, 0.0, 1.0, low_open=True)
         _int_at_least("batch_size", self.batch_size, 1)

@@ -55,7 +55,11 @@ def _logits(model, x, device, ctx_dtype) -> torch.Tensor:
 @torch.no_grad()
 def _count(logits, y, num_classes, acc, key, pred=None):
     """Add a batch's per-class hits, counts and CE sums to acc[key]; hits from pred [N] when
-    given (AutoAttack's own verdict per sample), else from the logits."""
+    given (AutoAttack's own verdict per sample), else from the logits. A sample whose logits are
+    not finite (an adversarial input the model overflows on) is never a hit: its output says
+    nothing, and NaN's argmax would be class 0."""
+    if pred is not None:
+        pred = pred.masked_fill(~metrics.finite_rows(logits), -1)
     c, t = metrics.class_correct(logits if pred is None else pred, y, num_classes)
     _, loss_sum, _ = kernels.class_ce_stats(logits, y, num_classes)
     old = acc.get(key, (0, 0, 0))
@@ -77,7 +81,8 @@ def _json_floats(values: list[float]) -> list[float | None]:
 
 
 def evaluate(model: nn.Module, loader, cfg: EvalConfig, num_classes: int, *,
-             device="cpu", amp: str | None = None, progress: bool = False) -> list[dict]:
+             device="cpu", amp: str | None = None, progress: bool = False,
+             source: str | None = None) -> list[dict]:
     """Evaluate a model under cfg.attacks at cfg.eps_test. Returns one record per (attack, eps):
     {"attack", "eps", "class_acc": [C fractions], "avg_acc", "vcra" (raw variance), "worst_acc",
     "worst_k_acc", "worst_k", "nstd" (metrics.summarize), "class_loss": [C mean CE], "amp", "tf32"},
@@ -85,7 +90,11 @@ def evaluate(model: nn.Module, loader, cfg: EvalConfig, num_classes: int, *,
     aa / apgd records add "attack_settings" (fastfat.autoattack.settings: the implementation,
     its version and parameters). "class_count": [C test samples per class]; a class without samples (a
     --test-limit subset) has class_acc and class_loss None (JSON null), and the summaries are over
-    the classes present; class_loss is None also where it is not finite (a diverged model)."""
+    the classes present; class_loss is None also where it is not finite (a diverged model).
+
+    A model whose clean outputs on a batch are not finite is refused (UserError naming source,
+    e.g. "checkpoint run/checkpoint.pt") before that batch is attacked; an adversarial example
+    whose outputs are not finite counts as not robust (the attack broke the model there)."""
     # amp (None: cfg.amp, "off" by default: the paper evaluates in fp32) and TF32 (cfg.tf32, set
     # process-wide for CUDA) change the numbers, so every record says which were used.
     amp = cfg.amp if amp is None else amp
@@ -99,7 +108,9 @@ def evaluate(model: nn.Module, loader, cfg: EvalConfig, num_classes: int, *,
     acc = {}
     bar = progress_bar(len(loader), "eval", progress)
     for b, (x, y) in enumerate(loader):
-        _count(_logits(model, x, device, ctx_dtype), y, num_classes, acc, ("clean", 0.0))
+        clean = _logits(model, x, device, ctx_dtype)
+        metrics.check_finite_logits(clean, "the test data" + (f" of {source}" if source else ""))
+        _count(clean, y, num_classes, acc, ("clean", 0.0))
         n = y.numel()
         # torch.cat keeps x's layout (repeat would turn channels_last into NCHW)
         x_rep = torch.cat([x] * len(eps_list))
@@ -125,6 +136,9 @@ def evaluate(model: nn.Module, loader, cfg: EvalConfig, num_classes: int, *,
         bar.close()
     records = []
     for (attack, e), (correct, total, loss_sum) in acc.items():
+        if not torch.equal(total, acc[("clean", 0.0)][1]):   # each sample counted once per record
+            raise RuntimeError(f"{attack} at eps {e} counted {int(total.sum())} samples, the clean row "
+                               f"{int(acc[('clean', 0.0)][1].sum())}")
         class_acc = (correct / total).tolist()   # NaN for a class absent from the test set
         records.append({"attack": attack, "eps": e, "class_acc": _json_floats(class_acc),
                         "class_count": [int(t) for t in total.tolist()],
@@ -219,6 +233,5 @@ def evaluate_checkpoint(checkpoint: str, cfg_overrides: dict, *, progress=True):
     ecfg = make_eval_config(tcfg.preset or None, **cfg_overrides)
     info = dataset_info(tcfg.dataset)
     records = evaluate(model, make_test_loader(tcfg, ecfg, model_device), ecfg, info.num_classes,
-                       device=model_device,
-                       progress=progress)
+                       device=model_device, progress=progress, source=f"checkpoint {checkpoint}")
     return records, tcfg, ecfg

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fnmatch
 import hashlib
 import io
 import json
@@ -74,7 +75,9 @@ def check_writable_dir(path: str, flag: str, names=()) -> None:
     can create, with the files `names` in it: checked before any work, so no work is lost to a bad
     output directory. Every path component must fit the file system's name limit; in a directory
     that exists, each name's temporary file (the atomic write's) is created and removed, so the
-    real names are tried. Nothing else is created here."""
+    real names are tried, and no name may be taken by a directory (the final rename would fail
+    after the work). A name with a `*` ("*.png") is a pattern for names known only later (a
+    report's tables): no directory there may match it. Nothing else is created here."""
     if not path or not path.strip():
         raise UserError(f"{flag}: empty path; give an output directory")
     p = os.path.abspath(path)
@@ -95,6 +98,8 @@ def check_writable_dir(path: str, flag: str, names=()) -> None:
     except (OSError, ValueError):
         name_max, path_max = 255, 4096
     parts = [c for c in os.path.relpath(p, probe).split(os.sep) if c not in ("", ".")]
+    patterns = [n for n in names if "*" in n]
+    names = [n for n in names if "*" not in n]
     parts += [temp_prefix(n) + "x" * TEMP_SUFFIX_LEN for n in names]
     for c in parts:
         if len(os.fsencode(c)) > name_max:
@@ -105,6 +110,7 @@ def check_writable_dir(path: str, flag: str, names=()) -> None:
         raise UserError(f"{flag} {path}: the path is too long ({len(os.fsencode(longest))} bytes; "
                         f"this system's limit is {path_max})")
     if probe == p:
+        _check_names_not_dirs(p, path, flag, names, patterns)
         for n in names:   # the real names, as the atomic write will make them
             try:
                 fd, tmp = tempfile.mkstemp(dir=p, prefix=temp_prefix(n), suffix=".tmp")
@@ -112,6 +118,16 @@ def check_writable_dir(path: str, flag: str, names=()) -> None:
                 raise UserError(f"{flag} {path}: cannot create {n} there ({e.strerror})") from None
             os.close(fd)
             os.unlink(tmp)
+
+
+def _check_names_not_dirs(p: str, path: str, flag: str, names, patterns) -> None:
+    taken = [n for n in names if os.path.isdir(os.path.join(p, n))]
+    if patterns:
+        taken += sorted(e for e in os.listdir(p) if e not in names and os.path.isdir(os.path.join(p, e))
+                        and any(fnmatch.fnmatch(e, pat) for pat in patterns))
+    if taken:
+        raise UserError(f"{flag} {path}: {taken[0]} there is a directory, where fastfat writes a file of "
+                        f"that name; move it or choose another {flag}")
 
 
 @contextlib.contextmanager

@@ -9,10 +9,30 @@ from __future__ import annotations
 import torch
 
 from . import kernels
+from .errors import UserError
+
+
+def check_finite_logits(logits: torch.Tensor, what: str) -> None:
+    """UserError unless every entry of logits [N, C] is finite. A NaN row's argmax is class 0, so
+    a model with NaN or inf outputs would be counted correct on class 0: refuse it before any
+    number is recorded. what: where the outputs came from, as the message says it ("the test
+    data of checkpoint run/checkpoint.pt"). One host sync."""
+    if not bool(torch.isfinite(logits).all()):
+        raise UserError(f"the model's outputs are not finite (NaN/inf) on {what}: its weights hold NaN "
+                        f"or inf, or overflow on these inputs; it cannot be evaluated")
+
+
+def finite_rows(logits: torch.Tensor) -> torch.Tensor:
+    """[N] bool: rows of logits [N, C] whose every entry is finite (no host sync)."""
+    return torch.isfinite(logits).all(1)
 
 
 def _pred(pred_or_logits: torch.Tensor) -> torch.Tensor:
-    return pred_or_logits.argmax(1) if pred_or_logits.dim() == 2 else pred_or_logits
+    """Predicted class [N]; from logits [N, C], -1 (never a label) where a row is not finite, so a
+    NaN row is never counted as a hit on class 0."""
+    if pred_or_logits.dim() != 2:
+        return pred_or_logits
+    return pred_or_logits.argmax(1).masked_fill(~finite_rows(pred_or_logits), -1)
 
 
 def class_correct(pred_or_logits: torch.Tensor, y: torch.Tensor, num_classes: int):

@@ -1,6 +1,7 @@
 """A training run's files: config.json, checkpoint.pt and log.jsonl after every epoch (save_run),
 read back to resume (load_resume_state), a starting checkpoint's weights (load_init_weights), the
-model a config trains (build_for_config) and a trained model for evaluation (load_model)."""
+model a config trains (build_for_config) and a trained model for evaluation (load_model; weights
+that are not finite are refused)."""
 from __future__ import annotations
 
 import contextlib
@@ -132,4 +133,15 @@ def load_model(path: str, device="cpu") -> tuple[nn.Module, TrainConfig]:
         raise
     except Exception as e:
         raise UserError(f"checkpoint {path} does not fit its own config ({type(e).__name__})") from None
+    check_finite_weights(model, path)
     return model.eval(), cfg
+
+
+def check_finite_weights(model: nn.Module, path: str) -> None:
+    """UserError naming the checkpoint and the first tensor (parameter or buffer, such as a
+    BatchNorm's running variance) that holds NaN or inf: such a model's outputs are not finite,
+    and an argmax of NaN is class 0, so it must not be evaluated or learnt from."""
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise UserError(f"the model's outputs are not finite (NaN/inf): the weights of checkpoint "
+                            f"{path} hold NaN or inf ({name})")

@@ -75,10 +75,10 @@ def test_unknown_preset_and_keys():
 
 
 def test_eval_config_validation():
-    cfg = make_eval_config(None, attacks=["PGD-20", "fgsm", "pgd20"], eps_test=["8/255"])
+    cfg = make_eval_config(None, attacks=["PGD-20", "fgsm"], eps_test=["8/255"])
     assert cfg.attacks == ["pgd20", "fgsm"] and cfg.eps_test == [8 / 255]
     for bad in (dict(eps_test=[-0.1]), dict(eps_test=[]), dict(attacks=[]), dict(attacks=["x"]),
-                dict(worst_k=0)):
+                dict(worst_k=0), dict(attacks=["PGD-20", "pgd20"])):   # a repeat would count twice
         with pytest.raises(UserError):
             make_eval_config(None, **bad)
 

@@ -9,6 +9,9 @@ from ..files import check_writable_dir
 from ..sweep.report import write_report
 from ..sweep.grid import default_report_dir
 
+# Every name a report writes: report.md, report.html, a CSV and a .tex per table, a PNG per figure.
+REPORT_FILES = ("report.md", "report.html", "*.csv", "*.tex", "*.png")
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("report", help="the paper's tables and figures from a results database",
@@ -27,7 +30,7 @@ def run(args) -> int:
     if not os.path.isfile(args.db):
         raise UserError(f"results database not found: {args.db}")
     out = default_report_dir(args.db) if args.out is None else args.out
-    check_writable_dir(out, "--out", ("report.md",))
+    check_writable_dir(out, "--out", REPORT_FILES)
     written = write_report(args.db, out, attack, eps)
     print(f"wrote {len(written)} files to {out} (start with {os.path.join(out, 'report.md')})")
     return 0

@@ -7,7 +7,8 @@ import sys
 import time
 
 from ..config import EvalConfig, TrainConfig
-from ..sweep.grid import AXES, EVAL_PREFIXED, TRAIN_FIELDS, build_sweep, read_sweep_file
+from ..files import check_writable_dir
+from ..sweep.grid import AXES, EVAL_PREFIXED, TRAIN_FIELDS, build_sweep, default_report_dir, read_sweep_file
 from ..sweep.runner import Terminated, run_sweep
 from .flags import add_dataclass_flags
 
@@ -100,6 +101,9 @@ def run(args) -> int:
             print(f"fuse = {sweep.fuse}: {sum(len(u) > 1 for u in units)} fused group(s), "
                   f"{sum(len(u) == 1 for u in units)} point(s) alone; sizes {[len(u) for u in units]}")
         return 0
+    if not args.no_report:   # before the work: a report that cannot be written comes after it
+        from .report import REPORT_FILES
+        check_writable_dir(sweep.report or default_report_dir(sweep.db), "report", REPORT_FILES)
     if sweep.ray is not None:
         from ..sweep.ray_runner import import_ray, run_sweep_ray
         import_ray()   # before any output: without Ray, one line saying how to install it

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 
 from ..errors import UserError
+from ..files import check_writable_dir
 from ..theory import DEFAULT_EPS_TRAIN, DEFAULTS, Mixture, run_theory
 
 
@@ -42,6 +43,7 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     m = Mixture(args.d, args.mu_pos, args.mu_neg, args.sigma_pos, args.sigma_neg, args.alpha)
     eps_grid = _eps_list(args.eps_train)
+    check_writable_dir(args.out, "--out", ("theory.json", "theory.png"))
     result = run_theory(m, eps_grid, args.eps_test, args.n, args.seed, args.repeats, args.out)
     sim = [p["simulation"] for p in result["points"]]
     theory = [p["theory"] for p in result["points"]]
