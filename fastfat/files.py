@@ -126,8 +126,9 @@ def _check_names_not_dirs(p: str, path: str, flag: str, names, patterns) -> None
         taken += sorted(e for e in os.listdir(p) if e not in names and os.path.isdir(os.path.join(p, e))
                         and any(fnmatch.fnmatch(e, pat) for pat in patterns))
     if taken:
-        raise UserError(f"{flag} {path}: {taken[0]} there is a directory, where fastfat writes a file of "
-                        f"that name; move it or choose another {flag}")
+        ext = os.path.splitext(taken[0])[1] or "plain"
+        raise UserError(f"{flag} {path}: {taken[0]} is a directory, not a {ext} file (fastfat writes that "
+                        f"name); move it or choose another {flag}")
 
 
 @contextlib.contextmanager

@@ -192,7 +192,7 @@ def test_svhn_bad_files(tmp_path):
     write_fake_svhn(tmp_path)
     scipy.io.savemat(str(tmp_path / "test_32x32.mat"),
                      {"X": np.zeros((32, 32, 3, 4), np.uint8), "y": np.array([[1], [2], [11], [3]])})
-    with pytest.raises(UserError, match="labels must be 1..10"):
+    with pytest.raises(UserError, match="labels must be whole numbers 1..10"):
         load_dataset("svhn", str(tmp_path))
     scipy.io.savemat(str(tmp_path / "test_32x32.mat"),
                      {"X": np.zeros((32, 32, 3, 4), np.uint8), "y": np.ones((3, 1))})
@@ -220,7 +220,7 @@ def test_stl10_bad_files(tmp_path):
     with pytest.raises(UserError, match="10 images but 9 labels"):
         load_dataset("stl10", str(tmp_path))
     (base / "test_y.bin").write_bytes(bytes([0] * 10))
-    with pytest.raises(UserError, match="labels must be 1..10"):
+    with pytest.raises(UserError, match="labels must be whole numbers 1..10"):
         load_dataset("stl10", str(tmp_path))
     (base / "test_X.bin").write_bytes(b"\0" * 100)
     with pytest.raises(UserError, match="whole number of 3x96x96"):

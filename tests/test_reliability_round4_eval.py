@@ -141,7 +141,7 @@ def test_train_output_name_taken_by_a_directory(capsys, tmp_path, name):
     (tmp_path / "o" / name).mkdir(parents=True)
     rc, err = _main(capsys, "train", "--preset", "demo", "--dataset", "synthetic", "--epochs", "1",
                     "--train-limit", "32", "--no-progress", "--out", str(tmp_path / "o"))
-    _one_error_line(rc, err, f"{name} there is a directory")
+    _one_error_line(rc, err, f"{name} is a directory, not a")
     assert _tree(tmp_path / "o") == [name]
 
 
@@ -149,7 +149,7 @@ def test_eval_json_taken_by_a_directory(capsys, run_dir, tmp_path):
     (tmp_path / "ev" / "eval.json").mkdir(parents=True)
     rc, err = _main(capsys, "eval", "--checkpoint", str(run_dir / CHECKPOINT), "--attacks", "fgsm", *EVAL,
                     "--out", str(tmp_path / "ev"))
-    _one_error_line(rc, err, "eval.json there is a directory")
+    _one_error_line(rc, err, "eval.json is a directory, not a")
 
 
 @pytest.mark.parametrize("name", ["report.html", "report.md", "table1_pgd20.csv", "fig.png"])
@@ -157,7 +157,7 @@ def test_report_output_name_taken_by_a_directory(capsys, tmp_path, name):
     (tmp_path / "r" / name).mkdir(parents=True)
     (tmp_path / "s.db").write_bytes(b"")
     rc, err = _main(capsys, "report", str(tmp_path / "s.db"), "--out", str(tmp_path / "r"))
-    _one_error_line(rc, err, f"{name} there is a directory")
+    _one_error_line(rc, err, f"{name} is a directory, not a")
 
 
 def test_sweep_report_name_taken_by_a_directory_is_refused_before_the_sweep(capsys, tmp_path):
@@ -166,11 +166,95 @@ def test_sweep_report_name_taken_by_a_directory_is_refused_before_the_sweep(caps
     path.write_text("\n".join(['db = "s.db"', "[grid]", 'method = ["madry"]', "[train]",
                                'dataset = "synthetic"', "epochs = 1", "train_limit = 32"]) + "\n")
     rc, err = _main(capsys, "sweep", str(path), "--no-progress")
-    _one_error_line(rc, err, "report.html there is a directory")
+    _one_error_line(rc, err, "report.html is a directory, not a")
     assert sorted(os.listdir(tmp_path)) == ["g.toml", "s_report"]
 
 
 def test_theory_output_name_taken_by_a_directory(capsys, tmp_path):
     (tmp_path / "t" / "theory.png").mkdir(parents=True)
     rc, err = _main(capsys, "theory", "--n", "10", "--repeats", "1", "--out", str(tmp_path / "t"))
-    _one_error_line(rc, err, "theory.png there is a directory")
+    _one_error_line(rc, err, "theory.png is a directory, not a")
+
+
+# ---------------------------------------------------------------------------------------------
+# 5 and 6: every loader refuses a file with no images, and labels that are not whole numbers in
+# range (SVHN: 1..10, 10 the digit 0 as torchvision maps it), before any training
+
+from test_data_files import (_cifar_with_labels, idx_bytes, no_system_copy, write_fake_mnist,  # noqa: E402,F401
+                             write_fake_stl10, write_fake_svhn)
+from fastfat.data import load_dataset  # noqa: E402
+
+
+def _empty_mnist(root, split):
+    raw = root / "FashionMNIST" / "raw"
+    write_fake_mnist(root, gz=False)
+    for kind, shape in (("images-idx3", (0, 28, 28)), ("labels-idx1", (0,))):
+        (raw / f"{split}-{kind}-ubyte").write_bytes(idx_bytes(__import__("numpy").zeros(shape)))
+    return "fashion-mnist", str(raw / f"{split}-images-idx3-ubyte")
+
+
+def _empty_svhn(root, split):
+    import numpy as np
+    import scipy.io
+    write_fake_svhn(root)
+    scipy.io.savemat(str(root / f"{split}_32x32.mat"), {"X": np.zeros((32, 32, 3, 0), np.uint8),
+                                                        "y": np.zeros((0, 1), np.uint8)})
+    return "svhn", str(root / f"{split}_32x32.mat")
+
+
+def _empty_stl10(root, split):
+    write_fake_stl10(root)
+    for kind in ("X", "y"):
+        (root / "stl10_binary" / f"{split}_{kind}.bin").write_bytes(b"")
+    return "stl10", str(root / "stl10_binary" / f"{split}_X.bin")
+
+
+def _empty_cifar(root, split):
+    _cifar_with_labels(root, [0] * 4)
+    name = "data_batch_3" if split == "train" else "test_batch"
+    import pickle
+    (root / "cifar-10-batches-py" / name).write_bytes(pickle.dumps({b"data": __import__("numpy").zeros((0, 3072), "uint8"), b"labels": []}))
+    return "cifar10", str(root / "cifar-10-batches-py" / name)
+
+
+@pytest.mark.parametrize("make", [_empty_svhn, _empty_stl10, _empty_cifar])
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_a_data_file_with_no_images_is_refused(tmp_path, make, split):
+    name, path = make(tmp_path, split)
+    with pytest.raises(UserError, match=f"no {'training' if split == 'train' else 'test'} images in "
+                                        + path.replace(".", r"\.")):
+        load_dataset(name, str(tmp_path))
+
+
+@pytest.mark.parametrize("split", ["train", "t10k"])
+def test_empty_fashion_mnist_is_refused_before_training(capsys, tmp_path, no_system_copy, split):
+    name, path = _empty_mnist(tmp_path / "d", split)
+    rc, err = _main(capsys, "train", "--preset", "demo", "--dataset", name, "--model", "cnn", "--width", "4",
+                    "--epochs", "1", "--data-root", str(tmp_path / "d"), "--no-progress",
+                    "--out", str(tmp_path / "o"))
+    _one_error_line(rc, err, f"no {'training' if split == 'train' else 'test'} images in {path}")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("labels,found", [([1.0, float("nan"), 2.0], "nan"), ([1.0, 1.5, 2.0], "1.5"),
+                                          (["1", "2", "3"], "'1'"), ([1, 11, 2], "11"), ([0, 1, 2], "0")])
+def test_svhn_labels_must_be_whole_numbers_1_to_10(capsys, tmp_path, labels, found):
+    import numpy as np
+    import scipy.io
+    (tmp_path / "d").mkdir()
+    write_fake_svhn(tmp_path / "d")
+    scipy.io.savemat(str(tmp_path / "d" / "train_32x32.mat"),
+                     {"X": np.zeros((32, 32, 3, 3), np.uint8), "y": np.array(labels)[:, None]})
+    rc, err = _main(capsys, "train", "--preset", "demo", "--dataset", "svhn", "--model", "cnn", "--width", "4",
+                    "--epochs", "1", "--data-root", str(tmp_path / "d"), "--no-progress",
+                    "--out", str(tmp_path / "o"))
+    _one_error_line(rc, err, "train_32x32.mat: labels must be whole numbers 1..10 (10 is the digit 0, mapped "
+                             "to 0 as torchvision does), found " + found)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("labels", [[0.5, 1, 2, 3], ["0", "1", "2", "3"]])
+def test_cifar_labels_must_be_whole_numbers(tmp_path, labels):
+    _cifar_with_labels(tmp_path, labels)
+    with pytest.raises(UserError, match="data_batch_2: labels must be whole numbers 0..9"):
+        load_dataset("cifar10", str(tmp_path))

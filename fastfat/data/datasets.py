@@ -85,6 +85,30 @@ class ImageSet:
 # Loading
 # ---------------------------------------------------------------------------------------------
 
+def require_images(n: int, path: str, split: str) -> None:
+    """UserError "no {split} images in {path}" for a data file holding none (split: training |
+    test): every loader calls it, so an empty file never trains to "loss 0" or evaluates to []."""
+    if n == 0:
+        raise UserError(f"no {split} images in {path}")
+
+
+def whole_labels(path: str, y, low: int, high: int, note: str = "") -> np.ndarray:
+    """y (any array-like) as int64 [N] when every label is a whole number in low..high; else a
+    UserError naming the file and the first bad label (a NaN, a string, 1.5, 11: never truncated
+    or trained on). note: how the file's labels map to classes, for the message."""
+    y = np.asarray(y).reshape(-1)
+    if y.dtype.kind in "iu":
+        bad = (y < low) | (y > high)
+    elif y.dtype.kind == "f":
+        with np.errstate(invalid="ignore"):
+            bad = ~np.isfinite(y) | (y != np.round(y)) | (y < low) | (y > high)
+    else:   # strings, objects, booleans
+        bad = np.ones(y.shape, bool)
+    if bad.any():
+        raise UserError(f"cannot read {path}: labels must be whole numbers {low}..{high}{note}, found "
+                        f"{y[np.argmax(bad)].item()!r} ({y.dtype})")
+    return y.astype(np.int64)
+
 def _latin1_encode(text: str, encoding: str = "utf-8") -> bytes:
     """What protocol-2 pickles written by Python 3 call to rebuild bytes (_codecs.encode(s,
     "latin1")); any other codec is refused."""
@@ -160,29 +184,31 @@ def _read_cifar(name: str, root: str, download: bool) -> tuple[ImageSet, ImageSe
         raise UserError(f"{name} files missing in {base}: {', '.join(missing)} "
                         f"(pass --download to fetch them, or --data-root to point at them)")
 
-    def read(files):
+    def read(files, split):
         xs, ys = [], []
         for f in files:
             path = os.path.join(base, f)
             d = read_cifar_batch(path)
             try:
                 x = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-                y = np.asarray(d[label_key], dtype=np.int64)
+                y = np.asarray(d[label_key])
             except Exception as e:
                 raise UserError(f"cannot read {path}: not a CIFAR batch file ({type(e).__name__})") from None
+            require_images(len(x), path, split)
             if len(x) != len(y):
                 raise UserError(f"cannot read {path}: {len(x)} images but {len(y)} labels")
             classes = DATASETS[name].num_classes
-            if len(y) and (int(y.min()) < 0 or int(y.max()) >= classes):
+            if y.dtype.kind in "iu" and (int(y.min()) < 0 or int(y.max()) >= classes):
                 bad = int(y.min()) if int(y.min()) < 0 else int(y.max())
                 raise UserError(f"cannot read {path}: not a valid CIFAR batch (label {bad} is "
                                 f"outside 0..{classes - 1})")
+            y = whole_labels(path, y, 0, classes - 1)
             xs.append(x)
             ys.append(y)
         return ImageSet(torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys)),
                         DATASETS[name].num_classes)
 
-    return read(train_files), read(test_files)
+    return read(train_files, "training"), read(test_files, "test")
 
 
 DIGITS_TRAIN = 1300  # the rest (497) is the test split

@@ -13,6 +13,7 @@ import os
 import numpy as np
 
 from ..errors import UserError
+from .datasets import require_images
 from .idx import read_idx_pair
 
 FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
@@ -69,4 +70,7 @@ def read_mnist(name: str, root: str, download: bool, num_classes: int = 10
     """((train images uint8 [N,1,28,28], labels int64 [N]), (test ...)); UserError for a bad file
     or files that disagree."""
     tri, trl, tei, tel = locate(name, root, download)
-    return read_idx_pair(tri, trl, 28, num_classes), read_idx_pair(tei, tel, 28, num_classes)
+    train, test = read_idx_pair(tri, trl, 28, num_classes), read_idx_pair(tei, tel, 28, num_classes)
+    require_images(len(train[0]), tri, "training")
+    require_images(len(test[0]), tei, "test")
+    return train, test

@@ -15,6 +15,7 @@ import os
 import numpy as np
 
 from ..errors import UserError
+from .datasets import require_images, whole_labels
 
 SVHN_FILES = ("train_32x32.mat", "test_32x32.mat")
 STL10_DIR = "stl10_binary"
@@ -35,15 +36,14 @@ def _ensure(name: str, paths: list[str], root: str, download: bool, fetch) -> No
                         f"with torchvision, or --data-root to point at them)")
 
 
-def _check_labels(path: str, y: np.ndarray, n_images: int, low: int, high: int) -> None:
+def _check_labels(path: str, y: np.ndarray, n_images: int, low: int, high: int, note: str = "") -> np.ndarray:
+    """y as int64 when it has one whole-number label in low..high per image; UserError otherwise."""
     if len(y) != n_images:
         raise UserError(f"cannot read {path}: {n_images} images but {len(y)} labels")
-    if len(y) and (int(y.min()) < low or int(y.max()) > high):
-        raise UserError(f"cannot read {path}: labels must be {low}..{high}, found "
-                        f"{int(y.min())}..{int(y.max())}")
+    return whole_labels(path, y, low, high, note)
 
 
-def _read_svhn_mat(path: str) -> tuple[np.ndarray, np.ndarray]:
+def _read_svhn_mat(path: str, split: str) -> tuple[np.ndarray, np.ndarray]:
     import scipy.io
 
     try:
@@ -53,9 +53,10 @@ def _read_svhn_mat(path: str) -> tuple[np.ndarray, np.ndarray]:
         raise UserError(f"cannot read {path}: not an SVHN .mat file ({type(e).__name__})") from None
     if x.dtype != np.uint8 or x.ndim != 4 or x.shape[:3] != (32, 32, 3):
         raise UserError(f"cannot read {path}: X must be uint8 32x32x3xN, found {x.dtype} {x.shape}")
-    _check_labels(path, y, x.shape[3], 1, 10)
+    require_images(x.shape[3], path, split)
+    y = _check_labels(path, y, x.shape[3], 1, 10, " (10 is the digit 0, mapped to 0 as torchvision does)")
     # [H, W, C, N] -> [N, C, H, W]; label 10 is the digit 0 (torchvision's mapping)
-    return np.ascontiguousarray(x.transpose(3, 2, 0, 1)), (y.astype(np.int64) % 10)
+    return np.ascontiguousarray(x.transpose(3, 2, 0, 1)), y % 10
 
 
 def read_svhn(root: str, download: bool):
@@ -68,7 +69,7 @@ def read_svhn(root: str, download: bool):
             torchvision.datasets.SVHN(root=root, split=split, download=True)
 
     _ensure("svhn", paths, root, download, fetch)
-    return _read_svhn_mat(paths[0]), _read_svhn_mat(paths[1])
+    return _read_svhn_mat(paths[0], "training"), _read_svhn_mat(paths[1], "test")
 
 
 def _read_stl10_split(base: str, split: str):
@@ -78,9 +79,10 @@ def _read_stl10_split(base: str, split: str):
     if x.size % per:
         raise UserError(f"cannot read {xp}: {x.size} bytes is not a whole number of 3x96x96 images")
     x = x.reshape(-1, 3, 96, 96).transpose(0, 1, 3, 2)   # stored column-major
+    require_images(len(x), xp, "training" if split == "train" else "test")
     y = np.fromfile(yp, dtype=np.uint8)
-    _check_labels(yp, y, len(x), 1, 10)
-    return np.ascontiguousarray(x), y.astype(np.int64) - 1
+    y = _check_labels(yp, y, len(x), 1, 10, " (1 is class 0, as torchvision reads them)")
+    return np.ascontiguousarray(x), y - 1
 
 
 def read_stl10(root: str, download: bool):
