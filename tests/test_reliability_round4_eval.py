@@ -258,3 +258,26 @@ def test_cifar_labels_must_be_whole_numbers(tmp_path, labels):
     _cifar_with_labels(tmp_path, labels)
     with pytest.raises(UserError, match="data_batch_2: labels must be whole numbers 0..9"):
         load_dataset("cifar10", str(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------
+# 7: a failed --download creates nothing (what was there stays) and says why in one line.
+# The proxy is a refused local port: no request leaves the machine.
+
+@pytest.fixture
+def refused_proxy(monkeypatch):
+    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    for var in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "svhn", "cifar10", "stl10"])
+def test_a_failed_download_leaves_nothing_behind(capsys, tmp_path, refused_proxy, dataset):
+    (tmp_path / "dl" / "keep").mkdir(parents=True)
+    (tmp_path / "dl" / "keep" / "f").write_text("mine")
+    for root in (tmp_path / "dl", tmp_path / "dl" / "new" / "sub"):
+        rc, err = _main(capsys, "train", "--preset", "demo", "--dataset", dataset, "--data-root", str(root),
+                        "--download", "--no-progress", "--out", str(tmp_path / "o"))
+        _one_error_line(rc, err, f"could not download {dataset} into {root}: ")
+        assert _tree(tmp_path) == ["dl", "dl/keep", "dl/keep/f"]

@@ -9,6 +9,7 @@ unpickled by a restricted unpickler (`read_cifar_batch`): a batch file from an u
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 from dataclasses import dataclass
@@ -84,6 +85,38 @@ class ImageSet:
 # ---------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------
+
+def download_or_undo(name: str, root: str, fetch) -> None:
+    """Run fetch() (torchvision's download into root); if it fails (offline, a refused proxy, a
+    full disk), remove what it created under root, and root's new parents, leaving every file
+    and folder that was there before, and raise one UserError line saying why."""
+    made, d = [], os.path.abspath(root)
+    while not os.path.exists(d):
+        made.append(d)
+        d = os.path.dirname(d)
+    before = _tree(root)
+    try:
+        fetch()
+    except Exception as e:   # offline, disk full, ...: say what failed, in one line
+        for path in sorted(_tree(root) - before, key=len, reverse=True):   # deepest first
+            with contextlib.suppress(OSError):
+                os.rmdir(path) if os.path.isdir(path) and not os.path.islink(path) else os.unlink(path)
+        for path in made:
+            with contextlib.suppress(OSError):
+                os.rmdir(path)
+        why = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        raise UserError(f"could not download {name} into {root}: {why or type(e).__name__}") from None
+
+
+def _tree(root: str) -> set[str]:
+    """Every path under root (root itself included when it exists)."""
+    if not os.path.exists(root):
+        return set()
+    out = {os.path.abspath(root)}
+    for d, dirs, files in os.walk(root):
+        out.update(os.path.abspath(os.path.join(d, n)) for n in dirs + files)
+    return out
+
 
 def require_images(n: int, path: str, split: str) -> None:
     """UserError "no {split} images in {path}" for a data file holding none (split: training |
@@ -175,10 +208,7 @@ def _read_cifar(name: str, root: str, download: bool) -> tuple[ImageSet, ImageSe
     if missing and download:
         import torchvision  # only needed to fetch the files
         cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
-        try:
-            cls(root=root, train=True, download=True)
-        except Exception as e:  # offline, disk full, ...: say what failed, in one line
-            raise UserError(f"could not download {name} into {root}: {e}") from None
+        download_or_undo(name, root, lambda: cls(root=root, train=True, download=True))
         missing = [f for f in train_files + test_files if not os.path.isfile(os.path.join(base, f))]
     if missing:
         raise UserError(f"{name} files missing in {base}: {', '.join(missing)} "

@@ -13,7 +13,7 @@ import os
 import numpy as np
 
 from ..errors import UserError
-from .datasets import require_images
+from .datasets import download_or_undo as _download, require_images
 from .idx import read_idx_pair
 
 FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
@@ -52,10 +52,7 @@ def locate(name: str, root: str, download: bool) -> list[str]:
             return found
     if download:
         import torchvision   # only needed to fetch the files
-        try:
-            getattr(torchvision.datasets, cls)(root=root, train=True, download=True)
-        except Exception as e:   # offline, disk full, ...: say what failed, in one line
-            raise UserError(f"could not download {name} into {root}: {e}") from None
+        _download(name, root, lambda: getattr(torchvision.datasets, cls)(root=root, train=True, download=True))
         found = _find(mine)
         if all(found):
             return found

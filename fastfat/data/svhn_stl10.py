@@ -15,7 +15,7 @@ import os
 import numpy as np
 
 from ..errors import UserError
-from .datasets import require_images, whole_labels
+from .datasets import download_or_undo as _download, require_images, whole_labels
 
 SVHN_FILES = ("train_32x32.mat", "test_32x32.mat")
 STL10_DIR = "stl10_binary"
@@ -26,10 +26,7 @@ def _ensure(name: str, paths: list[str], root: str, download: bool, fetch) -> No
     """UserError naming the missing files (or a failed download); fetch() downloads them."""
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing and download:
-        try:
-            fetch()
-        except Exception as e:   # offline, disk full, ...: one line
-            raise UserError(f"could not download {name} into {root}: {e}") from None
+        _download(name, root, fetch)
         missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         raise UserError(f"{name} files missing: {', '.join(missing)} (pass --download to fetch them "
