@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
@@ -101,9 +102,12 @@ def run(args) -> int:
             print(f"fuse = {sweep.fuse}: {sum(len(u) > 1 for u in units)} fused group(s), "
                   f"{sum(len(u) == 1 for u in units)} point(s) alone; sizes {[len(u) for u in units]}")
         return 0
-    if not args.no_report:   # before the work: a report that cannot be written comes after it
+    report_dir = sweep.report or default_report_dir(sweep.db)
+    if not args.no_report and os.path.isdir(report_dir):
+        # before the work, whose report would fail after it (a name taken by a directory); a new
+        # directory is made with the database's, whose own check speaks first
         from .report import REPORT_FILES
-        check_writable_dir(sweep.report or default_report_dir(sweep.db), "report", REPORT_FILES)
+        check_writable_dir(report_dir, "report", REPORT_FILES)
     if sweep.ray is not None:
         from ..sweep.ray_runner import import_ray, run_sweep_ray
         import_ray()   # before any output: without Ray, one line saying how to install it
