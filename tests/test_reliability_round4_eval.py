@@ -125,11 +125,11 @@ def test_a_sweep_files_repeated_radius_is_refused():
 
 def test_class_count_sums_to_the_samples(capsys, run_dir, tmp_path):
     import json
-    rc, _ = _main(capsys, "eval", "--checkpoint", str(run_dir / CHECKPOINT), "--attacks", "fgsm", "aa",
-                  "--eps-test", "0.1", "0.2", "--test-limit", "20", "--no-progress", "--out", str(tmp_path))
+    rc, _ = _main(capsys, "eval", "--checkpoint", str(run_dir / CHECKPOINT), "--attacks", "fgsm", "apgd",
+                  "--eps-test", "0.1", "0.2", "--test-limit", "10", "--no-progress", "--out", str(tmp_path))
     assert rc == 0
     records = json.loads((tmp_path / "eval.json").read_text())
-    assert len(records) == 5 and all(sum(r["class_count"]) == 20 for r in records)
+    assert len(records) == 5 and all(sum(r["class_count"]) == 10 for r in records)
 
 
 # ---------------------------------------------------------------------------------------------
