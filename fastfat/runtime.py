@@ -12,6 +12,7 @@ import threading
 import warnings
 
 import torch
+import torch.nn as nn
 
 from .errors import UserError
 
@@ -73,6 +74,43 @@ def cpu_has_native_bf16() -> bool | None:
         if line.startswith(("flags", "Features")):
             flags.update(line.split(":", 1)[-1].split())
     return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def cpu_capability() -> str:
+    """The instruction set torch's CPU kernels dispatch to here ("AVX2", "AVX512", ...)."""
+    return torch.backends.cpu.get_cpu_capability()
+
+
+def _crashing_conv(m: nn.Module) -> bool:
+    """A convolution whose channels_last weight gradient crashes oneDNN on AVX2 (below)."""
+    return (isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.stride == (2, 2)
+            and m.groups == 1 and m.in_channels < 8)
+
+
+def _nchw_inputs(conv: nn.Module, args: tuple) -> tuple:
+    w = conv.weight
+    if w.stride() != torch.empty(w.shape, device="meta").stride():
+        w.data = w.data.clone(memory_format=torch.contiguous_format)   # the layout only
+    return (args[0].contiguous(),) + args[1:]
+
+
+def guard_cpu_convs(model: nn.Module, device: torch.device | str, capability: str | None = None) -> int:
+    """Keep model trainable on CPUs whose kernels dispatch to AVX2: there oneDNN 3.12 (torch 2.14.1)
+    corrupts the heap computing the weight gradient of a 1x1, stride-2, ungrouped convolution with
+    fewer than 8 input channels on a channels_last input or weight ("double free or corruption", or
+    SIGSEGV: seen for 1-7 channels; 8 and more, grouped, stride 1 or 3, 3x3 run). ResNet18 below
+    width 8 has such shortcuts. Each such convolution gets its input and weight in NCHW (a forward
+    pre-hook; the other layers stay channels_last), so oneDNN takes its NCHW path, which runs (also
+    with a channels_last gradient from the next layer). A [C_out, C_in, 1, 1] weight reads as
+    contiguous in both layouts, so its strides are what is checked. Nothing changes on CUDA or
+    on other ISAs. Returns the number of convolutions guarded. capability: the CPU's
+    (cpu_capability()) unless given (tests)."""
+    if torch.device(device).type != "cpu" or (capability or cpu_capability()) != "AVX2":
+        return 0
+    convs = [m for m in model.modules() if _crashing_conv(m)]
+    for m in convs:
+        m.register_forward_pre_hook(_nchw_inputs)
+    return len(convs)
 
 
 def autocast(device: torch.device | str, dtype: torch.dtype | None):

@@ -28,7 +28,7 @@ from .models.fold import fold_bn
 # a run's files, re-exported: fused groups, sweeps and the CLI import them from here
 from .runfiles import (CHECKPOINT, CONFIG, LOG, RUN_FILES, build_for_config, load_init_weights, load_model,  # noqa: F401
                        load_resume_state, load_teacher, save_run)
-from .runtime import amp_dtype, autocast, progress_bar, resolve_device, set_backends, synchronize
+from .runtime import amp_dtype, autocast, guard_cpu_convs, progress_bar, resolve_device, set_backends, synchronize
 from .seeding import epoch_generator
 
 
@@ -95,6 +95,7 @@ class Trainer:
         if device is None:
             device = next(model.parameters()).device
         self.cfg, self.model, self.device = cfg, model, torch.device(device)
+        guard_cpu_convs(model, self.device)   # oneDNN's AVX2 crash (runtime.guard_cpu_convs)
         set_backends(self.device, tf32=cfg.tf32, cudnn_benchmark=cfg.cudnn_benchmark,
                      deterministic=cfg.deterministic)
         self.num_classes = dataset_info(cfg.dataset).num_classes
