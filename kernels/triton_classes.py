@@ -11,7 +11,7 @@ from . import fallbacks, torch_ops
 from . import triton_launch as L
 from .torch_ops import vcar_from_stats
 from .triton_launch import (DTYPES, INTERPRETED, MAX_CLASSES, ROW_TILE, Launch, _check_device, _row_blocks,
-                            _rowmajor, _rows_unsupported)
+                            _rowmajor, _rows_unsupported, label_rows)
 
 @triton.jit
 def _ce_kernel(z_ptr, y_ptr, ce_ptr, part_ptr, wrow_ptr, wcls_ptr, dz_ptr,
@@ -24,15 +24,7 @@ def _ce_kernel(z_ptr, y_ptr, ce_ptr, part_ptr, wrow_ptr, wcls_ptr, dz_ptr,
     backward: dz[i, j] = (softmax_ij - [j == y_i]) * (wrow[i * stride_wrow] + wcls[y_i]).
     """
     pid = tl.program_id(0)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.arange(0, BLOCK_C)
-    rmask = rows < N
-    m2 = rmask[:, None] & (cols < C)[None, :]
-    rows64 = rows.to(tl.int64)
-    z = tl.load(z_ptr + rows64[:, None] * stride_z + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-    z = tl.where(m2, z, float("-inf"))
-    y = tl.load(y_ptr + rows, mask=rmask, other=-1).to(tl.int32)
-    hit = cols[None, :] == y[:, None]                     # one-hot of the label; none on padded rows
+    rows, cols, rmask, m2, rows64, z, y, hit = label_rows(z_ptr, y_ptr, N, C, stride_z, BLOCK_N, BLOCK_C)
     zmax = tl.where(rmask, tl.max(z, axis=1), 0.0)         # padded rows: avoid -inf - -inf
     shifted = z - zmax[:, None]
     ez = tl.exp(shifted)                                   # exactly 0 on padded columns

@@ -30,6 +30,27 @@ def _probe_kernel(x_ptr):
     pass
 
 
+@triton.jit
+def label_rows(z_ptr, y_ptr, N, C, stride_z, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The row kernels' prologue: this program's rows [BLOCK_N] of logits z [N, C] (row stride
+    stride_z, any float dtype) in fp32 with -inf on padding, and their labels y [N].
+
+    Returns rows, cols [BLOCK_C], rmask (row < N), m2 (rmask and col < C), rows64 (int64 rows,
+    for offsets past 2^31), z [BLOCK_N, BLOCK_C], y (int32; -1 on padded rows) and hit, the
+    one-hot of the label (none on padded rows). Inlined by triton.jit into each kernel.
+    """
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_C)
+    rmask = rows < N
+    m2 = rmask[:, None] & (cols < C)[None, :]
+    rows64 = rows.to(tl.int64)
+    z = tl.load(z_ptr + rows64[:, None] * stride_z + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+    z = tl.where(m2, z, float("-inf"))
+    y = tl.load(y_ptr + rows, mask=rmask, other=-1).to(tl.int32)
+    hit = cols[None, :] == y[:, None]
+    return rows, cols, rmask, m2, rows64, z, y, hit
+
+
 @dataclass
 class Launch:
     """One kernel launch: `fn[grid](*args.values(), **constexprs, num_warps=num_warps)`."""

@@ -8,7 +8,7 @@ import triton.language as tl
 
 from . import fallbacks, torch_ops
 from . import triton_launch as L
-from .triton_launch import Launch, _check_device, _row_blocks, _rowmajor, _rows_unsupported
+from .triton_launch import Launch, _check_device, _row_blocks, _rowmajor, _rows_unsupported, label_rows
 
 @triton.jit
 def _cw_kernel(z_ptr, y_ptr, out_ptr, g_ptr, dz_ptr, N, C, stride_z, stride_dz, stride_g, kappa,
@@ -20,16 +20,7 @@ def _cw_kernel(z_ptr, y_ptr, out_ptr, g_ptr, dz_ptr, N, C, stride_z, stride_dz, 
     NaN as torch: a NaN logit makes the row's output NaN; a NaN among j != y_i also makes
     dz_ij NaN for every j != y_i.
     """
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.arange(0, BLOCK_C)
-    rmask = rows < N
-    m2 = rmask[:, None] & (cols < C)[None, :]
-    rows64 = rows.to(tl.int64)
-    z = tl.load(z_ptr + rows64[:, None] * stride_z + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-    z = tl.where(m2, z, float("-inf"))
-    y = tl.load(y_ptr + rows, mask=rmask, other=-1).to(tl.int32)
-    hit = cols[None, :] == y[:, None]
+    rows, cols, rmask, m2, rows64, z, y, hit = label_rows(z_ptr, y_ptr, N, C, stride_z, BLOCK_N, BLOCK_C)
     zy = tl.sum(tl.where(hit, z, 0.0), axis=1)
     others = tl.where(hit, float("-inf"), z)
     zo = tl.max(others, axis=1)
