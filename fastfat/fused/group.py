@@ -20,12 +20,12 @@ import torch.nn as nn
 from ..config import TrainConfig, from_dict, to_dict
 from ..data import load_dataset
 from ..data.build import choose_loader
+from ..data.split import loader_config, training_pool
 from ..errors import UserError
 from ..files import atomic_write_json, check_writable_dir
-from .. import selection
 from ..runtime import resolve_device
-from ..train import (CHECKPOINT, build_for_config, build_train_loader, load_resume_state, make_optimizer,
-                     save_run)
+from ..runfiles import CHECKPOINT, build_for_config, load_resume_state, save_run
+from ..train import build_train_loader, make_optimizer
 from .train import assemble, check_fusable, fused_epoch, snapshots
 
 FAILED = "failed.json"
@@ -183,6 +183,6 @@ def _loaders(cfgs: list[TrainConfig], device) -> list:
         if kind == "memory":
             data = data.to(device)   # each MemoryLoader's .to(device) is then a no-op
     if c.train_per_class is not None:   # each member its own seed's balanced pool, in memory
-        return [build_train_loader(selection.loader_config(cfg), device, selection.training_pool(cfg, data))
+        return [build_train_loader(loader_config(cfg), device, training_pool(cfg, data))
                 for cfg in cfgs]
     return [build_train_loader(cfg, device, data) for cfg in cfgs]
