@@ -4,7 +4,8 @@ from __future__ import annotations
 import os
 
 from ..errors import UserError
-from ..theory import DEFAULT_EPS_TRAIN, DEFAULTS, Mixture, run_theory
+from ..theory import DEFAULT_EPS_TRAIN, DEFAULTS, Mixture
+from ..theory_run import run_theory
 
 
 def _eps_list(text: str) -> list[float]:
