@@ -15,7 +15,7 @@ from ..config_values import check_range
 from ..errors import UserError
 
 # The key of a method's state_dict whose value (a model state dict) is what the run's evaluation
-# loads (fastfat.train.load_model) instead of the trained weights: CFA's FAWA average.
+# loads (fastfat.runfiles.load_model) instead of the trained weights: CFA's FAWA average.
 EVAL_MODEL = "eval_model"
 
 
