@@ -12,7 +12,7 @@ from fastfat import reference
 from fastfat.config import make_train_config
 from fastfat.data import DATASETS, ImageSet, make_synthetic
 from fastfat.runtime import resolve_device
-from fastfat.train import build_for_config
+from fastfat.runfiles import build_for_config
 
 # The synthetic set at CIFAR's geometry: 32x32x3, 10 classes, crop pad 4 + flip.
 INFO32 = dataclasses.replace(DATASETS["synthetic"], size=32, crop_pad=4)

@@ -49,14 +49,10 @@ import torch
 from fastfat import reference
 from fastfat.config import make_eval_config
 from fastfat.data import MemoryLoader
-from fastfat.seeding import epoch_generator
-from fastfat.runtime import resolve_device
-from fastfat.train import Trainer, train_epoch
 
-from .common import fat_config, reference_stepper, synthetic32, twin_models
-
-# tests/test_train.py's float64 tolerances
-LOSS_RTOL, W_RTOL, W_ATOL = 1e-4, 1e-4, 1e-6
+from .common import fat_config, synthetic32, twin_models
+from .compare_checks import LOSS_RTOL, W_ATOL, W_RTOL, eval_match, training_drift, training_match
+from .compare_sides import FastSide, RefSide, eval_model, say, time_interleaved
 
 FULL = dict(images=2048, width=16, batch=128, steps=10, repeats=3, match_steps=4,
             eval_images=256, eval_batch=256, eval_repeats=3, attacks="fgsm,pgd20,cw",
@@ -91,170 +87,8 @@ def parse_args(argv=None):
     return args
 
 
-def say(*a):
-    print(*a, flush=True)
-
-
 def _median_min(ts):
     return statistics.median(ts), min(ts)
-
-
-# ---------------------------------------------------------------------------------------------
-# Training: timing
-
-class FastSide:
-    """The fast path as `fastfat train` runs it: Trainer + MemoryLoader + train_epoch."""
-
-    def __init__(self, cfg, model, train_set):
-        self.trainer = Trainer(cfg, model)
-        self.loader = MemoryLoader(train_set, cfg.batch_size, True, seed=cfg.seed,
-                                   crop_pad=cfg.crop_pad, flip=cfg.flip,
-                                   channels_last=cfg.channels_last, drop_last=cfg.drop_last)
-        self.epoch = 0
-
-    def warm_up(self):
-        x, y = next(iter(self.loader))
-        self.trainer.train_step(x, y, torch.Generator().manual_seed(0))
-
-    def run_epoch(self) -> float:
-        row = train_epoch(self.trainer, self.loader, self.epoch)
-        self.epoch += 1
-        return row["loss"]
-
-
-class RefSide:
-    """The reference as the authors run it: ref_train for one epoch (its own DataLoader with
-    per-sample transforms, SGD, ref_train_step per batch)."""
-
-    def __init__(self, cfg, model, train_set):
-        self.cfg, self.model, self.train_set = cfg, model, train_set
-
-    def warm_up(self):
-        reference.ref_train(self.cfg, self.train_set, self.model, max_steps=1)
-
-    def run_epoch(self) -> float:
-        reference.ref_train(self.cfg, self.train_set, self.model)
-        return float("nan")   # ref_train returns the model only
-
-
-def time_interleaved(sides: dict, repeats: int, label: str) -> dict:
-    """{name: [seconds per run]}: `repeats` runs of each side, in alternating order."""
-    times = {k: [] for k in sides}
-    names = list(sides)
-    for r in range(repeats):
-        order = names if r % 2 == 0 else names[::-1]
-        for k in order:
-            t0 = time.perf_counter()
-            sides[k]()
-            times[k].append(time.perf_counter() - t0)
-            say(f"  {label} {r + 1}/{repeats} {k}: {times[k][-1]:.2f} s")
-    return times
-
-
-# ---------------------------------------------------------------------------------------------
-# Training: results match (float64, same batches)
-
-def first_batches(cfg, train_set, steps: int) -> list:
-    """The first `steps` augmented batches of the fast loader's epoch 0, as train_epoch sees them
-    (on cfg.device)."""
-    loader = MemoryLoader(train_set, cfg.batch_size, True, seed=cfg.seed, crop_pad=cfg.crop_pad,
-                          flip=cfg.flip, channels_last=cfg.channels_last, device=resolve_device(cfg.device))
-    return [b for _, b in zip(range(steps), loader)]
-
-
-def training_match(cfg, train_set, steps: int) -> dict:
-    """Per-step losses and final weights of the fast trainer and ref_train_step from the same
-    init, on the same `steps` augmented batches (the fast loader's epoch 0), with the same attack
-    noise stream (epoch_generator(seed, 0, "attack")), in float64, on cfg.device."""
-    fast_model, ref_model = twin_models(cfg)
-    fast_model, ref_model = fast_model.double(), ref_model.double()
-    trainer = Trainer(cfg, fast_model)
-    ref_step = reference_stepper(cfg, ref_model)
-    device = resolve_device(cfg.device)
-    g_fast = epoch_generator(cfg.seed, 0, device, "attack")   # as train_epoch and ref_train draw it
-    g_ref = epoch_generator(cfg.seed, 0, device, "attack")
-    rows = []
-    for x, y in first_batches(cfg, train_set, steps):
-        x = x.double()
-        rows.append((float(trainer.train_step(x, y, g_fast).loss), ref_step(x, y, g_ref)))
-    worst_w, close = 0.0, True
-    fast_sd = fast_model.state_dict()
-    for k, v in ref_model.state_dict().items():
-        f = fast_sd[k]
-        if v.is_floating_point():
-            worst_w = max(worst_w, float((f - v).abs().max()))
-            close = close and torch.allclose(f, v, rtol=W_RTOL, atol=W_ATOL)
-        else:
-            close = close and torch.equal(f, v)
-    rel = [abs(a - b) / max(abs(b), 1e-30) for a, b in rows]
-    ok = close and all(r <= LOSS_RTOL for r in rel)
-    return {"losses": rows, "loss_rel_diff": max(rel), "weight_max_abs_diff": worst_w,
-            "weights_close": close, "match": ok}
-
-
-def training_drift(cfgs: dict, train_set, steps: int) -> dict:
-    """{name: per-step losses} of the reference and of the fast trainer under each config in
-    cfgs, all in fp32 from the same init on the same `steps` augmented batches with the same
-    attack noise stream: how far each fast variant's fp32/bf16 numbers move from the reference's
-    fp32 ones (training_match pins the math; this shows the rounding)."""
-    ref_cfg = next(iter(cfgs.values()))
-    ref_step = reference_stepper(ref_cfg, twin_models(ref_cfg)[1])
-    batches = first_batches(ref_cfg, train_set, steps)
-    device = resolve_device(ref_cfg.device)
-    g = epoch_generator(ref_cfg.seed, 0, device, "attack")
-    out = {"reference": [ref_step(x, y, g) for x, y in batches]}
-    for name, c in cfgs.items():
-        trainer = Trainer(c, twin_models(c)[0])
-        g = epoch_generator(c.seed, 0, device, "attack")
-        out[name] = [float(trainer.train_step(x, y, g).loss) for x, y in batches]
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Evaluation
-
-def eval_match(fast_recs, ref_recs, class_counts) -> dict:
-    """Cell by cell: the largest class-accuracy difference in samples, and (for information) the
-    largest relative difference of the class-wise mean CE.
-
-    Match: the same cells, and every class accuracy within one sample: the evaluation's results
-    (average, VCRA, worst class) are functions of the class accuracies. The CE after an attack
-    is not held to a tolerance: sign(grad) turns fp32 rounding differences (channels_last and
-    folded BN vs NCHW) into slightly different adversarial examples, which moves the CE of
-    misclassified samples by up to about 1% (C&W, which keeps pushing them for 30 steps, a few
-    %) without changing a prediction."""
-    cells, ok = [], [(r["attack"], r["eps"]) for r in fast_recs] == [(r["attack"], r["eps"]) for r in ref_recs]
-    for f, r in zip(fast_recs, ref_recs):
-        diff = max(abs(a - b) * n for a, b, n in zip(f["class_acc"], r["class_acc"], class_counts))
-        loss_rel = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(f["class_loss"], r["class_loss"]))
-        ok = ok and diff <= 1 + 1e-9
-        cells.append({"attack": f["attack"], "eps": f["eps"], "avg_acc_fast": f["avg_acc"],
-                      "avg_acc_ref": r["avg_acc"], "max_class_diff_samples": round(diff),
-                      "class_loss_max_rel_diff": loss_rel})
-    return {"cells": cells, "match": ok}
-
-
-def eval_model(args, train_set) -> torch.nn.Module:
-    """A model whose class accuracies under attack are neither all 0 nor all 1 at the compare's
-    eps_test, so that agreeing on them means something: the fast trainer, Madry PGD-3 (step
-    eps/2) at eps 16/255 on the un-augmented training set, then BN running statistics
-    recomputed over that set (a few dozen steps leave them lagging far behind the weights)."""
-    cfg = fat_config(width=args.width, batch_size=args.batch, method="madry", eps_train=16 / 255,
-                     steps=3, step_size="eps/2", lr=0.05, crop_pad=0, flip=False)
-    model = twin_models(cfg)[0]
-    trainer = Trainer(cfg, model)
-    loader = MemoryLoader(train_set, cfg.batch_size, True, seed=cfg.seed, channels_last=True)
-    for epoch in range(args.eval_model_epochs):
-        train_epoch(trainer, loader, epoch)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None          # a plain average over the batches below
-    model.train()
-    with torch.no_grad():
-        for x, _ in MemoryLoader(train_set, 256, False):
-            model(x)
-    return model.eval()
 
 
 def load_average() -> float | None:
@@ -266,34 +100,25 @@ def load_average() -> float | None:
 
 # ---------------------------------------------------------------------------------------------
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    if args.compile:
-        # count compilation as a user sees it the first time: no inductor cache from earlier runs
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="bench_inductor_"))
-    threads = torch.get_num_threads()
-    cfg = fat_config(width=args.width, batch_size=args.batch, steps=args.steps, method=args.method,
-                     lam=args.lam)
-    train_set, test_set = synthetic32(args.images, args.eval_images)
+def say_workload(args, cfg) -> None:
+    """The report's first lines: what runs, on what machine."""
     steps_per_epoch = -(-args.images // args.batch)
-
     say("fastfat: fast path vs reference (the authors' code shape), side by side in one process")
     say(f"workload: {cfg.method} lam {cfg.lam}, {cfg.model} width {cfg.width}, {args.images} synthetic "
         f"32x32x3 images, batch {cfg.batch_size} ({steps_per_epoch} steps/epoch), PGD-{cfg.steps} "
         f"step {cfg.alpha():.4g} eps {cfg.eps_train * 255:.0f}/255, crop pad {cfg.crop_pad} + flip, fp32"
         + (" (and the fast path under bf16 autocast)" if args.amp == "bf16" else ""))
     say(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-        f"{threads} intra-op threads per side; {args.repeats} interleaved repeats, median")
-    load_start = load_average()
-    result = {"args": vars(args), "threads": threads, "torch": torch.__version__}
+        f"{torch.get_num_threads()} intra-op threads per side; {args.repeats} interleaved repeats, median")
 
-    # --- training epoch ----------------------------------------------------------------------
+
+def time_training(args, cfg, train_set) -> dict:
+    """One FAT epoch per side, interleaved: {"times": {side: [s]}, "first_compiled": s or None,
+    "ccfg": the compiled side's config or None, "amp_cfg": the bf16 side's or None}."""
     fast_model, ref_model = twin_models(cfg)
     fast, ref = FastSide(cfg, fast_model, train_set), RefSide(cfg, ref_model, train_set)
     sides = {"fast": fast.run_epoch, "reference": ref.run_epoch}
-    compiled, first_compiled = None, None
+    ccfg, first_compiled, amp_cfg = None, None, None
     if args.compile:
         ccfg = fat_config(width=args.width, batch_size=args.batch, steps=args.steps,
                           method=args.method, lam=args.lam, compile=True)
@@ -303,7 +128,6 @@ def main(argv=None) -> int:
         compiled.run_epoch()
         first_compiled = time.perf_counter() - t0
         sides["fast+compile"] = compiled.run_epoch
-    amp_cfg = None
     if args.amp == "bf16":
         amp_cfg = fat_config(width=args.width, batch_size=args.batch, steps=args.steps,
                              method=args.method, lam=args.lam, amp="bf16")
@@ -314,21 +138,25 @@ def main(argv=None) -> int:
     ref.warm_up()
     say("timing one FAT epoch per side ...")
     times = time_interleaved(sides, args.repeats, "epoch")
+    return {"times": times, "first_compiled": first_compiled, "ccfg": ccfg, "amp_cfg": amp_cfg}
 
+
+def report_training(args, cfg, train_set, run: dict) -> dict:
+    """The training table and the float64 match check; result["train"] without "bf16"."""
     say("checking results (float64, same init, same batches, same attack starts) ...")
     match = training_match(cfg, train_set, args.match_steps)
     if args.compile:
-        cmatch = training_match(ccfg, train_set, args.match_steps)
+        cmatch = training_match(run["ccfg"], train_set, args.match_steps)
         match["match"] = match["match"] and cmatch["match"]
         match["compiled"] = cmatch
-
+    times, first_compiled = run["times"], run["first_compiled"]
     ref_med = statistics.median(times["reference"])
     say("")
     say(f"{'FAT epoch':34s} {'median s':>9s} {'min s':>8s} {'images/s':>9s} {'speedup':>8s}")
     rows = [("reference (reference.ref_train)", "reference"), ("fast (train.train_epoch)", "fast")]
     if args.compile:
         rows.append(("fast + torch.compile", "fast+compile"))
-    if amp_cfg is not None:
+    if run["amp_cfg"] is not None:
         rows.append(("fast + bf16 autocast", "fast+bf16"))
     for title, k in rows:
         med, mn = _median_min(times[k])
@@ -349,27 +177,33 @@ def main(argv=None) -> int:
         c = match["compiled"]
         say(f"  compiled fast path: loss rel diff {c['loss_rel_diff']:.1e}, weights max diff "
             f"{c['weight_max_abs_diff']:.1e}, match {c['match']}")
-    train_speedup = ref_med / statistics.median(times["fast"])
-    result["train"] = {"times": times, "first_compiled_epoch": first_compiled, "match": match,
-                       "speedup": train_speedup}
-    if amp_cfg is not None:
-        say("")
-        say(f"rounding, training: fp32 inputs, {args.match_steps} steps from the same init on the same batches "
-            "and attack starts; per-step loss and its relative difference from the fp32 reference")
-        drift = training_drift({"fast": cfg, "fast+bf16": amp_cfg}, train_set, args.match_steps)
-        say(f"  {'step':>4s}  {'reference':>10s}  {'fast fp32':>10s} {'rel diff':>9s}  {'fast bf16':>10s} {'rel diff':>9s}")
-        rel = lambda a, b: abs(a - b) / max(abs(b), 1e-30)
-        for i, r in enumerate(drift["reference"]):
-            f, h = drift["fast"][i], drift["fast+bf16"][i]
-            say(f"  {i + 1:4d}  {r:10.5f}  {f:10.5f} {rel(f, r):9.1e}  {h:10.5f} {rel(h, r):9.1e}")
-        say("  (the float64 check above covers bf16's code path too: autocast leaves float64 alone. In fp32")
-        say("  the attack's sign(grad) turns rounding into different adversarial examples, so the runs part")
-        say("  within a few steps; bf16 rounds 2^16 times coarser than fp32 and parts from the first step)")
-        result["train"]["bf16"] = {"speedup": ref_med / statistics.median(times["fast+bf16"]),
-                                   "drift": drift,
-                                   "first_step_rel_diff": rel(drift["fast+bf16"][0], drift["reference"][0])}
+    return {"times": times, "first_compiled_epoch": first_compiled, "match": match,
+            "speedup": ref_med / statistics.median(times["fast"])}
 
-    # --- evaluation --------------------------------------------------------------------------
+
+def report_drift(args, cfg, train_set, run: dict) -> dict:
+    """With --amp bf16: the fp32 and bf16 fast paths' per-step losses against the reference's;
+    result["train"]["bf16"]."""
+    ref_med = statistics.median(run["times"]["reference"])
+    say("")
+    say(f"rounding, training: fp32 inputs, {args.match_steps} steps from the same init on the same batches "
+        "and attack starts; per-step loss and its relative difference from the fp32 reference")
+    drift = training_drift({"fast": cfg, "fast+bf16": run["amp_cfg"]}, train_set, args.match_steps)
+    say(f"  {'step':>4s}  {'reference':>10s}  {'fast fp32':>10s} {'rel diff':>9s}  {'fast bf16':>10s} {'rel diff':>9s}")
+    rel = lambda a, b: abs(a - b) / max(abs(b), 1e-30)
+    for i, r in enumerate(drift["reference"]):
+        f, h = drift["fast"][i], drift["fast+bf16"][i]
+        say(f"  {i + 1:4d}  {r:10.5f}  {f:10.5f} {rel(f, r):9.1e}  {h:10.5f} {rel(h, r):9.1e}")
+    say("  (the float64 check above covers bf16's code path too: autocast leaves float64 alone. In fp32")
+    say("  the attack's sign(grad) turns rounding into different adversarial examples, so the runs part")
+    say("  within a few steps; bf16 rounds 2^16 times coarser than fp32 and parts from the first step)")
+    return {"speedup": ref_med / statistics.median(run["times"]["fast+bf16"]), "drift": drift,
+            "first_step_rel_diff": rel(drift["fast+bf16"][0], drift["reference"][0])}
+
+
+def time_eval(args, train_set, test_set, amp: bool):
+    """One evaluation pass per side, interleaved, on a model trained for it: ({side: [s]},
+    {side: fastfat.evaluate records})."""
     # imported here: bench.gpu uses this module's training checks on machines where
     # fastfat.evaluate's imports (pyautoattack) may be missing
     from fastfat.evaluate import evaluate
@@ -395,19 +229,23 @@ def main(argv=None) -> int:
     say(f"timing evaluation: {args.eval_images} test images; clean + {', '.join(ecfg.attacks)} at eps "
         f"{', '.join(f'{e * 255:.0f}/255' for e in ecfg.eps_test)} ...")
     esides = {"fast": fast_eval, "reference": ref_eval}
-    if amp_cfg is not None:
+    if amp:
         def amp_eval():
             out["fast+bf16"] = evaluate(model, MemoryLoader(test_set, ecfg.batch_size, False), ecfg, 10,
                                         device="cpu", amp="bf16")
         esides["fast+bf16"] = amp_eval
-    etimes = time_interleaved(esides, args.eval_repeats, "eval")
+    return time_interleaved(esides, args.eval_repeats, "eval"), out
+
+
+def report_eval(args, test_set, etimes: dict, out: dict, amp: bool) -> dict:
+    """The evaluation table and the class-accuracy match; result["eval"]."""
     counts = torch.bincount(test_set.labels, minlength=10).tolist()
     ematch = eval_match(out["fast"], out["reference"], counts)
     eref = statistics.median(etimes["reference"])
     say("")
     say(f"{'evaluation':34s} {'median s':>9s} {'min s':>8s} {'images/s':>9s} {'speedup':>8s}")
     erows = [("reference (reference.ref_evaluate)", "reference"), ("fast (evaluate.evaluate)", "fast")]
-    if amp_cfg is not None:
+    if amp:
         erows.append(("fast + bf16 autocast", "fast+bf16"))
     for title, k in erows:
         med, mn = _median_min(etimes[k])
@@ -425,17 +263,20 @@ def main(argv=None) -> int:
     say("  (match: every class accuracy within one sample. The CE column is information: the attacks'")
     say("  sign(grad) turns fp32 rounding into slightly different adversarial examples, which moves")
     say("  the CE of misclassified samples, not their predictions)")
-    eval_speedup = eref / statistics.median(etimes["fast"])
-    result["eval"] = {"times": etimes, "match": ematch, "speedup": eval_speedup}
-    if amp_cfg is not None:
+    result = {"times": etimes, "match": ematch, "speedup": eref / statistics.median(etimes["fast"])}
+    if amp:
         amatch = eval_match(out["fast+bf16"], out["reference"], counts)
         worst = max(c["max_class_diff_samples"] for c in amatch["cells"])
         say(f"  bf16 autocast: largest class-accuracy difference from the reference {worst} sample(s) "
             f"in any cell; avg acc " + ", ".join(
                 f"{c['attack']} {c['eps'] * 255:.0f}/255 {100 * c['avg_acc_fast']:.2f}%" for c in amatch["cells"][1:]))
-        result["eval"]["bf16"] = {"speedup": eref / statistics.median(etimes["fast+bf16"]), "match": amatch}
+        result["bf16"] = {"speedup": eref / statistics.median(etimes["fast+bf16"]), "match": amatch}
+    return result
+
+
+def report_load(load_start: float | None) -> list:
+    """The load average at start and end, with a warning when other processes ran."""
     load_end = load_average()
-    result["load_average"] = [load_start, load_end]
     if load_start is not None and load_end is not None:
         busy = max(load_start, load_end) > (os.cpu_count() or 1) + 0.5
         say("")
@@ -444,21 +285,52 @@ def main(argv=None) -> int:
                                         "threads lose more to them than the fast path's split attack, "
                                         "so the speedups above are larger than on an idle machine "
                                         "(bench/README.md)" if busy else ""))
+    return [load_start, load_end]
+
+
+def say_verdicts(result: dict) -> None:
+    """The last lines: each speedup with whether the results match (bf16's beside them)."""
+    train, ev = result["train"], result["eval"]
+    say("")
+    if "bf16" in train:
+        # bf16 cannot meet the float64 check's tolerance, and its runs part from the reference's
+        # at the first step: reported beside the verdicts, never as a match
+        b = train["bf16"]
+        say(f"with bf16 autocast: fat-epoch speedup {b['speedup']:.2f}x, eval speedup "
+            f"{ev['bf16']['speedup']:.2f}x (results differ at bf16's rounding: first-step loss "
+            f"rel diff {b['first_step_rel_diff']:.1e}, class accuracies within "
+            f"{max(c['max_class_diff_samples'] for c in ev['bf16']['match']['cells'])} sample(s))")
+    verdict = lambda ok: "results match" if ok else "results differ"
+    say(f"fat-epoch speedup: {train['speedup']:.2f}x ({verdict(train['match']['match'])})")
+    say(f"eval speedup: {ev['speedup']:.2f}x ({verdict(ev['match']['match'])})")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.compile:
+        # count compilation as a user sees it the first time: no inductor cache from earlier runs
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="bench_inductor_"))
+    cfg = fat_config(width=args.width, batch_size=args.batch, steps=args.steps, method=args.method,
+                     lam=args.lam)
+    train_set, test_set = synthetic32(args.images, args.eval_images)
+    say_workload(args, cfg)
+    load_start = load_average()
+    result = {"args": vars(args), "threads": torch.get_num_threads(), "torch": torch.__version__}
+
+    run = time_training(args, cfg, train_set)
+    result["train"] = report_training(args, cfg, train_set, run)
+    amp = run["amp_cfg"] is not None
+    if amp:
+        result["train"]["bf16"] = report_drift(args, cfg, train_set, run)
+    etimes, out = time_eval(args, train_set, test_set, amp)
+    result["eval"] = report_eval(args, test_set, etimes, out, amp)
+    result["load_average"] = report_load(load_start)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(result, fh, indent=1, default=str)
-
-    say("")
-    if amp_cfg is not None:
-        # bf16 cannot meet the float64 check's tolerance, and its runs part from the reference's
-        # at the first step: reported beside the verdicts, never as a match
-        b = result["train"]["bf16"]
-        say(f"with bf16 autocast: fat-epoch speedup {b['speedup']:.2f}x, eval speedup "
-            f"{result['eval']['bf16']['speedup']:.2f}x (results differ at bf16's rounding: first-step loss "
-            f"rel diff {b['first_step_rel_diff']:.1e}, class accuracies within "
-            f"{max(c['max_class_diff_samples'] for c in result['eval']['bf16']['match']['cells'])} sample(s))")
-    say(f"fat-epoch speedup: {train_speedup:.2f}x ({'results match' if match['match'] else 'results differ'})")
-    say(f"eval speedup: {eval_speedup:.2f}x ({'results match' if ematch['match'] else 'results differ'})")
+    say_verdicts(result)
     return 0
 
 

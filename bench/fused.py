@@ -34,7 +34,8 @@ import torch
 from fastfat.config import make_train_config
 from fastfat.fused import fuse_models
 from fastfat.fused.train import FusedTrainer
-from fastfat.train import Trainer, build_for_config
+from fastfat.runfiles import build_for_config
+from fastfat.train import Trainer
 
 # name -> training config overrides (device and amp are set per run)
 CPU_WORKLOADS = {

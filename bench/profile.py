@@ -225,7 +225,8 @@ def conv_floor(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None):
+    """The command line; see --help."""
     p = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--width", type=int, default=16)
@@ -239,20 +240,19 @@ def main(argv=None) -> int:
                    help="time each convolution alone (fp32 and bf16): the floor under a fast step")
     p.add_argument("--amp", choices=("off", "bf16"), default="off",
                    help="the fast step under bf16 autocast (not the reference's numbers)")
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    if args.ablation:
-        return ablation(args)
-    if args.convs:
-        return conv_floor(args)
-    cfg = fat_config(width=args.width, batch_size=args.batch, steps=args.steps, amp=args.amp)
+    return p.parse_args(argv)
+
+
+def step_functions(args, cfg):
+    """(trainer, fast_step, ref_step, ref_phases, timed_ref_pgd): one FAT step of each side on
+    the same batch, each step(times) adding its phases' wall seconds to `times`; the reference's
+    attack is timed into ref_phases while reference.ref_pgd is timed_ref_pgd."""
     fast_model, ref_model = twin_models(cfg)
     x, y = batch(args.batch)
     xc = x.contiguous(memory_format=torch.channels_last)
 
     # --- fast: the trainer's step, split into its phases ---
     trainer = Trainer(cfg, fast_model)
-    fast_phases: dict = {}
 
     def fast_step(times):
         with phase(times, "BN fold refresh"):
@@ -282,6 +282,14 @@ def main(argv=None) -> int:
         with phase(times, "whole step"):
             run_ref(x, y, torch.Generator().manual_seed(0))
 
+    return trainer, fast_step, ref_step, ref_phases, timed_ref_pgd
+
+
+def profile_steps(args, fast_step, ref_step, ref_phases: dict, timed_ref_pgd):
+    """A warm-up step of each side (counting its FLOPs with one thread), then one profiled step:
+    (flops {side: FLOPs or None}, profilers {side: ...}, phases {side: {phase: s}})."""
+    fast_phases: dict = {}
+    inner_ref_pgd = reference.ref_pgd
     reference.ref_pgd = timed_ref_pgd
     try:
         flops = {}
@@ -301,8 +309,11 @@ def main(argv=None) -> int:
         reference.ref_pgd = inner_ref_pgd
     ref_phases["train forward + loss + backward + optimizer"] = (
         ref_phases.pop("whole step") - ref_phases["attack (PGD)"])
+    return flops, profs, {"fast": fast_phases, "reference": ref_phases}
 
-    # --- loading one batch ---
+
+def load_times(args) -> dict:
+    """{side: seconds to load one batch}: MemoryLoader against TorchvisionLoader, crop + flip."""
     data = synthetic32(4 * args.batch)[0]
     loaders = {"fast": MemoryLoader(data, args.batch, True, crop_pad=4, flip=True),
                "reference": TorchvisionLoader(data, args.batch, True, crop_pad=4, flip=True)}
@@ -312,23 +323,27 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         n = sum(1 for _ in loader)
         load[k] = (time.perf_counter() - t0) / n
+    return load
 
+
+def print_phases(args, cfg, trainer, phases: dict, load: dict, flops: dict) -> None:
+    """The workload, then each side's phases with their share of the step and its FLOP rate."""
     print(f"one FAT step: {cfg.method} lam {cfg.lam}, {cfg.model} width {cfg.width}, batch {cfg.batch_size}, "
           f"PGD-{cfg.steps}, 32x32, {args.threads} torch thread(s), fast path "
           f"{'bf16 autocast' if trainer.amp else 'fp32'}")
     print("\nphases (wall seconds)")
-    for side, phases in (("fast", fast_phases), ("reference", ref_phases)):
-        total = sum(phases.values())
+    for side, side_phases in phases.items():
+        total = sum(side_phases.values())
         print(f"  {side}: {total:.3f} s per step + {load[side]:.3f} s to load the batch")
-        for k, v in phases.items():
+        for k, v in side_phases.items():
             print(f"    {k:44s} {v:7.3f} s  {100 * v / total:5.1f}%")
         if flops[side] is not None:
             print(f"    floating-point work: {flops[side] / 1e9:.1f} GFLOP per step, "
                   f"{flops[side] / total / 1e9:.0f} GFLOP/s attained")
-    if args.threads > 1:
-        # the profiler does not see the attack's worker threads: the op table would be partial
-        print("\n(op categories: run with --threads 1; the profiler misses the attack's worker threads)")
-        return 0
+
+
+def print_categories(profs: dict) -> None:
+    """Self CPU seconds per op category (CATEGORIES), fast against reference."""
     cats = {k: categorise(v) for k, v in profs.items()}
     print("\nops by category (self CPU seconds)")
     print(f"  {'category':24s} {'fast':>8s} {'reference':>10s}")
@@ -338,6 +353,24 @@ def main(argv=None) -> int:
         if f or r:
             print(f"  {t:24s} {f:8.3f} {r:10.3f}")
     print(f"  {'total':24s} {sum(cats['fast'].values()):8.3f} {sum(cats['reference'].values()):10.3f}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.ablation:
+        return ablation(args)
+    if args.convs:
+        return conv_floor(args)
+    cfg = fat_config(width=args.width, batch_size=args.batch, steps=args.steps, amp=args.amp)
+    trainer, *steps = step_functions(args, cfg)
+    flops, profs, phases = profile_steps(args, *steps)
+    print_phases(args, cfg, trainer, phases, load_times(args), flops)
+    if args.threads > 1:
+        # the profiler does not see the attack's worker threads: the op table would be partial
+        print("\n(op categories: run with --threads 1; the profiler misses the attack's worker threads)")
+        return 0
+    print_categories(profs)
     return 0
 
 

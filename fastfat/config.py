@@ -12,10 +12,11 @@ import types
 import typing
 from dataclasses import dataclass, fields
 
-# single values: parsing and the checks validate() makes (re-exported: other modules import them here)
 from . import methods
-from .config_values import (SEED_LIMIT, _choice, _int_at_least, _range, _seed, canonical_attack,  # noqa: F401
-                            opt, parse_eps, resolve_step)
+# single values: parsing, and the checks validate() makes (bound to short local names)
+from .config_values import canonical_attack, opt, parse_eps, resolve_step
+from .config_values import check_choice as _choice, check_int_at_least as _int_at_least
+from .config_values import check_range as _range, check_seed as _seed
 from .errors import UserError
 
 # Madry, TRADES, FAT and natural training live in fastfat.train; the others in fastfat.methods,

@@ -1,7 +1,7 @@
 """Single config values: the field maker with --help text (opt), radii and step sizes in pixel
 units (parse_eps, resolve_step), attack names (canonical_attack), and the checks
-TrainConfig/EvalConfig.validate and the methods' checks make of one value (_choice, _range, _seed,
-_int_at_least), each failing with one clear UserError line."""
+TrainConfig/EvalConfig.validate and the methods' checks make of one value (check_choice,
+check_range, check_seed, check_int_at_least), each failing with one clear UserError line."""
 from __future__ import annotations
 
 import dataclasses
@@ -66,12 +66,13 @@ def canonical_attack(name: str) -> str:
                     f"aa (AutoAttack), apgd (APGD-CE + APGD-T)")
 
 
-def _choice(name, value, choices):
+def check_choice(name, value, choices):
+    """UserError naming `name` and the choices unless value is one of them."""
     if value not in choices:
         raise UserError(f"{name}: unknown value {value!r}; choose one of {', '.join(choices)}")
 
 
-def _range(name, value, low, high, low_open=False):
+def check_range(name, value, low, high, low_open=False):
     """value in [low, high] ((low, high] with low_open); never inf (high=math.inf means unbounded)."""
     if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value):
         raise UserError(f"{name}: expected a number, got {value!r}")
@@ -86,11 +87,13 @@ def _range(name, value, low, high, low_open=False):
 SEED_LIMIT = 2 ** 32
 
 
-def _seed(value):
+def check_seed(value):
+    """UserError unless value is an int seed in [0, SEED_LIMIT)."""
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < SEED_LIMIT:
         raise UserError(f"seed must be an integer in [0, 2**32), got {value!r}")
 
 
-def _int_at_least(name, value, low):
+def check_int_at_least(name, value, low):
+    """UserError naming `name` unless value is an int (not a bool) >= low."""
     if not isinstance(value, int) or isinstance(value, bool) or value < low:
         raise UserError(f"{name} must be an integer >= {low}, got {value!r}")

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 # Data, not logic: CIFAR-100 fine label -> coarse label, the dataset's own table (checked
 # against it in tests/test_losses.py) and the authors' cifar100_super_map.json.
-from .kernels import CIFAR100_COARSE, CIFAR100_COARSE_AUTHORS
+from .data.superclasses import CIFAR100_COARSE, CIFAR100_COARSE_AUTHORS
 from .seeding import epoch_generator, eval_noise_seed
 
 AUTHORS_SLOTS = 100   # the authors' `torch.zeros(100)` vector of class means
@@ -318,7 +318,7 @@ def ref_train(cfg, train_set, model: nn.Module, *, attack_loss: str | None = Non
     pad = info.crop_pad if cfg.crop_pad is None else cfg.crop_pad
     flip = info.flip if cfg.flip is None else cfg.flip
     # the fast trainer's training data, drawn by the same functions (train.train's choice)
-    from .selection import split_training_set, training_pool
+    from .data.split import split_training_set, training_pool
     data = (split_training_set(cfg, train_set)[0] if cfg.val_per_class is not None
             else training_pool(cfg, train_set))
     loader = TorchvisionLoader(data, cfg.batch_size, True, seed=cfg.seed,

@@ -1,6 +1,7 @@
 """Checkpoint selection on a validation split (TrainConfig.val_per_class): a stratified hold-out
-of the training set, a cheap robust evaluation of it after every epoch, and the best epoch's
-weights kept as best.pt beside the last epoch's checkpoint.pt. The test set is never looked at.
+of the training set (drawn by fastfat.data.split), a cheap robust evaluation of it after every
+epoch, and the best epoch's weights kept as best.pt beside the last epoch's checkpoint.pt. The
+test set is never looked at.
 
 The criterion is declared, as CFA (Wei et al., 2023) selects: the validation split's average
 plus worst-class robust accuracy under cfg.val_attack (PGD-10 by default) at eps_train; ties keep
@@ -8,42 +9,18 @@ the earlier epoch.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 
 import torch.nn as nn
 
 from .config import TrainConfig, make_eval_config, to_dict
-from .data import MemoryLoader, load_dataset
-from .data.split import balanced_pool, stratified_holdout
+from .data import MemoryLoader
 from .files import save_checkpoint
 
 BEST = "best.pt"
 CRITERION = "val_avg_acc + val_worst_acc"
 VAL_BATCH = 256
-
-
-def training_pool(cfg: TrainConfig, data=None):
-    """cfg's training ImageSet: the data set's training split (or `data`, already loaded), then
-    train_per_class's balanced draw or train_limit's first N."""
-    if data is None:
-        data, _ = load_dataset(cfg.dataset, cfg.data_root, cfg.download)
-    if cfg.train_per_class is not None:
-        return balanced_pool(data, cfg.train_per_class, cfg.seed)
-    return data.subset(cfg.train_limit)
-
-
-def split_training_set(cfg: TrainConfig, data=None):
-    """(train, validation) ImageSets of cfg's training pool (training_pool of `data`, or of the
-    data set's training split), stratified."""
-    return stratified_holdout(training_pool(cfg, data), cfg.val_per_class, cfg.seed)
-
-
-def loader_config(cfg: TrainConfig) -> TrainConfig:
-    """cfg with loader "auto" pinned to "memory": the training part is an in-memory subset, which
-    the FFCV files (written for the whole set) cannot serve."""
-    return dataclasses.replace(cfg, loader="memory") if cfg.loader == "auto" else cfg
 
 
 class Selector:

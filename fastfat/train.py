@@ -18,16 +18,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import attacks, kernels, losses, methods, selection
-from .losses import method_loss  # noqa: F401  (fused groups and tests import it here)
+from . import attacks, kernels, methods, selection
 from .config import TrainConfig
 from .data import build_loader, dataset_info
+from .data.split import loader_config, split_training_set, training_pool
 from .errors import UserError
 from .files import check_writable_dir
+from .losses import method_loss
 from .models.fold import fold_bn
-# a run's files, re-exported: fused groups, sweeps and the CLI import them from here
-from .runfiles import (CHECKPOINT, CONFIG, LOG, RUN_FILES, build_for_config, load_init_weights, load_model,  # noqa: F401
-                       load_resume_state, load_teacher, save_run)
+from .runfiles import (CHECKPOINT, RUN_FILES, build_for_config, load_init_weights, load_resume_state, load_teacher,
+                       save_run)
 from .runtime import amp_dtype, autocast, guard_cpu_convs, progress_bar, resolve_device, set_backends, synchronize
 from .seeding import epoch_generator
 
@@ -230,7 +230,7 @@ def train_epoch(trainer: Trainer, loader, epoch: int, *, progress: bool = False,
             seen, steps = seen + y.numel(), steps + 1
             if bar is not None and (steps % 5 == 0 or steps == len(loader)):
                 mean_loss = float(tot_loss) / seen
-                _check_finite(mean_loss, epoch, steps)
+                check_finite(mean_loss, epoch, steps)
                 bar.set_postfix(loss=f"{mean_loss:.4f}", vcar=f"{float(tot_vcar) / steps:.4f}",
                                 lr=f"{lr:g}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
                 bar.update(steps - bar.n)
@@ -244,7 +244,7 @@ def train_epoch(trainer: Trainer, loader, epoch: int, *, progress: bool = False,
            "images_per_s": seen / secs if secs > 0 else 0.0}
     if warm:
         row["lam"] = trainer.lam
-    _check_finite(row["loss"], epoch, steps)
+    check_finite(row["loss"], epoch, steps)
     if x is not None:
         check_model(trainer.model, x, y, epoch)
     return row
@@ -303,11 +303,11 @@ def train(cfg: TrainConfig, out_dir: str | None = None, *, resume: bool = False,
     init = load_init_weights(cfg) if state is None else None   # a resumed run has its own weights
     selector = None
     if cfg.val_per_class is not None:   # train on the rest of the training set, select on the hold-out
-        train_set, val_set = selection.split_training_set(cfg)
-        loader = build_train_loader(selection.loader_config(cfg), device, data=train_set)
+        train_set, val_set = split_training_set(cfg)
+        loader = build_train_loader(loader_config(cfg), device, data=train_set)
         selector = selection.Selector(cfg, val_set, device)
     elif cfg.train_per_class is not None:   # a class-balanced pool in memory
-        loader = build_train_loader(selection.loader_config(cfg), device, data=selection.training_pool(cfg))
+        loader = build_train_loader(loader_config(cfg), device, data=training_pool(cfg))
     else:
         loader = build_train_loader(cfg, device)
     model = build_for_config(cfg, device)
@@ -359,7 +359,8 @@ DIVERGENCE_LEVERS = ("lower --lr or --lam, or stabilise FAT with --clip-grad-nor
                      "or --lam-warmup-epochs 2 (see the README)")
 
 
-def _check_finite(loss: float, epoch: int, step: int) -> None:
+def check_finite(loss: float, epoch: int, step: int) -> None:
+    """NonFiniteLoss naming the epoch, the step and DIVERGENCE_LEVERS unless loss is finite."""
     if not math.isfinite(loss):
         raise NonFiniteLoss(f"training diverged: the loss is {loss} in epoch {epoch + 1} "
                             f"(by step {step}); {DIVERGENCE_LEVERS}")

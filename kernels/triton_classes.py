@@ -10,11 +10,11 @@ import triton.language as tl
 from . import fallbacks, torch_ops
 from . import triton_launch as L
 from .torch_ops import vcar_from_stats
-from .triton_launch import (DTYPES, INTERPRETED, MAX_CLASSES, ROW_TILE, Launch, _check_device, _row_blocks,
-                            _rowmajor, _rows_unsupported)
+from .triton_launch import (DTYPES, INTERPRETED, MAX_CLASSES, ROW_TILE, Launch, check_device, row_blocks,
+                            rowmajor, rows_unsupported, label_rows)
 
 @triton.jit
-def _ce_kernel(z_ptr, y_ptr, ce_ptr, part_ptr, wrow_ptr, wcls_ptr, dz_ptr,
+def ce_kernel(z_ptr, y_ptr, ce_ptr, part_ptr, wrow_ptr, wcls_ptr, dz_ptr,
                N, C, K, stride_z, stride_dz, stride_wrow,
                BACKWARD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
     """Rows [BLOCK_N] x classes [BLOCK_C] of logits z [N, C] (any float dtype; math in fp32).
@@ -24,15 +24,7 @@ def _ce_kernel(z_ptr, y_ptr, ce_ptr, part_ptr, wrow_ptr, wcls_ptr, dz_ptr,
     backward: dz[i, j] = (softmax_ij - [j == y_i]) * (wrow[i * stride_wrow] + wcls[y_i]).
     """
     pid = tl.program_id(0)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.arange(0, BLOCK_C)
-    rmask = rows < N
-    m2 = rmask[:, None] & (cols < C)[None, :]
-    rows64 = rows.to(tl.int64)
-    z = tl.load(z_ptr + rows64[:, None] * stride_z + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-    z = tl.where(m2, z, float("-inf"))
-    y = tl.load(y_ptr + rows, mask=rmask, other=-1).to(tl.int32)
-    hit = cols[None, :] == y[:, None]                     # one-hot of the label; none on padded rows
+    rows, cols, rmask, m2, rows64, z, y, hit = label_rows(z_ptr, y_ptr, N, C, stride_z, BLOCK_N, BLOCK_C)
     zmax = tl.where(rmask, tl.max(z, axis=1), 0.0)         # padded rows: avoid -inf - -inf
     shifted = z - zmax[:, None]
     ez = tl.exp(shifted)                                   # exactly 0 on padded columns
@@ -54,7 +46,7 @@ def _ce_kernel(z_ptr, y_ptr, ce_ptr, part_ptr, wrow_ptr, wcls_ptr, dz_ptr,
 
 
 @triton.jit
-def _class_stats_kernel(v_ptr, y_ptr, part_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def class_stats_kernel(v_ptr, y_ptr, part_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """part[pid, :K] = per-class sums of values v [N] over the block's rows, part[pid, K:] = counts."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -70,7 +62,7 @@ def _class_stats_kernel(v_ptr, y_ptr, part_ptr, N, K, BLOCK_N: tl.constexpr, BLO
 
 
 @triton.jit
-def _reduce_kernel(part_ptr, out_ptr, G, W, BLOCK_G: tl.constexpr, BLOCK_W: tl.constexpr):
+def reduce_kernel(part_ptr, out_ptr, G, W, BLOCK_G: tl.constexpr, BLOCK_W: tl.constexpr):
     """out[w] = sum over g of part[g, w], fp32, in one fixed order (deterministic, no atomics)."""
     cols = tl.program_id(0) * BLOCK_W + tl.arange(0, BLOCK_W)
     cmask = cols < W
@@ -88,7 +80,7 @@ def plan_reduce(part: torch.Tensor, out: torch.Tensor) -> Launch:
     G, W = part.shape
     block_w = min(triton.next_power_of_2(W), 256)
     block_g = max(1, min(ROW_TILE[INTERPRETED] // block_w, triton.next_power_of_2(G)))
-    return Launch(_reduce_kernel, (triton.cdiv(W, block_w),), dict(part_ptr=part, out_ptr=out, G=G, W=W),
+    return Launch(reduce_kernel, (triton.cdiv(W, block_w),), dict(part_ptr=part, out_ptr=out, G=G, W=W),
                   dict(BLOCK_G=block_g, BLOCK_W=block_w))
 
 
@@ -98,18 +90,18 @@ def _finish_partials(part: torch.Tensor, K: int):
         tot = part[0]
     else:
         tot = torch.empty(2 * K, dtype=torch.float32, device=part.device)
-        L._run(plan_reduce(part, tot))
+        L.run_launch(plan_reduce(part, tot))
     return tot[:K], tot[K:]
 
 
 def plan_ce(logits, y, num_classes, backward=None) -> tuple[Launch, dict]:
-    """Plan _ce_kernel on logits [N, C]. backward = (wrow [1] or [N] fp32, wcls [K] fp32) or None.
+    """Plan ce_kernel on logits [N, C]. backward = (wrow [1] or [N] fp32, wcls [K] fp32) or None.
 
     Returns (launch, outputs): forward outputs ce [N], part [G, 2K]; backward output dz [N, C].
     """
     N, C = logits.shape
     K = num_classes
-    block_n, block_c = _row_blocks(N, max(C, K))
+    block_n, block_c = row_blocks(N, max(C, K))
     G = triton.cdiv(N, block_n)
     dev = logits.device
     if backward is None:
@@ -122,7 +114,7 @@ def plan_ce(logits, y, num_classes, backward=None) -> tuple[Launch, dict]:
         dz = torch.empty((N, C), dtype=logits.dtype, device=dev)
         ce = part = wrow                            # unused pointers in the backward variant
         outs, stride_dz, stride_wrow = dict(dz=dz), C, (0 if wrow.numel() == 1 else wrow.stride(0))
-    return Launch(_ce_kernel, (G,),
+    return Launch(ce_kernel, (G,),
                   dict(z_ptr=logits, y_ptr=y, ce_ptr=ce, part_ptr=part, wrow_ptr=wrow, wcls_ptr=wcls, dz_ptr=dz,
                        N=N, C=C, K=K, stride_z=logits.stride(0), stride_dz=stride_dz, stride_wrow=stride_wrow),
                   dict(BACKWARD=backward is not None, BLOCK_N=block_n, BLOCK_C=block_c)), outs
@@ -130,22 +122,22 @@ def plan_ce(logits, y, num_classes, backward=None) -> tuple[Launch, dict]:
 
 def _ce_forward(logits, y, K):
     launch, outs = plan_ce(logits, y, K)
-    L._run(launch)
+    L.run_launch(launch)
     sums, counts = _finish_partials(outs["part"], K)
     return outs["ce"], sums, counts
 
 
 def _ce_backward(logits, y, K, wrow, wcls):
     launch, outs = plan_ce(logits, y, K, backward=(wrow.float(), wcls.float().contiguous()))
-    L._run(launch)
+    L.run_launch(launch)
     return outs["dz"]
 
 
 def plan_class_stats(values, y, num_classes) -> tuple[Launch, torch.Tensor]:
     N = values.shape[0]
-    block_n, block_k = _row_blocks(N, num_classes)
+    block_n, block_k = row_blocks(N, num_classes)
     part = torch.empty(triton.cdiv(N, block_n), 2 * num_classes, dtype=torch.float32, device=values.device)
-    return Launch(_class_stats_kernel, (part.shape[0],),
+    return Launch(class_stats_kernel, (part.shape[0],),
                   dict(v_ptr=values, y_ptr=y, part_ptr=part, N=N, K=num_classes),
                   dict(BLOCK_N=block_n, BLOCK_K=block_k)), part
 
@@ -153,9 +145,9 @@ def plan_class_stats(values, y, num_classes) -> tuple[Launch, torch.Tensor]:
 class _ClassStats(torch.autograd.Function):
     @staticmethod
     def forward(ctx, values, y, num_classes):
-        _check_device(values)
+        check_device(values)
         launch, part = plan_class_stats(values.contiguous(), y.contiguous(), num_classes)
-        L._run(launch)
+        L.run_launch(launch)
         sums, counts = _finish_partials(part, num_classes)
         ctx.mark_non_differentiable(counts)
         ctx.save_for_backward(y)
@@ -183,7 +175,7 @@ def class_stats(values, y, num_classes):
 class _ClassCEStats(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, y, num_classes):
-        _check_device(logits)
+        check_device(logits)
         ce, sums, counts = _ce_forward(logits, y, num_classes)
         ctx.mark_non_differentiable(counts)
         ctx.save_for_backward(logits, y)
@@ -203,15 +195,15 @@ def class_ce_stats(logits, y, num_classes):
 
     One pass over logits; ce and sums are differentiable in logits (fused backward kernel).
     """
-    if _rows_unsupported("class_ce_stats", logits, num_classes):
+    if rows_unsupported("class_ce_stats", logits, num_classes):
         return torch_ops.class_ce_stats(logits, y, num_classes)
-    return _ClassCEStats.apply(_rowmajor(logits), y.contiguous(), num_classes)
+    return _ClassCEStats.apply(rowmajor(logits), y.contiguous(), num_classes)
 
 
 class _FatCELoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, y, num_classes, lam, mode, superclass, ce_weight):
-        _check_device(logits)
+        check_device(logits)
         ce, sums, counts = _ce_forward(logits, y, num_classes)
         mean_ce = ce.mean()
         v = vcar_from_stats(sums, counts, mode, superclass)
@@ -243,7 +235,7 @@ def fat_ce_loss(logits, y, num_classes, lam, mode="paper", superclass=False, ce_
     """
     if mode not in torch_ops.VCAR_MODES:
         raise ValueError(f"unknown VCAR mode {mode!r}; expected one of {torch_ops.VCAR_MODES}")
-    if _rows_unsupported("fat_ce_loss", logits, num_classes):
+    if rows_unsupported("fat_ce_loss", logits, num_classes):
         return torch_ops.fat_ce_loss(logits, y, num_classes, lam, mode, superclass, ce_weight)
-    return _FatCELoss.apply(_rowmajor(logits), y.contiguous(), num_classes, lam, mode, superclass, ce_weight)
+    return _FatCELoss.apply(rowmajor(logits), y.contiguous(), num_classes, lam, mode, superclass, ce_weight)
 

@@ -1,5 +1,5 @@
 """The Triton kernels' shared plumbing: tile sizes and limits, Launch (one planned launch) and
-_run, whether Triton interprets (TRITON_INTERPRET=1, fixed when triton is first imported), and
+run_launch, whether Triton interprets (TRITON_INTERPRET=1, fixed when triton is first imported), and
 the row kernels' checks and tiles. The kernels and their ops are in triton_pgd.py,
 triton_classes.py and triton_rows.py; triton_ops.py gathers them."""
 from __future__ import annotations
@@ -30,6 +30,27 @@ def _probe_kernel(x_ptr):
     pass
 
 
+@triton.jit
+def label_rows(z_ptr, y_ptr, N, C, stride_z, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The row kernels' prologue: this program's rows [BLOCK_N] of logits z [N, C] (row stride
+    stride_z, any float dtype) in fp32 with -inf on padding, and their labels y [N].
+
+    Returns rows, cols [BLOCK_C], rmask (row < N), m2 (rmask and col < C), rows64 (int64 rows,
+    for offsets past 2^31), z [BLOCK_N, BLOCK_C], y (int32; -1 on padded rows) and hit, the
+    one-hot of the label (none on padded rows). Inlined by triton.jit into each kernel.
+    """
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_C)
+    rmask = rows < N
+    m2 = rmask[:, None] & (cols < C)[None, :]
+    rows64 = rows.to(tl.int64)
+    z = tl.load(z_ptr + rows64[:, None] * stride_z + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+    z = tl.where(m2, z, float("-inf"))
+    y = tl.load(y_ptr + rows, mask=rmask, other=-1).to(tl.int32)
+    hit = cols[None, :] == y[:, None]
+    return rows, cols, rmask, m2, rows64, z, y, hit
+
+
 @dataclass
 class Launch:
     """One kernel launch: `fn[grid](*args.values(), **constexprs, num_warps=num_warps)`."""
@@ -49,11 +70,11 @@ INTERPRETED = _interpreted(_probe_kernel)
 _MODE_MISMATCH = INTERPRETED != _interpreted(tl.sum)
 
 
-def _launch_device(launch: Launch) -> torch.device | None:
+def launch_device(launch: Launch) -> torch.device | None:
     return next((v.device for v in launch.args.values() if isinstance(v, torch.Tensor)), None)
 
 
-def _device_guard(device: torch.device | None):
+def device_guard(device: torch.device | None):
     """torch.cuda.device(device) when it is not the current CUDA device (Triton launches on the
     current device and its current stream); a no-op context otherwise."""
     if device is not None and device.type == "cuda" and device.index is not None \
@@ -62,13 +83,13 @@ def _device_guard(device: torch.device | None):
     return contextlib.nullcontext()
 
 
-def _run(launch: Launch):
+def run_launch(launch: Launch):
     """Launch on the device of the launch's tensors; returns Triton's compiled kernel."""
-    with _device_guard(_launch_device(launch)):
+    with device_guard(launch_device(launch)):
         return launch.fn[launch.grid](*launch.args.values(), **launch.constexprs, num_warps=launch.num_warps)
 
 
-def _check_device(t: torch.Tensor) -> None:
+def check_device(t: torch.Tensor) -> None:
     """Refuse launches that cannot work, with a message that says why."""
     if _MODE_MISMATCH:
         raise RuntimeError("TRITON_INTERPRET changed between importing triton and fastfat.kernels.triton_ops; "
@@ -78,14 +99,14 @@ def _check_device(t: torch.Tensor) -> None:
                            "(or TRITON_INTERPRET=1, set before importing triton, for CPU tensors)")
 
 
-def _row_blocks(n_rows: int, width: int) -> tuple[int, int]:
+def row_blocks(n_rows: int, width: int) -> tuple[int, int]:
     """(BLOCK_N, BLOCK_C): one whole row per tile, about ROW_TILE elements per program."""
     block_c = triton.next_power_of_2(max(width, 2))
     block_n = max(1, min(ROW_TILE[INTERPRETED] // block_c, triton.next_power_of_2(max(n_rows, 1))))
     return block_n, block_c
 
 
-def _rows_unsupported(op: str, logits: torch.Tensor, num_classes: int, other: torch.Tensor | None = None) -> bool:
+def rows_unsupported(op: str, logits: torch.Tensor, num_classes: int, other: torch.Tensor | None = None) -> bool:
     """Whether the row kernels cannot take logits [N, C] (and `other`, TRADES' natural logits):
     an unsupported dtype, N = 0, or a row wider than one tile. If so, the fallback is recorded."""
     dtypes = [logits.dtype] + ([other.dtype] if other is not None else [])
@@ -101,7 +122,7 @@ def _rows_unsupported(op: str, logits: torch.Tensor, num_classes: int, other: to
     return bool(why)
 
 
-def _rowmajor(t: torch.Tensor) -> torch.Tensor:
+def rowmajor(t: torch.Tensor) -> torch.Tensor:
     """[N, C] with unit column stride (the kernels take a row stride)."""
     return t if t.stride(-1) == 1 else t.contiguous()
 

@@ -8,10 +8,10 @@ import triton.language as tl
 
 from . import fallbacks, torch_ops
 from . import triton_launch as L
-from .triton_launch import DTYPES, INTERPRETED, PGD_BLOCK, Launch, _check_device
+from .triton_launch import DTYPES, INTERPRETED, PGD_BLOCK, Launch, check_device
 
 @triton.jit
-def _pgd_step_kernel(xa_ptr, xn_ptr, g_ptr, alpha_ptr, eps_ptr, alpha, eps, numel, group,
+def pgd_step_kernel(xa_ptr, xn_ptr, g_ptr, alpha_ptr, eps_ptr, alpha, eps, numel, group,
                      PER_SAMPLE: tl.constexpr, BLOCK: tl.constexpr):
     """Flat pass over numel elements; sample index = flat index // group (group = numel / N)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -38,7 +38,7 @@ def _pgd_step_kernel(xa_ptr, xn_ptr, g_ptr, alpha_ptr, eps_ptr, alpha, eps, nume
 
 
 
-def _flat_layout_ok(x_adv, x_nat, grad) -> bool:
+def flat_layout_ok(x_adv, x_nat, grad) -> bool:
     """One dense flat array each, same strides, batch dim outermost (NCHW or channels_last)."""
     if not (x_adv.shape == x_nat.shape == grad.shape and x_adv.stride() == x_nat.stride() == grad.stride()):
         return False
@@ -53,7 +53,7 @@ def _pgd_unsupported(x_adv, x_nat, grad) -> str:
         return f"dtype {x_adv.dtype} (the kernel takes fp32/fp16/bf16)"
     if x_adv.numel() == 0:
         return "empty input"
-    if not _flat_layout_ok(x_adv, x_nat, grad):
+    if not flat_layout_ok(x_adv, x_nat, grad):
         return (f"x_adv, x_nat and grad differ in shape or strides, or are not dense NCHW/channels_last "
                 f"(strides {x_adv.stride()}, {x_nat.stride()}, {grad.stride()})")
     return ""
@@ -79,7 +79,7 @@ def plan_pgd_step(x_adv, x_nat, grad, alpha, eps) -> Launch:
         a_ptr = e_ptr = x_adv           # unused (PER_SAMPLE is False)
         group, a_val, e_val = 1, float(alpha), float(eps)
     block = PGD_BLOCK[INTERPRETED]
-    return Launch(_pgd_step_kernel, (triton.cdiv(numel, block),),
+    return Launch(pgd_step_kernel, (triton.cdiv(numel, block),),
                   dict(xa_ptr=x_adv, xn_ptr=x_nat, g_ptr=grad, alpha_ptr=a_ptr, eps_ptr=e_ptr,
                        alpha=a_val, eps=e_val, numel=numel, group=group),
                   dict(PER_SAMPLE=per_sample, BLOCK=block), num_warps=8)
@@ -95,6 +95,6 @@ def pgd_step(x_adv, x_nat, grad, alpha, eps):
     if why:
         fallbacks.record("pgd_step", why)
         return torch_ops.pgd_step(x_adv, x_nat, grad, alpha, eps)
-    _check_device(x_adv)
-    L._run(plan_pgd_step(x_adv, x_nat, grad, alpha, eps))
+    check_device(x_adv)
+    L.run_launch(plan_pgd_step(x_adv, x_nat, grad, alpha, eps))
     return x_adv

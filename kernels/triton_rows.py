@@ -8,10 +8,10 @@ import triton.language as tl
 
 from . import fallbacks, torch_ops
 from . import triton_launch as L
-from .triton_launch import Launch, _check_device, _row_blocks, _rowmajor, _rows_unsupported
+from .triton_launch import Launch, check_device, row_blocks, rowmajor, rows_unsupported, label_rows
 
 @triton.jit
-def _cw_kernel(z_ptr, y_ptr, out_ptr, g_ptr, dz_ptr, N, C, stride_z, stride_dz, stride_g, kappa,
+def cw_kernel(z_ptr, y_ptr, out_ptr, g_ptr, dz_ptr, N, C, stride_z, stride_dz, stride_g, kappa,
                BACKWARD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
     """margin_i = z_iy - max_{j != y_i} z_ij + kappa; forward out_i = -max(margin_i, 0) (fp32).
 
@@ -20,16 +20,7 @@ def _cw_kernel(z_ptr, y_ptr, out_ptr, g_ptr, dz_ptr, N, C, stride_z, stride_dz, 
     NaN as torch: a NaN logit makes the row's output NaN; a NaN among j != y_i also makes
     dz_ij NaN for every j != y_i.
     """
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.arange(0, BLOCK_C)
-    rmask = rows < N
-    m2 = rmask[:, None] & (cols < C)[None, :]
-    rows64 = rows.to(tl.int64)
-    z = tl.load(z_ptr + rows64[:, None] * stride_z + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-    z = tl.where(m2, z, float("-inf"))
-    y = tl.load(y_ptr + rows, mask=rmask, other=-1).to(tl.int32)
-    hit = cols[None, :] == y[:, None]
+    rows, cols, rmask, m2, rows64, z, y, hit = label_rows(z_ptr, y_ptr, N, C, stride_z, BLOCK_N, BLOCK_C)
     zy = tl.sum(tl.where(hit, z, 0.0), axis=1)
     others = tl.where(hit, float("-inf"), z)
     zo = tl.max(others, axis=1)
@@ -53,7 +44,7 @@ def _cw_kernel(z_ptr, y_ptr, out_ptr, g_ptr, dz_ptr, N, C, stride_z, stride_dz, 
 
 
 @triton.jit
-def _kl_kernel(za_ptr, zn_ptr, out_ptr, g_ptr, dza_ptr, dzn_ptr, N, C,
+def kl_kernel(za_ptr, zn_ptr, out_ptr, g_ptr, dza_ptr, dzn_ptr, N, C,
                stride_a, stride_n, stride_g, stride_da, stride_dn,
                BACKWARD: tl.constexpr, NEED_NAT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
     """kl_i = sum_j p_ij (lp_ij - la_ij), lp/la = log_softmax(nat/adv), p = exp(lp).
@@ -95,14 +86,14 @@ def _kl_kernel(za_ptr, zn_ptr, out_ptr, g_ptr, dza_ptr, dzn_ptr, N, C,
 def plan_cw(logits, y, kappa, g=None) -> tuple[Launch, torch.Tensor]:
     """Forward (g None): output [N] fp32. Backward: g [N] fp32 -> output dz like logits."""
     N, C = logits.shape
-    block_n, block_c = _row_blocks(N, C)
+    block_n, block_c = row_blocks(N, C)
     if g is None:
         out = torch.empty(N, dtype=torch.float32, device=logits.device)
         gp, dz, stride_dz, stride_g = out, out, 0, 0
     else:
         out = dz = torch.empty((N, C), dtype=logits.dtype, device=logits.device)
         gp, stride_dz, stride_g = g, C, g.stride(0)
-    return Launch(_cw_kernel, (triton.cdiv(N, block_n),),
+    return Launch(cw_kernel, (triton.cdiv(N, block_n),),
                   dict(z_ptr=logits, y_ptr=y, out_ptr=out, g_ptr=gp, dz_ptr=dz, N=N, C=C,
                        stride_z=logits.stride(0), stride_dz=stride_dz, stride_g=stride_g, kappa=float(kappa)),
                   dict(BACKWARD=g is not None, BLOCK_N=block_n, BLOCK_C=block_c)), out
@@ -111,9 +102,9 @@ def plan_cw(logits, y, kappa, g=None) -> tuple[Launch, torch.Tensor]:
 class _CWMargin(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, y, kappa):
-        _check_device(logits)
+        check_device(logits)
         launch, out = plan_cw(logits, y, kappa)
-        L._run(launch)
+        L.run_launch(launch)
         ctx.save_for_backward(logits, y)
         ctx.kappa = kappa
         return out
@@ -122,21 +113,21 @@ class _CWMargin(torch.autograd.Function):
     def backward(ctx, g):
         logits, y = ctx.saved_tensors
         launch, dz = plan_cw(logits, y, ctx.kappa, g=g.float())
-        L._run(launch)
+        L.run_launch(launch)
         return dz, None, None
 
 
 def cw_margin(logits, y, kappa=50.0):
     """logits [N, C], y [N] -> -clamp(z_y - max_{j != y} z_j + kappa, min=0), [N] fp32, differentiable."""
-    if _rows_unsupported("cw_margin", logits, logits.shape[1]):
+    if rows_unsupported("cw_margin", logits, logits.shape[1]):
         return torch_ops.cw_margin(logits, y, kappa)
-    return _CWMargin.apply(_rowmajor(logits), y.contiguous(), kappa)
+    return _CWMargin.apply(rowmajor(logits), y.contiguous(), kappa)
 
 
 def plan_kl(logits_adv, logits_nat, g=None, need_nat=False) -> tuple[Launch, dict]:
     """Forward (g None): kl [N] fp32. Backward: g [N] fp32 -> dza (and dzn if need_nat) like the inputs."""
     N, C = logits_adv.shape
-    block_n, block_c = _row_blocks(N, C)
+    block_n, block_c = row_blocks(N, C)
     dev = logits_adv.device
     if g is None:
         out = torch.empty(N, dtype=torch.float32, device=dev)
@@ -147,7 +138,7 @@ def plan_kl(logits_adv, logits_nat, g=None, need_nat=False) -> tuple[Launch, dic
         dza = torch.empty((N, C), dtype=logits_adv.dtype, device=dev)
         dzn = torch.empty((N, C), dtype=logits_nat.dtype, device=dev) if need_nat else dza
         outs, strides = dict(dza=dza, dzn=dzn if need_nat else None), (g.stride(0), C, C)
-    return Launch(_kl_kernel, (triton.cdiv(N, block_n),),
+    return Launch(kl_kernel, (triton.cdiv(N, block_n),),
                   dict(za_ptr=logits_adv, zn_ptr=logits_nat, out_ptr=out, g_ptr=gp, dza_ptr=dza, dzn_ptr=dzn,
                        N=N, C=C, stride_a=logits_adv.stride(0), stride_n=logits_nat.stride(0),
                        stride_g=strides[0], stride_da=strides[1], stride_dn=strides[2]),
@@ -157,9 +148,9 @@ def plan_kl(logits_adv, logits_nat, g=None, need_nat=False) -> tuple[Launch, dic
 class _TradesKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits_adv, logits_nat):
-        _check_device(logits_adv)
+        check_device(logits_adv)
         launch, outs = plan_kl(logits_adv, logits_nat)
-        L._run(launch)
+        L.run_launch(launch)
         ctx.save_for_backward(logits_adv, logits_nat)
         return outs["kl"]
 
@@ -168,12 +159,12 @@ class _TradesKL(torch.autograd.Function):
         za, zn = ctx.saved_tensors
         need_nat = ctx.needs_input_grad[1]
         launch, outs = plan_kl(za, zn, g=g.float(), need_nat=need_nat)
-        L._run(launch)
+        L.run_launch(launch)
         return outs["dza"], outs["dzn"]
 
 
 def trades_kl(logits_adv, logits_nat):
     """KL(softmax(nat) || softmax(adv)) per sample: [N, C] x2 -> [N] fp32, differentiable in both."""
-    if _rows_unsupported("trades_kl", logits_adv, logits_adv.shape[1], logits_nat):
+    if rows_unsupported("trades_kl", logits_adv, logits_adv.shape[1], logits_nat):
         return torch_ops.trades_kl(logits_adv, logits_nat)
-    return _TradesKL.apply(_rowmajor(logits_adv), _rowmajor(logits_nat))
+    return _TradesKL.apply(rowmajor(logits_adv), rowmajor(logits_nat))

@@ -13,7 +13,8 @@ from fastfat.cli import main as cli_main
 from fastfat.errors import UserError
 from fastfat.files import load_checkpoint
 from fastfat.fused.train import check_fusable, fuse_key
-from fastfat.train import CHECKPOINT, load_model, train
+from fastfat.runfiles import CHECKPOINT, load_model
+from fastfat.train import train
 from test_cfa_dafa import D64, _cfg
 
 
@@ -180,7 +181,8 @@ def test_a_calibrated_step_matches_a_plain_reference(method):
     radii and steps in the attack, CFA's normalised TRADES loss times 1 + beta, DAFA's weighted
     CE (parameters compared; BN running statistics depend on how many forwards each code does)."""
     from fastfat.data import MemoryLoader, load_dataset
-    from fastfat.train import Trainer, build_for_config
+    from fastfat.runfiles import build_for_config
+    from fastfat.train import Trainer
     cfg = _cfg(method, cfa_fawa=False, dafa_warmup=1, beta=6.0)
     fast = build_for_config(cfg, "cpu").double()
     ref = copy.deepcopy(fast).to(memory_format=torch.contiguous_format)

@@ -8,7 +8,8 @@ import json
 import pytest
 import torch
 
-from fastfat import cli, selection
+from fastfat import cli
+from fastfat.data.split import split_training_set, training_pool
 from fastfat.config import make_train_config
 from fastfat.data import make_synthetic
 from fastfat.data.split import balanced_pool
@@ -64,10 +65,10 @@ def test_pool_is_balanced_seeded_and_in_order():
 
 def test_validation_split_comes_from_the_pool():
     cfg = make_train_config(dataset="synthetic", model="cnn", train_per_class=12, val_per_class=2, seed=1)
-    train, val = selection.split_training_set(cfg)
+    train, val = split_training_set(cfg)
     assert torch.bincount(train.labels).tolist() == [10] * 10
     assert torch.bincount(val.labels).tolist() == [2] * 10
-    pool = selection.training_pool(cfg)
+    pool = training_pool(cfg)
     both = torch.cat([train.images, val.images]).flatten(1)
     assert sorted(map(tuple, both.tolist())) == sorted(map(tuple, pool.images.flatten(1).tolist()))
 

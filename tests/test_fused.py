@@ -15,7 +15,8 @@ from fastfat.errors import UserError
 from fastfat.fused import fuse_models, split_models
 from fastfat.fused.train import FusedTrainer, check_fusable
 from fastfat.models import build_model, fold_bn
-from fastfat.train import Trainer, build_for_config
+from fastfat.runfiles import build_for_config
+from fastfat.train import Trainer
 
 MODELS = ["cnn", "resnet18", "resnet50", "preactresnet18", "wrn-34-10"]
 # Three members that differ in everything a member may: method (madry is FAT with lambda 0),

@@ -16,7 +16,8 @@ from fastfat.evaluate import evaluate
 from fastfat.files import load_checkpoint
 from fastfat.fused import split_models
 from fastfat.fused.group import FAILED, train_fused
-from fastfat.train import NonFiniteLoss, load_model, train
+from fastfat.runfiles import load_model
+from fastfat.train import NonFiniteLoss, train
 
 from test_fused import MEMBERS, batches, configs, run_both
 

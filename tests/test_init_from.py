@@ -4,7 +4,8 @@ import torch
 
 from fastfat.config import make_train_config
 from fastfat.errors import UserError
-from fastfat.train import build_for_config, train
+from fastfat.runfiles import build_for_config
+from fastfat.train import train
 
 TINY = dict(dataset="digits", model="cnn", width=8, epochs=1, batch_size=64, steps=1, step_size="eps/2",
             eps_train=0.1, lr=0.05, train_limit=128, schedule="constant", device="cpu", method="madry")

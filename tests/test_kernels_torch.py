@@ -70,12 +70,12 @@ def test_triton_launches_on_the_tensors_device(monkeypatch):
     import contextlib
     from fastfat.kernels import triton_ops as T
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    guard = T._device_guard(torch.device("cuda:1"))
+    guard = T.device_guard(torch.device("cuda:1"))
     assert isinstance(guard, torch.cuda.device) and guard.idx == 1
     for dev in (torch.device("cuda:0"), torch.device("cpu"), None):
-        assert isinstance(T._device_guard(dev), contextlib.nullcontext)
+        assert isinstance(T.device_guard(dev), contextlib.nullcontext)
     x = torch.empty(4, 3, 2, 2, device="meta")
-    assert T._launch_device(T.plan_pgd_step(x, x, x, 0.1, 0.1)) == torch.device("meta")
+    assert T.launch_device(T.plan_pgd_step(x, x, x, 0.1, 0.1)) == torch.device("meta")
 
 
 def test_authors_vcar_on_cifar10_is_the_padded_unbiased_variance():

@@ -116,7 +116,7 @@ def test_pgd_step_tensor_alpha_with_float_eps():
 def test_pgd_step_mismatched_layouts_fall_back_counted_and_warned():
     x_adv, x_nat, grad = pgd_inputs(torch.float32, True)
     x_nat = x_nat.contiguous()                      # strides differ: the torch twin serves
-    assert not T._flat_layout_ok(x_adv, x_nat, grad)
+    assert not T.flat_layout_ok(x_adv, x_nat, grad)
     ref = R.pgd_step(x_adv.clone(), x_nat, grad, 2 / 255, 8 / 255)
     K.reset_fallback_counts()
     T.fallbacks._WARNED.clear()

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from fastfat import losses
+from fastfat.data import superclasses
 from fastfat.kernels import CIFAR100_COARSE, CIFAR100_COARSE_AUTHORS, superclass_map
 from fastfat.reference import ref_fat_loss, ref_fat_trades_loss, ref_trades_loss, ref_vcar
 
@@ -185,6 +186,14 @@ def test_authors_superclass_map_is_their_json():
     assert diff == [39] and CIFAR100_COARSE[39] == 5 and CIFAR100_COARSE_AUTHORS[39] == 9
     assert list(CIFAR100_COARSE_AUTHORS).count(9) == 6 and list(CIFAR100_COARSE_AUTHORS).count(5) == 4
     assert superclass_map("authors") == CIFAR100_COARSE_AUTHORS and superclass_map("paper") == CIFAR100_COARSE
+
+
+def test_the_reference_reads_the_kernels_tables():
+    """fastfat.data.superclasses (the reference's tables) is a copy of the kernels' own."""
+    assert superclasses.CIFAR100_COARSE == CIFAR100_COARSE
+    assert superclasses.CIFAR100_COARSE_AUTHORS == CIFAR100_COARSE_AUTHORS
+    from fastfat import reference
+    assert reference.CIFAR100_COARSE is superclasses.CIFAR100_COARSE
 
 
 def test_vcar_superclass_uses_each_modes_map():

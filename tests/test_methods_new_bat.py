@@ -13,7 +13,7 @@ from fastfat.cli import main as cli_main
 from fastfat.config import make_train_config
 from fastfat.files import load_checkpoint
 from fastfat.methods.bat import bat_loss, kl_to_uniform, stop_points
-from fastfat.train import CHECKPOINT
+from fastfat.runfiles import CHECKPOINT
 
 TINY = dict(dataset="digits", model="cnn", width=8, epochs=2, batch_size=64, steps=2, step_size="eps/4",
             eps_train=0.1, lr=0.05, train_limit=256, schedule="constant", device="cpu")

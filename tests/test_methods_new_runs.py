@@ -12,7 +12,8 @@ from fastfat.cli import main as cli_main
 from fastfat.config import make_train_config
 from fastfat.errors import UserError
 from fastfat.files import load_checkpoint
-from fastfat.train import CHECKPOINT, train
+from fastfat.runfiles import CHECKPOINT
+from fastfat.train import train
 
 TINY = dict(dataset="digits", model="cnn", width=8, epochs=2, batch_size=64, steps=2, step_size="eps/4",
             eps_train=0.1, lr=0.05, train_limit=256, schedule="constant", device="cpu")

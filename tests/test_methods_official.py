@@ -12,7 +12,8 @@ from fastfat.config import make_train_config
 from fastfat.errors import UserError
 from fastfat.fused.train import alone_reason
 from fastfat.methods import frl
-from fastfat.train import Trainer, build_for_config, make_optimizer, train
+from fastfat.runfiles import build_for_config
+from fastfat.train import Trainer, make_optimizer, train
 
 TINY = dict(dataset="digits", model="cnn", width=8, epochs=1, batch_size=32, steps=3, step_size="eps/4",
             eps_train=0.1, lr=0.05, train_limit=64, schedule="constant", device="cpu", loader="memory")

@@ -65,8 +65,9 @@ def test_frl_updates_before_every_epoch_and_remargins(tmp_path, trades_ckpt):
     cfg = make_train_config(None, **dict(TINY, method="frl-rwrm", init_from=trades_ckpt))
     state = build(cfg, 10, "cpu")
     from fastfat import selection
-    from fastfat.train import build_for_config, load_init_weights
-    _, val = selection.split_training_set(cfg)
+    from fastfat.data.split import split_training_set
+    from fastfat.runfiles import build_for_config, load_init_weights
+    _, val = split_training_set(cfg)
     model = build_for_config(cfg, torch.device("cpu"))
     model.load_state_dict(load_init_weights(cfg))
     sel = selection.Selector(cfg, val, torch.device("cpu"))

@@ -282,7 +282,7 @@ def test_ref_train_first_step_is_ref_train_step():
 
 def test_ref_train_draws_the_balanced_pool_as_the_fast_trainer_does():
     """train_per_class: ref_train's first step is the first batch of balanced_pool's pool; with
-    val_per_class, of that pool less the hold-out (selection.split_training_set's split)."""
+    val_per_class, of that pool less the hold-out (data.split.split_training_set's split)."""
     from fastfat.data.split import balanced_pool, stratified_holdout
 
     tr, _ = make_synthetic(n_train=200, n_test=16, seed=0)

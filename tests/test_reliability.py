@@ -17,11 +17,12 @@ import pytest
 import torch
 
 from fastfat import cli, files
-from fastfat.config import make_eval_config, make_train_config, resolve_step
+from fastfat.config import make_eval_config, make_train_config
+from fastfat.config_values import resolve_step
 from fastfat.data import load_dataset
 from fastfat.errors import UserError
-from fastfat.train import (CHECKPOINT, NonFiniteLoss, Trainer, _check_finite, build_for_config,
-                           check_model, train, train_epoch, warmup_lam)
+from fastfat.runfiles import CHECKPOINT, build_for_config
+from fastfat.train import NonFiniteLoss, Trainer, check_finite, check_model, train, train_epoch, warmup_lam
 
 # loader "memory": "auto" imports ffcv to look for its files (a numba compile, seconds)
 TINY = dict(dataset="synthetic", model="cnn", width=8, epochs=1, batch_size=32, steps=2,
@@ -222,7 +223,7 @@ def test_check_model_weights_and_eval_loss():
 
 def test_divergence_errors_name_the_levers():
     with pytest.raises(NonFiniteLoss) as e:
-        _check_finite(math.nan, 0, 3)
+        check_finite(math.nan, 0, 3)
     for lever in ("--lr", "--lam", "--clip-grad-norm", "--lam-warmup-epochs"):
         assert lever in str(e.value)
 

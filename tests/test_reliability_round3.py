@@ -15,7 +15,8 @@ import pytest
 from fastfat import cli
 from fastfat.config import make_train_config
 from fastfat.sweep import grid, runner
-from fastfat.train import CHECKPOINT, train
+from fastfat.runfiles import CHECKPOINT
+from fastfat.train import train
 from test_reliability import _main, _one_error_line   # the CLI-in-process helpers of round 1-2
 
 TINY = dict(dataset="synthetic", model="cnn", width=4, epochs=1, batch_size=32, steps=2,

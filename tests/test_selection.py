@@ -11,7 +11,8 @@ from fastfat.data.split import holdout_counts, stratified_holdout
 from fastfat.errors import UserError
 from fastfat.files import load_checkpoint
 from fastfat.selection import BEST, CRITERION
-from fastfat.train import CHECKPOINT, load_model, train
+from fastfat.runfiles import CHECKPOINT, load_model
+from fastfat.train import train
 
 
 def test_holdout_counts_by_hand():

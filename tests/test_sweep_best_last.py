@@ -13,7 +13,7 @@ from fastfat.errors import UserError
 from fastfat.evaluate import evaluate, make_test_loader
 from fastfat.sweep import grid, points, runner
 from fastfat.sweep.store import Store
-from fastfat.train import load_model
+from fastfat.runfiles import load_model
 from test_report import _md_table
 from test_sweep_reliability import TINY, _file, _rows
 

@@ -9,7 +9,8 @@ from fastfat import reference, runtime
 from fastfat.config import make_train_config
 from fastfat.data import MemoryLoader, make_synthetic
 from fastfat.errors import UserError
-from fastfat.train import NonFiniteLoss, Trainer, build_for_config, lr_at, train
+from fastfat.runfiles import build_for_config
+from fastfat.train import NonFiniteLoss, Trainer, lr_at, train
 
 
 @pytest.mark.parametrize("method,extra", [

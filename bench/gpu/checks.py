@@ -17,7 +17,7 @@ from fastfat.seeding import epoch_generator
 from fastfat.train import Trainer
 
 from ..common import fat_config, reference_stepper, synthetic32, twin_models
-from ..compare import first_batches, training_drift, training_match
+from ..compare_checks import first_batches, training_drift, training_match
 
 # fp32 first step: the attack's examples agree on 99.9% of pixels (tests/test_attacks.py: the rest
 # are sign flips of gradient entries that are zero up to rounding, which then move the step's

@@ -27,7 +27,7 @@ from fastfat.runtime import set_backends, synchronize
 from fastfat.train import Trainer
 
 from ..common import batch, fat_config, reference_stepper, synthetic32, twin_models
-from ..compare import eval_match
+from ..compare_checks import eval_match
 from .util import gpu_busy, guarded, time_calls
 
 VARIANTS = (("reference fp32", "ref", dict(amp="off")),

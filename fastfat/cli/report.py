@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from ..config import canonical_attack, parse_eps
+from ..config_values import canonical_attack, parse_eps
 from ..errors import UserError
 from ..files import check_writable_dir
 from ..sweep.report import write_report

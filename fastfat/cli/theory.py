@@ -5,7 +5,8 @@ import os
 
 from ..errors import UserError
 from ..files import check_writable_dir
-from ..theory import DEFAULT_EPS_TRAIN, DEFAULTS, Mixture, run_theory
+from ..theory import DEFAULT_EPS_TRAIN, DEFAULTS, Mixture
+from ..theory_run import run_theory
 
 
 def _eps_list(text: str) -> list[float]:

@@ -7,7 +7,8 @@ import sys
 from ..config import TrainConfig, make_train_config
 from ..errors import UserError
 from ..files import check_writable_dir
-from ..train import CHECKPOINT, RUN_FILES, train
+from ..runfiles import CHECKPOINT, RUN_FILES
+from ..train import train
 from .flags import add_dataclass_flags, given
 
 

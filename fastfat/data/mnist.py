@@ -13,7 +13,7 @@ import os
 import numpy as np
 
 from ..errors import UserError
-from .datasets import download_or_undo as _download, require_images
+from .checks import download_or_undo as _download, require_images
 from .idx import read_idx_pair
 
 FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",

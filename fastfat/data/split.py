@@ -1,13 +1,16 @@
 """Stratified draws: the class-balanced training pool (train_per_class), the validation hold-out
 that checkpoints are selected on (val_per_class), and the class-balanced test subset
-(test_per_class)."""
+(test_per_class); and a TrainConfig's training data drawn with them (training_pool,
+split_training_set, loader_config)."""
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
 from ..errors import UserError
 from ..seeding import SEED_SCALE, epoch_generator
-from .datasets import ImageSet
+from .datasets import ImageSet, load_dataset
 
 # The smallest class of each data set's full training split, for train_per_class's check before
 # any work (the published counts: MNIST's digit 5, SVHN's digit 9, STL-10's 500 labelled per
@@ -99,3 +102,27 @@ def stratified_holdout(data: ImageSet, per_class: float, seed: int) -> tuple[Ima
     part = lambda m: ImageSet(data.images[m.to(data.images.device)], data.labels[m.to(data.labels.device)],
                               data.num_classes)
     return part(~val), part(val)
+
+
+# The functions below take a fastfat.config.TrainConfig (not imported: config imports this module).
+
+def training_pool(cfg, data: ImageSet | None = None) -> ImageSet:
+    """cfg's training ImageSet: the data set's training split (or `data`, already loaded), then
+    train_per_class's balanced draw or train_limit's first N."""
+    if data is None:
+        data, _ = load_dataset(cfg.dataset, cfg.data_root, cfg.download)
+    if cfg.train_per_class is not None:
+        return balanced_pool(data, cfg.train_per_class, cfg.seed)
+    return data.subset(cfg.train_limit)
+
+
+def split_training_set(cfg, data: ImageSet | None = None) -> tuple[ImageSet, ImageSet]:
+    """(train, validation) ImageSets of cfg's training pool (training_pool of `data`, or of the
+    data set's training split), stratified."""
+    return stratified_holdout(training_pool(cfg, data), cfg.val_per_class, cfg.seed)
+
+
+def loader_config(cfg):
+    """cfg with loader "auto" pinned to "memory": the training part is an in-memory subset, which
+    the FFCV files (written for the whole set) cannot serve."""
+    return dataclasses.replace(cfg, loader="memory") if cfg.loader == "auto" else cfg

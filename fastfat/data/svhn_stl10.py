@@ -15,7 +15,7 @@ import os
 import numpy as np
 
 from ..errors import UserError
-from .datasets import download_or_undo as _download, require_images, whole_labels
+from .checks import download_or_undo as _download, require_images, whole_labels
 
 SVHN_FILES = ("train_32x32.mat", "test_32x32.mat")
 STL10_DIR = "stl10_binary"

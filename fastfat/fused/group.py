@@ -20,12 +20,12 @@ import torch.nn as nn
 from ..config import TrainConfig, from_dict, to_dict
 from ..data import load_dataset
 from ..data.build import choose_loader
+from ..data.split import loader_config, training_pool
 from ..errors import UserError
 from ..files import atomic_write_json, check_writable_dir
-from .. import selection
 from ..runtime import resolve_device
-from ..train import (CHECKPOINT, build_for_config, build_train_loader, load_resume_state, make_optimizer,
-                     save_run)
+from ..runfiles import CHECKPOINT, build_for_config, load_resume_state, save_run
+from ..train import build_train_loader, make_optimizer
 from .train import assemble, check_fusable, fused_epoch, snapshots
 
 FAILED = "failed.json"
@@ -68,16 +68,7 @@ def train_fused(cfgs: list[TrainConfig], out_dirs: list[str | None] | None = Non
     on_failure(k, error) once per failed member, including members failed in an earlier run.
     UserError (before any work) if the configs cannot fuse or out_dirs repeat.
     """
-    check_fusable(cfgs)
-    k = len(cfgs)
-    out_dirs = list(out_dirs) if out_dirs is not None else [None] * k
-    if len(out_dirs) != k:
-        raise UserError(f"{k} grid points but {len(out_dirs)} run folders")
-    named = [os.path.abspath(d) for d in out_dirs if d]
-    if len(set(named)) != len(named):
-        raise UserError("two members of a fused group share a run folder")
-    for d in named:
-        check_writable_dir(d, "out_dir")   # before any work, as train() does
+    out_dirs = _check_group(cfgs, out_dirs)
     device = resolve_device(cfgs[0].device)
     members = [MemberRun(c, d) for c, d in zip(cfgs, out_dirs)]
     for m in members:
@@ -104,35 +95,58 @@ def train_fused(cfgs: list[TrainConfig], out_dirs: list[str | None] | None = Non
         had_ghosts = ghosts
         rows, errors = fused_epoch(trainer, [loaders[i] for i in now], epoch, progress=progress,
                                    position=position)
-        snaps = snapshots(trainer)
-        ok = []
-        for slot, i in enumerate(now):
-            m = members[i]
-            if i not in real:
-                continue
-            if errors[slot] is not None:
-                m.error, m.failed_epoch = errors[slot], epoch
-                if m.out_dir:   # before the others' checkpoints: a resume knows the slots
-                    atomic_write_json(os.path.join(m.out_dir, FAILED), {
-                        "error": m.error, "epoch": epoch + 1, "config": to_dict(m.cfg)})
-                if on_failure is not None:
-                    on_failure(i, m.error)
-            else:
-                m.log.append(rows[slot])
-                m.snapshot, m.next_epoch = snaps[slot], epoch + 1
-                ok.append(i)
-        for i in ok:
-            m = members[i]
-            if m.out_dir:
-                save_run(m.out_dir, m.cfg, epoch, m.log, m.snapshot["model"], m.snapshot["optimizer"])
-            if on_epoch is not None:
-                on_epoch(i, m.log[-1])
+        _settle_epoch(members, now, real, epoch, rows, errors, snapshots(trainer), on_epoch, on_failure)
     for m in members:
         if m.error is None:
             m.model = build_for_config(m.cfg, device)
             if m.snapshot is not None:
                 m.model.load_state_dict(m.snapshot["model"])
     return members
+
+
+def _check_group(cfgs: list[TrainConfig], out_dirs: list[str | None] | None) -> list[str | None]:
+    """The members' run folders (None each without out_dirs); UserError, before any work, if the
+    configs cannot fuse or the folders are not one writable folder per member."""
+    check_fusable(cfgs)
+    k = len(cfgs)
+    out_dirs = list(out_dirs) if out_dirs is not None else [None] * k
+    if len(out_dirs) != k:
+        raise UserError(f"{k} grid points but {len(out_dirs)} run folders")
+    named = [os.path.abspath(d) for d in out_dirs if d]
+    if len(set(named)) != len(named):
+        raise UserError("two members of a fused group share a run folder")
+    for d in named:
+        check_writable_dir(d, "out_dir")   # before any work, as train() does
+    return out_dirs
+
+
+def _settle_epoch(members: list[MemberRun], now: list[int], real: list[int], epoch: int, rows, errors,
+                  snaps, on_epoch, on_failure) -> None:
+    """After a fused epoch over slots `now` (members[now[slot]]): each real (not ghost) member
+    either failed (error, failed.json, on_failure) or gets its log row and snapshot; then the
+    others' checkpoints are saved and on_epoch called, failures first (a resume knows the slots)."""
+    ok = []
+    for slot, i in enumerate(now):
+        m = members[i]
+        if i not in real:
+            continue
+        if errors[slot] is not None:
+            m.error, m.failed_epoch = errors[slot], epoch
+            if m.out_dir:   # before the others' checkpoints: a resume knows the slots
+                atomic_write_json(os.path.join(m.out_dir, FAILED), {
+                    "error": m.error, "epoch": epoch + 1, "config": to_dict(m.cfg)})
+            if on_failure is not None:
+                on_failure(i, m.error)
+        else:
+            m.log.append(rows[slot])
+            m.snapshot, m.next_epoch = snaps[slot], epoch + 1
+            ok.append(i)
+    for i in ok:
+        m = members[i]
+        if m.out_dir:
+            save_run(m.out_dir, m.cfg, epoch, m.log, m.snapshot["model"], m.snapshot["optimizer"])
+        if on_epoch is not None:
+            on_epoch(i, m.log[-1])
 
 
 def _restore(m: MemberRun, resume: bool, device) -> None:
@@ -183,6 +197,6 @@ def _loaders(cfgs: list[TrainConfig], device) -> list:
         if kind == "memory":
             data = data.to(device)   # each MemoryLoader's .to(device) is then a no-op
     if c.train_per_class is not None:   # each member its own seed's balanced pool, in memory
-        return [build_train_loader(selection.loader_config(cfg), device, selection.training_pool(cfg, data))
+        return [build_train_loader(loader_config(cfg), device, training_pool(cfg, data))
                 for cfg in cfgs]
     return [build_train_loader(cfg, device, data) for cfg in cfgs]

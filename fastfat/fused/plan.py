@@ -51,7 +51,8 @@ def member_peak_bytes(cfg: TrainConfig, device: torch.device) -> int:
     """Peak CUDA memory of one training step of one member (weights, optimizer state, the
     attack copy and the step's activations), measured on random data of the data set's shape."""
     from ..data import dataset_info
-    from ..train import Trainer, build_for_config
+    from ..runfiles import build_for_config
+    from ..train import Trainer
     info = dataset_info(cfg.dataset)
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()

@@ -20,8 +20,10 @@ from ..config import TrainConfig, to_dict
 from ..errors import UserError
 from ..runtime import autocast, progress_bar, synchronize
 from ..seeding import epoch_generator
-from ..train import (NonFiniteLoss, StepOut, Trainer, _check_finite, build_for_config, check_model,
-                     make_optimizer, method_loss, warmup_lam)
+from ..losses import method_loss
+from ..runfiles import build_for_config
+from ..train import (NonFiniteLoss, StepOut, Trainer, check_finite as _check_finite, check_model,
+                     make_optimizer, warmup_lam)
 from .model import FusedModel, fuse_models, split_models
 
 # Training fields that may differ between members: they enter only the member's own attack

@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import attacks, kernels
-from ..config_values import _range, opt
+from ..config_values import check_range, opt
 from ..runtime import autocast
 from .base import ClassSums, Method, MethodState, gather
 
@@ -55,10 +55,10 @@ class ABSLDParams:
 
 def check(cfg) -> None:
     """ABSLDParams' ranges."""
-    _range("absld_rate", cfg.absld_rate, 0.0, math.inf)
-    _range("absld_temp_min", cfg.absld_temp_min, 0.0, math.inf, low_open=True)
-    _range("absld_temp_max", cfg.absld_temp_max, cfg.absld_temp_min, math.inf)
-    _range("absld_adv_weight", cfg.absld_adv_weight, 0.0, 1.0)
+    check_range("absld_rate", cfg.absld_rate, 0.0, math.inf)
+    check_range("absld_temp_min", cfg.absld_temp_min, 0.0, math.inf, low_open=True)
+    check_range("absld_temp_max", cfg.absld_temp_max, cfg.absld_temp_min, math.inf)
+    check_range("absld_adv_weight", cfg.absld_adv_weight, 0.0, 1.0)
 
 
 def update_temperatures(temp: torch.Tensor, class_loss: torch.Tensor, rate: float,

@@ -11,11 +11,11 @@ import torch
 import torch.nn as nn
 
 from .. import kernels, losses
-from ..config_values import _range
+from ..config_values import check_range
 from ..errors import UserError
 
 # The key of a method's state_dict whose value (a model state dict) is what the run's evaluation
-# loads (fastfat.train.load_model) instead of the trained weights: CFA's FAWA average.
+# loads (fastfat.runfiles.load_model) instead of the trained weights: CFA's FAWA average.
 EVAL_MODEL = "eval_model"
 
 
@@ -196,7 +196,7 @@ class ClassSums:
 
 def check_epoch_count(name: str, value) -> None:
     """UserError unless value is N >= 1 whole epochs or a fraction in (0, 1) (see epochs_of)."""
-    _range(name, value, 0.0, math.inf, low_open=True)
+    check_range(name, value, 0.0, math.inf, low_open=True)
     if value >= 1 and not float(value).is_integer():
         raise UserError(f"{name} must be a whole number of epochs (>= 1) or a fraction of the "
                         f"epochs in (0, 1), got {value:g}")

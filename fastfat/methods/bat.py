@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from .. import kernels
 from ..attacks import start_noise
-from ..config_values import _int_at_least, _range, opt
+from ..config_values import check_int_at_least, check_range, opt
 from ..runtime import autocast
 from .base import Method, MethodState
 
@@ -110,8 +110,8 @@ class BATParams:
 
 def check(cfg) -> None:
     """BATParams' ranges."""
-    _int_at_least("bat_tau", cfg.bat_tau, 0)
-    _range("bat_gamma", cfg.bat_gamma, 0.0, math.inf)
+    check_int_at_least("bat_tau", cfg.bat_tau, 0)
+    check_range("bat_gamma", cfg.bat_gamma, 0.0, math.inf)
 
 
 class BAT(MethodState):

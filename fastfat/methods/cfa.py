@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 
 from .. import losses
-from ..config_values import _range, opt
+from ..config_values import check_range, opt
 from ..errors import UserError
 from .base import EVAL_MODEL, ClassSums, Method, MethodState, check_epoch_count, epochs_of, gather
 
@@ -54,9 +54,9 @@ class CFAParams:
 def check(cfg) -> None:
     """CFAParams' ranges; for a cfa-* run, a cfa_begin inside the run and FAWA's validation split."""
     for name in ("cfa_lambda1", "cfa_lambda2"):
-        _range(name, getattr(cfg, name), 0.0, math.inf)
-    _range("cfa_fawa_decay", cfg.cfa_fawa_decay, 0.0, 1.0)
-    _range("cfa_fawa_threshold", cfg.cfa_fawa_threshold, 0.0, 1.0)
+        check_range(name, getattr(cfg, name), 0.0, math.inf)
+    check_range("cfa_fawa_decay", cfg.cfa_fawa_decay, 0.0, 1.0)
+    check_range("cfa_fawa_threshold", cfg.cfa_fawa_threshold, 0.0, 1.0)
     check_epoch_count("cfa_begin", cfg.cfa_begin)
     if not cfg.method.startswith("cfa-"):
         return

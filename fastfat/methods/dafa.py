@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import kernels, losses
-from ..config_values import _range, opt
+from ..config_values import check_range, opt
 from ..errors import UserError
 from .base import ClassSums, Method, MethodState, check_epoch_count, epochs_of, gather
 
@@ -48,7 +48,7 @@ class DAFAParams:
 
 def check(cfg) -> None:
     """DAFAParams' ranges; for a dafa-* run, a warm-up that ends inside the run."""
-    _range("dafa_lambda", cfg.dafa_lambda, 0.0, math.inf)
+    check_range("dafa_lambda", cfg.dafa_lambda, 0.0, math.inf)
     check_epoch_count("dafa_warmup", cfg.dafa_warmup)
     if cfg.method.startswith("dafa-"):
         warm = epochs_of(cfg.dafa_warmup, cfg.epochs)

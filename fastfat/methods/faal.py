@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import kernels
-from ..config_values import _choice, _range, opt
+from ..config_values import check_choice, check_range, opt
 from .base import Method, MethodState
 
 DIVERGENCES = ("code", "tilting")
@@ -130,8 +130,8 @@ class FAALParams:
 
 def check(cfg) -> None:
     """FAALParams' ranges."""
-    _range("faal_r", cfg.faal_r, 0.0, math.inf)
-    _choice("faal_divergence", cfg.faal_divergence, DIVERGENCES)
+    check_range("faal_r", cfg.faal_r, 0.0, math.inf)
+    check_choice("faal_divergence", cfg.faal_divergence, DIVERGENCES)
 
 
 class FAAL(MethodState):

@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import attacks, kernels
-from ..config_values import _range, opt
+from ..config_values import check_range, opt
 from ..runtime import autocast
 from .base import ClassSums, Method, MethodState, gather
 
@@ -51,9 +51,9 @@ class FairARDParams:
 
 def check(cfg) -> None:
     """FairARDParams' ranges."""
-    _range("fair_ard_beta", cfg.fair_ard_beta, 0.0, math.inf)
-    _range("fair_ard_temp", cfg.fair_ard_temp, 0.0, math.inf, low_open=True)
-    _range("fair_ard_alpha", cfg.fair_ard_alpha, 0.0, 1.0)
+    check_range("fair_ard_beta", cfg.fair_ard_beta, 0.0, math.inf)
+    check_range("fair_ard_temp", cfg.fair_ard_temp, 0.0, math.inf, low_open=True)
+    check_range("fair_ard_alpha", cfg.fair_ard_alpha, 0.0, 1.0)
 
 
 def class_weights(kappa: torch.Tensor, beta: float) -> torch.Tensor:

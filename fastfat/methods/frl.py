@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from .. import losses
-from ..config_values import _range, opt
+from ..config_values import check_range, opt
 from ..errors import UserError
 from .base import Method, MethodState, gather
 
@@ -56,13 +56,13 @@ def check(cfg) -> None:
     """FRLParams' ranges."""
     for name in ("frl_bound_nat", "frl_bound_bndy"):
         if getattr(cfg, name) is not None:
-            _range(name, getattr(cfg, name), 0.0, 1.0)
+            check_range(name, getattr(cfg, name), 0.0, 1.0)
     for name in ("frl_rate_nat", "frl_rate_bndy", "frl_rate_margin"):
-        _range(name, getattr(cfg, name), 0.0, math.inf)
-    _range("frl_lim", cfg.frl_lim, 0.0, 1.0)
+        check_range(name, getattr(cfg, name), 0.0, math.inf)
+    check_range("frl_lim", cfg.frl_lim, 0.0, 1.0)
     if cfg.frl_lim == 1.0:   # 1/C + lam_c - sum(lam)/C reaches 0 for a class at lam_c = 0
         raise UserError("frl_lim must be below 1 (at 1 a class's loss weight can reach 0), got 1.0")
-    _range("frl_margin_max", cfg.frl_margin_max, 1.0, math.inf)
+    check_range("frl_margin_max", cfg.frl_margin_max, 1.0, math.inf)
 
 DEFAULT_BOUNDS = {"frl-rw": 0.1, "frl-rwrm": 0.07}   # tau of their two scripts
 RATE_HALVING_EPOCHS = 40   # their code: rate1 /= 2 when the 1-based epoch is a multiple of 40

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import attacks, kernels, losses
-from ..config_values import _range, opt
+from ..config_values import check_range, opt
 from ..runtime import amp_dtype, autocast
 from ..seeding import eval_noise_seed
 from .base import ClassSums, Method, MethodState, gather
@@ -35,7 +35,7 @@ class WATParams:
 
 def check(cfg) -> None:
     """wat_eta > 0."""
-    _range("wat_eta", cfg.wat_eta, 0.0, math.inf, low_open=True)
+    check_range("wat_eta", cfg.wat_eta, 0.0, math.inf, low_open=True)
 
 
 def initial_weights(num_classes: int, device=None) -> torch.Tensor:

@@ -16,13 +16,13 @@ from .cnn import cnn
 from .fold import fold_bn
 from .preact_resnet import preactresnet18
 from .resnet import resnet18, resnet50
-from .wideresnet import wrn34_10
+from .wideresnet import wrn32_10
 
 # canonical name -> (constructor, default width)
 _BUILDERS = {
     "resnet18": (resnet18, 64),
     "resnet50": (resnet50, 64),
-    "wrn-32-10": (wrn34_10, 160),
+    "wrn-32-10": (wrn32_10, 160),
     "preactresnet18": (preactresnet18, 64),
     "cnn": (cnn, 32),
 }

@@ -83,5 +83,7 @@ class WideResNet(nn.Module):
                 if isinstance(m, WideBlock)]
 
 
-def wrn34_10(num_classes: int = 10, width: int = 160, in_channels: int = 3) -> WideResNet:
+def wrn32_10(num_classes: int = 10, width: int = 160, in_channels: int = 3) -> WideResNet:
+    """The FAT paper's "WRN-32-10" ("wrn-32-10"; "wrn-34-10" names the same network): the TRADES
+    WideResNet of depth 34, 32 weight layers on the main path plus 2 shortcut convs."""
     return WideResNet(34, num_classes, width, in_channels)

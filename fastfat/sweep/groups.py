@@ -56,6 +56,53 @@ def train_group(points: list[GridPoint], run_dirs: list[str], *, progress: bool 
     return runs, [len(r.log) - n for r, n in zip(runs, new)]
 
 
+class _GroupLedger:
+    """A claimed group's bookkeeping in the database: epochs recorded as checkpoints land,
+    members failed (with their reason) or finished, counts and the bars kept up to date.
+    `settled` holds the keys no longer ours to release or fail."""
+
+    def __init__(self, store, points: list[GridPoint], counts: dict, progress: bool, overall, bar):
+        self.store, self.points, self.counts = store, points, counts
+        self.progress, self.overall, self.bar = progress, overall, bar
+        self.keys = [p.key for p in points]
+        self.settled: set[str] = set()
+
+    def advance(self):   # the overall bar counts the database's done points: re-read it
+        if self.overall is not None:
+            self.overall.update()
+
+    def on_epoch(self, k, row):
+        self.store.record_epoch(self.keys[k], row)   # after the member's checkpoint is on disk
+        if self.bar is not None:
+            self.bar.update(1)
+        self.advance()
+
+    def failed(self, key, error, trace=None):
+        self.store.fail(key, error)
+        self.settled.add(key)
+        self.counts["failed"] += 1
+        self.advance()
+        label = next(p.label() for p in self.points if p.key == key)
+        _say(f"FAILED {label}: {error}" + (f"\n{trace}" if trace else ""), self.progress)
+
+    def on_failure(self, k, error):
+        if self.keys[k] not in self.settled:
+            self.failed(self.keys[k], error)
+
+    def fail_unsettled(self, error, trace=None):
+        """Every member not yet settled fails with error (the trace printed once)."""
+        for key in self.keys:
+            if key not in self.settled:
+                self.failed(key, error, trace)
+                trace = None
+
+    def finish(self, p: GridPoint, records, train_seconds: float, eval_seconds: float):
+        self.store.finish(p.key, records, train_seconds=train_seconds, eval_seconds=eval_seconds)
+        self.settled.add(p.key)
+        self.counts["ran"] += 1
+        self.advance()
+
+
 def run_group(store, points: list[GridPoint], sweep: Sweep, counts: dict, *, progress: bool, overall=None,
               tally=None) -> None:
     """Claim the group's points at once (Store.claim_group: all or none), train them fused and
@@ -73,68 +120,19 @@ def run_group(store, points: list[GridPoint], sweep: Sweep, counts: dict, *, pro
         return
     keys = [p.key for p in points]
     run_dirs = [os.path.join(sweep.runs_dir, k) for k in keys]
-    settled: set[str] = set()   # finished or failed: no longer ours to release or fail
     bar = progress_bar(epochs * len(points), f"{len(points)} fused: {points[0].label()}, ...",
                        progress, position=1, unit="epoch", initial=sum(min(have[k], epochs) for k in keys))
-
-    def advance():   # the overall bar counts the database's done points: re-read it
-        if overall is not None:
-            overall.update()
-
-    def on_epoch(k, row):
-        store.record_epoch(keys[k], row)   # after the member's checkpoint is on disk
-        if bar is not None:
-            bar.update(1)
-        advance()
-
-    def failed(key, error, trace=None):
-        store.fail(key, error)
-        settled.add(key)
-        counts["failed"] += 1
-        advance()
-        label = next(p.label() for p in points if p.key == key)
-        _say(f"FAILED {label}: {error}" + (f"\n{trace}" if trace else ""), progress)
-
-    def on_failure(k, error):
-        if keys[k] not in settled:
-            failed(keys[k], error)
-
+    ledger = _GroupLedger(store, points, counts, progress, overall, bar)
     t0 = time.perf_counter()
     try:
         with store.keep_alive(keys):
             try:
                 runs, _ = train_group(points, run_dirs, progress=progress, position=2,
-                                      on_epoch=on_epoch, on_failure=on_failure)
+                                      on_epoch=ledger.on_epoch, on_failure=ledger.on_failure)
             finally:
                 if bar is not None:
                     bar.close()
-            seconds = time.perf_counter() - t0
-            for p, run_dir, run in zip(points, run_dirs, runs):
-                if run.error is not None:
-                    continue
-                # A kill between a checkpoint and its on_epoch leaves that epoch unrecorded; the
-                # resumed group does not repeat it, so take every epoch from the member's own log.
-                for row in run.log:
-                    store.record_epoch(p.key, row)
-                t1 = time.perf_counter()
-                try:
-                    records = point_runs.evaluate_point(p, run_dir)
-                except UserError as e:
-                    failed(p.key, str(e))
-                    continue
-                except Exception as e:   # a bug or a resource error: this member only, with the trace
-                    failed(p.key, f"{type(e).__name__}: {e}", traceback.format_exc())
-                    continue
-                t2 = time.perf_counter()
-                # train_seconds: the group's training time (a member's rows carry the group's wall time)
-                store.finish(p.key, records, train_seconds=sum(r["seconds"] for r in run.log),
-                             eval_seconds=t2 - t1)
-                settled.add(p.key)
-                counts["ran"] += 1
-                advance()
-                seconds += t2 - t1
-                if tally is not None:
-                    tally(p, records, seconds)
+            _store_members(ledger, run_dirs, runs, time.perf_counter() - t0, tally)
     except KeyboardInterrupt:
         store.release(keys)
         raise
@@ -145,12 +143,33 @@ def run_group(store, points: list[GridPoint], sweep: Sweep, counts: dict, *, pro
              f"lease); leaving it there and giving its fused group's other points back", progress)
         store.release(keys)
     except UserError as e:   # the group as a whole, before any training: each member fails with it
-        for key in keys:
-            if key not in settled:
-                failed(key, str(e))
+        ledger.fail_unsettled(str(e))
     except Exception as e:   # a bug or a resource error: keep going, keep the trace
-        trace = traceback.format_exc()
-        for key in keys:
-            if key not in settled:
-                failed(key, f"{type(e).__name__}: {e}", trace)
-                trace = None
+        ledger.fail_unsettled(f"{type(e).__name__}: {e}", traceback.format_exc())
+
+
+def _store_members(ledger: _GroupLedger, run_dirs: list[str], runs: list, seconds: float, tally) -> None:
+    """Evaluate each member that trained to the end and store its results (a member whose
+    evaluation fails is stored failed); tally(p, records, seconds so far) after each."""
+    for p, run_dir, run in zip(ledger.points, run_dirs, runs):
+        if run.error is not None:
+            continue
+        # A kill between a checkpoint and its on_epoch leaves that epoch unrecorded; the
+        # resumed group does not repeat it, so take every epoch from the member's own log.
+        for row in run.log:
+            ledger.store.record_epoch(p.key, row)
+        t1 = time.perf_counter()
+        try:
+            records = point_runs.evaluate_point(p, run_dir)
+        except UserError as e:
+            ledger.failed(p.key, str(e))
+            continue
+        except Exception as e:   # a bug or a resource error: this member only, with the trace
+            ledger.failed(p.key, f"{type(e).__name__}: {e}", traceback.format_exc())
+            continue
+        t2 = time.perf_counter()
+        # train_seconds: the group's training time (a member's rows carry the group's wall time)
+        ledger.finish(p, records, sum(r["seconds"] for r in run.log), t2 - t1)
+        seconds += t2 - t1
+        if tally is not None:
+            tally(p, records, seconds)

@@ -52,7 +52,7 @@ def evaluate_point(p: GridPoint, run_dir: str) -> list[dict]:
     from ..evaluate import evaluate, make_test_loader
     from ..runtime import resolve_device
     from ..selection import BEST
-    from ..train import load_model
+    from ..runfiles import load_model
 
     # The checkpoints on disk, so a point killed after training and before its results were
     # stored is evaluated on the same weights.

@@ -29,9 +29,9 @@ from ..errors import UserError
 from ..files import check_writable_dir
 from .progress import GridProgress
 from .grid import GridPoint, RaySettings, Sweep
-from .points import evaluate_point
-from .runner import (Terminated, _open_and_add, _say, _sigterm_as_interrupt, claim_points,
-                     summary_line, train_and_evaluate, unsettled_source, write_report)
+from .points import claim_points, evaluate_point, say, summary_line
+from .runner import (Terminated, open_and_add, sigterm_as_interrupt, train_and_evaluate, unsettled_source,
+                     write_report)
 
 INSTALL = "pip install 'fastfat[ray]'"
 PROBE_S = 10.0        # how long to wait for the cluster's address to answer
@@ -154,7 +154,7 @@ def run_sweep_ray(sweep: Sweep, *, progress: bool = True, report: bool = True, r
     if sweep.ray is None:
         sweep = dataclasses.replace(sweep, ray=RaySettings("local"))
     check_writable_dir(sweep.runs_dir, "shared_dir")
-    with _sigterm_as_interrupt() as sigterm:
+    with sigterm_as_interrupt() as sigterm:
         connected = _connect(ray, sweep.ray.address)
         # ray.init installs its C++ failure handler for SIGTERM (a stack dump, then exit 15),
         # which would end the driver with its points left 'running': ours again, after it.
@@ -268,18 +268,18 @@ def _store(store, p: GridPoint, o: Outcome, counts: dict, progress: bool, n: int
             store.fail(p.key, o.error)
     except ClaimLost:
         counts["busy"] += 1
-        _say(f"sweep: {p.label()} was taken over by another process (this driver was silent past "
-             f"its lease); leaving it there", progress)
+        say(f"sweep: {p.label()} was taken over by another process (this driver was silent past "
+            f"its lease); leaving it there", progress)
         return
     if o.error is not None:
         counts["failed"] += 1
-        _say(f"FAILED {p.label()}: {o.error}" + (f"\n{o.trace}" if o.trace else ""), progress)
+        say(f"FAILED {p.label()}: {o.error}" + (f"\n{o.trace}" if o.trace else ""), progress)
         return
     counts["ran"] += 1
     counts["resumed"] += o.start_epoch > 0
     resumed = f", resumed after epoch {o.start_epoch}" if o.start_epoch else ""
-    _say(f"[{n}/{total}] " + summary_line(p, o.records, o.seconds)[:-1] + f" on {o.where}{resumed})",
-         progress)
+    say(f"[{n}/{total}] " + summary_line(p, o.records, o.seconds)[:-1] + f" on {o.where}{resumed})",
+        progress)
 
 
 SOURCE_WAIT_S = 1.0   # how long the driver sleeps when every unit waits for a source point
@@ -305,19 +305,19 @@ def _drive(ray, sweep: Sweep, progress: bool, reclaim: bool) -> dict:
                                         retry_exceptions=False)
     slots, nodes = _slots(ray, cpus, gpus)
     if nodes > 1 and sweep.shared_dir is None:
-        _say(f"sweep: the runs go to {sweep.runs_dir} (beside the database): every node of the "
-             f"cluster must reach this path; set shared_dir otherwise", progress)
+        say(f"sweep: the runs go to {sweep.runs_dir} (beside the database): every node of the "
+            f"cluster must reach this path; set shared_dir otherwise", progress)
     if slots == 0:
-        _say(f"sweep: no node of the Ray cluster has {cpus} CPU(s)" + (f" and {gpus:g} GPU(s)" if gpus else "")
-             + " free for a grid point; the points wait until one joins", progress)
+        say(f"sweep: no node of the Ray cluster has {cpus} CPU(s)" + (f" and {gpus:g} GPU(s)" if gpus else "")
+            + " free for a grid point; the points wait until one joins", progress)
     with Store(sweep.db, lease=sweep.lease) as store:
-        have, reclaimed = _open_and_add(store, sweep, progress, reclaim)
+        have, reclaimed = open_and_add(store, sweep, progress, reclaim)
         todo = [p for p in sweep.points if have[p.key].status != "done"]
         counts = {"points": len(sweep.points), "skipped": len(sweep.points) - len(todo), "ran": 0,
                   "failed": 0, "busy": 0, "failed_elsewhere": 0, "reclaimed": reclaimed, "resumed": 0}
         if counts["skipped"]:
-            _say(f"sweep: {counts['skipped']} of {len(sweep.points)} points already done, skipping them",
-                 progress)
+            say(f"sweep: {counts['skipped']} of {len(sweep.points)} points already done, skipping them",
+                progress)
         bar = GridProgress(sweep.db, [p.key for p in sweep.points], enabled=progress)
         done = [p.key for p in sweep.points if have[p.key].status == "done"]
         queue, in_flight = deque(plan_units(sweep.points, sweep.fuse, done)), {}   # ObjectRef -> claimed points
@@ -382,7 +382,7 @@ def _renew(ray, store, in_flight: dict, counts: dict, progress: bool) -> None:
         for p in unit:
             if p.key in lost:
                 counts["busy"] += 1
-                _say(f"sweep: {p.label()} was taken over by another process (this driver was "
-                     f"silent past its lease); leaving it there", progress)
+                say(f"sweep: {p.label()} was taken over by another process (this driver was "
+                    f"silent past its lease); leaving it there", progress)
             else:
                 store.release(p.key)

@@ -26,7 +26,7 @@ from ..runtime import progress_bar
 from .progress import GridProgress
 from .grid import GridPoint, Sweep, default_report_dir
 from . import points
-from .points import claim_point, claim_points, minutes as _minutes, say as _say, summary_line  # noqa: F401
+from .points import claim_point, minutes as _minutes, say as _say, summary_line
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,7 +103,7 @@ class Terminated(KeyboardInterrupt):
 
 
 @contextmanager
-def _sigterm_as_interrupt():
+def sigterm_as_interrupt():
     """While a sweep runs, SIGTERM raises Terminated (the default would end the process at once
     and leave its point 'running'); the previous handler comes back after. Yields a dict whose
     "received" turns True on SIGTERM (Ray's C++ wait re-raises any exception of a signal handler
@@ -135,7 +135,7 @@ def run_sweep(sweep: Sweep, *, progress: bool = True, report: bool = True, repor
     GridProgress the caller owns and closes (workers.py: it outlives this process's own loop);
     by default this run draws and closes its own. run_mark: the run this process joins
     (Store.begin_run of the command's first process; workers.py), else a run of its own."""
-    with _sigterm_as_interrupt():
+    with sigterm_as_interrupt():
         if sweep.threads is None:
             return _run_sweep(sweep, progress, report, report_dir, report_options, reclaim, overall, run_mark)
         # On a shared small CPU, torch's default (one thread per core) in several processes at
@@ -149,7 +149,7 @@ def run_sweep(sweep: Sweep, *, progress: bool = True, report: bool = True, repor
             torch.set_num_threads(before)
 
 
-def _open_and_add(store, sweep: Sweep, progress: bool, reclaim: bool, run_mark=None) -> tuple[dict, int]:
+def open_and_add(store, sweep: Sweep, progress: bool, reclaim: bool, run_mark=None) -> tuple[dict, int]:
     """Add the grid's points to the store, say what else the database holds, reclaim if asked;
     returns the store's Points of this grid by key and how many were reclaimed."""
     from .grid import setting_of
@@ -235,7 +235,7 @@ def _run_sweep(sweep: Sweep, progress, report, report_dir, report_options, recla
     from .store import Store
 
     with Store(sweep.db, lease=sweep.lease) as store:
-        have, reclaimed = _open_and_add(store, sweep, progress, reclaim, run_mark)
+        have, reclaimed = open_and_add(store, sweep, progress, reclaim, run_mark)
         todo = [p for p in sweep.points if have[p.key].status != "done"]
         counts = {"points": len(sweep.points), "skipped": len(sweep.points) - len(todo),
                   "ran": 0, "failed": 0, "busy": 0, "failed_elsewhere": 0, "reclaimed": reclaimed}
