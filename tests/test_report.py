@@ -10,7 +10,7 @@ from matplotlib.collections import PathCollection
 from matplotlib.container import BarContainer
 
 from fastfat import cli
-from fastfat.sweep import figures, report
+from fastfat.report import figures, report
 from fastfat.sweep.store import Point, Store
 
 # (method, lam, eps_train, seed) -> class accuracies per (attack, eps_test); 4 classes.
@@ -227,7 +227,7 @@ def test_pareto_front_function():
 
 
 def test_labels():
-    from fastfat.sweep import labels
+    from fastfat.report import labels
     from fastfat.config import METHODS, base_method
     assert [m for m in labels.METHOD_ORDER if labels.has_lambda(m)] == ["fat-madry", "fat-trades"]
     assert sorted(labels.METHOD_ORDER) == sorted(METHODS)   # every method has its place and name

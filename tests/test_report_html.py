@@ -15,9 +15,9 @@ import time
 import numpy as np
 import pytest
 
-from fastfat.sweep import html as report_html
-from fastfat.sweep import report
-from fastfat.sweep.tables import Table
+from fastfat.report import html as report_html
+from fastfat.report import report
+from fastfat.report.tables import Table
 from test_report_seeds import ACC, T2, db  # noqa: F401 (the database fixture)
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from matplotlib.collections import LineCollection, PathCollection
 
-from fastfat.sweep import figures, report, seeds
+from fastfat.report import figures, report, seeds
 from fastfat.sweep.store import Point, Store
 from test_report import _csv, _md_table
 

@@ -6,7 +6,7 @@ import os
 from ..config import canonical_attack, parse_eps
 from ..errors import UserError
 from ..files import check_writable_dir
-from ..sweep.report import write_report
+from ..report.report import write_report
 from ..sweep.grid import default_report_dir
 
 

@@ -21,7 +21,7 @@ from ..config import (FINE_TUNE_METHODS, METHODS, TEACHER_METHODS, EvalConfig, T
                       make_train_config, to_dict)
 from ..errors import UserError
 from ..data.split import check_test_per_class
-from .labels import lam_suffix
+from ..report.labels import lam_suffix
 from .only import dropped, parse_only
 from .claims import DEFAULT_LEASE_S
 from .store import Point

@@ -126,8 +126,8 @@ def _run_row(r: dict, k: int) -> dict:
 
 def load(db_path: str) -> Data:
     """The finished points of a database, per seed and grouped and averaged over seeds."""
-    from .grid import setting_names, setting_of
-    from .store import Store
+    from ..sweep.grid import setting_names, setting_of
+    from ..sweep.store import Store
 
     with Store(db_path, readonly=True) as store:
         points = store.points()
