@@ -1,154 +1,40 @@
-"""`fastfat report`'s figures (matplotlib, Agg), at the attack and eps_test of Table 2: var and
-rob.acc against eps_train, one line per model (the paper's Figures 1-2) and one line per method
-for each model; rob.acc against var for the base method and every lambda, the Pareto front
-highlighted; class-wise robust accuracy bars per eps_train; worst-class against average robust
-accuracy for every method (last and best checkpoints). Where a cell has several seeds, its point
-carries error bars of +- one standard deviation over the seeds. Each is written as a PNG. Like
-the tables, a figure holds points of one training setting only (report.Data.tag names it).
+"""`fastfat report`'s figures (matplotlib, Agg), all at the report's one attack and eps_test (the
+strongest attack evaluated unless chosen): var and rob.acc against eps_train, one line per model
+(the paper's Figures 1-2) and one line per method for each model; rob.acc against var for the
+base method and every lambda, the Pareto front highlighted; class-wise robust accuracy bars per
+eps_train; worst-class against average robust accuracy for every method (last and best
+checkpoints); and, beside them, the attack-gap view (rob.acc under PGD-20, dashed, against the
+chosen attack). Every figure is 800 x 450 px with a caption (Figures.captions) saying what it
+plots, at which attack and eps_test, and what its error bars are (+- one standard deviation over
+the seeds); legends hold at most MAX_LEGEND entries (more methods: several figures on the same
+axes) and point labels are placed so they do not collide. Like the tables, a figure holds points
+of one training setting only (report.Data.tag names it).
 """
 from __future__ import annotations
 
 import pandas as pd
 
-from ..config import base_method
+from ..config import base_method, has_lambda
 from ..files import atomic_write_png
 from .labels import (METHOD_ORDER, attack_title, class_names, dataset_name, eps_label,
-                     has_lambda, lam_suffix, method_label, method_name, model_name)
+                     lam_suffix, method_label, method_name, model_name)
+from .plots import plot_classwise, plot_fairness, plot_pareto, plot_vs_eps, pyplot
 from .seeds import eps_key, ordered
 
-
-def pyplot():
-    """matplotlib.pyplot on the Agg backend (files only, no display)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    # A report makes all its figures before saving (and closing) each: a methods grid has dozens.
-    plt.rcParams["figure.max_open_warning"] = 0
-    return plt
+MAX_LEGEND = 10      # entries in one legend; more methods are split over figures with the same axes
+WEAK = "pgd20"       # the attack the gap view sets beside the chosen one
 
 
-def _has(errs) -> bool:
-    return any(e == e for e in errs)   # some finite spread (NaN: a single seed)
+class Figures(dict):
+    """File stem -> matplotlib Figure, in report order, with each figure's caption (captions)."""
 
+    def __init__(self):
+        super().__init__()
+        self.captions: dict[str, str] = {}
 
-def error_bars(ax, xs, ys, yerr=None, xerr=None, color=None) -> None:
-    """+- one standard deviation over seeds at each point, where there is one (NaN: none)."""
-    yerr = yerr if yerr is not None and _has(yerr) else None
-    xerr = xerr if xerr is not None and _has(xerr) else None
-    if yerr is not None or xerr is not None:
-        ax.errorbar(xs, ys, yerr=yerr, xerr=xerr, fmt="none", ecolor=color, elinewidth=1, capsize=0)
-
-
-def plot_vs_eps(series: dict[str, list[tuple[float, float, float]]], title: str, errors: dict | None = None):
-    """var (10^-2) and rob.acc (%) against eps_train; series: label -> [(eps_train, var, acc)];
-    errors: label -> [(var std, acc std)] in the same order (NaN where one seed), drawn as bars."""
-    plt = pyplot()
-    fig, (ax_v, ax_a) = plt.subplots(1, 2, figsize=(9, 3.4), dpi=100)
-    for label, pts in series.items():
-        order = sorted(range(len(pts)), key=lambda i: pts[i])
-        errs = [(errors or {}).get(label, [(float("nan"),) * 2] * len(pts))[i] for i in order]
-        pts = [pts[i] for i in order]
-        xs = [p[0] for p in pts]
-        (lv,) = ax_v.plot(xs, [p[1] for p in pts], marker="o", label=label)
-        (la,) = ax_a.plot(xs, [p[2] for p in pts], marker="o", label=label)
-        error_bars(ax_v, xs, [p[1] for p in pts], [e[0] for e in errs], color=lv.get_color())
-        error_bars(ax_a, xs, [p[2] for p in pts], [e[1] for e in errs], color=la.get_color())
-    ax_v.set_ylabel("var of class-wise rob. acc (10$^{-2}$)")
-    ax_a.set_ylabel("average robust accuracy (%)")
-    for ax in (ax_v, ax_a):
-        ax.set_xlabel(r"$\epsilon_{train}$")
-        ax.grid(alpha=0.3)
-    ax_a.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    return fig
-
-
-def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """The (var, acc) points no other point beats on both (lower var and higher acc), by var."""
-    front = [p for p in points
-             if not any(q[0] <= p[0] and q[1] >= p[1] and (q[0] < p[0] or q[1] > p[1]) for q in points)]
-    return sorted(set(front))
-
-
-def plot_pareto(series: dict[str, list[tuple[float, float, float]]], title: str, errors: dict | None = None):
-    """rob.acc (%) against var (10^-2); series: label (e.g. per lambda) -> [(eps_train, var, acc)].
-    Each point is marked with its eps_train; the Pareto front over all points is a line. errors:
-    as plot_vs_eps's, bars along both axes."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4.2), dpi=100)
-    allpts = []
-    for label, pts in series.items():
-        dots = ax.scatter([p[1] for p in pts], [p[2] for p in pts], label=label, s=30)
-        errs = (errors or {}).get(label)
-        if errs:
-            error_bars(ax, [p[1] for p in pts], [p[2] for p in pts], [e[1] for e in errs], [e[0] for e in errs],
-                       color=dots.get_facecolor()[0])
-        for eps_train, v, a in pts:
-            ax.annotate(eps_label(eps_train), (v, a), fontsize=6, xytext=(3, 3), textcoords="offset points")
-        allpts += [(p[1], p[2]) for p in pts]
-    front = pareto_front(allpts)
-    ax.plot([p[0] for p in front], [p[1] for p in front], color="black", lw=1.2, ls="--",
-            marker="o", mfc="none", ms=10, label="Pareto front")
-    ax.set_xlabel("var of class-wise rob. acc (10$^{-2}$), lower is fairer")
-    ax.set_ylabel("average robust accuracy (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    return fig
-
-
-def plot_classwise(names: list[str], series: dict[str, list[float]], title: str, errors: dict | None = None):
-    """Grouped bars: robust accuracy (%) per class, one bar series per label (eps_train); errors:
-    label -> each class's std over seeds (NaN where one seed), drawn on the bars."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(names) * max(1, len(series)) / 2), 3.6), dpi=100)
-    k = max(1, len(series))
-    width = 0.8 / k
-    for i, (label, vals) in enumerate(series.items()):
-        xs = [c + (i - (k - 1) / 2) * width for c in range(len(names))]
-        ax.bar(xs, vals, width=width, label=label)
-        error_bars(ax, xs, vals, (errors or {}).get(label), color="black")
-    ax.set_xticks(range(len(names)))
-    ax.set_xticklabels(names, rotation=45 if max(len(n) for n in names) > 3 else 0, fontsize=8)
-    ax.set_ylabel("robust accuracy (%)")
-    ax.set_xlabel("class")
-    ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=7, title=r"$\epsilon_{train}$", title_fontsize=7)
-    ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    return fig
-
-
-def plot_fairness(series: dict[str, list[tuple]], title: str):
-    """Worst-class against average robust accuracy (%) of every method; series: label ->
-    [(eps_train, avg, worst, avg std, worst std)] (std NaN where one seed: no bars). Each point
-    is marked with its eps_train."""
-    plt = pyplot()
-    methods = list(dict.fromkeys(label.removesuffix(" (best)") for label in series))
-    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    if len(methods) > len(cycle):   # more methods than the default 10 colours: one each from 20
-        cycle = list(plt.get_cmap("tab20").colors)
-    fig, ax = plt.subplots(figsize=(6 if len(series) <= 6 else 8, 4.2), dpi=100)
-    for label, pts in series.items():
-        xs, ys = [p[1] for p in pts], [p[2] for p in pts]
-        best = label.endswith(" (best)")   # the method's colour, another marker
-        color = cycle[methods.index(label.removesuffix(" (best)")) % len(cycle)]
-        ax.scatter(xs, ys, label=label, s=30, marker="D" if best else "o", color=color)
-        error_bars(ax, xs, ys, [p[4] for p in pts], [p[3] for p in pts], color=color)
-        for p in pts:
-            ax.annotate(eps_label(p[0]), (p[1], p[2]), fontsize=6, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("average robust accuracy (%)")
-    ax.set_ylabel("worst-class robust accuracy (%)")
-    ax.grid(alpha=0.3)
-    if len(series) <= 6:
-        ax.legend(fontsize=7)
-    else:   # beside the plot, where it covers no point
-        ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    return fig
+    def add(self, stem: str, fig, caption: str) -> None:
+        self[stem] = fig
+        self.captions[stem] = caption
 
 
 def _points(rows) -> list[tuple[float, float, float]]:
@@ -177,28 +63,94 @@ def _series(g, label):
     return {n: _points(mg) for n, mg in groups}, {n: _errors(mg) for n, mg in groups}
 
 
-def make_figures(data, attack: str, eps: float) -> dict:
-    """Every figure of the report (report.Data at one attack and eps_test): file stem -> Figure."""
-    figs = {}
+def split(labels: list[str], keep: list[str], most: int = MAX_LEGEND) -> list[list[str]]:
+    """labels in parts of at most `most`, each part led by the labels in `keep` (the base methods,
+    the reference every part is read against); one part when they all fit."""
+    keep = [k for k in labels if k in keep]
+    rest = [x for x in labels if x not in keep]
+    if len(labels) <= most:
+        return [labels]
+    room = max(1, most - len(keep))
+    return [keep + rest[i:i + room] for i in range(0, len(rest), room)]
+
+
+def _range(means, stds=None, floor: float | None = None, pad: float = 0.06) -> tuple[float, float]:
+    """An axis range holding each mean -+ its std (NaN left out) with a margin, not reaching
+    further than half a unit below `floor` (0 for an accuracy or a var)."""
+    pairs = list(zip(means, stds if stds is not None else [0.0] * len(means)))
+    lo = [m - (s if s == s else 0.0) for m, s in pairs if m == m]
+    hi = [m + (s if s == s else 0.0) for m, s in pairs if m == m]
+    a, b = (min(lo), max(hi)) if lo else (0.0, 1.0)
+    d = (b - a) * pad or 1.0
+    return (a - d if floor is None else max(a - d, floor - 0.5)), b + d
+
+
+def _part(stem: str, i: int, n: int) -> str:
+    return stem if n == 1 else f"{stem}_part{i + 1}"
+
+
+def _bars(several: bool) -> str:
+    return ("Error bars: ± one standard deviation over the seeds (none where a point has one seed)."
+            if several else "One seed per point: no error bars.")
+
+
+def _on_both(bars: str) -> str:
+    """The error-bar sentence of a scatter, whose bars run along both axes."""
+    return bars.replace(" (none", ", along both axes (none") if "standard deviation" in bars else bars
+
+
+def make_figures(data, attack: str, eps: float) -> Figures:
+    """Every figure of the report (report.Data at one attack and eps_test) with its caption."""
+    figs = Figures()
     at = f"{attack_title(attack)} at eps_test {eps_label(eps)}"
     rows = data.at(attack, eps)
-    # Figures 1-2: one line per model, per data set and method.
+    several = bool((rows.seeds > 1).any()) if len(rows) else False
+    n = f" Mean over {rows.seeds.max()} seeds." if several else ""
+    _eps_figures(figs, data, rows, at, n + " " + _bars(several))
+    _pareto_figures(figs, data, rows, at, n + " " + _bars(several))
+    _classwise_figures(figs, data, rows, at, n + " " + _bars(several))
+    _fairness_figures(figs, data, attack, eps, at, n + " " + _bars(several))
+    if attack != WEAK and WEAK in data.eps and eps_key(eps) in map(eps_key, data.eps[WEAK]):
+        _gap_figures(figs, data, rows, data.at(WEAK, eps), attack, eps, n)
+    return figs
+
+
+def _eps_figures(figs: Figures, data, rows, at: str, bars: str) -> None:
+    """Figures 1-2: one line per model, per data set and method; then one line per method (and
+    lambda) per data set and model, split where the legend would pass MAX_LEGEND."""
     for (setting, dataset, method, lam), g in rows.groupby(["setting", "dataset", "method", "lam"], sort=False):
         tag, slug = data.tag(setting)
         series, errors = _series(g, g.model.map(model_name))
-        figs[f"fig_eps_train_{dataset}_{method}{lam_suffix(method, lam)}{slug}"] = plot_vs_eps(
-            series, f"{method_label(method, lam)} on {dataset_name(dataset)}{tag}, {at}", errors)
-    # The same axes with one line per method (and lambda), per data set and model.
+        figs.add(f"fig_eps_train_{dataset}_{method}{lam_suffix(method, lam)}{slug}",
+                 plot_vs_eps(series, f"{method_label(method, lam, greek=True)} on {dataset_name(dataset)}{tag}, {at}",
+                             errors),
+                 f"var of class-wise robust accuracy (left, 10^-2) and average robust accuracy (right, %) "
+                 f"against eps_train, one line per model: {method_label(method, lam)} on "
+                 f"{dataset_name(dataset)}{tag}, {at}, last checkpoint.{bars}")
     trained = rows[rows.method != "natural"]
     for (setting, dataset, model), g in trained.groupby(["setting", "dataset", "model"], sort=False):
         tag, slug = data.tag(setting)
-        label = pd.Series([method_label(m, lam).replace("lambda=", "λ=")
-                           for m, lam in zip(g.method, g.lam)], index=g.index)
+        label = pd.Series([method_label(m, lam, greek=True) for m, lam in zip(g.method, g.lam)], index=g.index)
         series, errors = _series(g, label)
-        if len(series) > 1:
-            figs[f"fig_methods_{dataset}_{model}{slug}"] = plot_vs_eps(
-                series, f"{model_name(model)} on {dataset_name(dataset)}{tag}, {at}", errors)
-    # Pareto: the base method and every lambda of its FAT, per data set and model.
+        if len(series) < 2:
+            continue
+        bases = [method_label(m, 0.0, greek=True) for m in set(g.method) if base_method(m) is None]
+        parts = split(list(series), bases)
+        limits = (_range(100 * g.vcra, 100 * g.vcra_std, 0), _range(100 * g.avg_acc, 100 * g.avg_acc_std, 0))
+        for i, part in enumerate(parts):
+            figs.add(_part(f"fig_methods_{dataset}_{model}{slug}", i, len(parts)),
+                     plot_vs_eps({k: series[k] for k in part},
+                                 f"{model_name(model)} on {dataset_name(dataset)}{tag}, {at}"
+                                 + (f" ({i + 1}/{len(parts)})" if len(parts) > 1 else ""),
+                                 {k: errors[k] for k in part}, limits),
+                     f"var (left, 10^-2) and average robust accuracy (right, %) against eps_train, one "
+                     f"line per method: {model_name(model)} on {dataset_name(dataset)}{tag}, {at}, last "
+                     f"checkpoint." + (f" Part {i + 1} of {len(parts)} (same axes; the base methods in "
+                                       f"each)." if len(parts) > 1 else "") + bars)
+
+
+def _pareto_figures(figs: Figures, data, rows, at: str, bars: str) -> None:
+    """Pareto: the base method and every lambda of its FAT, per data set and model."""
     for (setting, dataset, model), g in rows.groupby(["setting", "dataset", "model"], sort=False):
         tag, slug = data.tag(setting)
         for fat in filter(has_lambda, METHOD_ORDER):
@@ -208,36 +160,99 @@ def make_figures(data, attack: str, eps: float) -> dict:
                 continue
             mine = (mine.assign(is_fat=mine.method == fat)
                     .sort_values(["is_fat", "lam", "eps_train"], kind="stable"))
-            label = pd.Series([f"FAT λ={lam:g}" if f else method_name(base)
-                               for f, lam in zip(mine.is_fat, mine.lam)], index=mine.index)
+            label = pd.Series([method_label(m, lam, greek=True) for m, lam in zip(mine.method, mine.lam)],
+                              index=mine.index)
             series, errors = _series(mine, label)
-            figs[f"fig_pareto_{dataset}_{model}_{fat}{slug}"] = plot_pareto(
-                series, f"{model_name(model)} on {dataset_name(dataset)}{tag}: "
-                        f"{method_name(base)} and FAT over lambda, {at}", errors)
-    # Class-wise bars per eps_train.
+            figs.add(f"fig_pareto_{dataset}_{model}_{fat}{slug}",
+                     plot_pareto(series, f"{model_name(model)} on {dataset_name(dataset)}{tag}: "
+                                         f"{method_name(base)} and FAT over lambda, {at}", errors),
+                     f"Average robust accuracy (%) against var (10^-2) of {method_name(base)} and "
+                     f"{method_name(fat)} at every lambda, each point labelled with its eps_train; the "
+                     f"dashed line is the Pareto front (no other point has both lower var and higher "
+                     f"accuracy): {model_name(model)} on {dataset_name(dataset)}{tag}, {at}, last "
+                     f"checkpoint.{_on_both(bars)}")
+
+
+def _classwise_figures(figs: Figures, data, rows, at: str, bars: str) -> None:
+    """Class-wise bars per eps_train, per data set, model and method."""
     for (setting, dataset, model, method, lam), g in rows.groupby(
             ["setting", "dataset", "model", "method", "lam"], sort=False):
         tag, slug = data.tag(setting)
         g = g.sort_values("eps_train", kind="stable")
         series = {eps_label(e): [100 * a for a in accs] for e, accs in zip(g.eps_train, g.class_acc)}
-        figs[f"fig_classwise_{dataset}_{model}_{method}{lam_suffix(method, lam)}{slug}"] = plot_classwise(
-            class_names(dataset, len(g.class_acc.iloc[0])), series,
-            f"{method_label(method, lam)}, {model_name(model)} on {dataset_name(dataset)}{tag}, {at}",
-            {eps_label(r.eps_train): _class_std(data.runs, r) for r in g.itertuples(index=False)})
-    # Robustness against fairness: every method, last and best checkpoints, per data set and model.
+        figs.add(f"fig_classwise_{dataset}_{model}_{method}{lam_suffix(method, lam)}{slug}",
+                 plot_classwise(class_names(dataset, len(g.class_acc.iloc[0])), series,
+                                f"{method_label(method, lam, greek=True)}, {model_name(model)} on "
+                                f"{dataset_name(dataset)}{tag}, {at}",
+                                {eps_label(r.eps_train): _class_std(data.runs, r) for r in g.itertuples(index=False)}),
+                 f"Robust accuracy (%) per class, one bar per eps_train: {method_label(method, lam)}, "
+                 f"{model_name(model)} on {dataset_name(dataset)}{tag}, {at}, last checkpoint.{bars}")
+
+
+def _fairness_figures(figs: Figures, data, attack: str, eps: float, at: str, bars: str) -> None:
+    """Worst-class against average robust accuracy: every method, last and best checkpoints, per
+    data set and model, split where the legend would pass MAX_LEGEND (same axes, same colours)."""
+    plt = pyplot()
     st = ordered(data.stats, data.attacks)
     st = st[(st.attack == attack) & (st.eps == eps_key(eps))]
     for (setting, dataset, model), g in st.groupby(["setting", "dataset", "model"], sort=False):
         tag, slug = data.tag(setting)
         series = {}
         for r in g.itertuples(index=False):
-            label = (method_label(r.method, r.lam).replace("lambda=", "λ=")
-                     + (" (best)" if r.checkpoint == "best" else ""))
+            label = method_label(r.method, r.lam, greek=True) + (" (best)" if r.checkpoint == "best" else "")
             series.setdefault(label, []).append((r.eps_train, 100 * r.avg_acc, 100 * r.worst_acc,
                                                  100 * r.avg_acc_std, 100 * r.worst_acc_std))
-        figs[f"fig_fairness_{dataset}_{model}{slug}"] = plot_fairness(
-            series, f"{model_name(model)} on {dataset_name(dataset)}{tag}: every method, {at}")
-    return figs
+        methods = list(dict.fromkeys(label.removesuffix(" (best)") for label in series))
+        cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        if len(methods) > len(cycle):   # more methods than 10 colours: one each from 20
+            cycle = list(plt.get_cmap("tab20").colors)
+        colors = {m: cycle[i % len(cycle)] for i, m in enumerate(methods)}
+        bases = [method_label(m, 0.0, greek=True) for m in set(g.method) if base_method(m) is None]
+        best = any(k.endswith(" (best)") for k in series)
+        groups = split(methods, bases, MAX_LEGEND // (2 if best else 1))
+        limits = (_range(100 * g.avg_acc, 100 * g.avg_acc_std, 0), _range(100 * g.worst_acc, 100 * g.worst_acc_std, 0))
+        for i, part in enumerate(groups):
+            mine = {k: v for k, v in series.items() if k.removesuffix(" (best)") in part}
+            figs.add(_part(f"fig_fairness_{dataset}_{model}{slug}", i, len(groups)),
+                     plot_fairness(mine, f"{model_name(model)} on {dataset_name(dataset)}{tag}: every method, {at}"
+                                   + (f" ({i + 1}/{len(groups)})" if len(groups) > 1 else ""), limits, colors),
+                     f"Worst-class against average robust accuracy (%) of every method, each point "
+                     f"labelled with its eps_train" + (" (diamonds: the best checkpoint, selected on the "
+                                                       "validation split; dots: the last)" if best else "")
+                     + f": {model_name(model)} on {dataset_name(dataset)}{tag}, {at}."
+                     + (f" Part {i + 1} of {len(groups)} (same axes; the base methods in each)."
+                        if len(groups) > 1 else "") + _on_both(bars))
+
+
+def _gap_figures(figs: Figures, data, rows, weak, attack: str, eps: float, n: str) -> None:
+    """The attack-gap view: average robust accuracy against eps_train under the chosen attack
+    (solid) and PGD-20 (dashed), one colour per method, per data set and model."""
+    both = pd.concat([rows.assign(under=attack), weak.assign(under=WEAK)])
+    both = both[both.method != "natural"]
+    for (setting, dataset, model), g in both.groupby(["setting", "dataset", "model"], sort=False):
+        tag, slug = data.tag(setting)
+        methods = list(dict.fromkeys(method_label(m, lam, greek=True) for m, lam in zip(g.method, g.lam)))
+        bases = [method_label(m, 0.0, greek=True) for m in set(g.method) if base_method(m) is None]
+        parts = split(methods, bases, MAX_LEGEND // 2)
+        label = pd.Series([f"{method_label(m, lam, greek=True)}, {attack_title(u)}"
+                           for m, lam, u in zip(g.method, g.lam, g.under)], index=g.index)
+        series, errors = _series(g, label)
+        limits = (_range(100 * g.vcra, 100 * g.vcra_std, 0), _range(100 * g.avg_acc, 100 * g.avg_acc_std, 0))
+        for i, part in enumerate(parts):
+            keep = [k for k in series if k.rsplit(", ", 1)[0] in part]
+            styles = {k: {"ls": "--" if k.endswith(attack_title(WEAK)) else "-", "marker": "o",
+                          "color": f"C{part.index(k.rsplit(', ', 1)[0]) % 10}"} for k in keep}
+            figs.add(_part(f"fig_attack_gap_{dataset}_{model}{slug}", i, len(parts)),
+                     plot_vs_eps({k: series[k] for k in keep},
+                                 f"Attack-gap view: {attack_title(WEAK)} (dashed) against {attack_title(attack)} "
+                                 f"(solid), {model_name(model)} on {dataset_name(dataset)}{tag}, eps_test {eps_label(eps)}",
+                                 {k: errors[k] for k in keep}, limits, styles),
+                     f"The attack-gap view, not the answer: var (left, 10^-2) and average robust accuracy "
+                     f"(right, %) against eps_train under {attack_title(WEAK)} (dashed; the paper's attack) "
+                     f"and {attack_title(attack)} (solid; the report's), one colour per method: "
+                     f"{model_name(model)} on {dataset_name(dataset)}{tag}, eps_test {eps_label(eps)}, "
+                     f"last checkpoint. The distance between a method's two lines is how much "
+                     f"{attack_title(WEAK)} overstates it.{n} Error bars: ± one standard deviation over the seeds.")
 
 
 def save_figure(fig, path: str) -> None:
