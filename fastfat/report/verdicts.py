@@ -30,6 +30,10 @@ def _cost(r, metric: str, what: str) -> str:
     return f"{word} of {_interval(d, lo, hi, 1)} points of {what}"
 
 
+def _with(cost: str) -> str:
+    return ("at " if cost.startswith("a cost") else "with ") + cost
+
+
 def sentence(r, clean) -> str:
     """One paired row (robust) and its clean twin (or None) as a verdict sentence."""
     d, lo, hi = (100 * getattr(r, f"d_vcra{s}") for s in ("", "_lo", "_hi"))
@@ -40,8 +44,8 @@ def sentence(r, clean) -> str:
     else:
         judged = "supported by the seeds" if supported(lo, hi) else "not supported by the seeds"
     out = (f"{method_label(r.method, r.lam, greek=True)} against {method_name(r.base)} at eps_train "
-           f"{eps_label(r.eps_train)} ({r.n} pairs): {verb} var by {size} x10^-2 ({judged}), at "
-           f"{_cost(r, 'avg_acc', 'average robust accuracy')}")
+           f"{eps_label(r.eps_train)} ({r.n} pairs): {verb} var by {size} x10^-2 ({judged}), "
+           + _with(_cost(r, 'avg_acc', 'average robust accuracy')))
     if clean is not None:
         out += (f"; clean: {_cost(clean, 'avg_acc', 'average')} and "
                 f"{_cost(clean, 'worst_acc', 'worst-class accuracy')}")
