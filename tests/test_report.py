@@ -229,8 +229,8 @@ def test_pareto_front_function():
 
 def test_labels():
     from fastfat.report import labels
-    from fastfat.config import METHODS, base_method
-    assert [m for m in labels.METHOD_ORDER if labels.has_lambda(m)] == ["fat-madry", "fat-trades"]
+    from fastfat.config import METHODS, base_method, has_lambda
+    assert [m for m in labels.METHOD_ORDER if has_lambda(m)] == ["fat-madry", "fat-trades"]
     assert sorted(labels.METHOD_ORDER) == sorted(METHODS)   # every method has its place and name
     assert all(m in labels.METHOD_NAMES for m in METHODS)
     assert base_method("fat-trades") == "trades" and base_method("madry") is None

@@ -18,6 +18,7 @@ from ..config import base_method, has_lambda
 from ..files import atomic_write_png
 from .labels import (METHOD_ORDER, attack_title, class_names, dataset_name, eps_label,
                      lam_suffix, method_label, method_name, model_name)
+from .paper import MAX_CLASS_COLUMNS, moving_classes
 from .plots import plot_classwise, plot_fairness, plot_pareto, plot_vs_eps, pyplot
 from .seeds import eps_key, ordered
 
@@ -179,14 +180,20 @@ def _classwise_figures(figs: Figures, data, rows, at: str, bars: str) -> None:
             ["setting", "dataset", "model", "method", "lam"], sort=False):
         tag, slug = data.tag(setting)
         g = g.sort_values("eps_train", kind="stable")
-        series = {eps_label(e): [100 * a for a in accs] for e, accs in zip(g.eps_train, g.class_acc)}
+        accs = g.class_acc.tolist()
+        names = class_names(dataset, len(accs[0]))
+        keep = moving_classes(accs) if len(names) > MAX_CLASS_COLUMNS else list(range(len(names)))
+        series = {eps_label(e): [100 * a[c] for c in keep] for e, a in zip(g.eps_train, accs)}
+        std = {eps_label(r.eps_train): _class_std(data.runs, r) for r in g.itertuples(index=False)}
         figs.add(f"fig_classwise_{dataset}_{model}_{method}{lam_suffix(method, lam)}{slug}",
-                 plot_classwise(class_names(dataset, len(g.class_acc.iloc[0])), series,
+                 plot_classwise([names[c] for c in keep], series,
                                 f"{method_label(method, lam, greek=True)}, {model_name(model)} on "
                                 f"{dataset_name(dataset)}{tag}, {at}",
-                                {eps_label(r.eps_train): _class_std(data.runs, r) for r in g.itertuples(index=False)}),
+                                {k: [v[c] for c in keep] for k, v in std.items()}),
                  f"Robust accuracy (%) per class, one bar per eps_train: {method_label(method, lam)}, "
-                 f"{model_name(model)} on {dataset_name(dataset)}{tag}, {at}, last checkpoint.{bars}")
+                 f"{model_name(model)} on {dataset_name(dataset)}{tag}, {at}, last checkpoint"
+                 + (f"; the {len(keep)} of {len(names)} classes whose accuracy moves most with eps_train (as "
+                    f"Table 2)." if len(keep) < len(names) else ".") + bars)
 
 
 def _fairness_figures(figs: Figures, data, attack: str, eps: float, at: str, bars: str) -> None:

@@ -110,6 +110,13 @@ def tables34(data) -> list[Table]:
     return out
 
 
+def moving_classes(accs: list[list[float]], most: int = MAX_CLASS_COLUMNS) -> list[int]:
+    """The `most` classes whose accuracy moves most from the first row of accs (per eps_train,
+    ascending) to the last, in class order (Table 2's and the class-wise figure's columns)."""
+    moved = sorted(range(len(accs[0])), key=lambda c: _moved(accs[-1][c], accs[0][c]))
+    return sorted(moved[:most])
+
+
 def _moved(a: float, b: float) -> float:
     """Sort key: the class that moves most first; a class without samples at either end last."""
     d = abs(a - b)
@@ -128,8 +135,7 @@ def table2(data, attack: str, eps: float) -> list[Table]:
         names = class_names(dataset, n)
         classes = list(range(n))
         if n > MAX_CLASS_COLUMNS:  # many classes: those whose accuracy moves most with eps_train
-            moved = sorted(classes, key=lambda c: _moved(accs[-1][c], accs[0][c]))
-            classes = sorted(moved[:MAX_CLASS_COLUMNS])
+            classes = moving_classes(accs)
         t = Table(slug=f"table2_{dataset}_{model}_{method}{lam_suffix(method, lam)}{slug}",
                   title=f"Table 2 ({dataset_name(dataset)}, {model_name(model)}, "
                         f"{method_label(method, lam)}{tag}, {attack_title(attack)} at eps_test {eps_label(eps)})",
