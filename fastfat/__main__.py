@@ -1,3 +1,4 @@
+"""python -m fastfat: the `fastfat` command (fastfat.cli)."""
 import sys
 
 from .cli import main

@@ -1,6 +1,7 @@
 """Where and how computation runs: the device, the AMP dtype and autocast, the process-wide CUDA
-switches (TF32, cuDNN autotuning, determinism), device sync, progress bars, and the CPU shard
-pool that splits an attack's batch over single-threaded workers.
+switches (TF32, cuDNN autotuning, determinism), device sync, progress bars, the CPU shard pool
+that splits an attack's batch over single-threaded workers, and the guard that keeps AVX2 CPUs
+off a crashing oneDNN convolution.
 """
 from __future__ import annotations
 

@@ -170,7 +170,7 @@ def test_class_names_where_given_cover_every_class():
 
 def test_report_names_classes_where_the_data_set_does():
     # the report's tables and figures label classes with DatasetInfo.classes, else with the label
-    from fastfat.sweep.labels import class_names, dataset_name
+    from fastfat.report.labels import class_names, dataset_name
     assert class_names("fashion-mnist", 10)[6] == "shirt" and class_names("cifar10", 10)[0] == "airplane"
     assert class_names("stl10", 10)[7] == "monkey"
     assert class_names("digits", 10) == [str(i) for i in range(10)]

@@ -1,7 +1,8 @@
 """The README and docs/ hold together: every relative link and #anchor in README.md and
-docs/*.md resolves (GitHub's heading slugs), the pages the README's map names exist, and every
-`fastfat` command quoted in a shell block of the README (and of docs/) parses with the CLI's
-own parser (subcommand and flags, without running anything)."""
+docs/*.md resolves (GitHub's heading slugs), links within a page and links whose text wraps over
+lines included, the pages the README's map names exist, every `fastfat` command quoted in a
+shell block of the README (and of docs/) parses with the CLI's own parser (subcommand and flags,
+without running anything), and every page or README section a `--help` text points to exists."""
 from __future__ import annotations
 
 import glob
@@ -67,7 +68,15 @@ def _headings(path: str) -> list[str]:
 
 
 def links(path: str) -> list[str]:
-    return [m.group(1) for line in _prose(open(path, encoding="utf-8").read()) for m in LINK.finditer(line)]
+    """Every link target of a page's prose; a link's text may wrap over lines."""
+    return [m.group(1) for m in LINK.finditer("\n".join(_prose(open(path, encoding="utf-8").read())))]
+
+
+def test_links_are_found_within_a_page_and_across_lines(tmp_path):
+    page = tmp_path / "p.md"
+    page.write_text("# Top\n\nsee [the\nnext part](#no-such-part) and [top](#top)\n")
+    assert links(str(page)) == ["#no-such-part", "#top"]
+    assert "top" in anchors(str(page)) and "no-such-part" not in anchors(str(page))
 
 
 def test_slug_follows_githubs_rules():
@@ -153,3 +162,39 @@ def test_quoted_command_parses(page, argv, capsys):
 def test_the_dry_check_refuses_a_wrong_flag():
     with pytest.raises(SystemExit):
         build_parser().parse_args(["sweep", "--grid", "demo", "--no-such-flag"])
+
+
+def help_texts(parser=None, where: str = "fastfat") -> list[tuple[str, str]]:
+    """(where, text) for every description, argument help and group title of the CLI, its
+    subcommands included."""
+    import argparse
+    parser = parser or build_parser()
+    out = [(where, parser.description or "")]
+    for group in parser._action_groups:
+        out.append((where, f"{group.title or ''} {group.description or ''}"))
+    for action in parser._actions:
+        out.append((f"{where} {'/'.join(action.option_strings) or action.dest}", action.help or ""))
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                out += help_texts(sub, f"{where} {name}")
+    return out
+
+
+def test_help_texts_point_only_to_what_exists():
+    readme = anchors(PAGES[0])
+    bad, seen = [], 0
+    for where, text in help_texts():
+        text = " ".join(text.split())
+        for section in re.findall(r"README: ([^;)]+)", text):
+            seen += 1
+            if slug(section) not in readme:
+                bad.append(f"{where}: README section {section!r} does not exist")
+        for page, anchor in re.findall(r"(docs/[\w.-]+\.md)(?:#([\w-]+))?", text):
+            seen += 1
+            path = os.path.join(ROOT, page)
+            if not os.path.exists(path):
+                bad.append(f"{where}: {page} does not exist")
+            elif anchor and anchor not in anchors(path):
+                bad.append(f"{where}: {page} has no heading #{anchor}")
+    assert seen, "the help texts point to no docs page: this check checks nothing"
+    assert not bad, "; ".join(bad)

@@ -8,7 +8,8 @@ import pathlib
 from fastfat import config, methods
 from fastfat.cli import build_parser
 from fastfat.config import TrainConfig
-from fastfat.sweep import grid, labels
+from fastfat.report import labels
+from fastfat.sweep import grid
 
 TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 

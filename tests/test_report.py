@@ -10,7 +10,8 @@ from matplotlib.collections import PathCollection
 from matplotlib.container import BarContainer
 
 from fastfat import cli
-from fastfat.sweep import figures, report
+from fastfat.report import figures, paper, plots, report
+from fastfat.report.tables import render_csv
 from fastfat.sweep.store import Point, Store
 
 # (method, lam, eps_train, seed) -> class accuracies per (attack, eps_test); 4 classes.
@@ -203,12 +204,12 @@ def test_figure_series(db):
         if isinstance(coll, PathCollection):   # the scatters (error bars are LineCollections)
             pts[coll.get_label()] = sorted(map(tuple, coll.get_offsets().tolist()))
     want = {"Madry": sorted(_cell("madry", 0.0, e, "pgd20", 0.25) for e in (0.1, 0.2)),
-            "FAT λ=0.5": sorted(_cell("fat-madry", 0.5, e, "pgd20", 0.25) for e in (0.1, 0.2))}
+            "FAT-Madry (λ=0.5)": sorted(_cell("fat-madry", 0.5, e, "pgd20", 0.25) for e in (0.1, 0.2))}
     assert set(pts) == set(want)
     for k in want:
         assert np.allclose(pts[k], want[k])
     front = next(l for l in ax.get_lines() if l.get_label() == "Pareto front")
-    allp = want["Madry"] + want["FAT λ=0.5"]
+    allp = want["Madry"] + want["FAT-Madry (λ=0.5)"]
     dominated = [p for p in allp if any(q[0] <= p[0] and q[1] >= p[1] and q != p for q in allp)]
     expect = sorted(p for p in allp if p not in dominated)
     assert np.allclose(list(zip(front.get_xdata(), front.get_ydata())), expect)
@@ -218,18 +219,18 @@ def test_figure_series(db):
     assert list(bars) == ["0.1", "0.2"]
     assert bars["0.2"] == pytest.approx([90, 60, 20, 10])
     for f in figs.values():
-        figures.pyplot().close(f)
+        plots.pyplot().close(f)
 
 
 def test_pareto_front_function():
     pts = [(1.0, 50.0), (2.0, 60.0), (1.5, 40.0), (3.0, 60.0), (0.5, 10.0)]
-    assert figures.pareto_front(pts) == [(0.5, 10.0), (1.0, 50.0), (2.0, 60.0)]
+    assert plots.pareto_front(pts) == [(0.5, 10.0), (1.0, 50.0), (2.0, 60.0)]
 
 
 def test_labels():
-    from fastfat.sweep import labels
-    from fastfat.config import METHODS, base_method
-    assert [m for m in labels.METHOD_ORDER if labels.has_lambda(m)] == ["fat-madry", "fat-trades"]
+    from fastfat.report import labels
+    from fastfat.config import METHODS, base_method, has_lambda
+    assert [m for m in labels.METHOD_ORDER if has_lambda(m)] == ["fat-madry", "fat-trades"]
     assert sorted(labels.METHOD_ORDER) == sorted(METHODS)   # every method has its place and name
     assert all(m in labels.METHOD_NAMES for m in METHODS)
     assert base_method("fat-trades") == "trades" and base_method("madry") is None
@@ -243,11 +244,11 @@ def test_labels():
 
 def test_report_choice_and_errors(db, tmp_path, capsys):
     data = report.load(db)
-    assert data.pick() == ("pgd20", 0.25)                 # default: PGD-20 at the smallest eps_test
+    assert data.pick() == ("pgd20", 0.25)   # default: the strongest (PGD-20 > FGSM) at the smallest eps_test
     assert data.pick("fgsm", 0.3) == ("fgsm", 0.3)
-    (t,) = [t for t in report.table2(data, "fgsm", 0.3) if t.slug == "table2_digits_cnn_madry"]
+    (t,) = [t for t in paper.table2(data, "fgsm", 0.3) if t.slug == "table2_digits_cnn_madry"]
     assert t.title == "Table 2 (digits, CNN, Madry, FGSM at eps_test 0.3)"
-    assert report.render_csv(t).splitlines()[2].startswith("0.2,80.0000,70.0000,30.0000,20.0000,")
+    assert render_csv(t).splitlines()[2].startswith("0.2,80.0000,70.0000,30.0000,20.0000,")
     d = str(tmp_path / "r")
     assert cli.main(["report", db, "--out", d, "--attack", "cw"]) == 2
     assert "cw: not in the results" in capsys.readouterr().err

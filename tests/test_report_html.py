@@ -1,7 +1,9 @@
 """report.html: self-contained (figures as data URIs, no scripts, no network), opening with the
 answer (per method and eps_test under the strongest attack: mean [95% interval] and the paired
 difference against the base method), wide tables split; and rendered in a real headless
-Chromium: every image decodes, no console errors, no horizontal scrolling at 1366 px, a screenshot."""
+Chromium: every image decodes at its own size (800 px wide, not stretched), no console errors, no
+horizontal scrolling at 1366 px, and the first screen of a 1920 x 1080 display holds the verdict
+sentences, the captioned scatter under the strongest attack and the start of the answer table."""
 from __future__ import annotations
 
 import base64
@@ -15,9 +17,9 @@ import time
 import numpy as np
 import pytest
 
-from fastfat.sweep import html as report_html
-from fastfat.sweep import report
-from fastfat.sweep.tables import Table
+from fastfat.report import html as report_html
+from fastfat.report import report
+from fastfat.report.tables import Table
 from test_report_seeds import ACC, T2, db  # noqa: F401 (the database fixture)
 
 
@@ -155,21 +157,40 @@ def test_report_html_renders_in_headless_chromium(page, tmp_path):
                     {"width": 1366, "height": 768, "deviceScaleFactor": 1, "mobile": False}, session=s)
         chrome.send("Page.navigate", {"url": "file://" + path}, session=s)
         chrome.wait_event("Page.loadEventFired")
-        js = ("JSON.stringify({imgs: Array.from(document.images).map(i => [i.complete, i.naturalWidth]),"
+        js = ("JSON.stringify({imgs: Array.from(document.images).map(i => [i.complete, i.naturalWidth,"
+              " i.naturalHeight, i.getBoundingClientRect().width, i.getBoundingClientRect().height]),"
               " scroll: document.documentElement.scrollWidth, view: window.innerWidth,"
               " first: document.elementFromPoint(400, 300) ? 1 : 0,"
-              " answerTop: document.getElementById('answer').getBoundingClientRect().top})")
-        got = json.loads(chrome.send("Runtime.evaluate", {"expression": js, "returnByValue": True},
-                                     session=s)["result"]["value"])
+              " answerTop: document.getElementById('answer').getBoundingClientRect().top,"
+              " verdicts: document.getElementById('verdicts').getBoundingClientRect().bottom,"
+              " verdictText: document.getElementById('verdicts').innerText,"
+              " scatter: (f => [f.getBoundingClientRect().bottom, f.querySelector('figcaption').innerText])"
+              "(document.querySelector('figure[id^=fig_fairness_]')),"
+              " table: document.querySelector('#answer ~ table').getBoundingClientRect().top})")
+
+        def look():
+            return json.loads(chrome.send("Runtime.evaluate", {"expression": js, "returnByValue": True},
+                                          session=s)["result"]["value"])
+        got = look()
         shot = chrome.send("Page.captureScreenshot", {"format": "png"}, session=s)["data"]
+        chrome.send("Emulation.setDeviceMetricsOverride",   # a desktop screen
+                    {"width": 1920, "height": 1080, "deviceScaleFactor": 1, "mobile": False}, session=s)
+        wide = look()
     finally:
         chrome.close()
     png = tmp_path / "report.png"
     png.write_bytes(base64.b64decode(shot))
     assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
-    assert got["imgs"] and all(done and w > 0 for done, w in got["imgs"]), got["imgs"]
+    assert got["imgs"] and all(done and w > 0 for done, w, *_ in got["imgs"]), got["imgs"]
+    # each figure at its own size: 800 px wide, the PNG's aspect (not squeezed or stretched)
+    assert all((w, h) == (800, 450) and (sw, sh) == (800, 450) for _, w, h, sw, sh in got["imgs"]), got["imgs"]
     assert got["scroll"] <= got["view"], f"horizontal scrolling at 1366 px: {got}"
     assert got["answerTop"] < 768, "the answer starts on the first screen"
+    # the first screen of a desktop display: the verdicts, the captioned APGD scatter (caption
+    # included) and the start of the answer table
+    assert wide["verdicts"] < wide["scatter"][0] < wide["table"] < 1080, wide
+    assert "against Madry at eps_train 0.1" in wide["verdictText"] and "APGD" in wide["verdictText"]
+    assert "APGD at eps_test 0.25" in wide["scatter"][1] and "Error bars" in wide["scatter"][1]
     errors = [e for e in chrome.events
               if e.get("method") == "Runtime.exceptionThrown"
               or (e.get("method") == "Runtime.consoleAPICalled" and e["params"]["type"] in ("error", "assert"))

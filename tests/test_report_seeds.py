@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from matplotlib.collections import LineCollection, PathCollection
 
-from fastfat.sweep import figures, report, seeds
+from fastfat.report import figures, plots, report, seeds
 from fastfat.sweep.store import Point, Store
 from test_report import _csv, _md_table
 
@@ -84,8 +84,9 @@ def test_seed_table_mean_std_n_and_interval(md):
     # Madry PGD-20 avg: 0.40, 0.45, 0.35 -> 40.00 +- 5.00, interval 40 -+ 12.42
     r = by[("Madry", "0.1", "last", "PGD-20", "0.25")]
     assert r[6] == "3" and r[7:10] == ["40.00 ± 5.00", "27.58", "52.42"]
-    # worst 0.2, 0.3, 0.1 -> 20.00 +- 10.00, interval 20 -+ 24.84
-    assert r[10:13] == ["20.00 ± 10.00", "-4.84", "44.84"]
+    # worst 0.2, 0.3, 0.1 -> 20.00 +- 10.00, interval 20 -+ 24.84, cut to [0, 100]: an accuracy's
+    # mean is never below 0
+    assert r[10:13] == ["20.00 ± 10.00", "0.00", "44.84"]
     # a cell with one seed says so and has no interval
     r = by[("Madry", "0.1", "best", "PGD-20", "0.25")]
     assert r[6] == "1 (single seed)" and r[7:10] == ["50.00", "-", "-"]
@@ -149,7 +150,7 @@ def test_methods_table_worst_k_nsd_rho_best_and_last(md):
 
 def test_attack_gap_table(md):
     out, text = md
-    rows = _md_table(text, "Attack gap (digits, CNN, PGD-20 against AutoAttack)")
+    rows = _md_table(text, "Attack gap (digits, CNN, PGD-20 against APGD)")
     assert rows[0] == ["method", "eps_train", "checkpoint", "eps_test", "against", "n", "0", "1", "2", "3", "avg", "max"]
     madry = rows[2]
     # PGD-20 minus APGD per class and seed: [.1 0 .1 0], [.1 0 .2 0], [0 .2 0 0] -> mean over seeds
@@ -187,7 +188,7 @@ def test_error_bars_and_fairness_scatter(db):
     assert dots["Madry (best)"] == [[50.0, 30.0]]                       # avg, worst of the best checkpoint
     assert dots["Madry"] == [[pytest.approx(40.0), pytest.approx(20.0)]]
     for f in figs.values():
-        figures.pyplot().close(f)
+        plots.pyplot().close(f)
 
 
 def test_classwise_bars_carry_the_seeds_std(db):
@@ -200,4 +201,4 @@ def test_classwise_bars_carry_the_seeds_std(db):
     assert seg[:, 1] == pytest.approx([50.0, 70.0])
     assert [len(s) for s in bars.get_segments()] == [2, 2, 2, 2]
     for f in figs.values():
-        figures.pyplot().close(f)
+        plots.pyplot().close(f)

@@ -8,7 +8,7 @@ import sqlite3
 
 import pytest
 
-from fastfat.sweep import report
+from fastfat.report import report
 from fastfat.sweep.schema import SCHEMA_VERSION
 from fastfat.sweep.store import Store
 from test_sweep_reliability import _point, _rows, _sha

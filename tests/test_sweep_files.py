@@ -13,7 +13,7 @@ from contextlib import redirect_stderr, redirect_stdout
 import pytest
 
 from fastfat import cli
-from fastfat.sweep import report
+from fastfat.report import report
 from fastfat.sweep.store import Store
 from test_sweep_reliability import TINY, _file, _point, _rows, _sha
 

@@ -6,7 +6,7 @@ import os
 from ..config_values import canonical_attack, parse_eps
 from ..errors import UserError
 from ..files import check_writable_dir
-from ..sweep.report import write_report
+from ..report.report import write_report
 from ..sweep.grid import default_report_dir
 
 # Every name a report writes: report.md, report.html, a CSV and a .tex per table, a PNG per figure.
@@ -15,12 +15,15 @@ REPORT_FILES = ("report.md", "report.html", "*.csv", "*.tex", "*.png")
 
 def add_parser(sub) -> None:
     p = sub.add_parser("report", help="the paper's tables and figures from a results database",
-                       description="Write Markdown, CSV and LaTeX tables (the paper's Tables 1-4) "
-                                   "and PNG figures from a sweep's results database.")
+                       description="Write report.html (open it first: the answer, verdicts and "
+                                   "captioned figures under the strongest attack evaluated), report.md, "
+                                   "Markdown, CSV and LaTeX tables (the paper's Tables 1-4 and more) and "
+                                   "PNG figures from a sweep's results database (docs/evaluation.md).")
     p.add_argument("db", metavar="DB", help="results database written by fastfat sweep")
     p.add_argument("--out", metavar="DIR", help="output directory (default: <db stem>_report/ beside DB)")
-    p.add_argument("--attack", help="attack for Table 2 and the figures (default: pgd20, else the first)")
-    p.add_argument("--eps", help="eps_test for Table 2 and the figures (default: the smallest)")
+    p.add_argument("--attack", help="attack of the answer, the verdicts, Table 2 and every figure (default: "
+                                    "the strongest evaluated at every eps_test: aa > apgd > cw > pgdK > fgsm)")
+    p.add_argument("--eps", help="eps_test of the verdicts, Table 2 and the figures (default: the smallest)")
     p.set_defaults(func=run)
 
 

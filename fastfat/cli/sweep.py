@@ -31,7 +31,7 @@ def add_parser(sub) -> None:
                     "then write the report. Re-running the same command resumes an interrupted "
                     "sweep and skips finished points. Every sweep-file key is also a flag; flags win.")
     p.add_argument("config", nargs="?", metavar="CONFIG.toml",
-                   help="sweep file ([grid], [train], [eval], db, report)")
+                   help="sweep file ([grid], [train], [eval], [report] or report = DIR, db; docs/sweeps.md)")
     p.add_argument("--grid", metavar="NAME", help="a grid shipped with fastfat instead of a file (demo)")
     p.add_argument("--db", help="results database (default: the file's db, relative to the file)")
     p.add_argument("--report", metavar="DIR", help="report directory (default: <db stem>_report/)")
@@ -41,7 +41,7 @@ def add_parser(sub) -> None:
                    help="run N local processes sharing the grid, as N terminals would (default: the "
                         "file's workers, else 1); with threads = 1, one per core")
     p.add_argument("--fuse", metavar="K|auto",
-                   help="train up to K compatible grid points as one fused model (README: When points "
+                   help="train up to K compatible grid points as one fused model (docs/sweeps.md#when-points-"
                         "fuse); auto: as many as fit the GPU (no fusion on a CPU); default: the "
                         "file's fuse, else 1 (no fusion)")
     p.add_argument("--lease", type=float, metavar="MINUTES",
@@ -54,7 +54,7 @@ def add_parser(sub) -> None:
     p.add_argument("--shared-dir", metavar="DIR",
                    help="where the points' run directories (checkpoints) go; on a Ray cluster a path "
                         "every node reaches (default: the file's shared_dir, else <db stem>_runs/)")
-    r = p.add_argument_group("Ray (pip install 'fastfat[ray]'; README: Sweeps on a cluster)")
+    r = p.add_argument_group("Ray (pip install 'fastfat[ray]'; docs/cluster.md)")
     r.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
                    help="run the points as Ray tasks: alone, on a Ray instance started here; 'auto' or "
                         "host:port, on a running cluster ('off': in this process)")

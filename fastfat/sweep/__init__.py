@@ -1,6 +1,5 @@
 """Sweeps: a grid of training runs (grid), run and resumed point by point (runner) into one
-SQLite results database (store), read back as the paper's tables (report) and figures (figures),
-with one home for how methods and lambdas are named (labels)."""
+SQLite results database (store); the report that reads it back lives in fastfat.report."""
 from .grid import AXES, GridPoint, Sweep, build_sweep, default_report_dir, point_key, read_sweep_file, runs_dir
 from .runner import run_point, run_sweep
 

@@ -14,14 +14,15 @@ import json
 import math
 import os
 import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from importlib import resources
 
 from ..config import (FINE_TUNE_METHODS, METHODS, TEACHER_METHODS, EvalConfig, TrainConfig, make_eval_config,
                       make_train_config, to_dict)
 from ..errors import UserError
 from ..data.split import check_test_per_class
-from .labels import lam_suffix
+from ..report.labels import lam_suffix
+from ..report.settings import report_section
 from .only import dropped, parse_only
 from .claims import DEFAULT_LEASE_S
 from .store import Point
@@ -86,6 +87,7 @@ class Sweep:
     ray: RaySettings | None = None   # None: run the points in this process
     fuse: int | str = 1              # grid points per fused group: K >= 1 or "auto" (fused/plan.py)
     workers: int = 1                 # local processes sharing the grid (workers.py)
+    report_options: dict = field(default_factory=dict)   # [report] attack / eps (report.write_report)
 
     @property
     def runs_dir(self) -> str:
@@ -212,15 +214,12 @@ def build_sweep(doc: dict, base: str, *, grid_flags: dict | None = None, train_f
     if not grid:
         raise UserError("the grid is empty: give [grid] lists (axes: " + ", ".join(AXES) + ")")
 
-    for key in ("db", "report"):
-        if key in doc and not isinstance(doc[key], str):
-            raise UserError(f"{key} must be a string (a path), got {doc[key]!r}")
+    if "db" in doc and not isinstance(doc["db"], str):
+        raise UserError(f"db must be a string (a path), got {doc['db']!r}")
     if db is None:
         if "db" not in doc:
             raise UserError("no results database: set db = \"results.db\" in the sweep file or pass --db")
         db = os.path.join(base, doc["db"])
-    if report is None and "report" in doc:
-        report = os.path.join(base, doc["report"])
     threads = _count("threads", doc.get("threads") if threads is None else threads)
     workers = _count("workers", doc.get("workers", 1) if workers is None else workers)
     lease = doc.get("lease") if lease is None else lease
@@ -247,6 +246,8 @@ def build_sweep(doc: dict, base: str, *, grid_flags: dict | None = None, train_f
         ecfg = make_eval_config(preset, **evals)
     except UserError as e:
         raise UserError(f"[eval]: {e}") from None
+    report_dir, report_options = report_section(doc.get("report"), base, ecfg.attacks, ecfg.eps_test)
+    report = report_dir if report is None else report
 
     # in the file's order: the first axis varies slowest, and errors name points the same way
     axes = {a: _scalar_list(a, grid[a]) for a in grid}
@@ -295,7 +296,7 @@ def build_sweep(doc: dict, base: str, *, grid_flags: dict | None = None, train_f
     points = resolve_init_from(points, os.path.abspath(shared_dir) if shared_dir else runs_dir(db))
     return Sweep(db=db, report=report, points=points, threads=threads, lease=lease_s,
                  shared_dir=os.path.abspath(shared_dir) if shared_dir else None, ray=ray, fuse=fuse,
-                 workers=workers)
+                 workers=workers, report_options=report_options)
 
 
 def _count(name: str, value) -> int | None:

@@ -8,7 +8,7 @@ import sys
 
 from ..errors import UserError
 from .grid import GridPoint
-from .labels import lam_suffix
+from ..report.labels import lam_suffix
 
 
 def say(line: str, progress: bool) -> None:

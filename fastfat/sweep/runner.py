@@ -297,10 +297,10 @@ def write_report(sweep: Sweep, counts: dict, progress: bool, report_dir: str | N
                  report_options: dict | None) -> None:
     """The report of a sweep that has run (counts as run_sweep returns them; 'report' is set to
     its directory when written)."""
-    from . import report as report_mod
+    from ..report import report as report_mod
     out = report_dir or sweep.report or default_report_dir(sweep.db)
     if counts["done"]:
-        written = report_mod.write_report(sweep.db, out, **(report_options or {}))
+        written = report_mod.write_report(sweep.db, out, **(report_options or sweep.report_options))
         counts["report"] = out
         _say(f"report: {len(written)} files in {out}", progress)
     else:

@@ -17,7 +17,9 @@ class Table:
     formatted with each column's number of decimals; bold marks cells to emphasise. spread, when
     given, holds one list per row of each cell's +- (a standard deviation over seeds; NaN or
     None: none shown): Markdown and LaTeX print "mean +- std", the CSV adds a "<column> std"
-    column after each value column.
+    column after each value column. counts, when given, holds one list per row of the number of
+    seeds behind each cell where it is fewer than the row's n (a statistic some seeds leave
+    undefined; None: all of them): printed "(n=2)" after the cell, a "<column> n" CSV column.
     """
     slug: str
     title: str
@@ -28,6 +30,7 @@ class Table:
     rows: list[tuple[list[str], list[float | None], list[bool]]] = field(default_factory=list)
     blank_repeats: bool = True   # print a repeated first stub value once per block (the paper's look)
     spread: list[list[float | None]] = field(default_factory=list)   # per row, like its values
+    counts: list[list[int | None]] = field(default_factory=list)     # per row, like its values
 
     def columns(self) -> list[str]:
         """Flat names of the value columns, e.g. 'FGSM 16/255 var'."""
@@ -51,18 +54,25 @@ class Table:
         out = []
         for i, (_, vals, marks) in enumerate(self.rows):
             spread = self.spread[i] if self.spread else [None] * len(vals)
+            counts = self.counts[i] if self.counts else [None] * len(vals)
             row = []
-            for v, d, b, sd in zip(vals, self.digits, marks, spread):
+            for v, d, b, sd, n in zip(vals, self.digits, marks, spread, counts):
                 c = fmt(v, d)
                 if c != "-" and fmt(sd, d) != "-":
                     c += pm + fmt(sd, d)
+                if c != "-" and n is not None:
+                    c += f" (n={n})"
                 row.append(bold.format(c) if b and c != "-" else c)
             out.append(row)
         return out
 
 
 def fmt(v: float | None, digits: int) -> str:
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+    """v with `digits` decimals; '-' when missing; never '-0.0' (a value that rounds to 0 is 0)."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    text = f"{v:.{digits}f}"
+    return text[1:] if text.startswith("-") and float(text) == 0 else text
 
 
 def render_markdown(t: Table) -> str:
@@ -79,16 +89,17 @@ def render_markdown(t: Table) -> str:
 
 
 def render_csv(t: Table) -> str:
-    """Every stub value repeated, 4 decimals, empty for a missing cell; same units as the table;
-    a column with spreads is followed by '<column> std'."""
-    names, values = t.columns(), [v for _, v, _ in t.rows]
-    if t.spread:   # each value column that has spreads followed by them (NaN: none for that row)
-        has = [any(sd[j] is not None for sd in t.spread) for j in range(len(names))]
-        names = [n for c, h in zip(names, has) for n in ((c, f"{c} std") if h else (c,))]
-        values = [[x for j, x0 in enumerate(v) for x in ((x0, sd[j]) if has[j] else (x0,))]
-                  for v, sd in zip(values, t.spread)]
+    """Every stub value repeated, 4 decimals (never -0.0000), empty for a missing cell; same units
+    as the table; a column with spreads is followed by '<column> std', one with counts by
+    '<column> n'."""
+    names = t.columns()
+    extras = [(e, suffix, [any(r[j] is not None for r in e) for j in range(len(names))])
+              for e, suffix in ((t.spread, "std"), (t.counts, "n")) if e]   # (per row, name, has)
+    head = [n for j, c in enumerate(names) for n in [c] + [f"{c} {sfx}" for _, sfx, has in extras if has[j]]]
+    values = [[x for j, v in enumerate(vals) for x in [v] + [e[i][j] for e, _, has in extras if has[j]]]
+              for i, (_, vals, _) in enumerate(t.rows)]
     frame = pd.concat([pd.DataFrame([s for s, _, _ in t.rows], columns=t.stub),
-                       pd.DataFrame(values, columns=names, dtype=float)], axis=1)
+                       pd.DataFrame(values, columns=head, dtype=float).round(4) + 0.0], axis=1)
     return frame.to_csv(index=False, lineterminator="\n", float_format="%.4f")
 
 

@@ -1,6 +1,7 @@
 """Seeds in `fastfat report`: every cell's metrics over its seeds (mean, sample standard deviation,
-n and a 95% interval of the mean from the t distribution), and paired differences of each method
-against its base method (config.base_method) over the seeds both have, with their interval.
+n and a 95% interval of the mean from the t distribution, cut to the range the quantity can take),
+and paired differences of each method against its base method (config.base_method) over the seeds
+both have, with their interval cut to the difference's range (docs/evaluation.md says why).
 
 The per-seed frame these work on is report.Data.runs: one row per finished point (less its
 seed: report.CELL), seed, checkpoint ('last' | 'best'), attack (including "clean") and eps_test,
@@ -20,13 +21,26 @@ from .tables import Table
 LEVEL = 0.95                     # the intervals' coverage
 STAT_METRICS = ["avg_acc", "worst_acc", "worst_k_acc", "nstd", "vcra"]
 PAIRED_METRICS = ["avg_acc", "worst_acc", "vcra"]
+# The range each quantity can take (fractions; vcra is a population variance of values in [0, 1],
+# at most 1/4 by Popoviciu's inequality); a mean lies in it, so its interval is cut to it.
+RANGE = {"avg_acc": (0.0, 1.0), "worst_acc": (0.0, 1.0), "worst_k_acc": (0.0, 1.0),
+         "vcra": (0.0, 0.25), "nstd": (0.0, math.inf)}
+
+
+def diff_range(metric: str) -> tuple[float, float]:
+    """The range of a difference of two means of the metric: [lo - hi, hi - lo]."""
+    lo, hi = RANGE[metric]
+    return lo - hi, hi - lo
 CELL = ["setting", "dataset", "model", "method", "lam", "eps_train"]   # a grid point less its seed
 SINGLE = "1 (single seed)"       # how a one-seed cell's n is printed: no interval exists
 
 # report.md's words before the seed and the paired tables
-SEEDS_INTRO = "Intervals are for the mean over seeds: mean ± t(0.975, n-1) · std / sqrt(n)."
+SEEDS_INTRO = ("Intervals are for the mean over seeds: mean ± t(0.975, n-1) · std / sqrt(n), cut to "
+               "the range the quantity can take (accuracies 0-100 %, var 0-25 x10^-2): the mean lies "
+               "in that range, so the cut keeps the coverage.")
 PAIRED_INTRO = ("Differences are taken seed by seed (the same seed trains both methods), which removes "
-                "the variation the two share; the interval is the t interval of the mean difference.")
+                "the variation the two share; the interval is the t interval of the mean difference, "
+                "cut to the range a difference can take (-100 to 100 points, -25 to 25 x10^-2).")
 
 
 def eps_key(x: float) -> float:
@@ -37,8 +51,8 @@ def eps_key(x: float) -> float:
 @dataclass(frozen=True)
 class Spread:
     """Values over seeds: mean, sample standard deviation (ddof 1), n, and the two-sided LEVEL
-    interval of the mean, mean -+ t_{(1+LEVEL)/2, n-1} * std / sqrt(n). With n = 1 the std and
-    the interval are NaN (undefined), with n = 0 everything is."""
+    interval of the mean, mean -+ t_{(1+LEVEL)/2, n-1} * std / sqrt(n), cut to the bounds the
+    mean can take. With n = 1 the std and the interval are NaN (undefined), with n = 0 everything is."""
     mean: float
     std: float
     n: int
@@ -46,8 +60,10 @@ class Spread:
     hi: float
 
 
-def spread(values) -> Spread:
-    """The Spread of values (None and NaN left out), summed in order as the tables' means are."""
+def spread(values, bounds: tuple[float, float] = (-math.inf, math.inf)) -> Spread:
+    """The Spread of values (None and NaN left out), summed in order as the tables' means are;
+    bounds: the range the mean can take (the interval is cut to it, which keeps its coverage:
+    the true mean is always inside)."""
     from scipy.stats import t
 
     v = [float(x) for x in values if x is not None and x == x]
@@ -59,7 +75,7 @@ def spread(values) -> Spread:
         return Spread(mean, nan, 1, nan, nan)
     std = math.sqrt(sum((x - mean) ** 2 for x in v) / (n - 1))
     half = float(t.ppf((1 + LEVEL) / 2, n - 1)) * std / math.sqrt(n)
-    return Spread(mean, std, n, mean - half, mean + half)
+    return Spread(mean, std, n, max(bounds[0], mean - half), min(bounds[1], mean + half))
 
 
 def n_text(n: int) -> str:
@@ -83,13 +99,14 @@ def ordered(frame: pd.DataFrame, attacks: list[str]) -> pd.DataFrame:
 
 def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per cell, checkpoint, attack and eps: n (seeds) and, per metric m of STAT_METRICS,
-    m (mean), m_std, m_lo, m_hi. In the runs' first-seen order."""
+    m (mean), m_std, m_lo, m_hi and m_n (the seeds that define it: nstd is undefined where every
+    class is at 0). In the runs' first-seen order."""
     rows = []
     for key, g in runs.groupby(CELL + ["checkpoint", "attack", "eps"], sort=False):
         row = dict(zip(CELL + ["checkpoint", "attack", "eps"], key), n=g.seed.nunique())
         for m in STAT_METRICS:
-            s = spread(g[m])
-            row.update({m: s.mean, f"{m}_std": s.std, f"{m}_lo": s.lo, f"{m}_hi": s.hi})
+            s = spread(g[m], RANGE[m])
+            row.update({m: s.mean, f"{m}_std": s.std, f"{m}_lo": s.lo, f"{m}_hi": s.hi, f"{m}_n": s.n})
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -123,7 +140,7 @@ def paired(runs: pd.DataFrame) -> pd.DataFrame:
             continue
         row = dict(zip(CELL + ["checkpoint", "attack", "eps"], key), base=base, n=len(matched))
         for m in PAIRED_METRICS:
-            s = spread([getattr(a, m) - getattr(b, m) for _, a, b in matched])
+            s = spread([getattr(a, m) - getattr(b, m) for _, a, b in matched], diff_range(m))
             row.update({f"d_{m}": s.mean, f"d_{m}_std": s.std, f"d_{m}_lo": s.lo, f"d_{m}_hi": s.hi})
         rows.append(row)
     return pd.DataFrame(rows)
@@ -143,8 +160,8 @@ def seed_tables(data) -> list[Table]:
         t = Table(slug=f"seeds_{dataset}{slug}", title=f"Seeds ({dataset_name(dataset)}{tag})",
                   caption=f"Each cell over its seeds: mean ± std (sample standard deviation), n "
                           f"seeds and the {LEVEL:.0%} interval of the mean (t distribution, n-1 "
-                          f"degrees of freedom); n = 1: a single seed, no interval. avg and worst "
-                          f"(worst class) in %, var in 10^-2; checkpoint last (final epoch) or best "
+                          f"degrees of freedom) cut to the quantity's range; n = 1: a single "
+                          f"seed, no interval. avg and worst (worst class) in %, var in 10^-2; checkpoint last (final epoch) or best "
                           f"(selected on the validation split).",
                   stub=["model", "method", "eps_train", "checkpoint", "attack", "eps_test", "n"],
                   header=[[("avg", 3), ("worst", 3), ("var", 3)], [("mean", 1), ("95% lo", 1), ("95% hi", 1)] * 3],
@@ -173,8 +190,8 @@ def paired_tables(data) -> list[Table]:
         t = Table(slug=f"paired_{dataset}{slug}", title=f"Paired comparison ({dataset_name(dataset)}{tag})",
                   caption=f"Each method minus its base method, seed by seed (same data set, model, "
                           f"eps_train, checkpoint and seed): mean difference ± std over the pairs and "
-                          f"its {LEVEL:.0%} interval (t distribution); an interval that excludes 0 is "
-                          f"a difference the seeds support. avg and worst in percentage points, var "
+                          f"its {LEVEL:.0%} interval (t distribution, cut to the difference's "
+                          f"range); an interval that excludes 0 is a difference the seeds support. avg and worst in percentage points, var "
                           f"in 10^-2; n = 1: a single pair, no interval.",
                   stub=["model", "method", "base", "eps_train", "checkpoint", "attack", "eps_test", "pairs"],
                   header=[[("diff avg", 3), ("diff worst", 3), ("diff var", 3)],

@@ -32,9 +32,12 @@ def method_name(m: str) -> str:
     return METHOD_NAMES.get(m, m)
 
 
-def method_label(method: str, lam: float) -> str:
-    """Method with its lambda, as the tables name it: 'FAT-Madry (lambda=0.5)', 'Madry'."""
-    return f"{method_name(method)} (lambda={lam:g})" if has_lambda(method) else method_name(method)
+def method_label(method: str, lam: float, greek: bool = False) -> str:
+    """Method with its lambda, the one name tables, figures and verdicts give it: 'FAT-Madry
+    (lambda=0.5)', 'Madry'; greek: 'FAT-Madry (λ=0.5)' (figure legends and report.html)."""
+    if not has_lambda(method):
+        return method_name(method)
+    return f"{method_name(method)} ({'λ' if greek else 'lambda'}={lam:g})"
 
 
 def model_name(m: str) -> str:

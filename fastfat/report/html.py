@@ -1,10 +1,11 @@
 """`fastfat report`'s report.html: one self-contained page (figures as data URIs, no scripts, no
 network) that opens with the answer, then the paper's tables and the rest, wide tables split.
 
-The answer, per data set, model and eps_test under the strongest attack the database has
-(AutoAttack's aa, else apgd, else PGD-20, else the first): each method's average, worst-class and
-k-worst robust accuracy and var with the 95% seed interval of the mean, and its paired difference
-against its base method (seeds.py), followed by the fairness scatter (worst class against average).
+The answer, under the report's attack (the strongest the database has unless chosen): the verdict
+sentences (verdicts.py) at its eps_test, the fairness scatter (worst class against average) with
+its caption, then per data set, model and eps_test each method's average, worst-class and k-worst
+robust accuracy and var with the 95% seed interval of the mean, and its paired difference against
+its base method (seeds.py). Every figure is shown at its own size (800 px wide) with its caption.
 """
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ from .labels import attack_title, dataset_name, eps_label, method_label, method_
 from .seeds import LEVEL, ordered
 from .tables import Table, fmt
 
-STRONGEST = ("aa", "apgd", "pgd20")   # the answer's attack: the first of these the database has
 MAX_PX = 1150   # the widest displayed table (px; the page is 1280 wide at most): wider ones are split
 
 CSS = """
@@ -25,13 +25,15 @@ h1{font-size:1.6em}h2{margin-top:2em;border-bottom:1px solid #ccc}h3{font-size:1
 table{border-collapse:collapse;margin:.3em 0 1em;font-size:12.5px;max-width:100%}
 th,td{border:1px solid #ddd;padding:2px 6px;text-align:right}th{background:#f3f3f3}
 td.s,th.s{text-align:left}p.c{color:#555;font-size:12px;margin:.2em 0;max-width:1100px}
-img{max-width:100%;height:auto;display:block;margin:.5em 0}.figs{display:flex;flex-wrap:wrap;gap:12px}
-.figs img{max-width:620px}nav a{margin-right:1em}.ok{color:#075}.warn{color:#a40}
+figure{margin:.5em 0 1.2em;width:800px;max-width:100%}
+figure img{width:800px;max-width:100%;height:auto;display:block}
+figcaption{color:#555;font-size:12px;margin-top:.2em}.figs{display:flex;flex-wrap:wrap;gap:0 24px;align-items:flex-start}
+nav a{margin-right:1em}ul.v{margin:.3em 0;padding-left:1.2em}ul.v li{margin:.15em 0}
+details{margin:.2em 0 .6em}.ok{color:#075}.warn{color:#a40}
 """
 
 
-def strongest_attack(attacks: list[str]) -> str:
-    return next((a for a in STRONGEST if a in attacks), attacks[0])
+MAX_VERDICTS = 8   # verdicts shown on the first screen; the rest one click away (<details>)
 
 
 def _interval(mean: float, lo: float, hi: float, scale: float, digits: int) -> str:
@@ -50,9 +52,9 @@ def _difference(r, m: str, scale: float, digits: int) -> str:
     return f"<b>{text}</b>" if lo == lo and hi == hi and (lo > 0 or hi < 0) else text
 
 
-def answer_html(data) -> str:
-    """The answer's tables (HTML): per setting, data set, model and eps_test, last checkpoint."""
-    attack = strongest_attack(data.attacks)
+def answer_html(data, attack: str) -> str:
+    """The answer's tables (HTML) under `attack`: per setting, data set, model and eps_test, last
+    checkpoint."""
     stats = ordered(data.stats, data.attacks)
     stats = stats[(stats.attack == attack) & (stats.checkpoint == "last")]
     paired = {}
@@ -60,8 +62,7 @@ def answer_html(data) -> str:
         for r in data.paired[(data.paired.attack == attack) & (data.paired.checkpoint == "last")].itertuples(index=False):
             paired[(r.setting, r.dataset, r.model, r.method, r.lam, r.eps_train, r.eps)] = r
     k = int(data.runs.worst_k.iloc[0]) if "worst_k" in data.runs and len(data.runs) else 3
-    out = [f"<p>Under <b>{html.escape(attack_title(attack))}</b> (the strongest attack in the database), "
-           f"last checkpoint. Each cell: mean over seeds [{LEVEL:.0%} interval of the mean]; "
+    out = [f"<p>Under <b>{html.escape(attack_title(attack))}</b>, last checkpoint. Each cell: mean over seeds [{LEVEL:.0%} interval of the mean]; "
            f"avg, worst and {k}-worst in %, var in 10^-2. diff: the method minus its base method, "
            f"seed by seed, with its interval; <b>bold</b>: the interval excludes 0 (the seeds support "
            f"the difference).</p>"]
@@ -76,7 +77,7 @@ def answer_html(data) -> str:
             d = paired.get((setting, dataset, model, r.method, r.lam, r.eps_train, r.eps))
             cells = [_interval(getattr(r, m), getattr(r, f"{m}_lo"), getattr(r, f"{m}_hi"), s, dg)
                      for m, s, dg in (("avg_acc", 100, 1), ("worst_acc", 100, 1), ("worst_k_acc", 100, 1), ("vcra", 100, 2))]
-            rows.append([html.escape(method_label(r.method, r.lam)), html.escape(eps_label(r.eps_train)), str(r.n)]
+            rows.append([html.escape(method_label(r.method, r.lam, greek=True)), html.escape(eps_label(r.eps_train)), str(r.n)]
                         + [html.escape(c) for c in cells]
                         + [_difference(d, "avg_acc", 100, 1), _difference(d, "worst_acc", 100, 1),
                            _difference(d, "vcra", 100, 2), html.escape(method_name(d.base)) if d is not None else ""])
@@ -171,26 +172,45 @@ def data_uri(png_path: str) -> str:
         return "data:image/png;base64," + base64.b64encode(f.read()).decode("ascii")
 
 
-def _figure(png_path: str, alt: str) -> str:
-    return f'<img src="{data_uri(png_path)}" alt="{html.escape(alt)}">'
+def _figure(png_path: str, stem: str, caption: str) -> str:
+    """A figure at its own size (800 px wide, height from its aspect) with its caption under it."""
+    return (f'<figure id="{html.escape(stem)}"><img src="{data_uri(png_path)}" alt="{html.escape(stem)}" '
+            f'width="800"><figcaption>{html.escape(caption)}</figcaption></figure>')
 
 
-def render(data, tables: list[Table], figures: dict[str, str], sections, intro: list[str], runs_md: str) -> str:
-    """The page. figures: stem -> PNG path (embedded); sections: (heading, slug prefix or prefixes)
-    in report.md's order; intro: report.md's opening sentences (plain text)."""
+def verdicts_html(said: list[str], attack: str, eps: float) -> str:
+    """The verdict sentences: the first MAX_VERDICTS as a list, any more behind a <details>."""
+    from .verdicts import heading
+    if not said:
+        return ""
+    items = [f"<li>{html.escape(v)}</li>" for v in said]
+    more = items[MAX_VERDICTS:]
+    return (f'<div id="verdicts"><p class="c">{html.escape(heading(attack, eps))}</p>'
+            f'<ul class="v">{"".join(items[:MAX_VERDICTS])}</ul>'
+            + (f'<details><summary>{len(more)} more verdicts</summary><ul class="v">{"".join(more)}</ul></details>'
+               if more else "") + "</div>")
+
+
+def render(data, tables: list[Table], figures: dict[str, str], captions: dict[str, str], sections,
+           intro: list[str], said: list[str], chosen: tuple[str, float], runs_md: str) -> str:
+    """The page. figures: stem -> PNG path (embedded); captions: stem -> its caption; sections:
+    (heading, slug prefix or prefixes) in report.md's order; intro: report.md's opening sentences
+    (plain text); said: the verdict sentences; chosen: the report's (attack, eps_test)."""
+    attack, eps = chosen
     scatter = {s: p for s, p in figures.items() if s.startswith("fig_fairness_")}
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
              '<meta name="viewport" content="width=device-width, initial-scale=1">',
              "<title>fastfat sweep report</title>", f"<style>{CSS}</style></head><body>",
-             "<h1>fastfat sweep report</h1>", '<nav><a href="#answer">answer</a><a href="#tables">tables</a>'
-             '<a href="#figures">figures</a><a href="#runs">runs</a></nav>',
-             "".join(f"<p>{html.escape(line)}</p>" for line in intro),
-             '<h2 id="answer">The answer: which method is fairer, at what cost, how sure</h2>',
-             answer_html(data),
-             '<p class="c">The fairness scatter: worst-class against average robust accuracy per method, '
-             'at the attack and eps_test of Table 2 and the figures (<code>--attack</code>, <code>--eps</code>).</p>',
-             '<div class="figs">' + "".join(_figure(p, s) for s, p in scatter.items()) + "</div>",
-             '<h2 id="tables">Tables</h2>']
+             "<h1>fastfat sweep report</h1>", '<nav><a href="#answer">answer</a><a href="#about">about</a>'
+             '<a href="#tables">tables</a><a href="#figures">figures</a><a href="#runs">runs</a></nav>',
+             f'<h2 id="answer">The answer under {html.escape(attack_title(attack))}: which method is fairer, '
+             f'at what cost, how sure</h2>',
+             verdicts_html(said, attack, eps),
+             '<div class="figs">' + "".join(_figure(p, s, captions[s]) for s, p in scatter.items()) + "</div>",
+             answer_html(data, attack),
+             '<h2 id="about">About this report</h2>', "".join(f"<p>{html.escape(line)}</p>" for line in intro)]
+    # Sections a later part of the report adds (e.g. flagged points) go here, after the answer.
+    parts.append('<h2 id="tables">Tables</h2>')
     for heading, prefix in sections:
         ts = [t for t in tables if t.slug.startswith(prefix)]
         if ts:
@@ -198,7 +218,7 @@ def render(data, tables: list[Table], figures: dict[str, str], sections, intro: 
             parts += [table_html(t) for t in ts]
     rest = {s: p for s, p in figures.items() if s not in scatter}
     parts += ['<h2 id="figures">Figures</h2>', '<div class="figs">'
-              + "".join(_figure(p, s) for s, p in rest.items()) + "</div>",
+              + "".join(_figure(p, s, captions[s]) for s, p in rest.items()) + "</div>",
               '<h2 id="runs">Runs</h2>', _runs(runs_md), "</body></html>"]
     return "\n".join(parts)
 
@@ -212,9 +232,10 @@ def _runs(md: str) -> str:
     return _plain_table([html.unescape(c) for c in cells[0]], cells[2:], stub=6)
 
 
-def write_html(data, tables, figure_paths: dict[str, str], sections, intro, runs_md, out_dir: str) -> str:
+def write_html(data, tables, figure_paths: dict[str, str], captions: dict[str, str], sections, intro,
+               said: list[str], chosen: tuple[str, float], runs_md, out_dir: str) -> str:
     """Write out_dir/report.html (atomically); returns its path."""
     from ..files import atomic_write_text
     path = os.path.join(out_dir, "report.html")
-    atomic_write_text(path, render(data, tables, figure_paths, sections, intro, runs_md))
+    atomic_write_text(path, render(data, tables, figure_paths, captions, sections, intro, said, chosen, runs_md))
     return path

@@ -1,17 +1,19 @@
 """`fastfat report`: a results database's finished points (pandas), laid out as the paper's
-tables and the tables beyond it, written as Markdown (report.md), CSV and LaTeX (tables.py)
-beside the figures (figures.py).
+tables (paper.py) and the tables beyond it, written as Markdown (report.md), CSV and LaTeX
+(tables.py) beside the figures (figures.py), the verdicts (verdicts.py) and report.html (html.py),
+all under one attack: the strongest evaluated (strongest()) unless --attack or [report] attack
+chooses another.
 
 Tables (each as Markdown in report.md, and as its own CSV and LaTeX file):
   Table 1    var (VCRA x10^-2) and rob.acc (%) per attack and eps_test; rows per model and
              eps_train; one table per data set and method (and lambda).
   Tables 3-4 a base method (Madry, TRADES) and its FAT side by side, per eps_train: var (3) and
              rob.acc (4, the higher one in bold); one pair per data set, model and lambda.
-  Table 2    class-wise robust accuracy (%) per eps_train at one attack and eps_test, with var,
+  Table 2    class-wise robust accuracy (%) per eps_train at the report's attack and eps_test, with var,
              rob.acc and the diff row (largest eps_train minus smallest).
   Methods    every method: clean and robust avg / worst / k-worst / NSD and rho against its base
              method, mean +- std over seeds, last and best checkpoints (methods_table.py).
-  Attack gap PGD-20 minus AutoAttack (apgd, aa) class by class (methods_table.py).
+  Attack gap PGD-20 minus APGD or AutoAttack (apgd, aa) class by class (methods_table.py).
   Seeds      each cell's mean +- std, n and 95% interval; Paired: each method minus its base
              method over common seeds, with its interval (seeds.py).
 
@@ -32,21 +34,18 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from ..config import base_method
 from ..errors import UserError
 from ..files import atomic_write_text, made_dirs
-from .labels import (METHOD_ORDER, attack_title, class_names, dataset_name, eps_label,
-                     has_lambda, lam_suffix, lam_text, method_label, method_name, model_name)
+from .labels import METHOD_ORDER, attack_title, eps_label, lam_text, method_name, model_name
 from . import methods_table, seeds
 from .seeds import CELL
 from .seeds import eps_key as _key
-from .tables import Table, fmt, render_csv, render_latex, render_markdown  # noqa: F401 (report's API)
+from .tables import render_csv, render_latex, render_markdown
 
 METRICS = ["avg_acc", "vcra", "worst_acc", "class_acc"]
 RUN_METRICS = ["avg_acc", "vcra", "worst_acc", "worst_k_acc", "nstd", "class_acc"]
-MAX_CLASS_COLUMNS = 10   # Table 2 shows at most this many classes (those that move most)
-INTROS = {"methods_": methods_table.METHODS_INTRO, "attack_gap_": methods_table.GAP_INTRO,   # report.md's
-          "seeds_": seeds.SEEDS_INTRO, "paired_": seeds.PAIRED_INTRO}                   # words before them
+INTROS = {"methods_": methods_table.METHODS_INTRO, "attack_gap_": methods_table.gap_intro,   # report.md's
+          "seeds_": seeds.SEEDS_INTRO, "paired_": seeds.PAIRED_INTRO}   # words before them (or a function of Data)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -83,10 +82,11 @@ class Data:
         return m[(m.attack == attack) & (m.eps == _key(eps))]
 
     def pick(self, attack: str | None = None, eps: float | None = None) -> tuple[str, float]:
-        """The attack and eps_test for Table 2 and the figures: PGD-20 (else the first attack)
-        at the smallest eps_test, unless given (then checked)."""
+        """The attack and eps_test of the answer, Table 2, the figures and the verdicts: the
+        strongest attack evaluated (strongest()) at the smallest eps_test, unless given (then
+        checked)."""
         if attack is None:
-            attack = "pgd20" if "pgd20" in self.attacks else self.attacks[0]
+            attack = strongest(self.eps)
         elif attack not in self.attacks:
             raise UserError(f"--attack {attack}: not in the results; have {', '.join(self.attacks)}")
         if eps is None:
@@ -95,6 +95,22 @@ class Data:
             raise UserError(f"--eps {eps:g}: {attack} was evaluated at "
                             f"{', '.join(f'{e:g}' for e in self.eps[attack])} only")
         return attack, eps
+
+
+def strength(attack: str) -> tuple[int, int]:
+    """How strong an attack is, for sorting: AutoAttack (aa) > its APGD pair (apgd) > C&W > PGD-K
+    (more steps stronger) > FGSM; an unknown name between FGSM and PGD."""
+    if attack.startswith("pgd") and attack[3:].isdigit():
+        return 2, int(attack[3:])
+    return {"aa": (5, 0), "apgd": (4, 0), "cw": (3, 0), "fgsm": (0, 0)}.get(attack, (1, 0))
+
+
+def strongest(eps: dict) -> str:
+    """The strongest attack (strength()) among those evaluated at every eps_test the results
+    hold (else among all); eps: attack -> its eps_test list."""
+    every = set.union(*({_key(e) for e in es} for es in eps.values()))
+    full = [a for a, es in eps.items() if {_key(e) for e in es} == every] or list(eps)
+    return max(full, key=strength)
 
 
 def _seed_mean(values: pd.Series):
@@ -126,8 +142,8 @@ def _run_row(r: dict, k: int) -> dict:
 
 def load(db_path: str) -> Data:
     """The finished points of a database, per seed and grouped and averaged over seeds."""
-    from .grid import setting_names, setting_of
-    from .store import Store
+    from ..sweep.grid import setting_names, setting_of
+    from ..sweep.store import Store
 
     with Store(db_path, readonly=True) as store:
         points = store.points()
@@ -167,144 +183,6 @@ def load(db_path: str) -> Data:
 
 
 # ---------------------------------------------------------------------------------------------
-# The paper's tables
-
-def _robust_columns(data: Data, rows: pd.DataFrame) -> list[tuple[str, float]]:
-    """(attack, eps) pairs that these rows have, in the data's attack order and eps order."""
-    have = set(zip(rows.attack, rows.eps))
-    return [(a, e) for a in data.attacks for e in data.eps[a] if (a, _key(e)) in have]
-
-
-def _attack_header(cols: list[tuple[str, float]], per: int) -> list[list[tuple[str, int]]]:
-    """Header levels attack / eps_test over `per` columns for each (attack, eps)."""
-    top, mid = [], []
-    for a, e in cols:
-        if top and top[-1][0] == attack_title(a):
-            top[-1] = (top[-1][0], top[-1][1] + per)
-        else:
-            top.append((attack_title(a), per))
-        mid.append((eps_label(e), per))
-    return [top, mid]
-
-
-def _grid(rows: pd.DataFrame, index, columns, values, row_order, col_order) -> list[list[float]]:
-    """values x100 (display units) pivoted to rows x columns, in the given orders; NaN if missing."""
-    wide = rows.pivot(index=index, columns=columns, values=values).reindex(index=row_order, columns=col_order)
-    return (100.0 * wide).to_numpy().tolist()
-
-
-def _seeds_note(rows: pd.DataFrame) -> str:
-    n = rows.seeds.max()
-    return f" Mean over {n} seeds." if n > 1 else ""
-
-
-def table1(data: Data) -> list[Table]:
-    """Table 1: per data set and method (and lambda); rows model x eps_train."""
-    tables = []
-    models = list(pd.unique(data.means.model))   # a model's rows follow its first cell in the report
-    for (setting, dataset, method, lam), g in data.means.groupby(["setting", "dataset", "method", "lam"],
-                                                                 sort=False):
-        tag, slug = data.tag(setting)
-        cols = _robust_columns(data, g)
-        rows = sorted(set(zip(g.model, g.eps_train)), key=lambda r: (models.index(r[0]), r[1]))
-        wide = _grid(g, ["model", "eps_train"], ["attack", "eps"], ["vcra", "avg_acc"], rows,
-                     [(m, a, _key(e)) for a, e in cols for m in ("vcra", "avg_acc")])
-        t = Table(slug=f"table1_{dataset}_{method}{lam_suffix(method, lam)}{slug}",
-                  title=f"Table 1 ({dataset_name(dataset)}, {method_label(method, lam)}{tag})",
-                  caption="Average robust accuracy (rob.acc, %) and variance of class-wise robust "
-                          "accuracy (var, 10^-2) per attack and eps_test." + _seeds_note(g),
-                  stub=["model", "eps_train"],
-                  header=_attack_header(cols, 2) + [[("var", 1), ("rob.acc", 1)] * len(cols)],
-                  digits=[2] * (2 * len(cols)))
-        for (model, eps_train), vals in zip(rows, wide):
-            t.rows.append(([model_name(model), eps_label(eps_train)], vals, [False] * len(vals)))
-        tables.append(t)
-    return tables
-
-
-def tables34(data: Data) -> list[Table]:
-    """Tables 3 (var) and 4 (rob.acc): each base method next to its FAT, per lambda."""
-    out = []
-    m = data.means
-    for (setting, dataset, model, fat, lam), fat_g in m[m.method.map(has_lambda)].groupby(
-            ["setting", "dataset", "model", "method", "lam"], sort=False):
-        base = base_method(fat)
-        # only the method and lambda may differ: the same setting, data set and model
-        base_g = m[(m.setting == setting) & (m.dataset == dataset) & (m.model == model) & (m.method == base)]
-        tag, slug = data.tag(setting)
-        if base_g.empty:
-            continue
-        both = pd.concat([base_g, fat_g])
-        eps_rows = sorted(set(both.eps_train))
-        cols = _robust_columns(data, both)
-        pair = pd.concat([base_g[base_g.lam == 0.0], fat_g])   # the base method has lambda 0
-        for num, what, title, extra in (
-                ("3", "vcra", "Variance of class-wise robust accuracy (10^-2)", ""),
-                ("4", "avg_acc", "Average robust accuracy (%)", " Bold: the higher of the pair.")):
-            t = Table(slug=f"table{num}_{dataset}_{model}_{fat}{lam_suffix(fat, lam)}{slug}",
-                      title=f"Table {num} ({dataset_name(dataset)}, {model_name(model)}, "
-                            f"{method_name(base)} vs {method_label(fat, lam)}{tag})",
-                      caption=f"{title} of {method_name(base)} and FAT (lambda={lam:g}) per eps_train, "
-                              f"attack and eps_test." + extra + _seeds_note(both),
-                      stub=["eps_train"],
-                      header=_attack_header(cols, 2) + [[(method_name(base), 1), ("FAT", 1)] * len(cols)],
-                      digits=[2] * (2 * len(cols)), blank_repeats=False)
-            wide = _grid(pair, "eps_train", ["attack", "eps", "method"], what, eps_rows,
-                         [(a, _key(e), mt) for a, e in cols for mt in (base, fat)])
-            for ep, vals in zip(eps_rows, wide):
-                bold = [False] * len(vals)
-                if num == "4":   # the higher of each pair, unless they print the same
-                    for j in range(0, len(vals), 2):
-                        vb, vf = vals[j], vals[j + 1]   # NaN (missing) compares False: never bold
-                        if round(vb, 2) != round(vf, 2):
-                            bold[j:j + 2] = [vb > vf, vf > vb]
-                t.rows.append(([eps_label(ep)], vals, bold))
-            out.append(t)
-    return out
-
-
-def _moved(a: float, b: float) -> float:
-    """Sort key: the class that moves most first; a class without samples at either end last."""
-    d = abs(a - b)
-    return -d if d == d else math.inf
-
-
-def table2(data: Data, attack: str, eps: float) -> list[Table]:
-    """Table 2: class-wise robust accuracy per eps_train at one attack/eps, with the diff row."""
-    out = []
-    for (setting, dataset, model, method, lam), g in data.at(attack, eps).groupby(
-            ["setting", "dataset", "model", "method", "lam"], sort=False):
-        tag, slug = data.tag(setting)
-        g = g.sort_values("eps_train", kind="stable")
-        accs = g.class_acc.tolist()
-        n = len(accs[0])
-        names = class_names(dataset, n)
-        classes = list(range(n))
-        if n > MAX_CLASS_COLUMNS:  # many classes: those whose accuracy moves most with eps_train
-            moved = sorted(classes, key=lambda c: _moved(accs[-1][c], accs[0][c]))
-            classes = sorted(moved[:MAX_CLASS_COLUMNS])
-        t = Table(slug=f"table2_{dataset}_{model}_{method}{lam_suffix(method, lam)}{slug}",
-                  title=f"Table 2 ({dataset_name(dataset)}, {model_name(model)}, "
-                        f"{method_label(method, lam)}{tag}, {attack_title(attack)} at eps_test {eps_label(eps)})",
-                  caption="Robust accuracy (%) per class, var (10^-2) and rob.acc (%) per eps_train"
-                          + ("; diff = largest eps_train minus smallest." if len(g) > 1 else ".")
-                          + (" Classes whose accuracy moves most." if n > MAX_CLASS_COLUMNS else "")
-                          + _seeds_note(g),
-                  stub=["eps_train"],
-                  header=[[(names[c], 1) for c in classes] + [("var", 1), ("rob.acc", 1)]],
-                  digits=[1] * len(classes) + [2, 2], blank_repeats=False)
-        rows = [[100.0 * a[c] for c in classes] + [100.0 * v, 100.0 * r]
-                for a, v, r in zip(accs, g.vcra, g.avg_acc)]
-        labels = [eps_label(e) for e in g.eps_train]
-        if len(g) > 1:
-            rows.append([x - y for x, y in zip(rows[-1], rows[0])])
-            labels.append("diff")
-        t.rows = [([label], vals, [False] * len(vals)) for label, vals in zip(labels, rows)]
-        out.append(t)
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
 # The report
 
 def runs_table(data: Data) -> str:
@@ -326,26 +204,29 @@ def runs_table(data: Data) -> str:
 
 
 def build(data: Data, attack: str | None = None, eps: float | None = None):
-    """All tables (Table 1, Tables 3-4, Table 2, methods, attack gap, seeds, paired) and figures."""
+    """All tables (Table 1, Tables 3-4, Table 2, methods, attack gap, seeds, paired), the figures
+    (figures.Figures, with their captions) and the verdicts, at the chosen (attack, eps)."""
     from .figures import make_figures
     from .methods_table import gap_tables, methods_tables
+    from .paper import table1, table2, tables34
     from .seeds import paired_tables, seed_tables
+    from .verdicts import verdicts
 
     attack, eps = data.pick(attack, eps)
     return (table1(data) + tables34(data) + table2(data, attack, eps) + methods_tables(data)
             + gap_tables(data) + seed_tables(data) + paired_tables(data),
-            make_figures(data, attack, eps), (attack, eps))
+            make_figures(data, attack, eps), (attack, eps), verdicts(data, attack, eps))
 
 
 def write_report(db_path: str, out_dir: str, attack: str | None = None, eps: float | None = None) -> list[str]:
     """Write report.md, report.html (html.py), a CSV and a .tex per table, a PNG per figure; returns
     the paths. A report that cannot be finished (a full disk) takes the files it added away again."""
     data = load(db_path)
-    tables, figs, (attack, eps) = build(data, attack, eps)
+    tables, figs, (attack, eps), said = build(data, attack, eps)
     with made_dirs(out_dir):
         before = set(os.listdir(out_dir))
         try:
-            return _write_files(data, tables, figs, attack, eps, db_path, out_dir)
+            return _write_files(data, tables, figs, (attack, eps), said, db_path, out_dir)
         except BaseException:
             for name in set(os.listdir(out_dir)) - before:
                 with contextlib.suppress(OSError):
@@ -353,7 +234,50 @@ def write_report(db_path: str, out_dir: str, attack: str | None = None, eps: flo
             raise
 
 
-def _write_files(data, tables, figs, attack, eps, db_path, out_dir) -> list[str]:
+def sections(data: Data) -> tuple[tuple[str, str | tuple[str, ...]], ...]:
+    """(heading, slug prefix or prefixes) of report.md's and report.html's table sections; the
+    attack-gap heading names the attacks it compares."""
+    strong = [attack_title(a) for a in data.attacks if a in methods_table.STRONG]
+    return (("Table 1: robust accuracy and its class-wise variance against eps_train", "table1_"),
+            ("Tables 3 and 4: the base method against FAT", ("table3_", "table4_")),
+            ("Table 2: class-wise robust accuracy", "table2_"),
+            ("Methods: fairness beyond the variance, and rho against the base method", "methods_"),
+            (f"Attack gap: how much {attack_title(methods_table.WEAK)} overstates robust accuracy "
+             f"against {' and '.join(strong) or 'a stronger attack'}, class by class", "attack_gap_"),
+            ("Seeds: mean, standard deviation and 95% interval per cell", "seeds_"),
+            ("Paired comparison: each method against its base method over seeds", "paired_"))
+
+
+def _intro(data: Data, db_path: str, attack: str, eps: float) -> list[str]:
+    """report.md's opening sentences, which report.html shows too."""
+    done = sum(p.status == "done" for p in data.points)
+    md = [f"Database `{os.path.basename(db_path)}`: {len(data.points)} points, {done} done, "
+          f"{sum(p.status == 'failed' for p in data.points)} failed, "
+          f"{sum(p.status in ('pending', 'running') for p in data.points)} pending or running; "
+          f"attacks evaluated: {', '.join(attack_title(a) for a in data.attacks)}.",
+          f"The answer, the verdicts, Table 2 and every figure use {attack_title(attack)} at eps_test "
+          f"{eps_label(eps)}" + (" (the strongest attack evaluated; `fastfat report --attack` or a sweep "
+                                 "file's [report] attack chooses another)." if attack == strongest(data.eps)
+                                 else " (chosen with --attack or [report] attack; the strongest evaluated is "
+                                      f"{attack_title(strongest(data.eps))})."),
+          "var is the variance of class-wise robust accuracy in 10^-2 (population variance x100); "
+          "rob.acc is the average robust accuracy in %."]
+    if len(data.settings) > 1:
+        md.append(f"The database holds points of {len(data.settings)} training settings (they differ "
+                  f"beyond the grid's coordinates); no table or figure mixes them: "
+                  + "; ".join(f"set{i + 1}: {name}" for i, name in enumerate(data.settings)) + ".")
+    if data.replaced:
+        md.append(f"{data.replaced} older result(s) of the same grid point were left out "
+                  f"(the latest finished one is used).")
+    if any(data.runs.checkpoint == "best"):
+        md.append("Points trained with a validation split (val_per_class) were evaluated twice: "
+                  "checkpoint last (the final epoch) and best (selected on the validation split). "
+                  "Tables 1 to 4 and the figures but the methods scatter show the last one; the "
+                  "tables from Methods on show both.")
+    return md
+
+
+def _write_files(data, tables, figs, chosen, said, db_path, out_dir) -> list[str]:
     from .figures import save_figure
     from .html import write_html
 
@@ -368,44 +292,27 @@ def _write_files(data, tables, figs, attack, eps, db_path, out_dir) -> list[str]
         save_figure(fig, pngs[stem])
     written += pngs.values()
 
-    done = sum(p.status == "done" for p in data.points)
-    md = ["# fastfat sweep report", "",
-          f"Database `{os.path.basename(db_path)}`: {len(data.points)} points, {done} done, "
-          f"{sum(p.status == 'failed' for p in data.points)} failed, "
-          f"{sum(p.status in ('pending', 'running') for p in data.points)} pending or running.",
-          "var is the variance of class-wise robust accuracy in 10^-2 (population variance x100); "
-          "rob.acc is the average robust accuracy in %. "
-          f"Table 2 and the figures use {attack_title(attack)} at eps_test {eps_label(eps)}."]
-    if len(data.settings) > 1:
-        md.append(f"The database holds points of {len(data.settings)} training settings (they differ "
-                  f"beyond the grid's coordinates); no table or figure mixes them: "
-                  + "; ".join(f"set{i + 1}: {name}" for i, name in enumerate(data.settings)) + ".")
-    if data.replaced:
-        md.append(f"{data.replaced} older result(s) of the same grid point were left out "
-                  f"(the latest finished one is used).")
-    if any(data.runs.checkpoint == "best"):
-        md.append("Points trained with a validation split (val_per_class) were evaluated twice: "
-                  "checkpoint last (the final epoch) and best (selected on the validation split). "
-                  "Tables 1 to 4 and the figures but the methods scatter show the last one; the "
-                  "tables from Methods on show both.")
-    md_intro = md[2:]   # the opening sentences, which report.html opens with too
-    sections = (("Table 1: robust accuracy and its class-wise variance against eps_train", "table1_"),
-                ("Tables 3 and 4: the base method against FAT", ("table3_", "table4_")),
-                ("Table 2: class-wise robust accuracy", "table2_"),
-                ("Methods: fairness beyond the variance, and rho against the base method", "methods_"),
-                ("Attack gap: how much PGD-20 overstates robust accuracy, class by class", "attack_gap_"),
-                ("Seeds: mean, standard deviation and 95% interval per cell", "seeds_"),
-                ("Paired comparison: each method against its base method over seeds", "paired_"))
-    for heading, prefix in sections:
+    intro = _intro(data, db_path, *chosen)
+    md = ["# fastfat sweep report", "", *intro]
+    if said:
+        md += ["", "## Verdicts", "", *[f"- {line}" for line in said]]
+    # Sections a later part of the report adds go here, after the verdicts and before the tables:
+    # (heading, Markdown lines) pairs, which report.html shows after the answer too.
+    extra: list[tuple[str, list[str]]] = []
+    for heading, lines in extra:
+        md += ["", f"## {heading}", "", *lines]
+    for heading, prefix in sections(data):
         ts = [t for t in tables if t.slug.startswith(prefix)]
         if ts:
-            md += ["", f"## {heading}", ""] + ([INTROS[prefix], ""] if prefix in INTROS else [])
+            intro_words = INTROS[prefix](data) if callable(INTROS.get(prefix)) else INTROS.get(prefix)
+            md += ["", f"## {heading}", ""] + ([intro_words, ""] if intro_words else [])
             for t in ts:
                 md += [render_markdown(t), f"Files: [{t.slug}.csv]({t.slug}.csv), [{t.slug}.tex]({t.slug}.tex)", ""]
     if figs:
         md += ["", "## Figures", ""]
         for stem in figs:
-            md += [f"![{stem}]({stem}.png)", ""]
+            md += [f"![{stem}]({stem}.png)", "", f"*{figs.captions[stem]}*", ""]
     md += ["", "## Runs", "", runs := runs_table(data)]
     atomic_write_text(os.path.join(out_dir, "report.md"), "\n".join(md))
-    return written + [os.path.join(out_dir, "report.md"), write_html(data, tables, pngs, sections, md_intro, runs, out_dir)]
+    page = write_html(data, tables, pngs, figs.captions, sections(data), intro, said, chosen, runs, out_dir)
+    return written + [os.path.join(out_dir, "report.md"), page]

@@ -1,7 +1,7 @@
 """`fastfat report` across methods: the methods table (every method in the database, clean and
 robust average / worst-class / k-worst accuracy, NSD = std / mean and the trade-off score rho
 against its base method, last and best checkpoints, mean +- std over seeds) and the attack-gap
-table (class by class, how much PGD-20 overstates robust accuracy against AutoAttack).
+table (class by class, how much PGD-20 overstates robust accuracy against APGD or AutoAttack).
 
 Generic over method names: a method's base is config.base_method (FAT: its suffix; others as
 config.BASE_METHODS says), so methods added later need no change here.
@@ -30,10 +30,20 @@ METHODS_INTRO = (
     "worst_base - (avg_base - avg) / avg_base against the method's base method (FAT-Madry: Madry) "
     "on the same seed, then averaged (> 0: the worst class gained more, relatively, than the "
     "average lost). Each cell is the mean ± std over its seeds.")
-GAP_INTRO = (
-    "PGD-20 is the paper's attack; AutoAttack (APGD-CE + APGD-T, and the standard ensemble) is "
-    "stronger, and unevenly so across classes: a fairness claim under PGD-20 alone can be wrong in "
-    "the very quantity it is about. Positive: PGD-20 overstates that class's robust accuracy.")
+
+
+def _strong_names(attacks) -> str:
+    """The strong attacks among `attacks`, as titles: 'APGD', 'APGD and AA'."""
+    return " and ".join(attack_title(a) for a in STRONG if a in set(attacks)) or "a stronger attack"
+
+
+def gap_intro(data) -> str:
+    """report.md's words before the attack-gap tables, naming the attacks the database holds."""
+    what = {"apgd": "APGD (APGD-CE + APGD-T, AutoAttack's pair)", "aa": "standard AutoAttack (AA)"}
+    run = " and ".join(what[a] for a in STRONG if a in data.attacks)
+    return (f"PGD-20 is the paper's attack; {run or 'a stronger attack'} is stronger, and unevenly so "
+            f"across classes: a fairness claim under PGD-20 alone can be wrong in the very quantity it "
+            f"is about. Positive: PGD-20 overstates that class's robust accuracy.")
 
 
 def _slug_eps(e: float) -> str:
@@ -67,29 +77,39 @@ def methods_tables(data) -> list[Table]:
                         f"{attack_title(attack)} at eps_test {eps_label(eps)})",
                   caption=f"Clean and robust average (avg), worst-class (worst) and mean of the {k_text} "
                           f"worst classes (k-worst) accuracy in %, NSD = std / mean of the class "
-                          f"accuracies, rho against the base method; mean ± std over n seeds. "
+                          f"accuracies, rho against the base method; mean ± std over n seeds ((n=2) after a "
+                          f"cell: only 2 of them define it). "
                           f"checkpoint: last (final epoch) or best (selected on the validation split).",
                   stub=["method", "eps_train", "checkpoint", "n"],
                   header=[[("clean", 5), (attack_title(attack), 5)],
                           [("avg", 1), ("worst", 1), ("k-worst", 1), ("NSD", 1), ("rho", 1)] * 2],
                   digits=[2, 2, 2, 3, 3] * 2)
         for r in g.itertuples(index=False):
-            vals, sds = [], []
+            vals, sds, ns = [], [], []
             for x in (clean.get(key_of(r)[:-2]), r):
                 if x is None:
                     vals += [math.nan] * 5
                     sds += [None] * 5
+                    ns += [None] * 5
                     continue
                 s = rho.get(key_of(x))
                 vals += [100 * x.avg_acc, 100 * x.worst_acc, 100 * x.worst_k_acc, x.nstd,
                          math.nan if s is None else s.mean]
                 sds += [100 * x.avg_acc_std, 100 * x.worst_acc_std, 100 * x.worst_k_acc_std, x.nstd_std,
                         None if s is None else s.std]
+                # NSD (every class at 0) and rho (base's worst or avg at 0) some seeds leave undefined
+                ns += [None] * 3 + [_fewer(x.nstd_n, r.n), None if s is None else _fewer(s.n, r.n)]
             t.rows.append(([method_label(r.method, r.lam), eps_label(r.eps_train), r.checkpoint, n_text(r.n)],
                            vals, [False] * 10))
             t.spread.append(sds)
+            t.counts.append(ns)
         out.append(t)
     return out
+
+
+def _fewer(n: int, of: int) -> int | None:
+    """n where fewer than the row's `of` seeds define a statistic, else None (nothing to say)."""
+    return int(n) if n < of else None
 
 
 def attack_gaps(runs: pd.DataFrame) -> pd.DataFrame:
@@ -134,11 +154,13 @@ def gap_tables(data) -> list[Table]:
         names = class_names(dataset, n)
         t = Table(slug=f"attack_gap_{dataset}_{model}{slug}",
                   title=f"Attack gap ({dataset_name(dataset)}, {model_name(model)}{tag}, "
-                        f"{attack_title(WEAK)} against AutoAttack)",
+                        f"{attack_title(WEAK)} against {_strong_names(g.strong)})",
                   caption=f"How much {attack_title(WEAK)} overstates robust accuracy: its class accuracy "
-                          f"minus the stronger attack's (APGD: APGD-CE + APGD-T; AA: standard "
-                          f"AutoAttack), in percentage points, per class, for the average (avg) and "
-                          f"the largest over the classes (max); mean over n seeds."
+                          f"minus the stronger attack's ("
+                          + "; ".join({"apgd": "APGD: APGD-CE + APGD-T", "aa": "AA: standard AutoAttack"}[a]
+                                      for a in STRONG if a in set(g.strong))
+                          + "), in percentage points, per class, for the average (avg) and "
+                          "the largest over the classes (max); mean over n seeds."
                           + (" Classes with the largest gaps." if n > MAX_GAP_COLUMNS else ""),
                   stub=["method", "eps_train", "checkpoint", "eps_test", "against", "n"],
                   header=[[(names[c], 1) for c in classes] + [("avg", 1), ("max", 1)]],
