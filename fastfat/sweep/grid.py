@@ -22,7 +22,7 @@ from ..config import (FINE_TUNE_METHODS, METHODS, TEACHER_METHODS, EvalConfig, T
 from ..errors import UserError
 from ..data.split import check_test_per_class
 from .labels import lam_suffix
-from .only import dropped, parse_only
+from .only import dropped, narrowed, parse_only
 from .claims import DEFAULT_LEASE_S
 from .store import Point
 
@@ -250,7 +250,7 @@ def build_sweep(doc: dict, base: str, *, grid_flags: dict | None = None, train_f
 
     # in the file's order: the first axis varies slowest, and errors name points the same way
     axes = {a: _scalar_list(a, grid[a]) for a in grid}
-    only = parse_only(doc.get("only"), axes)
+    only = parse_only(narrowed(doc.get("only"), grid_flags or {}), axes)
     points, seen = [], {}
     names = list(axes)
     for combo in itertools.product(*(range(len(axes[a])) for a in names)):

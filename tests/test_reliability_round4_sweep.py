@@ -1,0 +1,84 @@
+"""Sweeps and teachers on the round-4 surface (issue 31, items 1, 2 and 8-12): each defect's
+reproduction, which failed before its fix. Bad input -> one `fastfat: error:` line, exit 2,
+before the database exists; a full disk -> the sweep stops at once, its points left pending."""
+from __future__ import annotations
+
+import os
+import pickle
+import sqlite3
+import subprocess
+import sys
+import tomllib
+
+import pytest
+import torch
+
+from fastfat import cli
+from fastfat.config import make_train_config
+from fastfat.sweep import grid
+from fastfat.train import CHECKPOINT, train
+from test_reliability import _main, _one_error_line   # the CLI-in-process helpers of round 1-2
+from test_reliability_round3 import _fill, tmpfs
+
+TINY = dict(dataset="digits", model="cnn", width=4, epochs=1, batch_size=32, steps=2,
+            step_size="eps/2", eps_train=8 / 255, lr=0.05, train_limit=64, schedule="constant",
+            device="cpu", loader="memory")
+
+
+def _grid(tmp_path, *lines, methods='["madry", "fat-madry"]', name="g.toml", **axes) -> str:
+    """A tiny digits sweep file: the given methods at 8/255 (or `axes`' lists), 1 epoch, FGSM on
+    20 test images; extra [train] lines appended (other tables after them)."""
+    axes = {"method": methods, "eps_train": '["8/255"]', **axes}
+    text = ['db = "s.db"', "threads = 1", "[grid]", *(f"{k} = {v}" for k, v in axes.items()),
+            "[eval]", 'attacks = ["fgsm"]', 'eps_test = ["8/255"]', "test_limit = 20",
+            "[train]", 'dataset = "digits"', 'model = "cnn"', "width = 4", "epochs = 1",
+            "train_limit = 200", *lines]
+    path = tmp_path / name
+    path.write_text("\n".join(text) + "\n")
+    return str(path)
+
+
+def _build(path, **kw):
+    doc, base = grid.read_sweep_file(path, None)
+    return grid.build_sweep(doc, base, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# 8, 9: [only] on an axis the method ignores; the packaged grid narrowed by flags
+
+def test_only_on_an_axis_the_method_ignores_keeps_its_point(tmp_path, capsys):
+    path = _grid(tmp_path, lam="[0.5, 1.0]")
+    with open(path, "a") as f:
+        f.write("[only.madry]\nlam = [1.0]\n[only.fat-madry]\nlam = [1.0]\n")
+    methods = [(p.train.method, p.train.lam) for p in _build(path).points]
+    assert methods == [("madry", 0.0), ("fat-madry", 1.0)]
+    # a madry-only grid is its one point, never an empty grid
+    only_madry = _grid(tmp_path, methods='["madry"]', lam="[0.5, 1.0]", name="m.toml")
+    with open(only_madry, "a") as f:
+        f.write("[only.madry]\nlam = [1.0]\n")
+    rc = cli.main(["sweep", only_madry, "--dry-run"])
+    assert rc == 0 and "\n1 points;" in "\n" + capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags, methods, eps", [
+    (["--method", "madry", "fat-madry"], {"madry", "fat-madry"}, {0.05, 0.1, 0.15}),
+    (["--eps-test", "0.05"], {"madry", "fat-madry", "dafa-madry", "cfa-madry"}, {0.05, 0.1, 0.15}),
+    (["--eps-train", "0.05"], {"madry", "fat-madry", "dafa-madry", "cfa-madry"}, {0.05}),
+    (["--method", "dafa-madry", "--seed", "0"], {"dafa-madry"}, {0.1}),
+])
+def test_the_fashion_grid_is_narrowed_by_flags(tmp_path, capsys, monkeypatch, flags, methods, eps):
+    monkeypatch.chdir(tmp_path)
+    rc = cli.main(["sweep", "--grid", "fashion", "--dry-run", *flags])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    doc, base = grid.read_sweep_file(None, "fashion")
+    argv = dict(grid_flags={"method": flags[1:]} if flags[0] == "--method" else
+                {"eps_train": flags[1:]} if flags[0] == "--eps-train" else {},
+                eval_flags={"eps_test": flags[1:]} if flags[0] == "--eps-test" else {})
+    if "--seed" in flags:
+        argv["grid_flags"] = {"method": ["dafa-madry"], "seed": ["0"]}
+    points = grid.build_sweep(doc, base, **argv).points
+    assert {p.train.method for p in points} == methods
+    assert {round(p.train.eps_train, 6) for p in points} == eps
+    assert f"{len(points)} points;" in out
+    assert not os.listdir(tmp_path)
