@@ -82,3 +82,29 @@ def test_the_fashion_grid_is_narrowed_by_flags(tmp_path, capsys, monkeypatch, fl
     assert {round(p.train.eps_train, 6) for p in points} == eps
     assert f"{len(points)} points;" in out
     assert not os.listdir(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1: FRL points fine-tune from the grid's natural point
+
+def test_frl_fine_tunes_from_the_grids_natural_point(tmp_path, capsys):
+    path = _grid(tmp_path, 'init_from = "natural"', "val_per_class = 0.1", methods='["natural", "frl-rw"]')
+    rc = cli.main(["sweep", path, "--no-progress", "--no-report"])
+    out, err = capsys.readouterr()
+    assert rc == 0 and "FAILED" not in out, out + err
+    con = sqlite3.connect(tmp_path / "s.db")
+    rows = dict(con.execute("SELECT method, status FROM points").fetchall())
+    con.close()
+    assert rows == {"natural": "done", "frl-rw": "done"}
+
+
+def test_a_point_whose_source_failed_says_so(tmp_path, capsys):
+    # lr 1e12: the natural point diverges; the FRL point is not started from a checkpoint that
+    # is not there, it fails naming its source
+    path = _grid(tmp_path, 'init_from = "natural"', "val_per_class = 0.1", "lr = 1e12",
+                 methods='["natural", "frl-rw"]')
+    rc = cli.main(["sweep", path, "--no-progress", "--no-report"])
+    out, _ = capsys.readouterr()
+    assert rc == 1
+    frl = next(line for line in out.splitlines() if line.startswith("FAILED frl-rw"))
+    assert "checkpoint not found" not in frl and "natural cnn digits" in frl and "failed" in frl, out

@@ -271,6 +271,9 @@ def build_sweep(doc: dict, base: str, *, grid_flags: dict | None = None, train_f
             if "eps_train" in axes and combo[names.index("eps_train")] > 0:
                 continue  # natural training has no radius: one point, plotted at eps_train 0
             cfg.eps_train = 0.0
+            # val_per_class selects on robust accuracy at eps_train: at 0 there is nothing to
+            # select on, so natural trains on the whole pool (the FRL points it starts keep theirs)
+            cfg.val_per_class = None
         if cfg.init_from in METHODS and cfg.method not in FINE_TUNE_METHODS:
             cfg.init_from = None   # a method's name starts only the fine-tuning methods (FRL)
         if cfg.teacher in METHODS and cfg.method not in TEACHER_METHODS:

@@ -31,7 +31,7 @@ from .progress import GridProgress
 from .grid import GridPoint, RaySettings, Sweep
 from .points import evaluate_point
 from .runner import (Terminated, _open_and_add, _say, _sigterm_as_interrupt, claim_points,
-                     summary_line, train_and_evaluate, unsettled_source, write_report)
+                     failed_source, summary_line, train_and_evaluate, unsettled_source, write_report)
 
 INSTALL = "pip install 'fastfat[ray]'"
 PROBE_S = 10.0        # how long to wait for the cluster's address to answer
@@ -319,6 +319,7 @@ def _drive(ray, sweep: Sweep, progress: bool, reclaim: bool) -> dict:
             _say(f"sweep: {counts['skipped']} of {len(sweep.points)} points already done, skipping them",
                  progress)
         bar = GridProgress(sweep.db, [p.key for p in sweep.points], enabled=progress)
+        labels = {p.key: p.label() for p in sweep.points}
         done = [p.key for p in sweep.points if have[p.key].status == "done"]
         queue, in_flight = deque(plan_units(sweep.points, sweep.fuse, done)), {}   # ObjectRef -> claimed points
         finished, counted_at, renewed_at = 0, time.monotonic(), time.monotonic()
@@ -334,6 +335,11 @@ def _drive(ray, sweep: Sweep, progress: bool, reclaim: bool) -> dict:
                     if planned is None:
                         break
                     unit = claim_points(store, planned, counts, progress)   # a group: all or none
+                    for p in [q for q in unit if failed_source(store, q, labels)]:
+                        finished += 1   # not started from a checkpoint that is not there
+                        _store(store, p, Outcome(p.key, error=failed_source(store, p, labels)), counts,
+                               progress, finished, len(todo))
+                        unit.remove(p)
                     if unit:
                         runs = [os.path.join(sweep.runs_dir, p.key) for p in unit]
                         in_flight[task.remote(unit, runs, threads, os.getcwd())] = unit

@@ -199,6 +199,16 @@ def unsettled_source(store, unit: list[GridPoint], unsettled=("running",)) -> st
     return None
 
 
+def failed_source(store, p: GridPoint, labels: dict[str, str]) -> str | None:
+    """The error for a point whose source point (depends_on) failed, so that it is not started
+    from a checkpoint that is not there; None when there is none or it did not fail. labels: the
+    grid's point labels by key."""
+    if p.depends_on is None or store.point(p.depends_on).status != "failed":
+        return None
+    return (f"it starts from {labels.get(p.depends_on, p.depends_on)}, which failed (see its error); "
+            f"run the same command again to retry both")
+
+
 def _when_sources_settle(store, units: list[list[GridPoint]], progress: bool):
     """The units in run order, except that a unit whose source point another process is still
     training (several processes share the grid: `workers`, or a second terminal) goes to the end
@@ -249,6 +259,7 @@ def _run_sweep(sweep: Sweep, progress, report, report_dir, report_options, recla
         def tally(p, records, seconds):   # a fused group's member stored
             _say(done_tag(store, sweep) + summary_line(p, records, seconds), progress)
 
+        labels = {p.key: p.label() for p in sweep.points}
         try:
             done = [p.key for p in sweep.points if have[p.key].status == "done"]
             units = plan(sweep.points, sweep.fuse, done)   # fuse = 1: one point per unit, as todo
@@ -258,6 +269,12 @@ def _run_sweep(sweep: Sweep, progress, report, report_dir, report_options, recla
                     continue
                 p = unit[0]
                 if not claim_point(store, p, counts, progress):
+                    continue
+                why = failed_source(store, p, labels)
+                if why is not None:
+                    store.fail(p.key, why)
+                    counts["failed"] += 1
+                    _say(f"FAILED {p.label()}: {why}", progress)
                     continue
                 t0 = time.perf_counter()
                 run_dir = os.path.join(sweep.runs_dir, p.key)
