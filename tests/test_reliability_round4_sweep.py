@@ -108,3 +108,76 @@ def test_a_point_whose_source_failed_says_so(tmp_path, capsys):
     assert rc == 1
     frl = next(line for line in out.splitlines() if line.startswith("FAILED frl-rw"))
     assert "checkpoint not found" not in frl and "natural cnn digits" in frl and "failed" in frl, out
+
+
+# ---------------------------------------------------------------------------------------------
+# 10-12: a teacher is checked before the run, refused where no method distils, finite
+
+class _Evil:
+    """A pickle that would write a file when loaded (torch.load without weights_only)."""
+
+    def __init__(self, mark):
+        self.mark = mark
+
+    def __reduce__(self):
+        return (open, (self.mark, "w"))
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory):
+    """Teacher files: a digits run's checkpoint, a synthetic-data one, the digits one with a NaN
+    weight (a valid digest), a malicious pickle (and the file it would create)."""
+    from fastfat.files import load_checkpoint, save_checkpoint
+    d = tmp_path_factory.mktemp("teachers")
+    train(make_train_config(None, **TINY), str(d / "digits"), progress=False)
+    train(make_train_config(None, **dict(TINY, dataset="synthetic")), str(d / "synth"), progress=False)
+    state = load_checkpoint(str(d / "digits" / CHECKPOINT))
+    name = next(k for k, v in state["model"].items() if v.is_floating_point())
+    state["model"][name] = state["model"][name].clone()
+    state["model"][name].view(-1)[0] = float("nan")
+    del state["digest"], state["format"]
+    save_checkpoint(str(d / "nan.pt"), state)
+    with open(d / "evil.pt", "wb") as f:
+        pickle.dump({"model": _Evil(str(d / "pwned"))}, f)
+    return {"digits": str(d / "digits" / CHECKPOINT), "synth": str(d / "synth" / CHECKPOINT),
+            "nan": str(d / "nan.pt"), "evil": str(d / "evil.pt"), "pwned": str(d / "pwned")}
+
+
+@pytest.mark.parametrize("which, needle", [("missing", "no such checkpoint"),
+                                           ("synth", "was trained on synthetic"),
+                                           ("evil", "not a valid fastfat checkpoint"),
+                                           ("nan", "not finite")])
+def test_sweep_teacher_is_checked_before_the_database(tmp_path, capsys, teachers, which, needle):
+    path = _grid(tmp_path, f'teacher = "{teachers.get(which, tmp_path / "missing.pt")}"',
+                 methods='["madry", "fair-ard"]')
+    rc, lines = _main(capsys, "sweep", path, "--no-progress", "--no-report")
+    _one_error_line(rc, lines, needle)
+    assert "teacher" in lines[0]
+    assert sorted(os.listdir(tmp_path)) == ["g.toml"]
+    assert not os.path.exists(teachers["pwned"])     # the pickle never ran
+
+
+def test_teacher_with_nan_weights_is_named_by_train(tmp_path, capsys, teachers):
+    rc, lines = _main(capsys, "train", "--preset", "demo", "--dataset", "digits", "--epochs", "1",
+                      "--width", "4", "--train-limit", "64", "--method", "fair-ard", "--teacher",
+                      teachers["nan"], "--out", str(tmp_path / "o"), "--no-progress")
+    _one_error_line(rc, lines, "teacher")
+    assert teachers["nan"] in lines[0] and "not finite" in lines[0]
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("method", ["madry", "bat", "natural"])
+def test_teacher_is_refused_where_the_method_does_not_distil(tmp_path, capsys, teachers, method):
+    rc, lines = _main(capsys, "train", "--preset", "demo", "--method", method, "--epochs", "1",
+                      "--teacher", teachers["digits"], "--out", str(tmp_path / "o"), "--no-progress")
+    _one_error_line(rc, lines, f"method {method} does not distil")
+    assert os.listdir(tmp_path) == []
+    # a sweep: a [train] teacher for a grid where no method distils is refused the same way
+    path = _grid(tmp_path, f'teacher = "{teachers["digits"]}"', methods=f'["{method}"]')
+    rc, lines = _main(capsys, "sweep", path, "--dry-run")
+    _one_error_line(rc, lines, "no method of the grid distils from a teacher")
+    # in a grid with a distilling method the shared teacher is that method's alone
+    path = _grid(tmp_path, f'teacher = "{teachers["digits"]}"', methods=f'["{method}", "fair-ard"]',
+                 name="h.toml")
+    points = {p.train.method: p.train.teacher for p in _build(path).points}
+    assert points == {method: None, "fair-ard": teachers["digits"]}

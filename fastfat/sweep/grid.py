@@ -17,8 +17,8 @@ import tomllib
 from dataclasses import dataclass, fields
 from importlib import resources
 
-from ..config import (FINE_TUNE_METHODS, METHODS, TEACHER_METHODS, EvalConfig, TrainConfig, make_eval_config,
-                      make_train_config, to_dict)
+from ..config import (FINE_TUNE_METHODS, METHODS, PRESETS, TEACHER_METHODS, EvalConfig, TrainConfig,
+                      make_eval_config, make_train_config, to_dict)
 from ..errors import UserError
 from ..data.split import check_test_per_class
 from .labels import lam_suffix
@@ -259,7 +259,7 @@ def build_sweep(doc: dict, base: str, *, grid_flags: dict | None = None, train_f
             continue   # [only]: this method runs on part of the axis
         where = "grid point " + ", ".join(f"{a}={coords[a]}" for a in names)
         try:
-            cfg = make_train_config(preset, **train, **coords)
+            cfg = make_train_config(preset, **_for_method(train, preset, coords), **coords)
             check_test_per_class(ecfg.test_per_class, cfg.dataset)
         except UserError as e:
             raise UserError(f"{where}: {e}") from None
@@ -276,8 +276,6 @@ def build_sweep(doc: dict, base: str, *, grid_flags: dict | None = None, train_f
             cfg.val_per_class = None
         if cfg.init_from in METHODS and cfg.method not in FINE_TUNE_METHODS:
             cfg.init_from = None   # a method's name starts only the fine-tuning methods (FRL)
-        if cfg.teacher in METHODS and cfg.method not in TEACHER_METHODS:
-            cfg.teacher = None     # a method's name teaches only the distilling methods
         ident = (cfg.dataset, cfg.model, cfg.method, cfg.seed, cfg.eps_train, cfg.lam)
         if ident in seen:
             raise UserError(f"duplicate grid point: {where} is the same point as {seen[ident]} "
@@ -289,6 +287,9 @@ def build_sweep(doc: dict, base: str, *, grid_flags: dict | None = None, train_f
         except UserError as e:
             raise UserError(f"{where}: {e}") from None
         points.append(gp)
+    if train.get("teacher") is not None and not any(p.train.method in TEACHER_METHODS for p in points):
+        raise UserError(f"[train] teacher = \"{train['teacher']}\": no method of the grid distils from a "
+                        f"teacher (those that do: {', '.join(TEACHER_METHODS)}); drop teacher")
     if ray is not None and workers > 1:
         raise UserError("workers runs local processes; with ray the cluster runs points side by side "
                         "(ray_cpus / ray_gpus per point): drop workers or ray")
@@ -299,6 +300,18 @@ def build_sweep(doc: dict, base: str, *, grid_flags: dict | None = None, train_f
     return Sweep(db=db, report=report, points=points, threads=threads, lease=lease_s,
                  shared_dir=os.path.abspath(shared_dir) if shared_dir else None, ray=ray, fuse=fuse,
                  workers=workers)
+
+
+def _for_method(train: dict, preset: str | None, coords: dict) -> dict:
+    """[train] for one grid point: without teacher where the point's method does not distil (a
+    shared teacher, a checkpoint or a method's name, is the distilling points' alone; `fastfat
+    train` refuses a teacher its method does not use)."""
+    if train.get("teacher") is None:
+        return train
+    default = PRESETS.get(preset or "", {}).get("train", {}).get("method", _TRAIN_DEFAULTS["method"])
+    if str(coords.get("method", train.get("method", default))) in TEACHER_METHODS:
+        return train
+    return {k: v for k, v in train.items() if k != "teacher"}
 
 
 def _count(name: str, value) -> int | None:
@@ -334,6 +347,7 @@ def resolve_init_from(points: list[GridPoint], runs: str) -> list[GridPoint]:
     do not depend on where the runs are. UserError, before any work, when the grid has no such
     point, has several (a lam axis), the source itself starts from another point, or a point
     names two sources."""
+    _check_init_files(points)
     by_ident = {}
     for q in points:
         t = q.train
@@ -367,34 +381,36 @@ def resolve_init_from(points: list[GridPoint], runs: str) -> list[GridPoint]:
         setattr(t, field, os.path.join(runs, found[0].key, "checkpoint.pt"))
         p.depends_on = found[0].key
         later.append(p)
-    _check_init_files(first)
     return first + later
 
 
 def _check_init_files(points: list[GridPoint]) -> None:
-    """A checkpoint file named by init_from is read (its digest, weights only) and matched to
-    every point starting from it before the database exists: UserError naming the key, where a
-    point would otherwise fail only when it runs. A name that is no file but looks like a grid
-    method's ("TRADES", "trade") is called so."""
+    """Checkpoint files named by init_from and teacher (not a grid method's name) are read
+    (their digest, weights only: a pickle never runs) and matched to every point starting from
+    or distilling from them before the database exists: UserError naming the key, where a point
+    would otherwise fail only when it runs. init_from must fit the point's model; a teacher must
+    be trained on the point's data set, with finite weights. A name that is no file but looks
+    like a grid method's ("TRADES", "trade") is called so."""
     import difflib
 
-    from ..runfiles import load_init_weights
+    from ..runfiles import load_init_weights, load_teacher
     checked = set()
     for p in points:
         t = p.train
-        if t.init_from is None or (t.init_from, t.model, t.width, t.dataset) in checked:
-            continue
-        checked.add((t.init_from, t.model, t.width, t.dataset))
-        if not os.path.exists(t.init_from):
-            near = difflib.get_close_matches(t.init_from.lower(), METHODS, n=1, cutoff=0.75)
-            hint = (f"; did you mean the grid method \"{near[0]}\" (names are lower case)?" if near else
-                    f"; give a checkpoint file or a grid method's name ({', '.join(METHODS)})")
-            raise UserError(f"[train] init_from = \"{t.init_from}\": no such checkpoint{hint}")
-        try:
-            load_init_weights(t)
-        except UserError as e:
-            msg = str(e).removeprefix("init_from: ")
-            raise UserError(f"[train] init_from = \"{t.init_from}\" ({p.label()}): {msg}") from None
+        for key, value in (("init_from", t.init_from), ("teacher", t.teacher)):
+            if value is None or value in METHODS or (key, value, t.model, t.width, t.dataset) in checked:
+                continue
+            checked.add((key, value, t.model, t.width, t.dataset))
+            if not os.path.exists(value):
+                near = difflib.get_close_matches(value.lower(), METHODS, n=1, cutoff=0.75)
+                hint = (f"; did you mean the grid method \"{near[0]}\" (names are lower case)?" if near else
+                        f"; give a checkpoint file or a grid method's name ({', '.join(METHODS)})")
+                raise UserError(f"[train] {key} = \"{value}\": no such checkpoint{hint}")
+            try:
+                load_init_weights(t) if key == "init_from" else load_teacher(t, "cpu")
+            except UserError as e:
+                msg = str(e).removeprefix(f"{key}: ")
+                raise UserError(f"[train] {key} = \"{value}\" ({p.label()}): {msg}") from None
 
 
 def ray_settings(keys: dict) -> RaySettings | None:
