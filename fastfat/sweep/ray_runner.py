@@ -357,23 +357,40 @@ def _drive(ray, sweep: Sweep, progress: bool, reclaim: bool) -> dict:
                     renewed_at = time.monotonic()
                     _renew(ray, store, in_flight, counts, progress)
         except BaseException:
-            # Ctrl-C, SIGTERM or an error here: stop the tasks, give their points back. Not
-            # force=True: Ray 2.60's driver aborts the whole process ("Tried to complete task that
-            # was not pending", task_manager.cc) when a force-killed task's reply is already on
-            # its way; a plain cancel raises KeyboardInterrupt in the task at its next bytecode.
-            for ref in in_flight:
-                try:
-                    ray.cancel(ref)
-                except Exception:
-                    pass
-            for unit in in_flight.values():
-                for p in unit:
-                    store.release(p.key)
+            _give_back(ray, store, sweep, in_flight)
             raise
         finally:
             bar.close()
         counts["done"] = store.counts(keys=[p.key for p in sweep.points])["done"]
     return counts
+
+
+CANCEL_WAIT_S = 30.0   # how long an interrupted driver waits for its cancelled tasks to end
+
+
+def _give_back(ray, store, sweep: Sweep, in_flight: dict) -> None:
+    """Ctrl-C, SIGTERM or an error in the driver: stop the tasks in flight, wait (CANCEL_WAIT_S at
+    most) until they have ended, then give back every point of the grid this process holds.
+
+    Not force=True: Ray 2.60's driver aborts the whole process ("Tried to complete task that was
+    not pending", task_manager.cc) when a force-killed task's reply is already on its way; a plain
+    cancel raises KeyboardInterrupt in the task at its next bytecode, which takes a moment: a
+    point given back at once could be claimed by the next driver while the cancelled task still
+    writes its run folder. Every point held, not only those in flight: the signal may come
+    between a claim and its task's submission, or between a task's return and its stored result
+    (Store.release leaves done and failed points as they are)."""
+    for ref in in_flight:
+        try:
+            ray.cancel(ref)
+        except Exception:
+            pass
+    try:
+        if in_flight:
+            ray.wait(list(in_flight), num_returns=len(in_flight), timeout=CANCEL_WAIT_S)
+    except Exception:   # a lost connection: the points go back all the same
+        pass
+    finally:             # also after a second Ctrl-C
+        store.release([p.key for p in sweep.points])
 
 
 def _renew(ray, store, in_flight: dict, counts: dict, progress: bool) -> None:

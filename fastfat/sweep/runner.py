@@ -301,6 +301,10 @@ def _run_sweep(sweep: Sweep, progress, report, report_dir, report_options, recla
                     continue
                 counts["ran"] += 1
                 _say(done_tag(store, sweep) + summary_line(p, records, time.perf_counter() - t0), progress)
+        except KeyboardInterrupt:
+            # also a point claimed a moment before the signal, outside run_point's own handler
+            store.release([p.key for p in sweep.points])
+            raise
         finally:
             if own_bar:
                 overall.close()
