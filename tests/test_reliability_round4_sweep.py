@@ -181,3 +181,27 @@ def test_teacher_is_refused_where_the_method_does_not_distil(tmp_path, capsys, t
                  name="h.toml")
     points = {p.train.method: p.train.teacher for p in _build(path).points}
     assert points == {method: None, "fair-ard": teachers["digits"]}
+
+
+# ---------------------------------------------------------------------------------------------
+# 2: a full disk under the runs stops the sweep at once, its points left pending
+
+def test_full_disk_stops_the_sweep_and_the_rerun_finishes_it(tmp_path, capsys):
+    path = _grid(tmp_path, methods='["madry", "fat-madry"]', seed="[0, 1]")
+    with tmpfs(tmp_path / "m", "1m") as m:
+        _fill(m)
+        rc = cli.main(["sweep", path, "--shared-dir", os.path.join(m, "runs"), "--no-progress",
+                       "--no-report"])
+        out, err = capsys.readouterr()
+        lines = err.strip().splitlines()
+        _one_error_line(rc, lines, "disk full")
+        assert "4 points left pending" in lines[0] and "run the same command again" in lines[0]
+        assert "FAILED" not in out
+        con = sqlite3.connect(tmp_path / "s.db")
+        assert [s for s, in con.execute("SELECT status FROM points")] == ["pending"] * 4
+        assert con.execute("SELECT COUNT(*) FROM points WHERE owner IS NOT NULL").fetchone()[0] == 0
+        con.close()
+        os.unlink(os.path.join(m, "filler"))   # space freed: the same command runs every point
+        rc = cli.main(["sweep", path, "--shared-dir", os.path.join(m, "runs"), "--no-progress",
+                       "--no-report"])
+        assert rc == 0, capsys.readouterr()

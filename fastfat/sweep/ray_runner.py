@@ -25,13 +25,13 @@ import traceback
 from collections import deque
 from dataclasses import dataclass, field
 
-from ..errors import UserError
+from ..errors import DiskFull, UserError
 from ..files import check_writable_dir
 from .progress import GridProgress
 from .grid import GridPoint, RaySettings, Sweep
 from .points import evaluate_point
-from .runner import (Terminated, _open_and_add, _say, _sigterm_as_interrupt, claim_points,
-                     failed_source, summary_line, train_and_evaluate, unsettled_source, write_report)
+from .runner import (Terminated, _open_and_add, _say, _sigterm_as_interrupt, as_disk_full, claim_points,
+                     failed_source, stopped_by_full_disk, summary_line, train_and_evaluate, unsettled_source, write_report)
 
 INSTALL = "pip install 'fastfat[ray]'"
 PROBE_S = 10.0        # how long to wait for the cluster's address to answer
@@ -65,6 +65,7 @@ class Outcome:
     error: str | None = None
     trace: str | None = None
     where: str = ""
+    disk_full: bool = False   # the error is a full disk: the driver stops the sweep
 
 
 def plan_units(points: list[GridPoint], fuse: int | str = 1, done=()) -> list[list[GridPoint]]:
@@ -99,9 +100,12 @@ def _run_point(p: GridPoint, run_dir: str) -> Outcome:
     t0, where = time.perf_counter(), _where()
     try:
         log, records, t = train_and_evaluate(p, run_dir)
-    except UserError as e:
-        return Outcome(p.key, error=str(e), seconds=time.perf_counter() - t0, where=where)
-    except Exception as e:  # a bug or a resource error: recorded with its trace, as a local sweep does
+    except Exception as e:
+        full = as_disk_full(e)
+        if full is not None or isinstance(e, UserError):
+            return Outcome(p.key, error=str(full or e), seconds=time.perf_counter() - t0, where=where,
+                           disk_full=full is not None)
+        # a bug or a resource error: recorded with its trace, as a local sweep does
         return Outcome(p.key, error=f"{type(e).__name__}: {e}", trace=traceback.format_exc(),
                        seconds=time.perf_counter() - t0, where=where)
     return Outcome(p.key, log, records, t["train_seconds"], t["eval_seconds"], t["start_epoch"],
@@ -117,10 +121,11 @@ def _run_group(points: list[GridPoint], run_dirs: list[str]) -> list[Outcome]:
     try:
         runs, starts = train_group(points, run_dirs)
     except Exception as e:
-        err = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
-        trace = None if isinstance(e, UserError) else traceback.format_exc()
-        return [Outcome(p.key, error=err, trace=trace, seconds=time.perf_counter() - t0, where=where)
-                for p in points]
+        full = as_disk_full(e)
+        err = str(full or e) if full or isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+        trace = None if full or isinstance(e, UserError) else traceback.format_exc()
+        return [Outcome(p.key, error=err, trace=trace, seconds=time.perf_counter() - t0, where=where,
+                        disk_full=full is not None) for p in points]
     out = []
     for p, run_dir, run, start in zip(points, run_dirs, runs, starts):
         o = Outcome(p.key, run.log, start_epoch=start, where=where,
@@ -349,7 +354,11 @@ def _drive(ray, sweep: Sweep, progress: bool, reclaim: bool) -> dict:
                 ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
                 for ref in ready:
                     unit = in_flight.pop(ref)
-                    for p, o in zip(unit, _collect(ray, ref, unit, retries)):
+                    outcomes = _collect(ray, ref, unit, retries)
+                    full = next((o.error for o in outcomes if o.disk_full), None)
+                    if full is not None:   # no point's fault: stop, every point pending
+                        raise stopped_by_full_disk(store, sweep, DiskFull(full))
+                    for p, o in zip(unit, outcomes):
                         finished += 1
                         _store(store, p, o, counts, progress, finished, len(todo))
                     bar.update()   # the bar counts the database's done points: re-read it now
