@@ -12,14 +12,13 @@ its last checkpoint; a point failing for its own reasons (UserError: divergence,
 bug) is caught inside the task and recorded failed, never retried by Ray. The driver claims every
 point it submits (owner host:pid, renewed each lease/5 while it waits), and gives them back on
 Ctrl-C or SIGTERM; a killed driver's claims are taken over by the next run (its pid is gone).
-Ray is imported only here and only when a sweep runs on it.
+Ray is imported only here (and in ray_connect.py, which reaches it) and only when a sweep runs
+on it.
 """
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
-import socket
 import time
 import traceback
 from collections import deque
@@ -30,21 +29,12 @@ from ..files import check_writable_dir
 from .progress import GridProgress
 from .grid import GridPoint, RaySettings, Sweep
 from .points import evaluate_point
+from .ray_connect import connect, import_ray
 from .runner import (Terminated, _open_and_add, _say, _sigterm_as_interrupt, as_disk_full, claim_points,
-                     failed_source, stopped_by_full_disk, summary_line, train_and_evaluate, unsettled_source, write_report)
+                     failed_source, stopped_by_full_disk, summary_line, train_and_evaluate,
+                     unsettled_source, write_report)
 
-INSTALL = "pip install 'fastfat[ray]'"
-PROBE_S = 10.0        # how long to wait for the cluster's address to answer
 NODES_EVERY_S = 5.0   # how often the driver recounts the cluster's free slots (nodes join and leave)
-
-
-def import_ray():
-    """The ray module, or UserError saying how to install it."""
-    try:
-        import ray
-    except ImportError:
-        raise UserError(f"--ray needs Ray, which is not installed here: {INSTALL}") from None
-    return ray
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,7 +150,7 @@ def run_sweep_ray(sweep: Sweep, *, progress: bool = True, report: bool = True, r
         sweep = dataclasses.replace(sweep, ray=RaySettings("local"))
     check_writable_dir(sweep.runs_dir, "shared_dir")
     with _sigterm_as_interrupt() as sigterm:
-        connected = _connect(ray, sweep.ray.address)
+        connected = connect(ray, sweep.ray.address)
         # ray.init installs its C++ failure handler for SIGTERM (a stack dump, then exit 15),
         # which would end the driver with its points left 'running': ours again, after it.
         sigterm["rearm"]()
@@ -176,51 +166,6 @@ def run_sweep_ray(sweep: Sweep, *, progress: bool = True, report: bool = True, r
     if report:
         write_report(sweep, counts, progress, report_dir, report_options)
     return counts
-
-
-def _connect(ray, address: str) -> bool:
-    """Start a local Ray instance ("local") or join a cluster; False if already connected."""
-    if ray.is_initialized():
-        return False
-    if address != "local":
-        _probe(address)
-    # ERROR: Ray's start-up notes would interleave with the bars; its errors still show.
-    kw = dict(logging_level=logging.ERROR, include_dashboard=False) if address == "local" else \
-        dict(logging_level=logging.ERROR)
-    try:
-        ray.init(address=address, **kw)
-    except (ConnectionError, ValueError, RuntimeError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        hint = ("" if address == "local" or os.environ.get("RAY_AUTH_MODE", "").lower() == "token" else
-                "; if the cluster uses token authentication (recent Ray turns it on in `ray start`), set "
-                "RAY_AUTH_MODE=token here with its token in ~/.ray/auth_token or RAY_AUTH_TOKEN")
-        raise UserError(f"cannot connect to the Ray cluster at {address}: {first}{hint}") from None
-    return True
-
-
-def _probe(address: str) -> None:
-    """UserError unless something listens at the cluster's address: ray.init waits minutes for a
-    head that is not there (also for a stale address 'auto' finds from an earlier `ray start`)."""
-    target = address
-    if address == "auto":
-        try:
-            from ray._private.services import get_ray_address_from_environment  # how ray.init resolves it
-            target = get_ray_address_from_environment("auto", None)
-        except ConnectionError as e:
-            raise UserError(f"--ray auto: {e} Start one with `ray start --head`.") from None
-        except Exception:   # a Ray version without this helper: let ray.init find it
-            return
-    hostport = target.split("://", 1)[-1]
-    host, sep, port = hostport.rpartition(":")
-    if not sep:   # Ray's default ports: the head's GCS, or a Ray Client server
-        host, port = hostport, "10001" if target.startswith("ray://") else "6379"
-    try:
-        socket.create_connection((host or "127.0.0.1", int(port)), timeout=PROBE_S).close()
-    except (OSError, ValueError) as e:
-        why = getattr(e, "strerror", None) or str(e) or type(e).__name__
-        seen = "" if target == address else f" (found {target})"
-        raise UserError(f"cannot reach a Ray cluster at {address}{seen}: {why}; start its head with "
-                        f"`ray start --head` or give its address") from None
 
 
 def _task_resources(ray, sweep: Sweep) -> tuple[int, float]:
