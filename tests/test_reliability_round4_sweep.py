@@ -6,12 +6,8 @@ from __future__ import annotations
 import os
 import pickle
 import sqlite3
-import subprocess
-import sys
-import tomllib
 
 import pytest
-import torch
 
 from fastfat import cli
 from fastfat.config import make_train_config
@@ -72,15 +68,16 @@ def test_the_fashion_grid_is_narrowed_by_flags(tmp_path, capsys, monkeypatch, fl
     out, err = capsys.readouterr()
     assert rc == 0, err
     doc, base = grid.read_sweep_file(None, "fashion")
-    argv = dict(grid_flags={"method": flags[1:]} if flags[0] == "--method" else
-                {"eps_train": flags[1:]} if flags[0] == "--eps-train" else {},
-                eval_flags={"eps_test": flags[1:]} if flags[0] == "--eps-test" else {})
-    if "--seed" in flags:
-        argv["grid_flags"] = {"method": ["dafa-madry"], "seed": ["0"]}
-    points = grid.build_sweep(doc, base, **argv).points
+    grid_flags, eval_flags, name = {}, {}, None
+    for f in flags:   # the flags as the CLI passes them: grid axes and [eval] fields
+        if f.startswith("--"):
+            name = f[2:].replace("-", "_")
+        else:
+            (eval_flags if name == "eps_test" else grid_flags).setdefault(name, []).append(f)
+    points = grid.build_sweep(doc, base, grid_flags=grid_flags, eval_flags=eval_flags).points
     assert {p.train.method for p in points} == methods
     assert {round(p.train.eps_train, 6) for p in points} == eps
-    assert f"{len(points)} points;" in out
+    assert f"\n{len(points)} points;" in out
     assert not os.listdir(tmp_path)
 
 
