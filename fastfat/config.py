@@ -354,7 +354,13 @@ def make_train_config(preset: str | None = None, **overrides) -> TrainConfig:
         values.update(PRESETS[preset]["train"])
         values["preset"] = preset
     values.update(overrides)
-    return from_dict(TrainConfig, values).validate()
+    cfg = from_dict(TrainConfig, values).validate()
+    # Here, not in validate(): a stored run's config that recorded an unused teacher (accepted
+    # before this check) still loads for evaluation.
+    if cfg.teacher is not None and cfg.method not in TEACHER_METHODS:
+        raise UserError(f"teacher: method {cfg.method} does not distil from a teacher (those that "
+                        f"do: {', '.join(TEACHER_METHODS)}); drop --teacher")
+    return cfg
 
 
 def make_eval_config(preset: str | None = None, **overrides) -> EvalConfig:

@@ -3,3 +3,8 @@
 
 class UserError(Exception):
     """Bad input from the user (config, data, checkpoint). The message is shown as is."""
+
+
+class DiskFull(UserError):
+    """A write found no room (ENOSPC, a quota): not the input's fault, so a sweep stops at the
+    first instead of failing every point after it (fastfat.files.disk_full_error)."""

@@ -23,7 +23,7 @@ import warnings
 
 import torch
 
-from .errors import UserError
+from .errors import DiskFull, UserError
 
 FORMAT = "fastfat-checkpoint-v1"
 
@@ -58,7 +58,7 @@ def _size(n: int) -> str:
     return f"{n / 2 ** 20:.1f} MiB" if n >= 2 ** 20 else f"{n / 2 ** 10:.1f} KiB" if n >= 2 ** 10 else f"{n} bytes"
 
 
-def disk_full_error(path: str, needed: int | None = None) -> UserError:
+def disk_full_error(path: str, needed: int | None = None) -> DiskFull:
     """The one-line error for a write that found no room: how much it needed (when known) and how
     much the file system has left."""
     d = os.path.dirname(os.path.abspath(path))
@@ -67,7 +67,7 @@ def disk_full_error(path: str, needed: int | None = None) -> UserError:
     except OSError:
         free = ""
     need = f" ({_size(needed)} needed{free})" if needed is not None else (f" ({free[2:]})" if free else "")
-    return UserError(f"disk full: cannot write {path}{need}")
+    return DiskFull(f"disk full: cannot write {path}{need}")
 
 
 def check_writable_dir(path: str, flag: str, names=()) -> None:

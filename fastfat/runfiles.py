@@ -109,13 +109,19 @@ def build_for_config(cfg: TrainConfig, device) -> nn.Module:
 def load_teacher(cfg: TrainConfig, device) -> nn.Module | None:
     """The frozen teacher a distillation method learns from: cfg.teacher's model (digest-checked,
     eval mode, no parameter gradients) on device, or None without cfg.teacher. UserError if it
-    was trained on another data set than cfg."""
+    was trained on another data set than cfg, or holds a weight that is not finite (its soft
+    labels would be NaN, and the run would only say it diverged)."""
     if cfg.teacher is None:
         return None
     teacher, tcfg = load_model(cfg.teacher, device)
     if tcfg.dataset != cfg.dataset:
         raise UserError(f"teacher: {cfg.teacher} was trained on {tcfg.dataset}; this run trains on "
                         f"{cfg.dataset}")
+    bad = next((k for k, v in teacher.state_dict().items()
+                if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise UserError(f"teacher: {cfg.teacher} holds weights that are not finite (NaN or inf, in "
+                        f"{bad}); give a teacher that trained without diverging")
     return teacher.requires_grad_(False)
 
 

@@ -243,10 +243,12 @@ def _driver(path, address):
                             stderr=subprocess.PIPE, text=True)
 
 
-def _wait_for_epochs(runs_dir, proc, n_runs: int, lo: int, hi: int, timeout: float = 90.0,
+def _wait_for_epochs(runs_dir, proc, n_runs: int, lo: int, hi: int, timeout: float = 600.0,
                      before: dict | None = None) -> dict:
     """Wait until n_runs run folders each hold between lo and hi epochs at once (and more than
-    they held in `before`)."""
+    they held in `before`). The timeout is generous: a driver's tasks start cold workers of
+    their own (the cluster's warm ones belong to this process's job), which on a loaded 2-core
+    machine took over 90 s; a driver that ends fails the wait at once."""
     t0, before = time.monotonic(), before or {}
     while time.monotonic() - t0 < timeout:
         seen = _epochs_on_disk(runs_dir)
@@ -256,6 +258,23 @@ def _wait_for_epochs(runs_dir, proc, n_runs: int, lo: int, hi: int, timeout: flo
             pytest.fail(f"the driver ended first: {proc.communicate()}")
         time.sleep(0.02)
     pytest.fail(f"never saw {n_runs} runs with {lo}..{hi} epochs; saw {_epochs_on_disk(runs_dir)}")
+
+
+def _wait_for_claim(db, proc, timeout: float = 600.0) -> None:
+    """Wait until the driver process proc holds a running point in the database."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        con = sqlite3.connect(db)
+        try:
+            owners = [o for o, in con.execute("SELECT owner FROM points WHERE status='running'")]
+        finally:
+            con.close()
+        if any(o and o.endswith(f":{proc.pid}") for o in owners):
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"the driver ended first: {proc.communicate()}")
+        time.sleep(0.05)
+    pytest.fail("the driver never claimed a point")
 
 
 def test_interrupted_or_killed_driver_resumes(cluster, local_db, tmp_path, capsys):
@@ -277,7 +296,10 @@ def test_interrupted_or_killed_driver_resumes(cluster, local_db, tmp_path, capsy
     con.close()
 
     # kill -9 of a driver process: its claims stay, owned by a dead process; no half-written results.
+    # The epochs on disk are counted once this driver holds a point (the first driver's tasks
+    # ended before it gave its points back), so new epochs are this driver's task's.
     proc = _driver(tmp_path / "grid.toml", cluster.address)
+    _wait_for_claim(tmp_path / "ray.db", proc)
     _wait_for_epochs(runs, proc, 1, 1, 3, before=_epochs_on_disk(runs))   # this driver's task trains
     proc.kill()
     proc.wait()

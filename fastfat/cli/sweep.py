@@ -109,7 +109,8 @@ def run(args) -> int:
         from .report import REPORT_FILES
         check_writable_dir(report_dir, "report", REPORT_FILES)
     if sweep.ray is not None:
-        from ..sweep.ray_runner import import_ray, run_sweep_ray
+        from ..sweep.ray_connect import import_ray
+        from ..sweep.ray_runner import run_sweep_ray
         import_ray()   # before any output: without Ray, one line saying how to install it
     print(f"sweep: {len(sweep.points)} points into {sweep.db}", flush=True)
     t0 = time.perf_counter()

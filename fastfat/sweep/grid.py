@@ -17,13 +17,14 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from importlib import resources
 
-from ..config import (FINE_TUNE_METHODS, METHODS, TEACHER_METHODS, EvalConfig, TrainConfig, make_eval_config,
-                      make_train_config, to_dict)
+from ..config import (FINE_TUNE_METHODS, METHODS, PRESETS, TEACHER_METHODS, EvalConfig, TrainConfig,
+                      make_eval_config, make_train_config, to_dict)
 from ..errors import UserError
 from ..data.split import check_test_per_class
 from ..report.labels import lam_suffix
 from ..report.settings import report_section
-from .only import dropped, parse_only
+from .only import dropped, narrowed, parse_only
+from .sources import resolve_init_from
 from .claims import DEFAULT_LEASE_S
 from .store import Point
 
@@ -184,10 +185,34 @@ def build_sweep(doc: dict, base: str, *, grid_flags: dict | None = None, train_f
                 eval_flags: dict | None = None, db: str | None = None, report: str | None = None,
                 threads=None, lease=None, shared_dir: str | None = None,
                 ray_flags: dict | None = None, fuse=None, workers=None) -> Sweep:
-    """Validate a sweep file's content merged with flags (flags win) into a Sweep.
+    """Validate a sweep file's content merged with flags (flags win) into a Sweep: its keys
+    (_tables), its top-level settings (_settings), its grid expanded into points (_expand), the
+    checks across points (_check_points), and each point's source (resolve_init_from).
 
     Raises UserError naming the key or grid point at fault; nothing is written.
     """
+    grid, train, evals = _tables(doc, grid_flags, train_flags, eval_flags)
+    sweep = _settings(doc, base, db=db, report=report, threads=threads, lease=lease,
+                      shared_dir=shared_dir, ray_flags=ray_flags, fuse=fuse, workers=workers)
+    preset = train.pop("preset", None) or None
+    try:
+        ecfg = make_eval_config(preset, **evals)
+    except UserError as e:
+        raise UserError(f"[eval]: {e}") from None
+    report_dir, sweep.report_options = report_section(doc.get("report"), base, ecfg.attacks, ecfg.eps_test)
+    sweep.report = report_dir if report is None else report
+    # in the file's order: the first axis varies slowest, and errors name points the same way
+    axes = {a: _scalar_list(a, grid[a]) for a in grid}
+    only = parse_only(narrowed(doc.get("only"), grid_flags or {}), axes)
+    points = _expand(axes, only, train, preset, ecfg)
+    _check_points(points, train, sweep)
+    sweep.points = resolve_init_from(points, sweep.runs_dir)
+    return sweep
+
+
+def _tables(doc: dict, grid_flags, train_flags, eval_flags) -> tuple[dict, dict, dict]:
+    """The file's [grid], [train] and [eval] with the flags merged in (flags win), each key
+    checked against the grid's axes and the config fields; UserError naming an unknown one."""
     unknown = sorted(set(doc) - set(TOP_KEYS))
     if unknown:
         raise UserError(f"unknown key(s) in the sweep file: {', '.join(unknown)}; "
@@ -213,7 +238,13 @@ def build_sweep(doc: dict, base: str, *, grid_flags: dict | None = None, train_f
         raise UserError(f"{', '.join(both)} given both as a grid axis and in [train]; keep one")
     if not grid:
         raise UserError("the grid is empty: give [grid] lists (axes: " + ", ".join(AXES) + ")")
+    return grid, train, evals
 
+
+def _settings(doc: dict, base: str, *, db, report, threads, lease, shared_dir, ray_flags, fuse,
+              workers) -> Sweep:
+    """The sweep's top-level settings (file keys, the flags' values win; paths relative to base)
+    as a Sweep with no points yet; UserError naming the key at fault."""
     if "db" in doc and not isinstance(doc["db"], str):
         raise UserError(f"db must be a string (a path), got {doc['db']!r}")
     if db is None:
@@ -230,7 +261,6 @@ def build_sweep(doc: dict, base: str, *, grid_flags: dict | None = None, train_f
             ok = False
         if not ok:
             raise UserError(f"lease must be a number of minutes > 0, got {lease!r}")
-    lease_s = DEFAULT_LEASE_S if lease is None else 60.0 * float(lease)
     fuse = fuse_setting(doc.get("fuse", 1) if fuse is None else fuse)
     if os.path.isdir(db):
         raise UserError(f"db {db} is a directory; give a file name such as results.db")
@@ -240,18 +270,18 @@ def build_sweep(doc: dict, base: str, *, grid_flags: dict | None = None, train_f
         shared_dir = os.path.join(base, doc["shared_dir"])
     ray = ray_settings({**{k: doc[k] for k in RAY_KEYS if k in doc},
                         **{k: v for k, v in (ray_flags or {}).items() if v is not None}})
+    return Sweep(db=db, report=report, points=[], threads=threads,
+                 lease=DEFAULT_LEASE_S if lease is None else 60.0 * float(lease),
+                 shared_dir=os.path.abspath(shared_dir) if shared_dir else None, ray=ray, fuse=fuse,
+                 workers=workers)
 
-    preset = train.pop("preset", None) or None
-    try:
-        ecfg = make_eval_config(preset, **evals)
-    except UserError as e:
-        raise UserError(f"[eval]: {e}") from None
-    report_dir, report_options = report_section(doc.get("report"), base, ecfg.attacks, ecfg.eps_test)
-    report = report_dir if report is None else report
 
-    # in the file's order: the first axis varies slowest, and errors name points the same way
-    axes = {a: _scalar_list(a, grid[a]) for a in grid}
-    only = parse_only(doc.get("only"), axes)
+def _expand(axes: dict[str, list], only: dict, train: dict, preset: str | None,
+            ecfg: EvalConfig) -> list[GridPoint]:
+    """The grid's points in run order (the product of the axes, less what [only] drops): each a
+    validated TrainConfig of the preset, [train] and its coordinates, with one point per method
+    along an axis it ignores (lam without a lambda; eps_train for natural, at 0); UserError
+    naming the grid point at fault, or two spellings of one point."""
     points, seen = [], {}
     names = list(axes)
     for combo in itertools.product(*(range(len(axes[a])) for a in names)):
@@ -260,7 +290,7 @@ def build_sweep(doc: dict, base: str, *, grid_flags: dict | None = None, train_f
             continue   # [only]: this method runs on part of the axis
         where = "grid point " + ", ".join(f"{a}={coords[a]}" for a in names)
         try:
-            cfg = make_train_config(preset, **train, **coords)
+            cfg = make_train_config(preset, **_for_method(train, preset, coords), **coords)
             check_test_per_class(ecfg.test_per_class, cfg.dataset)
         except UserError as e:
             raise UserError(f"{where}: {e}") from None
@@ -272,10 +302,11 @@ def build_sweep(doc: dict, base: str, *, grid_flags: dict | None = None, train_f
             if "eps_train" in axes and combo[names.index("eps_train")] > 0:
                 continue  # natural training has no radius: one point, plotted at eps_train 0
             cfg.eps_train = 0.0
+            # val_per_class selects on robust accuracy at eps_train: at 0 there is nothing to
+            # select on, so natural trains on the whole pool (the FRL points it starts keep theirs)
+            cfg.val_per_class = None
         if cfg.init_from in METHODS and cfg.method not in FINE_TUNE_METHODS:
             cfg.init_from = None   # a method's name starts only the fine-tuning methods (FRL)
-        if cfg.teacher in METHODS and cfg.method not in TEACHER_METHODS:
-            cfg.teacher = None     # a method's name teaches only the distilling methods
         ident = (cfg.dataset, cfg.model, cfg.method, cfg.seed, cfg.eps_train, cfg.lam)
         if ident in seen:
             raise UserError(f"duplicate grid point: {where} is the same point as {seen[ident]} "
@@ -287,16 +318,33 @@ def build_sweep(doc: dict, base: str, *, grid_flags: dict | None = None, train_f
         except UserError as e:
             raise UserError(f"{where}: {e}") from None
         points.append(gp)
-    if ray is not None and workers > 1:
+    return points
+
+
+def _check_points(points: list[GridPoint], train: dict, sweep: Sweep) -> None:
+    """The checks across the grid's points: a [train] teacher some point uses, workers or Ray,
+    no fp16 in fused groups; UserError otherwise."""
+    if train.get("teacher") is not None and not any(p.train.method in TEACHER_METHODS for p in points):
+        raise UserError(f"[train] teacher = \"{train['teacher']}\": no method of the grid distils from a "
+                        f"teacher (those that do: {', '.join(TEACHER_METHODS)}); drop teacher")
+    if sweep.ray is not None and sweep.workers > 1:
         raise UserError("workers runs local processes; with ray the cluster runs points side by side "
                         "(ray_cpus / ray_gpus per point): drop workers or ray")
-    if fuse != 1 and any(p.train.amp == "fp16" for p in points):
-        raise UserError(f"fuse = {fuse!r}: fp16 AMP cannot fuse (its loss scaler skips steps for the "
-                        f"whole group); use amp = \"bf16\" or \"off\", or fuse = 1")
-    points = resolve_init_from(points, os.path.abspath(shared_dir) if shared_dir else runs_dir(db))
-    return Sweep(db=db, report=report, points=points, threads=threads, lease=lease_s,
-                 shared_dir=os.path.abspath(shared_dir) if shared_dir else None, ray=ray, fuse=fuse,
-                 workers=workers, report_options=report_options)
+    if sweep.fuse != 1 and any(p.train.amp == "fp16" for p in points):
+        raise UserError(f"fuse = {sweep.fuse!r}: fp16 AMP cannot fuse (its loss scaler skips steps for "
+                        f"the whole group); use amp = \"bf16\" or \"off\", or fuse = 1")
+
+
+def _for_method(train: dict, preset: str | None, coords: dict) -> dict:
+    """[train] for one grid point: without teacher where the point's method does not distil (a
+    shared teacher, a checkpoint or a method's name, is the distilling points' alone; `fastfat
+    train` refuses a teacher its method does not use)."""
+    if train.get("teacher") is None:
+        return train
+    default = PRESETS.get(preset or "", {}).get("train", {}).get("method", _TRAIN_DEFAULTS["method"])
+    if str(coords.get("method", train.get("method", default))) in TEACHER_METHODS:
+        return train
+    return {k: v for k, v in train.items() if k != "teacher"}
 
 
 def _count(name: str, value) -> int | None:
@@ -321,78 +369,6 @@ def fuse_setting(value) -> int | str:
         return value
     raise UserError(f"fuse must be an integer >= 1 (grid points per fused group; 1: no fusion) or "
                     f"\"auto\", got {value!r}")
-
-
-def resolve_init_from(points: list[GridPoint], runs: str) -> list[GridPoint]:
-    """Points whose init_from names a grid method (FRL's init_from = "trades") start from that
-    method's point of the same dataset, model, eps_train and seed, and points whose teacher names
-    one (Fair-ARD's teacher = "trades") distil from it: the field becomes that point's checkpoint
-    (runs/<key>/checkpoint.pt, the last epoch's), and they run after every point they start or
-    learn from (the grid's order otherwise). Their keys were made from the method's name, so they
-    do not depend on where the runs are. UserError, before any work, when the grid has no such
-    point, has several (a lam axis), the source itself starts from another point, or a point
-    names two sources."""
-    by_ident = {}
-    for q in points:
-        t = q.train
-        by_ident.setdefault((t.method, t.dataset, t.model, t.eps_train, t.seed), []).append(q)
-    first, later = [], []
-    for p in points:
-        t = p.train
-        fields_ = [f for f in ("init_from", "teacher") if getattr(t, f) in METHODS]
-        if not fields_:
-            first.append(p)
-            continue
-        if len(fields_) > 1:
-            raise UserError(f"{p.label()}: init_from and teacher both name a grid method; a point "
-                            f"starts from at most one other point (give one as a checkpoint path)")
-        field = fields_[0]
-        source = getattr(t, field)
-        eps = 0.0 if source == "natural" else t.eps_train   # a natural point sits at eps_train 0
-        found = by_ident.get((source, t.dataset, t.model, eps, t.seed), [])
-        want = (f"a {source} point of dataset {t.dataset}, model {t.model}, eps_train "
-                f"{eps:.4g}, seed {t.seed}")
-        if source in FINE_TUNE_METHODS or source in TEACHER_METHODS:
-            kind = "fine-tuned" if source in FINE_TUNE_METHODS else "distilled"
-            raise UserError(f"{p.label()}: {field} = \"{source}\" is itself {kind}; name a method "
-                            f"trained from scratch (e.g. \"trades\")")
-        if not found:
-            raise UserError(f"{p.label()}: {field} = \"{source}\" needs {want} in the grid; "
-                            f"add {source} to grid.method")
-        if len(found) > 1:
-            raise UserError(f"{p.label()}: {field} = \"{source}\" matches {len(found)} points "
-                            f"(they differ in lam); give one")
-        setattr(t, field, os.path.join(runs, found[0].key, "checkpoint.pt"))
-        p.depends_on = found[0].key
-        later.append(p)
-    _check_init_files(first)
-    return first + later
-
-
-def _check_init_files(points: list[GridPoint]) -> None:
-    """A checkpoint file named by init_from is read (its digest, weights only) and matched to
-    every point starting from it before the database exists: UserError naming the key, where a
-    point would otherwise fail only when it runs. A name that is no file but looks like a grid
-    method's ("TRADES", "trade") is called so."""
-    import difflib
-
-    from ..runfiles import load_init_weights
-    checked = set()
-    for p in points:
-        t = p.train
-        if t.init_from is None or (t.init_from, t.model, t.width, t.dataset) in checked:
-            continue
-        checked.add((t.init_from, t.model, t.width, t.dataset))
-        if not os.path.exists(t.init_from):
-            near = difflib.get_close_matches(t.init_from.lower(), METHODS, n=1, cutoff=0.75)
-            hint = (f"; did you mean the grid method \"{near[0]}\" (names are lower case)?" if near else
-                    f"; give a checkpoint file or a grid method's name ({', '.join(METHODS)})")
-            raise UserError(f"[train] init_from = \"{t.init_from}\": no such checkpoint{hint}")
-        try:
-            load_init_weights(t)
-        except UserError as e:
-            msg = str(e).removeprefix("init_from: ")
-            raise UserError(f"[train] init_from = \"{t.init_from}\" ({p.label()}): {msg}") from None
 
 
 def ray_settings(keys: dict) -> RaySettings | None:

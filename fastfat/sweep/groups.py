@@ -15,7 +15,7 @@ import os
 import time
 import traceback
 
-from ..errors import UserError
+from ..errors import DiskFull, UserError
 from ..runtime import progress_bar
 from . import points as point_runs   # not `points`, the name of the lists of points here
 from .grid import GridPoint, Sweep
@@ -142,6 +142,9 @@ def run_group(store, points: list[GridPoint], sweep: Sweep, counts: dict, *, pro
         _say(f"sweep: {lost} was taken over by another process (this process was silent past its "
              f"lease); leaving it there and giving its fused group's other points back", progress)
         store.release(keys)
+    except DiskFull:         # not the group's fault: the sweep stops (runner.stopped_by_full_disk)
+        store.release(keys)
+        raise
     except UserError as e:   # the group as a whole, before any training: each member fails with it
         ledger.fail_unsettled(str(e))
     except Exception as e:   # a bug or a resource error: keep going, keep the trace

@@ -5,9 +5,15 @@
 
 The grid stays a cartesian product; [only] drops the product's points of a method whose value on
 an axis is not in that method's list. Each list is a subset of the grid's own axis, so a point
-that [only] keeps is the very point (same key, same checkpoint) the full grid would run."""
+that [only] keeps is the very point (same key, same checkpoint) the full grid would run.
+
+A limit on an axis the method ignores (lam for a method without a lambda, eps_train for natural
+training) leaves its one point in place: that point stands for the whole axis. A grid axis given
+as a flag replaces the file's list for every method, so the file's [only] limits on that axis
+drop out, as do the [only] tables of methods a --method flag left out (narrowed)."""
 from __future__ import annotations
 
+from ..config import has_lambda
 from ..config_values import parse_eps
 from ..errors import UserError
 
@@ -56,7 +62,27 @@ def parse_only(table, axes: dict[str, list]) -> dict[str, dict[str, set]]:
     return out
 
 
+def narrowed(table, flagged: dict[str, list]):
+    """The file's [only] table less what the grid flags replaced: limits on an axis given as a
+    flag, and the tables of methods a --method flag left out (their limits would name values or
+    methods the flags removed). The table as it is when it is not a table of tables (parse_only
+    says why)."""
+    if not flagged or not isinstance(table, dict) or not all(isinstance(v, dict) for v in table.values()):
+        return table
+    methods = {str(m) for m in flagged.get("method", [])}
+    return {m: {a: v for a, v in limits.items() if a not in flagged}
+            for m, limits in table.items() if "method" not in flagged or m in methods}
+
+
+def ignored(method: str, axis: str) -> bool:
+    """Whether a method has one point along the axis (lam without a lambda, eps_train for natural)."""
+    return (axis == "lam" and not has_lambda(method)) or (axis == "eps_train" and method == "natural")
+
+
 def dropped(only: dict[str, dict[str, set]], coords: dict) -> bool:
-    """Whether [only] leaves the grid point at these (raw) axis coordinates out."""
-    limits = only.get(str(coords.get("method")))
-    return bool(limits) and any(_norm(a, coords[a]) not in vals for a, vals in limits.items())
+    """Whether [only] leaves the grid point at these (raw) axis coordinates out; limits on an axis
+    the method ignores keep its one point (the grid skips the axis's other values for it)."""
+    method = str(coords.get("method"))
+    limits = only.get(method)
+    return bool(limits) and any(_norm(a, coords[a]) not in vals for a, vals in limits.items()
+                                if not ignored(method, a))

@@ -12,39 +12,28 @@ its last checkpoint; a point failing for its own reasons (UserError: divergence,
 bug) is caught inside the task and recorded failed, never retried by Ray. The driver claims every
 point it submits (owner host:pid, renewed each lease/5 while it waits), and gives them back on
 Ctrl-C or SIGTERM; a killed driver's claims are taken over by the next run (its pid is gone).
-Ray is imported only here and only when a sweep runs on it.
+Ray is imported only here (and in ray_connect.py, which reaches it) and only when a sweep runs
+on it.
 """
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
-import socket
 import time
 import traceback
 from collections import deque
 from dataclasses import dataclass, field
 
-from ..errors import UserError
+from ..errors import DiskFull, UserError
 from ..files import check_writable_dir
 from .progress import GridProgress
 from .grid import GridPoint, RaySettings, Sweep
 from .points import claim_points, evaluate_point, say, summary_line
-from .runner import (Terminated, open_and_add, sigterm_as_interrupt, train_and_evaluate, unsettled_source,
-                     write_report)
+from .ray_connect import connect, import_ray
+from .runner import (Terminated, as_disk_full, failed_source, open_and_add, sigterm_as_interrupt,
+                     stopped_by_full_disk, train_and_evaluate, unsettled_source, write_report)
 
-INSTALL = "pip install 'fastfat[ray]'"
-PROBE_S = 10.0        # how long to wait for the cluster's address to answer
 NODES_EVERY_S = 5.0   # how often the driver recounts the cluster's free slots (nodes join and leave)
-
-
-def import_ray():
-    """The ray module, or UserError saying how to install it."""
-    try:
-        import ray
-    except ImportError:
-        raise UserError(f"--ray needs Ray, which is not installed here: {INSTALL}") from None
-    return ray
 
 
 # ---------------------------------------------------------------------------------------------
@@ -65,6 +54,7 @@ class Outcome:
     error: str | None = None
     trace: str | None = None
     where: str = ""
+    disk_full: bool = False   # the error is a full disk: the driver stops the sweep
 
 
 def plan_units(points: list[GridPoint], fuse: int | str = 1, done=()) -> list[list[GridPoint]]:
@@ -99,9 +89,12 @@ def _run_point(p: GridPoint, run_dir: str) -> Outcome:
     t0, where = time.perf_counter(), _where()
     try:
         log, records, t = train_and_evaluate(p, run_dir)
-    except UserError as e:
-        return Outcome(p.key, error=str(e), seconds=time.perf_counter() - t0, where=where)
-    except Exception as e:  # a bug or a resource error: recorded with its trace, as a local sweep does
+    except Exception as e:
+        full = as_disk_full(e)
+        if full is not None or isinstance(e, UserError):
+            return Outcome(p.key, error=str(full or e), seconds=time.perf_counter() - t0, where=where,
+                           disk_full=full is not None)
+        # a bug or a resource error: recorded with its trace, as a local sweep does
         return Outcome(p.key, error=f"{type(e).__name__}: {e}", trace=traceback.format_exc(),
                        seconds=time.perf_counter() - t0, where=where)
     return Outcome(p.key, log, records, t["train_seconds"], t["eval_seconds"], t["start_epoch"],
@@ -117,10 +110,11 @@ def _run_group(points: list[GridPoint], run_dirs: list[str]) -> list[Outcome]:
     try:
         runs, starts = train_group(points, run_dirs)
     except Exception as e:
-        err = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
-        trace = None if isinstance(e, UserError) else traceback.format_exc()
-        return [Outcome(p.key, error=err, trace=trace, seconds=time.perf_counter() - t0, where=where)
-                for p in points]
+        full = as_disk_full(e)
+        err = str(full or e) if full or isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+        trace = None if full or isinstance(e, UserError) else traceback.format_exc()
+        return [Outcome(p.key, error=err, trace=trace, seconds=time.perf_counter() - t0, where=where,
+                        disk_full=full is not None) for p in points]
     out = []
     for p, run_dir, run, start in zip(points, run_dirs, runs, starts):
         o = Outcome(p.key, run.log, start_epoch=start, where=where,
@@ -155,7 +149,7 @@ def run_sweep_ray(sweep: Sweep, *, progress: bool = True, report: bool = True, r
         sweep = dataclasses.replace(sweep, ray=RaySettings("local"))
     check_writable_dir(sweep.runs_dir, "shared_dir")
     with sigterm_as_interrupt() as sigterm:
-        connected = _connect(ray, sweep.ray.address)
+        connected = connect(ray, sweep.ray.address)
         # ray.init installs its C++ failure handler for SIGTERM (a stack dump, then exit 15),
         # which would end the driver with its points left 'running': ours again, after it.
         sigterm["rearm"]()
@@ -171,51 +165,6 @@ def run_sweep_ray(sweep: Sweep, *, progress: bool = True, report: bool = True, r
     if report:
         write_report(sweep, counts, progress, report_dir, report_options)
     return counts
-
-
-def _connect(ray, address: str) -> bool:
-    """Start a local Ray instance ("local") or join a cluster; False if already connected."""
-    if ray.is_initialized():
-        return False
-    if address != "local":
-        _probe(address)
-    # ERROR: Ray's start-up notes would interleave with the bars; its errors still show.
-    kw = dict(logging_level=logging.ERROR, include_dashboard=False) if address == "local" else \
-        dict(logging_level=logging.ERROR)
-    try:
-        ray.init(address=address, **kw)
-    except (ConnectionError, ValueError, RuntimeError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        hint = ("" if address == "local" or os.environ.get("RAY_AUTH_MODE", "").lower() == "token" else
-                "; if the cluster uses token authentication (recent Ray turns it on in `ray start`), set "
-                "RAY_AUTH_MODE=token here with its token in ~/.ray/auth_token or RAY_AUTH_TOKEN")
-        raise UserError(f"cannot connect to the Ray cluster at {address}: {first}{hint}") from None
-    return True
-
-
-def _probe(address: str) -> None:
-    """UserError unless something listens at the cluster's address: ray.init waits minutes for a
-    head that is not there (also for a stale address 'auto' finds from an earlier `ray start`)."""
-    target = address
-    if address == "auto":
-        try:
-            from ray._private.services import get_ray_address_from_environment  # how ray.init resolves it
-            target = get_ray_address_from_environment("auto", None)
-        except ConnectionError as e:
-            raise UserError(f"--ray auto: {e} Start one with `ray start --head`.") from None
-        except Exception:   # a Ray version without this helper: let ray.init find it
-            return
-    hostport = target.split("://", 1)[-1]
-    host, sep, port = hostport.rpartition(":")
-    if not sep:   # Ray's default ports: the head's GCS, or a Ray Client server
-        host, port = hostport, "10001" if target.startswith("ray://") else "6379"
-    try:
-        socket.create_connection((host or "127.0.0.1", int(port)), timeout=PROBE_S).close()
-    except (OSError, ValueError) as e:
-        why = getattr(e, "strerror", None) or str(e) or type(e).__name__
-        seen = "" if target == address else f" (found {target})"
-        raise UserError(f"cannot reach a Ray cluster at {address}{seen}: {why}; start its head with "
-                        f"`ray start --head` or give its address") from None
 
 
 def _task_resources(ray, sweep: Sweep) -> tuple[int, float]:
@@ -319,6 +268,7 @@ def _drive(ray, sweep: Sweep, progress: bool, reclaim: bool) -> dict:
             say(f"sweep: {counts['skipped']} of {len(sweep.points)} points already done, skipping them",
                 progress)
         bar = GridProgress(sweep.db, [p.key for p in sweep.points], enabled=progress)
+        labels = {p.key: p.label() for p in sweep.points}
         done = [p.key for p in sweep.points if have[p.key].status == "done"]
         queue, in_flight = deque(plan_units(sweep.points, sweep.fuse, done)), {}   # ObjectRef -> claimed points
         finished, counted_at, renewed_at = 0, time.monotonic(), time.monotonic()
@@ -334,6 +284,11 @@ def _drive(ray, sweep: Sweep, progress: bool, reclaim: bool) -> dict:
                     if planned is None:
                         break
                     unit = claim_points(store, planned, counts, progress)   # a group: all or none
+                    for p in [q for q in unit if failed_source(store, q, labels)]:
+                        finished += 1   # not started from a checkpoint that is not there
+                        _store(store, p, Outcome(p.key, error=failed_source(store, p, labels)), counts,
+                               progress, finished, len(todo))
+                        unit.remove(p)
                     if unit:
                         runs = [os.path.join(sweep.runs_dir, p.key) for p in unit]
                         in_flight[task.remote(unit, runs, threads, os.getcwd())] = unit
@@ -343,7 +298,11 @@ def _drive(ray, sweep: Sweep, progress: bool, reclaim: bool) -> dict:
                 ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
                 for ref in ready:
                     unit = in_flight.pop(ref)
-                    for p, o in zip(unit, _collect(ray, ref, unit, retries)):
+                    outcomes = _collect(ray, ref, unit, retries)
+                    full = next((o.error for o in outcomes if o.disk_full), None)
+                    if full is not None:   # no point's fault: stop, every point pending
+                        raise stopped_by_full_disk(store, sweep, DiskFull(full))
+                    for p, o in zip(unit, outcomes):
                         finished += 1
                         _store(store, p, o, counts, progress, finished, len(todo))
                     bar.update()   # the bar counts the database's done points: re-read it now
@@ -351,23 +310,40 @@ def _drive(ray, sweep: Sweep, progress: bool, reclaim: bool) -> dict:
                     renewed_at = time.monotonic()
                     _renew(ray, store, in_flight, counts, progress)
         except BaseException:
-            # Ctrl-C, SIGTERM or an error here: stop the tasks, give their points back. Not
-            # force=True: Ray 2.60's driver aborts the whole process ("Tried to complete task that
-            # was not pending", task_manager.cc) when a force-killed task's reply is already on
-            # its way; a plain cancel raises KeyboardInterrupt in the task at its next bytecode.
-            for ref in in_flight:
-                try:
-                    ray.cancel(ref)
-                except Exception:
-                    pass
-            for unit in in_flight.values():
-                for p in unit:
-                    store.release(p.key)
+            _give_back(ray, store, sweep, in_flight)
             raise
         finally:
             bar.close()
         counts["done"] = store.counts(keys=[p.key for p in sweep.points])["done"]
     return counts
+
+
+CANCEL_WAIT_S = 30.0   # how long an interrupted driver waits for its cancelled tasks to end
+
+
+def _give_back(ray, store, sweep: Sweep, in_flight: dict) -> None:
+    """Ctrl-C, SIGTERM or an error in the driver: stop the tasks in flight, wait (CANCEL_WAIT_S at
+    most) until they have ended, then give back every point of the grid this process holds.
+
+    Not force=True: Ray 2.60's driver aborts the whole process ("Tried to complete task that was
+    not pending", task_manager.cc) when a force-killed task's reply is already on its way; a plain
+    cancel raises KeyboardInterrupt in the task at its next bytecode, which takes a moment: a
+    point given back at once could be claimed by the next driver while the cancelled task still
+    writes its run folder. Every point held, not only those in flight: the signal may come
+    between a claim and its task's submission, or between a task's return and its stored result
+    (Store.release leaves done and failed points as they are)."""
+    for ref in in_flight:
+        try:
+            ray.cancel(ref)
+        except Exception:
+            pass
+    try:
+        if in_flight:
+            ray.wait(list(in_flight), num_returns=len(in_flight), timeout=CANCEL_WAIT_S)
+    except Exception:   # a lost connection: the points go back all the same
+        pass
+    finally:             # also after a second Ctrl-C
+        store.release([p.key for p in sweep.points])
 
 
 def _renew(ray, store, in_flight: dict, counts: dict, progress: bool) -> None:

@@ -13,15 +13,18 @@ train as fused groups (groups.py), each member still its own row; a point alone 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import sqlite3
 import threading
 import time
 import traceback
 from contextlib import contextmanager
 
 from ..config import to_dict
-from ..errors import UserError
+from ..errors import DiskFull, UserError
+from ..files import DISK_FULL
 from ..runtime import progress_bar
 from .progress import GridProgress
 from .grid import GridPoint, Sweep, default_report_dir
@@ -199,6 +202,43 @@ def unsettled_source(store, unit: list[GridPoint], unsettled=("running",)) -> st
     return None
 
 
+def as_disk_full(e: BaseException) -> DiskFull | None:
+    """e as a DiskFull when a write found no room: fastfat's own (files.disk_full_error), an
+    OSError ENOSPC or EDQUOT, SQLite's 'database or disk is full'; None otherwise."""
+    if isinstance(e, DiskFull):
+        return e
+    if isinstance(e, OSError) and e.errno in DISK_FULL:
+        return DiskFull(f"disk full: cannot write {e.filename or 'a file'} ({e.strerror})")
+    if isinstance(e, sqlite3.OperationalError) and "full" in str(e):
+        return DiskFull(f"disk full: {e}")
+    return None
+
+
+def stopped_by_full_disk(store, sweep: Sweep, e: DiskFull) -> DiskFull:
+    """A full disk is no point's fault: every grid point this process holds is given back
+    (pending, resumable) and the sweep stops at once, instead of failing each point after it.
+    Returns the one error line to raise (the CLI's exit 2)."""
+    keys = [p.key for p in sweep.points]
+    with contextlib.suppress(Exception):   # the database may sit on the full disk too
+        store.release(keys)
+    try:
+        left = len(keys) - store.counts(keys=keys)["done"]
+    except Exception:
+        left = len(keys)
+    return DiskFull(f"{e}; the sweep stopped, {left} points left pending: free space and run the "
+                    f"same command again")
+
+
+def failed_source(store, p: GridPoint, labels: dict[str, str]) -> str | None:
+    """The error for a point whose source point (depends_on) failed, so that it is not started
+    from a checkpoint that is not there; None when there is none or it did not fail. labels: the
+    grid's point labels by key."""
+    if p.depends_on is None or store.point(p.depends_on).status != "failed":
+        return None
+    return (f"it starts from {labels.get(p.depends_on, p.depends_on)}, which failed (see its error); "
+            f"run the same command again to retry both")
+
+
 def _when_sources_settle(store, units: list[list[GridPoint]], progress: bool):
     """The units in run order, except that a unit whose source point another process is still
     training (several processes share the grid: `workers`, or a second terminal) goes to the end
@@ -249,6 +289,7 @@ def _run_sweep(sweep: Sweep, progress, report, report_dir, report_options, recla
         def tally(p, records, seconds):   # a fused group's member stored
             _say(done_tag(store, sweep) + summary_line(p, records, seconds), progress)
 
+        labels = {p.key: p.label() for p in sweep.points}
         try:
             done = [p.key for p in sweep.points if have[p.key].status == "done"]
             units = plan(sweep.points, sweep.fuse, done)   # fuse = 1: one point per unit, as todo
@@ -258,6 +299,12 @@ def _run_sweep(sweep: Sweep, progress, report, report_dir, report_options, recla
                     continue
                 p = unit[0]
                 if not claim_point(store, p, counts, progress):
+                    continue
+                why = failed_source(store, p, labels)
+                if why is not None:
+                    store.fail(p.key, why)
+                    counts["failed"] += 1
+                    _say(f"FAILED {p.label()}: {why}", progress)
                     continue
                 t0 = time.perf_counter()
                 run_dir = os.path.join(sweep.runs_dir, p.key)
@@ -272,18 +319,28 @@ def _run_sweep(sweep: Sweep, progress, report, report_dir, report_options, recla
                     _say(f"sweep: {p.label()} was taken over by another process (this process was "
                          f"silent past its lease); leaving it there", progress)
                     continue
+                except DiskFull:
+                    raise
                 except UserError as e:
                     store.fail(p.key, str(e))
                     counts["failed"] += 1
                     _say(f"FAILED {p.label()}: {e}", progress)
                     continue
                 except Exception as e:  # a bug or a resource error: keep going, keep the trace
+                    if as_disk_full(e) is not None:
+                        raise as_disk_full(e) from None
                     store.fail(p.key, f"{type(e).__name__}: {e}")
                     counts["failed"] += 1
                     _say(f"FAILED {p.label()}: {type(e).__name__}: {e}\n{traceback.format_exc()}", progress)
                     continue
                 counts["ran"] += 1
                 _say(done_tag(store, sweep) + summary_line(p, records, time.perf_counter() - t0), progress)
+        except KeyboardInterrupt:
+            # also a point claimed a moment before the signal, outside run_point's own handler
+            store.release([p.key for p in sweep.points])
+            raise
+        except DiskFull as e:
+            raise stopped_by_full_disk(store, sweep, e) from None
         finally:
             if own_bar:
                 overall.close()

@@ -25,12 +25,16 @@ GRACE_S = 5.0   # after Ctrl-C, how long a worker may take to give its point bac
 def _child(sweep: Sweep, out, run_mark: int) -> None:
     """One spawned worker: the sweep loop without bars, report or reclaim, in the command's run
     (run_mark: a point a sibling failed in this command is not retried here); its counts go to
-    `out` (None if it ends otherwise, so the parent never waits for counts that will not come)."""
+    `out` (None if it ends otherwise, so the parent never waits for counts that will not come;
+    ("disk full", line) if a full disk stopped it: the parent says it once)."""
+    from ..errors import DiskFull
     from .runner import run_sweep
     signal.signal(signal.SIGINT, signal.default_int_handler)   # ignored while it started: see _start
     _follow_parent()
     try:
         out.put(run_sweep(sweep, progress=False, report=False, run_mark=run_mark))
+    except DiskFull as e:
+        out.put(("disk full", str(e)))
     except BaseException as e:
         out.put(None)
         if not isinstance(e, KeyboardInterrupt):   # Ctrl-C, SIGTERM: its point was given back
@@ -131,6 +135,10 @@ def run_with_workers(sweep: Sweep, workers: int, *, progress: bool = True, repor
         for c in children:
             c.join()
         overall.close()
+    full = [t[1] for t in got if isinstance(t, tuple)]
+    if full:   # a worker's point found the disk full (this process's own would have raised above)
+        from ..errors import DiskFull
+        raise DiskFull(full[0])
     counts["ran_by_process"] = [counts["ran"]] + [t["ran"] if t else 0 for t in got]
     for theirs in filter(None, got):
         for k in COUNT_KEYS:
