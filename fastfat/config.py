@@ -16,6 +16,7 @@ from dataclasses import dataclass, fields
 from . import methods
 from .config_values import (SEED_LIMIT, _choice, _int_at_least, _range, _seed, canonical_attack,  # noqa: F401
                             opt, parse_eps, resolve_step)
+from .autoattack.standard import IMPLS as AA_IMPLS  # noqa: F401  AutoAttack implementations
 from .errors import UserError
 
 # Madry, TRADES, FAT and natural training live in fastfat.train; the others in fastfat.methods,
@@ -26,7 +27,6 @@ FAT_PREFIX = "fat-"   # FAT on a base method: fat-madry, fat-trades
 SCHEDULES = ("paper", "authors", "constant")
 LOADERS = ("auto", "memory", "torchvision", "ffcv")
 AMP_MODES = ("auto", "off", "bf16", "fp16")
-AA_IMPLS = ("fastfat", "pyautoattack")   # AutoAttack implementations (fastfat.autoattack)
 
 
 def has_lambda(method: str) -> bool:

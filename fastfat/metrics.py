@@ -100,3 +100,14 @@ def summarize(class_acc, k: int = 3) -> dict:
     return {"avg_acc": average_accuracy(class_acc), "vcra": vcra(class_acc),
             "worst_acc": worst_class_accuracy(class_acc), "worst_k_acc": worst_k_accuracy(class_acc, k),
             "worst_k": k, "nstd": normalized_std(class_acc)}
+
+
+def check_finite_logits(logits: torch.Tensor, what: str) -> None:
+    """Raise UserError (a ValueError) when logits hold NaN or inf: a diverged or broken model,
+    whose accuracy would be meaningless. what: how the message names them."""
+    from .errors import UserError
+    bad = ~torch.isfinite(logits)
+    if bool(bad.any()):
+        rows = int(bad.reshape(bad.shape[0], -1).any(1).sum()) if logits.dim() else 1
+        raise UserError(f"{what} are not finite (NaN or inf in {rows} of {logits.shape[0] if logits.dim() else 1} "
+                        "samples): a diverged or broken model cannot be evaluated")
