@@ -125,9 +125,10 @@ def fold_bn(model: nn.Module, out: nn.Module | None = None, dtype: torch.dtype |
             for m in folded.modules():   # autocast casts fp32 only (float64 runs stay float64)
                 if isinstance(m, (nn.Conv2d, nn.Linear)) and m.weight.dtype == torch.float32:
                     m.to(dtype)
-        _fold_into([mods[c] for c, _ in pairs], [mods[b] for _, b in pairs],
-                   [folded.get_submodule(c).weight for c, _ in pairs],
-                   [folded.get_submodule(c).bias for c, _ in pairs])
+        if pairs:   # none for a model that declares none (a user's): an eval-mode copy as it is
+            _fold_into([mods[c] for c, _ in pairs], [mods[b] for _, b in pairs],
+                       [folded.get_submodule(c).weight for c, _ in pairs],
+                       [folded.get_submodule(c).bias for c, _ in pairs])
         return folded.eval().requires_grad_(False)
 
     # refresh in place: copy the unfolded tensors (one foreach copy, cast where the copy's dtype

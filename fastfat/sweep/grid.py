@@ -425,4 +425,5 @@ def point_key(cfg: TrainConfig) -> str:
     changed = {k: v for k, v in to_dict(cfg).items() if v != _TRAIN_DEFAULTS[k]}
     digest = hashlib.sha256(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:8]
     lam = lam_suffix(cfg.method, cfg.lam)
-    return f"{cfg.dataset}_{cfg.model}_{cfg.method}_eps{cfg.eps_train:.4g}{lam}_s{cfg.seed}_{digest}"
+    from ..models.user import model_label   # a user model's FILE.py:Name holds / and :
+    return f"{cfg.dataset}_{model_label(cfg.model)}_{cfg.method}_eps{cfg.eps_train:.4g}{lam}_s{cfg.seed}_{digest}"
