@@ -172,3 +172,16 @@ def test_evaluate_model_api(models_py):
         fastfat.evaluate_model(build_model("my_models.py:flat", 10, in_channels=1), x, y)
     with pytest.raises(ValueError, match="at least 4 classes"):
         fastfat.evaluate_model(build_model("my_models.py:Net", 3, in_channels=1), x, y % 3, attacks=("aa",))
+
+
+def test_sweep_file_model_is_beside_the_sweep_file(models_py, tmp_path, monkeypatch):
+    from fastfat.sweep.grid import build_sweep, read_sweep_file
+    sweep = tmp_path / "s.toml"
+    sweep.write_text('db = "r.db"\n[grid]\nmodel = ["my_models.py:Net", "cnn"]\nmethod = ["madry"]\n'
+                     '[train]\npreset = "demo"\n')
+    monkeypatch.chdir("/")
+    doc, base = read_sweep_file(str(sweep), None)
+    s = build_sweep(doc, base)
+    models = [p.train.model for p in s.points]
+    assert models == [f"{models_py}:Net", "cnn"]
+    assert len({p.key for p in s.points}) == 2

@@ -147,3 +147,14 @@ def model_label(name: str) -> str:
     where, attr = _split(name)
     stem = os.path.splitext(os.path.basename(where))[0] if _is_file(where) else where
     return "".join(ch if ch.isalnum() or ch in "-." else "-" for ch in f"{stem}-{attr}")
+
+
+def anchored(name, base: str):
+    """A user model's relative FILE.py:Name taken relative to `base` (a sweep file's directory);
+    anything else as it is."""
+    if not is_spec(name):
+        return name
+    where, attr = _split(name)
+    if _is_file(where) and not os.path.isabs(os.path.expanduser(where)):
+        return f"{os.path.join(base, where)}:{attr}"
+    return name

@@ -250,6 +250,11 @@ def build_sweep(doc: dict, base: str, *, grid_flags: dict | None = None, train_f
 
     # in the file's order: the first axis varies slowest, and errors name points the same way
     axes = {a: _scalar_list(a, grid[a]) for a in grid}
+    from ..models.user import anchored   # model = "my_models.py:Net": beside the sweep file
+    if "model" in axes:
+        axes["model"] = [anchored(m, base) for m in axes["model"]]
+    if "model" in train:
+        train["model"] = anchored(train["model"], base)
     only = parse_only(doc.get("only"), axes)
     points, seen = [], {}
     names = list(axes)
