@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import UserError
-from .ensemble import CLEAN, ROBUST, SUB_ATTACKS, run_plan
+from .ensemble import SUB_ATTACKS
 from .subattacks import APGD, APGDTargeted, FAB, Square
 
 VERSIONS = ("standard", "custom")
@@ -169,10 +169,3 @@ class AutoAttack:
         return [(name, subs[name].kwargs(name, num_classes), subs[name].restarts(name))
                 for name in self.attacks_to_run]
 
-
-def fooled_by_names(by: torch.Tensor, names: list[str]) -> list[str | None]:
-    """ensemble.run_plan's fooled_by codes as names: the attack, 'clean', or None (robust)."""
-    return [None if b == ROBUST else "clean" if b == CLEAN else names[b] for b in by.tolist()]
-
-
-__all__ = ["AutoAttack", "fooled_by_names", "run_plan"]

@@ -13,7 +13,7 @@ from ..backend.prepare import attackable, check_inputs, probe
 from ..backend.table import classwise_report
 from ..errors import UserError
 from .ensemble import CLEAN, ROBUST, run_plan
-from .standard import ENSEMBLES
+from .standard import ENSEMBLES, SPEC
 
 
 def _device(adv, x: torch.Tensor) -> torch.device:
@@ -101,7 +101,7 @@ def _records(adv, clean, adv_logits, robust, y, num_classes, attack, plan) -> li
                 "class_loss": [v if math.isfinite(v) else None for v in loss.tolist()]}
     from .. import __version__
     settings = {"implementation": "fastfat", "package": "fastfat", "version": __version__,
-                "spec": "pyautoattack 0.2.0", "norm": "Linf", "attacks": [s[0] for s in plan],
+                "spec": SPEC, "norm": "Linf", "attacks": [s[0] for s in plan],
                 "seed": adv.seed, **{f"{n}:{k}": v for n, kw, r in plan for k, v in {**kw, "restarts": r}.items()}}
     out = [rec("clean", 0.0, clean.argmax(1) == y, clean), rec(attack, adv.epsilon, robust, adv_logits)]
     out[1]["attack_settings"] = settings
