@@ -185,3 +185,14 @@ def test_sweep_file_model_is_beside_the_sweep_file(models_py, tmp_path, monkeypa
     models = [p.train.model for p in s.points]
     assert models == [f"{models_py}:Net", "cnn"]
     assert len({p.key for p in s.points}) == 2
+
+
+def test_eval_refuses_a_model_whose_output_is_not_logits(models_py, capsys, tmp_path):
+    torch.save(build_model("my_models.py:flat", 10, in_channels=1).state_dict(), tmp_path / "f.pt")
+    rc, _, err = cli(capsys, "eval", "--model", "my_models.py:flat", "--weights", str(tmp_path / "f.pt"),
+                     "--dataset", "digits", "--test-limit", "10", "--out", str(tmp_path / "e"), "--no-progress")
+    assert rc == 2 and err.startswith("fastfat: error: the model must return logits [N, num_classes]")
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "e" / "eval.json").exists()
+    rc, _, err = cli(capsys, "eval", "--model", "my_models.py:flat", "--weights", str(tmp_path / "f.pt"),
+                     "--dataset", "digits", "--eps-test", "0", "--out", str(tmp_path / "e"), "--no-progress")
+    assert rc == 2 and "eps_test" in err

@@ -108,7 +108,9 @@ def evaluate_weights(model_name: str, weights: str, dataset: str, cfg_overrides:
     device = resolve_device(ecfg.device)
     model = build_model(canonical_model_name(model_name), info.num_classes, width=width, in_channels=info.channels)
     load_weights(model, weights)
-    loader = build_loader(ecfg.loader, info.name, "test", data_root=ecfg.data_root, download=False,
+    from ..config import TrainConfig   # no training run here: its default data_root
+    root = ecfg.data_root or TrainConfig.__dataclass_fields__["data_root"].default
+    loader = build_loader(ecfg.loader, info.name, "test", data_root=root, download=False,
                           batch_size=ecfg.batch_size, device=device, channels_last=False,
                           limit=ecfg.test_limit, per_class=ecfg.test_per_class)
     records = evaluate_with_config(model.to(device).eval(), loader, None, ecfg, num_classes=info.num_classes,
