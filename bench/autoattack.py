@@ -6,7 +6,10 @@ and the share of per-sample verdicts that agree; and the floor: what the samples
 cost any implementation that runs the ensemble's iterations, at this CPU's best per-row cost of
 the model, and so the largest ratio that any such implementation could reach.
 
-    python -m bench.autoattack [--quick] [--models cnn resnet18] [--attacks apgd aa] [--threads 1]
+The `user` row times fastfat.AutoAttack, the drop-in for the authors' class, against
+pyautoattack's AutoAttack on a model fastfat did not build (bench.autoattack_dropin).
+
+    python -m bench.autoattack [--quick] [--models cnn resnet18 user] [--attacks apgd aa] [--threads 1]
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from fastfat.train import train
 
 EPS = (0.2, 0.25)
 MODELS = {"cnn": dict(model="cnn", width=32), "resnet18": dict(model="resnet18", width=16)}
+USER = "user"   # the drop-in row: fastfat.AutoAttack vs pyautoattack.AutoAttack (bench.autoattack_dropin)
 
 
 def trained_model(name: str, epochs: int = 5) -> torch.nn.Module:
@@ -122,7 +126,8 @@ def line(model: str, r: dict) -> str:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.autoattack", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--models", nargs="+", default=[*MODELS, USER], choices=[*MODELS, USER],
+                    help=f"{USER}: fastfat.AutoAttack vs pyautoattack's class on a user-style model")
     ap.add_argument("--attacks", nargs="+", default=["apgd", "aa"], choices=list(autoattack.ATTACKS))
     ap.add_argument("--threads", type=int, default=1, help="torch threads / shard workers (default 1, as the demo)")
     ap.add_argument("--quick", action="store_true", help="64 images, 10 iterations, 100 queries (a smoke test)")
@@ -134,6 +139,12 @@ def main(argv=None) -> None:
           f"{args.threads} thread(s), load average {os.getloadavg()[0]:.2f}"
           + (" (quick: 10 iterations, 100 queries)" if args.quick else " (standard settings)"))
     for name in args.models:
+        if name == USER:
+            from .autoattack_dropin import compare_dropin, trained_user_model
+            r = compare_dropin(trained_user_model(epochs=2 if args.quick else 5), x, y, EPS,
+                               n_iter=overrides.get("n_iter"), n_queries=overrides.get("square_n_queries"))
+            print(line("user CNN", r), flush=True)
+            continue
         model = trained_model(name, epochs=2 if args.quick else 5)
         costs = row_costs(fold_bn(model), x, args.threads)
         for attack in args.attacks:

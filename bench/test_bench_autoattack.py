@@ -58,3 +58,18 @@ def test_floor_counts_the_passes_of_the_samples_both_leave_robust():
     assert floor({**r, "attack": "apgd"}, costs) == pytest.approx(3 * 1010 * 1e-4)
     assert floor({**r, "attack": "aa"}, costs) == pytest.approx(3 * (0.101 + 900 * 1.4e-4))
     assert floor({**r, "attack": "apgd"}, costs, n_iter=10, targets=2) == pytest.approx(3 * 3 * 11 * 1e-4)
+
+
+def test_bench_autoattack_dropin(benchmark, scale):
+    """fastfat.AutoAttack vs pyautoattack's AutoAttack, as a user's script calls them, on a model
+    fastfat did not build (normalization inside, BatchNorm): within one sample per class."""
+    from .autoattack_dropin import compare_dropin, trained_user_model
+    benchmark.group = f"AutoAttack drop-in vs pyautoattack, user CNN, digits, eps {list(EPS)}"
+    n, overrides = SIZES[scale.name]
+    x, y = digits_test_split(n)
+    model = trained_user_model(epochs=3)
+    r = benchmark.pedantic(lambda: compare_dropin(model, x, y, EPS, n_iter=overrides.get("n_iter"),
+                                                  n_queries=overrides.get("square_n_queries")),
+                           rounds=1, iterations=1, warmup_rounds=0)
+    assert all(r[e]["max_class_diff"] <= 1 for e in EPS)
+    benchmark.extra_info.update(ratio=r["ratio"], robust=[r[e]["robust_fastfat"] for e in EPS])

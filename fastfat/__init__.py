@@ -8,6 +8,10 @@ Functional API (inputs in [0, 1], eps in pixel units, floats or per-sample tenso
     fastfat.classwise_accuracy / vcra / ...   metrics (fastfat.metrics)
     fastfat.fuse_models / split_models        train K same-architecture models as one
                                               (fastfat.fused; example in fuse_models)
+    fastfat.AutoAttack                        the AutoAttack authors' class over fastfat's
+                                              batched attacks (docs/backend.md)
+    fastfat.evaluate_model / classwise_report any model class by class: eval.json's records,
+                                              and their table (fastfat.backend)
 
 The names load on first use (PEP 562), so `import fastfat` and the command's start are quick
 and hold no half-imported torch when Ctrl-C comes early.
@@ -16,7 +20,8 @@ import importlib
 
 __version__ = "0.1.0"
 
-_HOME = {"pgd": "attacks", "fgsm": "attacks", "cw_inf": "attacks", "PGD": "attacks",
+_HOME = {"AutoAttack": "autoattack", "classwise_report": "backend.table", "evaluate_model": "backend.evaluation",
+         "pgd": "attacks", "fgsm": "attacks", "cw_inf": "attacks", "PGD": "attacks",
          "vcar": "losses", "fat_loss": "losses", "trades_loss": "losses", "fat_trades_loss": "losses",
          "classwise_accuracy": "metrics", "average_accuracy": "metrics", "vcra": "metrics",
          "vca": "metrics", "worst_class_accuracy": "metrics", "classwise_loss": "metrics",

@@ -17,6 +17,7 @@ from . import methods
 from .config_values import canonical_attack, opt, parse_eps, resolve_step
 from .config_values import check_choice as _choice, check_int_at_least as _int_at_least
 from .config_values import check_range as _range, check_seed as _seed
+from .autoattack.standard import IMPLS as AA_IMPLS   # the AutoAttack implementations
 from .errors import UserError
 
 # Madry, TRADES, FAT and natural training live in fastfat.train; the others in fastfat.methods,
@@ -27,7 +28,6 @@ FAT_PREFIX = "fat-"   # FAT on a base method: fat-madry, fat-trades
 SCHEDULES = ("paper", "authors", "constant")
 LOADERS = ("auto", "memory", "torchvision", "ffcv")
 AMP_MODES = ("auto", "off", "bf16", "fp16")
-AA_IMPLS = ("fastfat", "pyautoattack")   # AutoAttack implementations (fastfat.autoattack)
 
 
 def has_lambda(method: str) -> bool:

@@ -19,6 +19,7 @@ from .errors import UserError
 from .files import (atomic_write_json, atomic_write_text, load_checkpoint, made_dirs, remove_stale_temps,
                     save_checkpoint)
 from .models import build_model
+from .models.user import check_source, is_spec, source_record
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"
@@ -42,7 +43,15 @@ def load_resume_state(cfg: TrainConfig, out_dir: str | None) -> dict | None:
         diff = [k for k, v in to_dict(cfg).items() if to_dict(saved).get(k) != v]
         raise UserError(f"--resume: {ckpt_path} was trained with a different config "
                         f"({', '.join(diff)} differ)")
+    _note_source(state, cfg.model, ckpt_path)
     return state
+
+
+def _note_source(state: dict, model: str, path: str) -> None:
+    """A note on stderr when the user file that defines a checkpoint's model changed since."""
+    note = check_source(state.get("model_source"), model, path) if is_spec(model) else None
+    if note:
+        print(f"fastfat: note: {note}", file=sys.stderr)
 
 
 def load_init_weights(cfg: TrainConfig) -> dict | None:
@@ -79,6 +88,8 @@ def save_run(out_dir: str, cfg: TrainConfig, epoch: int, log: list[dict], model_
         save["scaler"] = scaler_state
     if method_state is not None:
         save["method"] = method_state
+    if is_spec(cfg.model):   # a user's model file: its digest, to tell when it changed (check_source)
+        save["model_source"] = source_record(cfg.model)
     # config.json lands with the first checkpoint: a run that fails early leaves nothing, and a
     # first checkpoint that does not fit (a full disk) takes its config.json and new dirs away.
     first = not os.path.exists(os.path.join(out_dir, CHECKPOINT))
@@ -132,6 +143,7 @@ def load_model(path: str, device="cpu") -> tuple[nn.Module, TrainConfig]:
     state = load_checkpoint(path)
     try:
         cfg = from_dict(TrainConfig, state["config"]).validate()
+        _note_source(state, cfg.model, path)
         model = build_for_config(cfg, torch.device(device))
         weights = methods.eval_weights(state)
         model.load_state_dict(state["model"] if weights is None else weights)

@@ -2,6 +2,7 @@
 pyautoattack's FABAttack_targeted and SquareAttack on a trained digits CNN, the eps-ball and the
 box, and answers that do not depend on the other rows of the working batch."""
 import copy
+import pyautoattack
 
 import pytest
 import torch
@@ -123,7 +124,7 @@ def test_square_verdicts_equal_pyautoattack(trained):
     y[:3] = (y[:3] + 1) % 10                               # misclassified: left alone, draw nothing
     logits = Logits(model, threads=1)
     ours = square(logits, x, y, torch.full((len(y),), EPS), rng=_rng([7], torch.zeros_like(y)),
-                  n_queries=400, p_init=0.8)
+                  n_queries=400, p_init=0.8, rescale=True)
     ref = SquareAttack(logits, norm="Linf", n_queries=400, eps=EPS, p_init=0.8, n_restarts=1,
                        seed=7, device="cpu").perturb(x, y)
     robust, robust_ref = logits(ours).argmax(1) == y, logits(ref).argmax(1) == y
@@ -140,7 +141,12 @@ def test_square_p_schedule_is_pyautoattacks():
     ref = SquareAttack(None, n_queries=5000, eps=EPS, p_init=0.8)
     for n_queries in (5000, 400):
         ref.n_queries = n_queries
-        assert all(p_schedule(i, n_queries, 0.8) == ref.p_selection(i) for i in range(n_queries))
+        assert all(p_schedule(i, n_queries, 0.8, rescale=True) == ref.p_selection(i) for i in range(n_queries))
+    # the standard AutoAttack's Square does not rescale (resc_schedule=False): the default here
+    std = pyautoattack.AutoAttack(torch.nn.Identity(), eps=EPS).square
+    assert not std.rescale_schedule and std.n_queries == 5000
+    assert all(p_schedule(i, 5000, 0.8) == std.p_selection(i) for i in range(5000))
+    assert p_schedule(30, 5000, 0.8) != p_schedule(30, 5000, 0.8, rescale=True)
 
 
 def _per_sample(trained):
@@ -208,7 +214,7 @@ def test_square_speculation_makes_the_sequential_attacks_queries(trained, monkey
             monkeypatch.setattr(square_module, "queries_ahead", lambda r, device: k)
         if every is not None:
             monkeypatch.setattr(square_module, "compact_every", lambda device: every)
-        return square(counted, x, y, eps, rng=_rng([7], torch.zeros_like(y)), n_queries=300)
+        return square(counted, x, y, eps, rng=_rng([7], torch.zeros_like(y)), n_queries=300, rescale=True)
 
     default = run()
     forwards = len(calls)

@@ -97,26 +97,30 @@ def run(logits_fn, x, y, eps, x_start, loss_fn, loss_args=(), *, n_iter: int, rh
             s["loss_best"] = torch.where(better, loss, s["loss_best"])
             counter += 1
             if counter == k:
-                # halve the step where the loss rose in at most rho of the last k steps, or where
-                # the last checkpoint did not halve it and the best loss has not improved since
-                steps = s["loss_steps"]
-                rises = sum((steps[i - c] > steps[i - c - 1]).float() for c in range(k))
-                osc = (rises <= k * rho * torch.ones_like(rises)).float()
-                no_impr = (1. - s["reduced_last_check"]) * (s["loss_last_check"] >= s["loss_best"]).float()
-                osc = torch.max(osc, no_impr.to(osc.dtype))
-                s["reduced_last_check"] = osc.to(loss.dtype)
-                s["loss_last_check"] = s["loss_best"].clone()
-                halve = osc > 0
-                rows = view_rows(halve, x)
-                s["step"] = torch.where(rows, s["step"] / 2.0, s["step"])
-                s["x_adv"] = torch.where(rows, s["x_best"], s["x_adv"])
-                s["grad"] = torch.where(rows, s["grad_best"], s["grad"])
+                _checkpoint(s, i, k, rho, loss.dtype)
                 k = max(k - size_decr, n_iter_min)
                 counter = 0
     res = {"fooled": out_fooled, "x_adv": out_adv}
     if not drop:
         res.update(x_best=s["x_best"], loss_best=s["loss_best"])
     return res
+
+
+def _checkpoint(s: dict, i: int, k: int, rho: float, loss_dtype: torch.dtype) -> None:
+    """APGD's step-size checkpoint after iteration i, in place on the run's state s: halve the
+    step (and restart from the best point) where the loss rose in at most rho of the last k
+    steps, or where the last checkpoint did not halve it and the best loss has not improved since."""
+    steps = s["loss_steps"]
+    rises = sum((steps[i - c] > steps[i - c - 1]).float() for c in range(k))
+    osc = (rises <= k * rho * torch.ones_like(rises)).float()
+    no_impr = (1. - s["reduced_last_check"]) * (s["loss_last_check"] >= s["loss_best"]).float()
+    osc = torch.max(osc, no_impr.to(osc.dtype))
+    s["reduced_last_check"] = osc.to(loss_dtype)
+    s["loss_last_check"] = s["loss_best"].clone()
+    rows = view_rows(osc > 0, s["x_adv"])
+    s["step"] = torch.where(rows, s["step"] / 2.0, s["step"])
+    s["x_adv"] = torch.where(rows, s["x_best"], s["x_adv"])
+    s["grad"] = torch.where(rows, s["grad_best"], s["grad"])
 
 
 def _noise(rng, shape) -> torch.Tensor:

@@ -1,10 +1,7 @@
 """AutoAttack through pyautoattack (its authors' package; --aa-impl pyautoattack, the cross-check
-of fastfat's own): which samples of a batch stay robust at one radius, and its settings.
-
-`aa` is the standard version (APGD-CE, APGD-T with 9 targets, FAB-T with 9 targets, Square with
-5000 queries, 100 iterations each); `apgd` is its first two attacks, the cheap strong pair, with
-the same settings, so its robust set after them is the one standard AutoAttack starts FAB-T from.
-A sample is robust only if it is classified correctly and no attack of the ensemble fooled it.
+of fastfat's own): which samples of a batch stay robust at one radius, with the standard
+settings of fastfat.autoattack.standard. A sample is robust only if it is classified correctly
+and no attack of the ensemble fooled it.
 
 pyautoattack draws from torch's global generator, reseeding it with the attack's seed before each
 attack; fastfat evaluate gives it fastfat.seeding.eval_noise_seed(seed, batch, "aa", eps index)
@@ -18,45 +15,17 @@ import torch.nn as nn
 from pyautoattack.autopgd_base import APGDAttack, APGDAttack_targeted
 
 from .common import Logits, input_grads_only
+from .standard import parameters
 
-ATTACKS = ("aa", "apgd")
 VERSION = pyautoattack.__version__
-
-# pyautoattack's attack names per fastfat attack, in the order they run
-ENSEMBLES = {"aa": ("apgd-ce", "apgd-t", "fab-t", "square"), "apgd": ("apgd-ce", "apgd-t")}
-
-# The standard version's l_inf settings (pyautoattack's AutoAttack constructor and
-# _set_version("standard")). Tests may lower n_iter and square_n_queries; fastfat eval never does.
-STANDARD = dict(n_iter=100, apgd_ce_restarts=1, apgd_t_restarts=1, n_target_classes=9, rho=0.75,
-                fab_t_restarts=1, square_n_queries=5000, square_p_init=0.8)
-TUNABLE = ("n_iter", "square_n_queries")
-
-
-def settings(attack: str, num_classes: int, **overrides) -> dict:
-    """The settings of `attack` ("aa" | "apgd") on a num_classes problem, as eval.json records
-    them: package and version, norm, the attacks run in order and their parameters (n_iter is
-    each of APGD-CE's, APGD-T's and FAB-T's iteration count; the target count is capped at
-    num_classes - 1). overrides: n_iter, square_n_queries (tests only)."""
-    if attack not in ENSEMBLES:
-        raise ValueError(f"unknown AutoAttack attack {attack!r}; expected one of {ATTACKS}")
-    unknown = set(overrides) - set(TUNABLE)
-    if unknown:
-        raise ValueError(f"unknown AutoAttack setting(s) {sorted(unknown)}; valid: {list(TUNABLE)}")
-    s = {**STANDARD, **overrides}
-    s["n_target_classes"] = min(s["n_target_classes"], num_classes - 1)
-    if attack == "apgd":
-        for k in ("fab_t_restarts", "square_n_queries", "square_p_init"):
-            del s[k]
-    return {"implementation": "pyautoattack", "package": "pyautoattack", "version": VERSION, "norm": "Linf",
-            "attacks": list(ENSEMBLES[attack]), **s}
 
 
 def build(model: nn.Module, attack: str, eps: float, seed: int, num_classes: int, *,
           amp: torch.dtype | None = None, device=None, threads: int | None = None,
           **overrides) -> pyautoattack.AutoAttack:
     """A pyautoattack.AutoAttack for `attack` at l_inf radius eps (pixel units) with the settings
-    of settings(attack, num_classes, **overrides), on `model` as common.Logits wraps it."""
-    s = settings(attack, num_classes, **overrides)
+    of standard.parameters(attack, num_classes, **overrides), on `model` as common.Logits wraps it."""
+    s = parameters(attack, num_classes, **overrides)
     device = device if device is not None else next(model.parameters()).device
     logits = Logits(model, amp, threads)
     aa = pyautoattack.AutoAttack(logits, norm="Linf", eps=eps, seed=seed, device=device,

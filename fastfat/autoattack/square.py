@@ -3,7 +3,8 @@ eps-ball, queries batched over the samples and eps of a working batch and, specu
 next queries of each sample; a sample leaving as soon as it is misclassified.
 
 The specification is pyautoattack 0.2.0's SquareAttack in the standard version (n_queries 5000,
-p_init 0.8, one restart, margin loss, the p schedule rescaled to n_queries). Its random numbers
+p_init 0.8, one restart, margin loss; the p schedule on the query index itself, not rescaled to
+n_queries: AutoAttack builds its SquareAttack with resc_schedule=False). Its random numbers
 are pyautoattack's own, per eps group: from the group's CPU generator (rng.stream, seeded as
 pyautoattack reseeds its global generator before the attack), the start stripes of +-eps for the
 group's rows in sample order, then for every query one square (row, column, per-channel signs)
@@ -34,7 +35,8 @@ import math
 
 import torch
 
-# pyautoattack's p schedule: on the iteration rescaled to 10,000 queries, p halves after each
+# pyautoattack's p schedule: p halves after each of these query indices (on the index rescaled to
+# 10,000 queries when rescale is asked for, SquareAttack's own default; AutoAttack's is not)
 THRESHOLDS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
 SPECULATE_ROWS = 512    # candidates per forward the speculation aims at (CPU)
 MAX_AHEAD = 128         # at most this many queries of one sample per round
@@ -57,15 +59,18 @@ def queries_ahead(rows: int, device: torch.device) -> int:
     return max(1, min(MAX_AHEAD, SPECULATE_ROWS // max(rows, 1)))
 
 
-def p_schedule(i: int, n_queries: int, p_init: float) -> float:
-    """The fraction of pixels the square covers at iteration i (0-based) of n_queries."""
-    it = int(i / n_queries * 10000)
+def p_schedule(i: int, n_queries: int, p_init: float, rescale: bool = False) -> float:
+    """The fraction of pixels the square covers at iteration i (0-based) of n_queries; rescale:
+    on i rescaled to 10,000 queries (pyautoattack's resc_schedule; the standard AutoAttack has it
+    off, so with 5000 queries the last halving comes at query 4000)."""
+    it = int(i / n_queries * 10000) if rescale else i
     return p_init / 2 ** sum(it > t for t in THRESHOLDS)
 
 
-def square_side(i: int, n_queries: int, p_init: float, c: int, h: int, w: int) -> int:
+def square_side(i: int, n_queries: int, p_init: float, c: int, h: int, w: int,
+                rescale: bool = False) -> int:
     """The square's side in pixels at iteration i: about sqrt(p * H * W), between 1 and min(H, W)."""
-    p = p_schedule(i, n_queries, p_init)
+    p = p_schedule(i, n_queries, p_init, rescale)
     return min(max(int(round(math.sqrt(p * (c * h * w) / c))), 1), min(h, w))
 
 
@@ -80,25 +85,26 @@ def _sign(u: torch.Tensor) -> torch.Tensor:
     return torch.sign(2 * u - 1)
 
 
-def _queries(rng, n_queries: int, p_init: float, c: int, h: int, w: int, dev, dtype):
+def _queries(rng, n_queries: int, p_init: float, c: int, h: int, w: int, dev, dtype, rescale: bool):
     """Every query of every eps group, in pyautoattack's draw order on the group's generator
     after the start (per query: square row, column, then C signs): side [Q] and, per group,
     top row [G, Q], left column [G, Q], signs [G, Q, C]."""
     draws = torch.stack([torch.rand((n_queries, 2 + c), generator=g) for g in rng.cpu_gens])
-    side = torch.tensor([square_side(i, n_queries, p_init, c, h, w) for i in range(n_queries)])
+    side = torch.tensor([square_side(i, n_queries, p_init, c, h, w, rescale) for i in range(n_queries)])
     vh = ((h - side) * draws[..., 0]).long()
     vw = ((w - side) * draws[..., 1]).long()
     return side.to(dev), vh.to(dev), vw.to(dev), _sign(draws[..., 2:]).to(dev, dtype)
 
 
 def square(logits_fn, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, *, rng,
-           n_queries: int = 5000, p_init: float = 0.8) -> torch.Tensor:
+           n_queries: int = 5000, p_init: float = 0.8, rescale: bool = False) -> torch.Tensor:
     """Square attack (l_inf) on each sample of x at its radius.
 
     logits_fn: [M, C, H, W] -> logits [M, K] (no gradients taken); x [N, C, H, W] in [0, 1];
     y [N] int64; eps [N] (pixel units, x's dtype); rng: common.Rng of these rows (its CPU
     generators, one per eps group, and each row's group; rows group by group in sample order, as
-    rng.stream needs). Returns x_adv [N, C, H, W]: the best point
+    rng.stream needs). rescale: the p schedule rescaled to n_queries (pyautoattack's
+    SquareAttack default; off in its AutoAttack, and here). Returns x_adv [N, C, H, W]: the best point
     found for each sample it misclassified (in the ball and the box), x elsewhere."""
     n, c, h, w = x.shape
     x = x.detach()
@@ -111,7 +117,7 @@ def square(logits_fn, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, *, rn
         start[correct] = rng.rows(correct).stream([c, 1, w]).to(x.dtype)
         x_best = (x + e * _sign(start)).clamp(0.0, 1.0)
         m_best = margin(logits_fn(x_best), y).masked_fill(~correct, float("-inf"))
-        side, top, left, signs = _queries(rng, n_queries, p_init, c, h, w, dev, x.dtype)
+        side, top, left, signs = _queries(rng, n_queries, p_init, c, h, w, dev, x.dtype, rescale)
         # the state of rows that left the working batch (written back at each compaction)
         done_best, done_m = x_best.clone(), m_best.clone()
         idx = torch.arange(n, device=dev)

@@ -32,8 +32,46 @@ def plan_groups(cfgs: list[TrainConfig], fuse: int | str = 1) -> list[list[int]]
     groups = []
     for idx in by_key.values():
         k = auto_k(cfgs[idx[0]]) if fuse == "auto" else fuse
+        if k > 1 and not user_model_fuses(cfgs[idx[0]]):
+            k = 1
         groups += [idx[j:j + k] for j in range(0, len(idx), k)]
     return sorted(groups, key=lambda g: g[0])
+
+
+_FUSES: dict[tuple, bool] = {}
+
+
+def user_model_fuses(cfg: TrainConfig) -> bool:
+    """Whether cfg's model fuses: fastfat's own always; a user model (--model FILE.py:Name) when two
+    of them fuse and the fused forward equals each member's (checked once per model, width and
+    data set on a random batch). A user model that does not is trained unfused, said once."""
+    from ..models.user import is_spec
+    if not is_spec(cfg.model):
+        return True
+    key = (cfg.model, cfg.width, cfg.dataset)
+    if key not in _FUSES:
+        _FUSES[key] = _trial_fuse(cfg)
+        if not _FUSES[key]:
+            import sys
+            print(f"fastfat: note: model {cfg.model} does not fuse (only Conv2d, BatchNorm2d and Linear "
+                  "layers, stacked per member, do); its points train unfused", file=sys.stderr)
+    return _FUSES[key]
+
+
+def _trial_fuse(cfg: TrainConfig) -> bool:
+    from ..data import dataset_info
+    from ..models import build_model
+    from .model import fuse_models
+    info = dataset_info(cfg.dataset)
+    try:
+        members = [build_model(cfg.model, info.num_classes, cfg.width, info.channels).eval() for _ in range(2)]
+        fused = fuse_models(members).eval()
+        x = torch.rand(2, info.channels, info.size, info.size, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            out = fused.unstack(fused(fused.stack([x, x])))
+            return all(torch.allclose(o, m(x), rtol=1e-4, atol=1e-5) for o, m in zip(out, members))
+    except Exception:   # a layer fuse_models does not know, a forward the stacking breaks: unfused
+        return False
 
 
 def auto_k(cfg: TrainConfig, max_k: int = MAX_AUTO_K) -> int:

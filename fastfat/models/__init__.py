@@ -16,6 +16,7 @@ from .cnn import cnn
 from .fold import fold_bn
 from .preact_resnet import preactresnet18
 from .resnet import resnet18, resnet50
+from .user import build_user_model, canonical_spec, is_spec
 from .wideresnet import wrn32_10
 
 # canonical name -> (constructor, default width)
@@ -39,12 +40,15 @@ __all__ = ["ALIASES", "MODEL_NAMES", "build_model", "canonical_model_name", "fol
 
 
 def canonical_model_name(name: str) -> str:
-    """'WRN-34-10' -> 'wrn-32-10'; raises UserError listing the valid names."""
+    """'WRN-34-10' -> 'wrn-32-10'; a user model's FILE.py:Name or package.module:Name checked and
+    kept (its file made absolute: fastfat.models.user); raises UserError listing the valid names."""
+    if is_spec(name):
+        return canonical_spec(name)
     key = str(name).strip().lower()
     key = ALIASES.get(key, key)
     if key not in _BUILDERS:
         choices = ", ".join(MODEL_NAMES + tuple(ALIASES))
-        raise UserError(f"unknown model {name!r}; choose one of: {choices}")
+        raise UserError(f"unknown model {name!r}; choose one of: {choices}, or FILE.py:Name")
     return key
 
 
@@ -56,7 +60,11 @@ def _positive_int(what: str, value) -> int:
 
 def build_model(name: str, num_classes: int, width: int | None = None,
                 in_channels: int = 3) -> nn.Module:
-    """A freshly initialised model in train mode on the CPU."""
+    """A freshly initialised model in train mode on the CPU (a user model: as its code makes it)."""
+    if is_spec(name):
+        width = None if width is None else _positive_int("width", width)
+        return build_user_model(name, _positive_int("num_classes", num_classes),
+                                _positive_int("in_channels", in_channels), width).train()
     builder, default_width = _BUILDERS[canonical_model_name(name)]
     width = default_width if width is None else _positive_int("width", width)
     return builder(num_classes=_positive_int("num_classes", num_classes), width=width,

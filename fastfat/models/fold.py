@@ -125,9 +125,10 @@ def fold_bn(model: nn.Module, out: nn.Module | None = None, dtype: torch.dtype |
             for m in folded.modules():   # autocast casts fp32 only (float64 runs stay float64)
                 if isinstance(m, (nn.Conv2d, nn.Linear)) and m.weight.dtype == torch.float32:
                     m.to(dtype)
-        _fold_into([mods[c] for c, _ in pairs], [mods[b] for _, b in pairs],
-                   [folded.get_submodule(c).weight for c, _ in pairs],
-                   [folded.get_submodule(c).bias for c, _ in pairs])
+        if pairs:   # none for a model that declares none (a user's): an eval-mode copy as it is
+            _fold_into([mods[c] for c, _ in pairs], [mods[b] for _, b in pairs],
+                       [folded.get_submodule(c).weight for c, _ in pairs],
+                       [folded.get_submodule(c).bias for c, _ in pairs])
         return folded.eval().requires_grad_(False)
 
     # refresh in place: copy the unfolded tensors (one foreach copy, cast where the copy's dtype
@@ -157,7 +158,7 @@ _COPIES: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionar
 _COPIES_LOCK = threading.Lock()
 
 
-def _foldable(model: nn.Module) -> bool:
+def foldable(model: nn.Module) -> bool:
     """Whether model declares (conv, BN) pairs and every declared BN is still there (a copy
     fold_bn made has Identity in their place: it is attacked as it is)."""
     if not hasattr(model, "_fold_pairs"):
@@ -194,7 +195,7 @@ def attack_copy(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module
     attack's forward and backward passes. A change refreshes the copy in place. The cache holds
     the model weakly (it goes with the model) and costs one copy of the weights besides the
     folded one."""
-    if _unwrap(model) is not model or not _foldable(model):
+    if _unwrap(model) is not model or not foldable(model):
         return model
     state = list(model.named_parameters()) + list(model.named_buffers())
     tensors = [t.detach() for _, t in state]

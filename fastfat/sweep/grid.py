@@ -203,6 +203,11 @@ def build_sweep(doc: dict, base: str, *, grid_flags: dict | None = None, train_f
     sweep.report = report_dir if report is None else report
     # in the file's order: the first axis varies slowest, and errors name points the same way
     axes = {a: _scalar_list(a, grid[a]) for a in grid}
+    from ..models.user import anchored   # model = "my_models.py:Net": beside the sweep file
+    if "model" in axes:
+        axes["model"] = [anchored(m, base) for m in axes["model"]]
+    if "model" in train:
+        train["model"] = anchored(train["model"], base)
     only = parse_only(narrowed(doc.get("only"), grid_flags or {}), axes)
     points = _expand(axes, only, train, preset, ecfg)
     _check_points(points, train, sweep)
@@ -402,4 +407,5 @@ def point_key(cfg: TrainConfig) -> str:
     changed = {k: v for k, v in to_dict(cfg).items() if v != _TRAIN_DEFAULTS[k]}
     digest = hashlib.sha256(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:8]
     lam = lam_suffix(cfg.method, cfg.lam)
-    return f"{cfg.dataset}_{cfg.model}_{cfg.method}_eps{cfg.eps_train:.4g}{lam}_s{cfg.seed}_{digest}"
+    from ..models.user import model_label   # a user model's FILE.py:Name holds / and :
+    return f"{cfg.dataset}_{model_label(cfg.model)}_{cfg.method}_eps{cfg.eps_train:.4g}{lam}_s{cfg.seed}_{digest}"
