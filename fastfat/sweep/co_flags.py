@@ -46,7 +46,7 @@ def flagged_markdown(rows: list[dict]) -> str:
     lines = ["| method | attack | eps_train | lambda | seed | epoch | PGD % | best PGD % | FGSM % | stopped |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['train_attack']} | {r['eps_train']:g} | {r['lam']:g} | "
+        lines.append(f"| {r['method']} | {r['train_attack']} | {r['eps_train']:.4g} | {r['lam']:g} | "
                      f"{r['seed']} | {r['epoch']} | {pct(r['co_pgd_acc'])} | {pct(r['best_pgd_acc'])} | "
                      f"{pct(r['co_fgsm_acc'])} | {'yes' if r['stopped'] else 'no'} |")
     return head + "\n".join(lines) + "\n"

@@ -1,0 +1,147 @@
+"""The catastrophic-overfitting guard (fastfat.guard), its database columns and the report's list
+of flagged epochs (fastfat.sweep.co_flags), and bad single-step input refused in one line."""
+import os
+import sqlite3
+
+import pytest
+import torch
+
+from fastfat import cli, guard
+from fastfat.config import make_train_config
+from fastfat.errors import UserError
+from fastfat.sweep.co_flags import flagged_epochs, flagged_markdown
+from fastfat.sweep.store import Store
+from fastfat.train import train
+from test_reliability import _main, _one_error_line
+
+TINY = dict(dataset="synthetic", model="cnn", width=4, epochs=3, batch_size=32, eps_train=8 / 255,
+            lr=0.05, train_limit=64, schedule="constant", device="cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# The flag rule
+
+def _log(*pgd):
+    return [{"co_pgd_acc": p} for p in pgd]
+
+
+def test_flag_rule():
+    assert not guard.flagged(_log(0.5), 0.5)                       # nothing to fall from
+    assert guard.flagged(_log(0.5, 0.6, 0.2), 0.5)                 # below half the best, 0.4 lower
+    assert not guard.flagged(_log(0.5, 0.6, 0.31), 0.5)            # not below half
+    assert not guard.flagged(_log(0.15, 0.06), 0.5)                # near chance: under MIN_DROP
+    assert guard.flagged(_log(0.5, 0.6, 0.4), 0.3)                 # a stricter threshold
+    assert not guard.flagged([{"co_pgd_acc": 0.6}, {}, {"co_pgd_acc": 0.5}], 0.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# A provoked collapse: the guard's scores fall as an attack-masking model's would
+
+def _collapse(monkeypatch, pgd_accs):
+    """Replace the guard's scoring by a scripted sequence of PGD accuracies (FGSM's rising), so a
+    run's rows go through the real flag and stop logic."""
+    accs = iter(pgd_accs)
+
+    def score(self, model):
+        p = next(accs)
+        return {"co_fgsm_acc": 0.9 - p, "co_pgd_acc": p, "co_held_out": self.held_out}
+
+    monkeypatch.setattr(guard.Guard, "score", score)
+
+
+def test_warn_flags_and_trains_on(monkeypatch, tmp_path, capsys):
+    _collapse(monkeypatch, [0.4, 0.5, 0.05])
+    _, log = train(make_train_config(None, train_attack="n-fgsm", **TINY), str(tmp_path), progress=False)
+    assert [r["co_flag"] for r in log] == [0, 0, 1]
+    assert "epoch 3: PGD accuracy on the guard batch fell to 0.050 from its best 0.500" in capsys.readouterr().err
+
+
+def test_stop_keeps_the_best_weights_and_resume_is_finished(monkeypatch, tmp_path):
+    _collapse(monkeypatch, [0.3, 0.5, 0.4, 0.1, 0.6])
+    cfg = make_train_config(None, train_attack="fgsm-rs", co_guard="stop", **{**TINY, "epochs": 5})
+    snaps = {}
+    model, log = train(cfg, str(tmp_path), progress=False,
+                       on_epoch=lambda r: snaps.setdefault(r["epoch"], None))
+    assert [r["co_flag"] for r in log] == [0, 0, 0, 2] and log[-1]["co_best_epoch"] == 2
+    best = torch.load(tmp_path / "co_best.pt", weights_only=True)["model"]
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    for k, v in best.items():
+        assert torch.equal(ckpt["model"][k], v) and torch.equal(model.state_dict()[k], v)
+    # a resumed stopped run is finished: no epoch trained, the same log
+    _, again = train(cfg, str(tmp_path), resume=True, progress=False)
+    assert again == log
+
+
+def test_real_guard_scores_on_the_validation_split(tmp_path):
+    cfg = make_train_config(None, train_attack="n-fgsm", val_per_class=2, **{**TINY, "epochs": 1, "train_limit": 160})
+    _, log = train(cfg, str(tmp_path), progress=False)
+    r = log[0]
+    assert r["co_held_out"] is True and r["co_flag"] == 0
+    assert 0 <= r["co_pgd_acc"] <= 1 and 0 <= r["co_fgsm_acc"] <= 1
+    cfg = make_train_config(None, train_attack="n-fgsm", **{**TINY, "epochs": 1})
+    assert train(cfg, None, progress=False)[1][0]["co_held_out"] is False
+    # off for PGD by default: no guard fields
+    assert "co_pgd_acc" not in train(make_train_config(None, **{**TINY, "epochs": 1}), None, progress=False)[1][0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Database and report
+
+def test_store_keeps_the_guard_and_co_flags_lists_flagged_epochs(monkeypatch, tmp_path):
+    from fastfat.sweep.grid import build_sweep
+
+    doc = {"db": "s.db", "grid": {"method": ["madry"], "eps_train": [8 / 255], "train_attack": ["pgd", "n-fgsm"]},
+           "train": {k: v for k, v in TINY.items() if k not in ("device", "eps_train")}}
+    sweep = build_sweep(doc, str(tmp_path))
+    assert [p.train.train_attack for p in sweep.points] == ["pgd", "n-fgsm"]
+    store = Store(sweep.db)
+    for p in sweep.points:
+        store.add_point(p.to_point("r"))
+    nf = sweep.points[1].key
+    store.claim(nf)
+    rows = [{"epoch": 1, "loss": 1.0, "co_fgsm_acc": 0.3, "co_pgd_acc": 0.5, "co_flag": 0},
+            {"epoch": 2, "loss": 1.0, "co_fgsm_acc": 0.8, "co_pgd_acc": 0.1, "co_flag": 1}]
+    for r in rows:
+        store.record_epoch(nf, r)
+    flagged = flagged_epochs(store.db)
+    assert len(flagged) == 1
+    f = flagged[0]
+    assert (f["key"], f["epoch"], f["train_attack"], f["best_pgd_acc"], f["stopped"]) == (nf, 2, "n-fgsm", 0.5, False)
+    md = flagged_markdown(flagged)
+    assert "| madry | n-fgsm | 0.03137 | 0 | 0 | 2 | 10.0 | 50.0 | 80.0 | no |" in md
+    assert "No epoch was flagged" in flagged_markdown([])
+
+
+def test_co_flags_reads_an_old_database(tmp_path):
+    """A database whose epochs table predates the guard: no flagged epochs, nothing written."""
+    path = tmp_path / "old.db"
+    con = sqlite3.connect(path)
+    con.execute("CREATE TABLE epochs (point TEXT, epoch INTEGER, loss REAL)")
+    con.commit()
+    assert flagged_epochs(con) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one line, exit 2, nothing written
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--train-attack", "fgsm"], "train_attack: unknown value 'fgsm'"),
+    (["--train-attack", "n-fgsm", "--nfgsm-noise", "-1"], "nfgsm_noise must be in [0.0, inf)"),
+    (["--train-attack", "n-fgsm", "--nfgsm-noise", "nan"], "nfgsm_noise: expected a number"),
+    (["--train-attack", "n-fgsm", "--nfgsm-noise", "inf"], "nfgsm_noise must be in"),
+    (["--train-attack", "n-fgsm", "--method", "bat"], "method bat cannot train with a single-step attack"),
+    (["--train-attack", "fgsm-rs", "--method", "natural", "--eps-train", "0"], "method natural cannot"),
+    (["--co-guard", "sometimes"], "co_guard: unknown value"),
+    (["--co-threshold", "0"], "co_threshold must be in (0.0, 1.0]"),
+    (["--train-attack", "n-fgsm", "--single-step-size", "eps/0"], "single_step_size: not a step size"),
+])
+def test_bad_input_is_one_line(capsys, tmp_path, flags, needle):
+    out = tmp_path / "run"
+    rc, lines = _main(capsys, "train", "--dataset", "synthetic", "--out", str(out), *flags)
+    _one_error_line(rc, lines, needle)
+    assert not out.exists()
+
+
+def test_fair_ard_refuses_in_the_api():
+    with pytest.raises(UserError, match="method fair-ard cannot train with a single-step attack"):
+        make_train_config(None, method="fair-ard", teacher="t.pt", train_attack="fgsm-rs", dataset="synthetic")
