@@ -9,7 +9,7 @@ import torch
 from fastfat import cli, guard
 from fastfat.config import make_train_config
 from fastfat.errors import UserError
-from fastfat.sweep.co_flags import flagged_epochs, flagged_markdown
+from fastfat.sweep.co_flags import flagged_epochs, flagged_markdown, report_section
 from fastfat.sweep.store import Store
 from fastfat.train import train
 from test_reliability import _main, _one_error_line
@@ -110,6 +110,14 @@ def test_store_keeps_the_guard_and_co_flags_lists_flagged_epochs(monkeypatch, tm
     md = flagged_markdown(flagged)
     assert "| madry | n-fgsm | 0.03137 | 0 | 0 | 2 | 10.0 | 50.0 | 80.0 | no |" in md
     assert "No epoch was flagged" in flagged_markdown([])
+    store.close()
+    assert report_section(sweep.db) == md
+
+
+def test_report_section_is_empty_without_guarded_epochs(tmp_path):
+    store = Store(str(tmp_path / "s.db"))
+    store.close()
+    assert report_section(str(tmp_path / "s.db")) == ""
 
 
 def test_co_flags_reads_an_old_database(tmp_path):
@@ -145,3 +153,29 @@ def test_bad_input_is_one_line(capsys, tmp_path, flags, needle):
 def test_fair_ard_refuses_in_the_api():
     with pytest.raises(UserError, match="method fair-ard cannot train with a single-step attack"):
         make_train_config(None, method="fair-ard", teacher="t.pt", train_attack="fgsm-rs", dataset="synthetic")
+
+
+# ---------------------------------------------------------------------------------------------
+# A real collapse: plain FGSM (N-FGSM without noise) at a large eps on Fashion-MNIST
+
+def test_plain_fgsm_collapses_and_the_guard_stops_it(tmp_path):
+    """FGSM without a random start at eps 0.2 on 1,000 Fashion-MNIST images: PGD accuracy on the
+    guard batch climbs to ~15% and falls to ~1% by epoch 8 while FGSM accuracy stays ~25%
+    (catastrophic overfitting, measured on this CPU). The guard flags it, stops the run and leaves
+    the best epoch's weights as the checkpoint. Skipped where Fashion-MNIST is not installed."""
+    from fastfat.data import mnist
+
+    if not all(mnist._find(mnist.SOURCES["fashion-mnist"][2][0])) and os.environ.get("CI", "").lower() != "true":
+        pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+    cfg = make_train_config("demo", dataset="fashion-mnist", train_per_class=100, width=16, epochs=10,
+                            eps_train=0.2, schedule="constant", train_attack="n-fgsm", nfgsm_noise=0.0,
+                            co_guard="stop", device="cpu")
+    model, log = train(cfg, str(tmp_path), progress=False)
+    last = log[-1]
+    assert last["co_flag"] == guard.STOPPED, [(r["co_pgd_acc"], r["co_fgsm_acc"]) for r in log]
+    best = max(r["co_pgd_acc"] for r in log[:-1])
+    assert last["co_pgd_acc"] < 0.5 * best and last["co_fgsm_acc"] > last["co_pgd_acc"] + 0.1
+    assert log[last["co_best_epoch"] - 1]["co_pgd_acc"] == best
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    best_w = torch.load(tmp_path / "co_best.pt", weights_only=True)["model"]
+    assert all(torch.equal(ckpt["model"][k], v) for k, v in best_w.items())

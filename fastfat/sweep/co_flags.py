@@ -1,8 +1,9 @@
 """The epochs the catastrophic-overfitting guard flagged (fastfat.guard), read from a results
 database, and their Markdown table for the report.
 
-flagged_epochs(con) is the query; flagged_markdown(rows) the rendering. A database written before
-the guard existed (its epochs table without the co_* columns) has no flagged epochs.
+flagged_epochs(con) is the query; flagged_markdown(rows) the rendering; report_section(db_path)
+both, for report.md (empty for a database none of whose epochs was guarded). A database written
+before the guard existed (its epochs table without the co_* columns) has no flagged epochs.
 """
 from __future__ import annotations
 
@@ -14,13 +15,30 @@ from .schema import table_columns
 STOPPED = 2   # fastfat.guard.STOPPED: the run ended at this epoch on its best epoch's weights
 
 
+def _has_guard_columns(con: sqlite3.Connection) -> bool:
+    return {"co_flag", "co_pgd_acc", "co_fgsm_acc"} <= table_columns(con).get("epochs", set())
+
+
+def report_section(db_path: str) -> str:
+    """report.md's section on the catastrophic-overfitting guard: flagged_markdown of the
+    database's flagged epochs, or "" when no epoch of it was guarded. Opens the file read-only."""
+    from .store import Store
+
+    with Store(db_path, readonly=True) as store:
+        con = store.db
+        if not _has_guard_columns(con) or con.execute(
+                "SELECT 1 FROM epochs WHERE co_flag IS NOT NULL LIMIT 1").fetchone() is None:
+            return ""
+        return flagged_markdown(flagged_epochs(con))
+
+
 def flagged_epochs(con: sqlite3.Connection) -> list[dict]:
     """Every flagged epoch (co_flag 1 or 2) of the database's points, ordered by method,
     eps_train, lambda, seed, epoch: {"key", "method", "train_attack", "eps_train", "lam", "seed",
     "epoch" (1-based), "co_fgsm_acc", "co_pgd_acc" (fractions), "best_pgd_acc" (the point's best
     co_pgd_acc before that epoch), "stopped" (bool)}. con: any connection to the database,
     read-only included."""
-    if not {"co_flag", "co_pgd_acc", "co_fgsm_acc"} <= table_columns(con).get("epochs", set()):
+    if not _has_guard_columns(con):
         return []
     cur = con.execute(
         "SELECT p.key, p.method, p.eps_train, p.lam, p.seed, p.train_config, e.epoch, e.co_fgsm_acc, "
