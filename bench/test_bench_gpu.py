@@ -26,7 +26,7 @@ def test_gpu_smoke_runs_every_stage(tmp_path):
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     doc = json.loads((tmp_path / "gpu" / "gpu.json").read_text())
     status = {k: v["status"] for k, v in doc["stages"].items()}
-    assert status == {"A": "ok", "B": "ok", "C": "ok", "D": "ok", "E": "ok", "G": "ok", "H": "ok", "F": "skipped"}, status
+    assert status == {"A": "ok", "B": "ok", "C": "ok", "D": "ok", "E": "ok", "G": "ok", "H": "ok", "S": "ok", "F": "skipped"}, status
     assert doc["smoke"] and doc["triton_note"] is None          # Triton ran, interpreted
     checks = doc["stages"]["B"]["data"]["checks"]
     for name in ("triton_active", "zero_fallbacks_eager_off", "zero_fallbacks_eager_bf16", "float64_match",
@@ -43,6 +43,9 @@ def test_gpu_smoke_runs_every_stage(tmp_path):
     fused = doc["stages"]["G"]["data"]["rows"]
     assert [(r["workload"], r["k"]) for r in fused] == [("resnet18-w4", 1), ("resnet18-w4", 2)]
     assert all(r["ratio"] > 0 for r in fused) and [r["k"] for r in doc["summary"]["fused"]] == [1, 2]
+    single = doc["stages"]["S"]["data"]["rows"]
+    assert [r["attack"] for r in single] == ["pgd-5", "pgd-10", "fgsm-rs", "n-fgsm"]
+    assert all(r["vs_pgd5"] > 0 for r in single)
     assert doc["summary"]["checks"] and (tmp_path / "gpu" / "summary.md").read_text().count("|") > 50
 
 

@@ -10,6 +10,7 @@ copy (fastfat.models.fold.attack_copy), as the trainer attacks its own; fold_bn=
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 import torch.nn as nn
@@ -55,10 +56,13 @@ def uniform_noise(x: torch.Tensor, generator: torch.Generator | None = None) -> 
 
 
 def start_noise(x: torch.Tensor, loss: str = "ce", random_start: bool = True,
-                generator: torch.Generator | None = None) -> torch.Tensor | None:
+                generator: torch.Generator | None = None, uniform: bool = False) -> torch.Tensor | None:
     """The start noise pgd draws for x [N, C, H, W] from generator: N(0, 1) for "kl" (TRADES),
-    U(-1, 1) (uniform_noise) for a random start, None without one. Fused groups draw each
-    member's start with it, from that member's own generator."""
+    U(-1, 1) (uniform_noise) for a random start or with uniform (pgd's start_radius: the
+    single-step attacks, any objective), None without one. Fused groups draw each member's start
+    with it, from that member's own generator."""
+    if uniform:
+        return uniform_noise(x, generator)
     if loss == "kl":
         return torch.randn(x.shape, device=x.device, generator=generator)
     return uniform_noise(x, generator) if random_start else None
@@ -89,7 +93,8 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps, alpha, steps: i
         generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
         amp: torch.dtype | None = None, threads: int | None = None,
         group: int | None = None, fold_bn: bool = True,
-        target: torch.Tensor | None = None, batch_stats: bool = False) -> torch.Tensor:
+        target: torch.Tensor | None = None, batch_stats: bool = False,
+        start_radius=None, project: bool = True) -> torch.Tensor:
     """Projected gradient ascent in the l_inf ball of radius eps around x.
 
     x [N, C, H, W] in [0, 1]; y [N] int64; eps, alpha: float or [N] (pixel units); steps >= 0.
@@ -115,6 +120,10 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps, alpha, steps: i
     batch_stats: attack the model in train mode instead (BatchNorm on the batch's statistics, its
     running statistics updated by every forward, as CFA's code crafts its Madry attack); the
     batch stays whole (one slice: its statistics couple the samples), no BN folding.
+    start_radius: start at clamp(x + U(-r, r), 0, 1) with r = start_radius (float or [N]) whatever
+    the objective, instead of its own start (None): FGSM-RS starts at r = eps, N-FGSM at k * eps. project: False leaves out the projection to the eps-ball (the
+    [0, 1] clamp stays), as N-FGSM; the kernels' step then runs with an infinite radius.
+    The single-step training attacks are this function at steps 1 (single_step_args).
     Returns x_adv [N, C, H, W], detached, in x's memory layout.
     """
     if loss not in ATTACK_LOSSES:
@@ -122,12 +131,13 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps, alpha, steps: i
     x = x.detach()
     if batch_stats:
         if noise is None:
-            noise = start_noise(x, loss, random_start, generator)
+            noise = start_noise(x, loss, random_start, generator, start_radius is not None)
         was = model.training
         model.train()
         try:
             out = _pgd_slice(model, x, y, _as_batch(eps, x), _as_batch(alpha, x), steps,
-                             random_start, loss, kappa, noise, amp, target)
+                             random_start, loss, kappa, noise, amp, target,
+                             _start(start_radius, x), project)
         finally:
             model.train(was)
         return out.contiguous(memory_format=_layout(x))
@@ -136,19 +146,19 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps, alpha, steps: i
     # Draw the start for the whole batch here, on the caller's thread and generator, so the
     # random stream is the same however the batch is split below.
     if noise is None:
-        noise = start_noise(x, loss, random_start, generator)
+        noise = start_noise(x, loss, random_start, generator, start_radius is not None)
     g = sample_group(model) if group is None else int(group)
     if g < 1 or x.shape[0] % g:
         raise ValueError(f"a batch of {x.shape[0]} samples does not split into runs of {g}")
     shards = min(shard_count(x, threads), x.shape[0] // g)
     chunk = chunk_size(x)
-    e, a = _as_batch(eps, x), _as_batch(alpha, x)
+    e, a, r = _as_batch(eps, x), _as_batch(alpha, x), _start(start_radius, x)
     cut = lambda v, sl: v[sl] if isinstance(v, torch.Tensor) else v
 
     def attack(runs: slice) -> torch.Tensor:
         sl = slice(runs.start * g, runs.stop * g)
         return _pgd_slice(model, x[sl], y[sl], cut(e, sl), cut(a, sl), steps, random_start, loss,
-                          kappa, cut(noise, sl), amp, cut(target, sl))
+                          kappa, cut(noise, sl), amp, cut(target, sl), cut(r, sl), project)
 
     with eval_mode(model):
         parts = sharded(attack, x.shape[0] // g, max(shards, 1),
@@ -157,10 +167,16 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps, alpha, steps: i
     return out.contiguous(memory_format=_layout(x))
 
 
+def _start(start_radius, x):
+    """start_radius as the kernels take a radius, or None (the objective's own start)."""
+    return None if start_radius is None else _as_batch(start_radius, x)
+
+
 def _pgd_slice(model, x, y, e, a, steps, random_start, loss, kappa, noise, amp,
-               target=None) -> torch.Tensor:
+               target=None, r=None, project=True) -> torch.Tensor:
     """pgd on one slice of the batch, model in the mode the caller set (eval; train under
-    batch_stats); noise drawn by the caller.
+    batch_stats); noise drawn by the caller; r: the start radius (None: e); project False: no
+    eps-ball (an infinite radius in the step, which clamps to [0, 1] only).
     Runs on the thread it is called from, so grad mode and autocast are set here."""
     with torch.enable_grad():
         p_nat = None
@@ -170,12 +186,18 @@ def _pgd_slice(model, x, y, e, a, steps, random_start, loss, kappa, noise, amp,
             else:
                 with torch.no_grad(), autocast(x.device, amp):
                     p_nat = kernels.upcast(model(x))
+        if r is not None:   # a uniform start of radius r (the single-step attacks), any objective
+            x_adv = x.clone()
+            x_adv.add_(noise.to(x.dtype) * r).clamp_(0.0, 1.0)
+        elif loss == "kl":
             x_adv = (x + 0.001 * noise.to(x.dtype)).contiguous(memory_format=_layout(x))
         elif random_start:
             x_adv = x.clone()
             x_adv.add_(noise.to(x.dtype) * e).clamp_(0.0, 1.0)
         else:
             x_adv = x.clone()
+        if not project:
+            e = math.inf
         for _ in range(steps):
             x_adv.requires_grad_(True)
             with autocast(x.device, amp):
@@ -215,6 +237,29 @@ def _layout(x: torch.Tensor):
     if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         return torch.channels_last
     return torch.contiguous_format
+
+
+# The training attacks (TrainConfig.train_attack): multi-step PGD, and the two single-step ones,
+# which are pgd at one step with their own start and projection (one attack loop, one kernel step).
+TRAIN_ATTACKS = ("pgd", "fgsm-rs", "n-fgsm")
+SINGLE_STEP = TRAIN_ATTACKS[1:]
+# their default step sizes, relative to eps: FGSM-RS (Wong et al., 2020) 1.25 eps, N-FGSM (de Jorge
+# et al., 2022) eps
+SINGLE_STEP_SIZE = {"fgsm-rs": "1.25*eps", "n-fgsm": "1*eps"}
+
+
+def train_attack_args(kind: str, steps: int, eps, nfgsm_noise: float = 2.0) -> dict:
+    """pgd's steps, start_radius and project for a training attack: "pgd" (`steps` steps from the
+    objective's own start, projected), "fgsm-rs" (one step from U(-eps, eps), projected to the
+    eps-ball) or "n-fgsm" (one step from U(-k eps, k eps), k = nfgsm_noise, not projected to the
+    eps-ball). eps: float or per-sample [N] (pixel units); the step size is the caller's alpha."""
+    if kind == "pgd":
+        return dict(steps=steps)
+    if kind == "fgsm-rs":
+        return dict(steps=1, start_radius=eps)
+    if kind == "n-fgsm":
+        return dict(steps=1, start_radius=nfgsm_noise * eps, project=False)
+    raise ValueError(f"unknown training attack {kind!r}; expected one of {TRAIN_ATTACKS}")
 
 
 def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps, random_start: bool = True,

@@ -18,6 +18,7 @@ from .config_values import canonical_attack, opt, parse_eps, resolve_step
 from .config_values import check_choice as _choice, check_int_at_least as _int_at_least
 from .config_values import check_range as _range, check_seed as _seed
 from .autoattack.standard import IMPLS as AA_IMPLS   # the AutoAttack implementations
+from .attacks import SINGLE_STEP, SINGLE_STEP_SIZE, TRAIN_ATTACKS
 from .errors import UserError
 
 # Madry, TRADES, FAT and natural training live in fastfat.train; the others in fastfat.methods,
@@ -28,6 +29,7 @@ FAT_PREFIX = "fat-"   # FAT on a base method: fat-madry, fat-trades
 SCHEDULES = ("paper", "authors", "constant")
 LOADERS = ("auto", "memory", "torchvision", "ffcv")
 AMP_MODES = ("auto", "off", "bf16", "fp16")
+CO_GUARDS = ("auto", "off", "warn", "stop")   # the catastrophic-overfitting guard (fastfat.guard)
 
 
 def has_lambda(method: str) -> bool:
@@ -70,6 +72,16 @@ class RunConfig:
     eps_train: float = opt(8 / 255, "l_inf training radius, pixel units")
     steps: int = opt(10, "PGD steps of the training attack")
     step_size: str = opt("0.007", "number, or relative such as \"eps/10\"")
+    train_attack: str = opt("pgd", "pgd (steps of step_size) | fgsm-rs | n-fgsm: single-step, whose step is "
+                                   "single_step_size (steps and step_size unused; docs/fast.md)")
+    single_step_size: str = opt("auto", "the single-step attacks' step: auto (fgsm-rs 1.25*eps, n-fgsm "
+                                        "eps), a number, or relative such as \"eps/2\", \"1.5*eps\"")
+    nfgsm_noise: float = opt(2.0, "n-fgsm: its start noise is U(-k eps, k eps) for this k")
+    co_guard: str = opt("auto", "catastrophic-overfitting guard, scored each epoch on a held-out batch: "
+                                "auto (warn for fgsm-rs / n-fgsm, off for pgd) | off | warn | stop "
+                                "(end the run on the best epoch's weights)")
+    co_threshold: float = opt(0.5, "the guard flags an epoch whose PGD accuracy is below (1 - this) "
+                                   "x its best so far")
     lam: float = opt(0.0, "FAT's lambda (weight of VCAR)")
     beta: float = opt(6.0, "TRADES' beta")
     vcar_mode: str = opt("paper", "paper (Eq. 12) | authors (their code's VCAR)")
@@ -126,8 +138,18 @@ class RunConfig:
     def has_lambda(self) -> bool:
         return has_lambda(self.method)
 
+    @property
+    def guard(self) -> str:
+        """co_guard with "auto" resolved: "warn" for a single-step training attack, else "off"."""
+        if self.co_guard != "auto":
+            return self.co_guard
+        return "warn" if self.train_attack in SINGLE_STEP else "off"
+
     def alpha(self) -> float:
-        """The training attack's step size in pixel units."""
+        """The training attack's step size in pixel units (single_step_size for a single-step one)."""
+        if self.train_attack in SINGLE_STEP:
+            spec = self.single_step_size
+            return resolve_step(SINGLE_STEP_SIZE[self.train_attack] if spec == "auto" else spec, self.eps_train)
         return resolve_step(self.step_size, self.eps_train)
 
     def validate(self) -> "TrainConfig":
@@ -166,10 +188,12 @@ class RunConfig:
         from .data.split import check_test_per_class
         check_test_per_class(self.test_per_class, self.dataset)
         _int_at_least("num_workers", self.num_workers, 0)
+        self._validate_train_attack()
         try:
             a = self.alpha()
         except UserError as e:
-            raise UserError(f"step_size: {e}") from None
+            step = "single_step_size" if self.train_attack in SINGLE_STEP else "step_size"
+            raise UserError(f"{step}: {e}") from None
         # a step of 0 never moves the attack: only natural training has no attack
         _range("step_size", a, 0.0, 1.0, low_open=self.method != "natural")
         if self.superclass and info.num_classes != 100:
@@ -193,6 +217,20 @@ class RunConfig:
         methods.check_config(self)   # every registered method's hyperparameters
         self._validate_method_needs()
         return self
+
+    def _validate_train_attack(self) -> None:
+        """train_attack, nfgsm_noise, co_guard and co_threshold, and whether the method can train
+        with a single-step attack (natural has none; methods with their own multi-step attack
+        schedule cannot)."""
+        _choice("train_attack", self.train_attack, TRAIN_ATTACKS)
+        _range("nfgsm_noise", self.nfgsm_noise, 0.0, math.inf)
+        _choice("co_guard", self.co_guard, CO_GUARDS)
+        _range("co_threshold", self.co_threshold, 0.0, 1.0, low_open=True)
+        if self.train_attack in SINGLE_STEP and (self.method == "natural" or self.method in methods.NO_SINGLE_STEP):
+            raise UserError(f"train_attack {self.train_attack}: method {self.method} cannot train with a "
+                            f"single-step attack ({'it crafts no attack' if self.method == 'natural' else 'its attack counts or stops at its own PGD steps'}; docs/methods.md)")
+        if self.guard != "off" and self.method == "natural":
+            raise UserError("co_guard: natural training has no attack to overfit (use co_guard off)")
 
     def _validate_method_needs(self) -> None:
         """attack_bn, and what the registry says cfg.method needs: a validation split, a model

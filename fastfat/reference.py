@@ -75,7 +75,8 @@ def ref_cwloss(output: torch.Tensor, target: torch.Tensor, kappa: float = 50.0) 
 
 def ref_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float,
             steps: int, loss: str = "ce", random_start: bool = True, kappa: float = 50.0,
-            generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+            generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
+            start_radius: float | None = None, project: bool = True) -> torch.Tensor:
     """l_inf PGD as the authors' attack_generator.pgd (loss "ce" / "cw") or TRADES' attack ("kl").
 
     x [N, C, H, W] in [0, 1] (any layout; the attack runs on a contiguous NCHW copy, in x's
@@ -89,6 +90,9 @@ def ref_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alph
     fast path's meaning: U(-1, 1) (times eps) for "ce"/"cw", N(0, 1) (times 0.001) for "kl".
     Each step: model.zero_grad(); loss.backward() (parameter grads too, as the authors);
     x_adv + alpha * sign(grad), projected to the eps-ball, clamped to [0, 1].
+    The single-step training attacks (ref_fgsm_rs, ref_nfgsm): start_radius r starts at
+    clamp(x + U(-r, r), 0, 1) whatever the loss; project=False leaves out the eps-ball (not the
+    [0, 1] clamp).
     Returns x_adv [N, C, H, W], contiguous NCHW, detached. The model's mode is restored.
     """
     if loss not in ("ce", "cw", "kl"):
@@ -99,20 +103,14 @@ def ref_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alph
     if loss == "kl":
         with torch.no_grad():
             p_natural = F.softmax(model(data), dim=1)
+    if start_radius is not None:
+        x_adv = torch.clamp(data + _uniform(data, start_radius, generator, noise), 0.0, 1.0)
+    elif loss == "kl":
         if noise is None:
             noise = torch.randn(data.shape, device=data.device, generator=generator)
         x_adv = data + 0.001 * noise.to(data.dtype).contiguous()
     elif random_start:
-        if noise is not None:
-            delta = noise.to(data.dtype).contiguous() * eps
-        elif data.dtype == torch.float32:
-            delta = torch.empty(data.shape, device=data.device).uniform_(-eps, eps, generator=generator)
-        else:
-            # float64 pinning runs: the same fp32 draw (U(-1, 1), which times eps is the fp32
-            # uniform_(-eps, eps) bit for bit), scaled in the working precision as the fast path.
-            delta = torch.empty(data.shape, device=data.device).uniform_(
-                -1.0, 1.0, generator=generator).to(data.dtype) * eps
-        x_adv = torch.clamp(data + delta, 0.0, 1.0)
+        x_adv = torch.clamp(data + _uniform(data, eps, generator, noise), 0.0, 1.0)
     else:
         x_adv = data.clone()
     # enable_grad: the attack also runs inside callers' no_grad blocks (evaluation).
@@ -130,10 +128,36 @@ def ref_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alph
             loss_adv.backward()
             eta = alpha * x_adv.grad.sign()
             x_adv = x_adv.detach() + eta
-            x_adv = torch.min(torch.max(x_adv, data - eps), data + eps)
+            if project:
+                x_adv = torch.min(torch.max(x_adv, data - eps), data + eps)
             x_adv = torch.clamp(x_adv, 0.0, 1.0)
     model.train(was_training)
     return x_adv.detach()
+
+
+def _uniform(data: torch.Tensor, r: float, generator, noise) -> torch.Tensor:
+    """The start's U(-r, r) of data's shape: noise * r when given (U(-1, 1)), else drawn."""
+    if noise is not None:
+        return noise.to(data.dtype).contiguous() * r
+    if data.dtype == torch.float32:
+        return torch.empty(data.shape, device=data.device).uniform_(-r, r, generator=generator)
+    # float64 pinning runs: the same fp32 draw (U(-1, 1), which times r is the fp32
+    # uniform_(-r, r) bit for bit), scaled in the working precision as the fast path.
+    return torch.empty(data.shape, device=data.device).uniform_(-1.0, 1.0, generator=generator).to(data.dtype) * r
+
+
+def ref_fgsm_rs(model, x, y, eps: float, alpha: float, loss: str = "ce", generator=None) -> torch.Tensor:
+    """FGSM-RS (Wong, Rice, Kolter, 2020): start U(-eps, eps), one signed-gradient step of alpha
+    (their 1.25 eps), projected to the eps-ball and clamped to [0, 1]."""
+    return ref_pgd(model, x, y, eps, alpha, 1, loss=loss, generator=generator, start_radius=eps)
+
+
+def ref_nfgsm(model, x, y, eps: float, alpha: float, k: float = 2.0, loss: str = "ce",
+              generator=None) -> torch.Tensor:
+    """N-FGSM (de Jorge et al., 2022): start U(-k eps, k eps), one signed-gradient step of alpha
+    (their eps), no projection to the eps-ball, clamped to [0, 1]."""
+    return ref_pgd(model, x, y, eps, alpha, 1, loss=loss, generator=generator, start_radius=k * eps,
+                   project=False)
 
 
 def ref_fgsm(model, x, y, eps: float, random_start: bool = True, generator=None) -> torch.Tensor:
@@ -261,12 +285,15 @@ def ref_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.
                    y: torch.Tensor, *, method: str, eps: float, alpha: float, steps: int,
                    lam: float = 0.0, beta: float = 6.0, mode: str = "paper", superclass: bool = False,
                    num_classes: int = 10, attack_loss: str | None = None,
-                   generator: torch.Generator | None = None) -> float:
+                   generator: torch.Generator | None = None, train_attack: str = "pgd",
+                   nfgsm_noise: float = 2.0) -> float:
     """One SGD step of `method`, as the authors' train(): attack, model.train(), zero_grad,
     forward(s), loss, backward, step. Returns the loss as a float.
 
     attack_loss: "ce" (authors' PGD, used by madry, fat-madry and the authors' fat-trades) or
     "kl" (original TRADES); None picks "kl" for trades and "ce" otherwise.
+    train_attack: "pgd" (steps of alpha), "fgsm-rs" (ref_fgsm_rs) or "n-fgsm" (ref_nfgsm with k =
+    nfgsm_noise), each with that objective; steps is unused by the single-step ones.
     TRADES methods forward x_adv first, then x (trades_var.py), both in train mode.
     """
     if method not in METHODS:
@@ -276,7 +303,12 @@ def ref_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.
     data = _working_copy(x)
     x_adv = None
     if method != "natural":
-        x_adv = ref_pgd(model, data, y, eps, alpha, steps, loss=attack_loss, generator=generator)
+        if train_attack == "fgsm-rs":
+            x_adv = ref_fgsm_rs(model, data, y, eps, alpha, loss=attack_loss, generator=generator)
+        elif train_attack == "n-fgsm":
+            x_adv = ref_nfgsm(model, data, y, eps, alpha, nfgsm_noise, loss=attack_loss, generator=generator)
+        else:
+            x_adv = ref_pgd(model, data, y, eps, alpha, steps, loss=attack_loss, generator=generator)
     model.train()
     optimizer.zero_grad()
     if method == "natural":
@@ -341,7 +373,8 @@ def ref_train(cfg, train_set, model: nn.Module, *, attack_loss: str | None = Non
                                   eps=cfg.eps_train, alpha=alpha, steps=cfg.steps, lam=cfg.lam,
                                   beta=cfg.beta, mode=cfg.vcar_mode, superclass=cfg.superclass,
                                   num_classes=info.num_classes, attack_loss=attack_loss,
-                                  generator=generator)
+                                  generator=generator, train_attack=cfg.train_attack,
+                                  nfgsm_noise=cfg.nfgsm_noise)
             if not math.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss} in epoch {epoch + 1}")
             done += 1

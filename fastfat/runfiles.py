@@ -24,7 +24,8 @@ from .models.user import check_source, is_spec, source_record
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"
 CONFIG = "config.json"
-RUN_FILES = (CONFIG, CHECKPOINT, LOG, "best.pt")   # every name a run directory may get (selection.BEST)
+RUN_FILES = (CONFIG, CHECKPOINT, LOG, "best.pt", "co_best.pt")   # every name a run directory may get
+# (selection.BEST, guard.BEST)
 
 
 def load_resume_state(cfg: TrainConfig, out_dir: str | None) -> dict | None:

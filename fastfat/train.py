@@ -24,6 +24,7 @@ from .data import build_loader, dataset_info
 from .data.split import loader_config, split_training_set, training_pool
 from .errors import UserError
 from .files import check_writable_dir
+from .guard import build_guard, stopped
 from .losses import method_loss
 from .models.fold import fold_bn
 from .runfiles import (CHECKPOINT, RUN_FILES, build_for_config, load_init_weights, load_resume_state, load_teacher,
@@ -60,6 +61,12 @@ def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
     build theirs here too."""
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                            nesterov=cfg.nesterov)
+
+
+def attack_args(cfg: TrainConfig, eps) -> dict:
+    """attacks.pgd's steps / start / projection of cfg's training attack at radius eps (float or
+    per-sample [N]): cfg.steps of PGD, or one step of FGSM-RS or N-FGSM (attacks.train_attack_args)."""
+    return attacks.train_attack_args(cfg.train_attack, cfg.steps, eps, cfg.nfgsm_noise)
 
 
 class NonFiniteLoss(UserError):
@@ -147,9 +154,9 @@ class Trainer:
             if x_adv is not None:
                 return x_adv
         eps, alpha = (cfg.eps_train, self.alpha) if self.method is None else self.method.radii(y)
-        return attacks.pgd(model, x, y, eps, alpha, cfg.steps,
-                           loss=self.attack_loss, generator=generator,
-                           amp=self.amp, fold_bn=cfg.fold_bn, batch_stats=batch_stats)
+        return attacks.pgd(model, x, y, eps, alpha, loss=self.attack_loss, generator=generator,
+                           amp=self.amp, fold_bn=cfg.fold_bn, batch_stats=batch_stats,
+                           **attack_args(cfg, eps))
 
     def loss(self, x, y, x_adv) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss, vcar) for the method; model in train mode. x, x_adv [N, C, H, W], y [N]."""
@@ -292,6 +299,9 @@ def train(cfg: TrainConfig, out_dir: str | None = None, *, resume: bool = False,
     at once. on_epoch(row) is called after each epoch's checkpoint is on disk.
     With cfg.val_per_class, a stratified hold-out of the training set is scored after every epoch
     (fastfat.selection: val_* in the log rows) and the best epoch's weights go to best.pt.
+    With cfg.guard not "off", the catastrophic-overfitting guard scores its batch after every
+    epoch (fastfat.guard: co_* in the log rows); under "stop" a flagged epoch ends the run, its
+    checkpoint holding the best epoch's weights (a resumed stopped run returns at once).
     A peer method (fastfat.methods) is started before and updated after every epoch (after the
     validation scores), and its state saved in every checkpoint and restored on resume.
     Raises NonFiniteLoss (a UserError) if the loss becomes NaN/inf; nothing is saved for that epoch.
@@ -301,7 +311,7 @@ def train(cfg: TrainConfig, out_dir: str | None = None, *, resume: bool = False,
     device = resolve_device(cfg.device)
     state = load_resume_state(cfg, out_dir) if resume else None
     init = load_init_weights(cfg) if state is None else None   # a resumed run has its own weights
-    selector = None
+    selector = val_set = pool = None
     if cfg.val_per_class is not None:   # train on the rest of the training set, select on the hold-out
         train_set, val_set = split_training_set(cfg)
         loader = build_train_loader(loader_config(cfg), device, data=train_set)
@@ -310,6 +320,7 @@ def train(cfg: TrainConfig, out_dir: str | None = None, *, resume: bool = False,
         loader = build_train_loader(loader_config(cfg), device, data=training_pool(cfg))
     else:
         loader = build_train_loader(cfg, device)
+    guard = build_guard(cfg, device, out_dir, val_set, pool)
     model = build_for_config(cfg, device)
     trainer = Trainer(cfg, model, device)
     start, log = 0, []
@@ -328,6 +339,8 @@ def train(cfg: TrainConfig, out_dir: str | None = None, *, resume: bool = False,
             if trainer.method is not None:
                 trainer.method.load_state_dict(state["method"])
             start, log = int(state["epoch"]) + 1, [json.loads(r) for r in state["log"]]
+            if stopped(log):   # the guard ended it: finished
+                start = cfg.epochs
         except Exception as e:   # a digest-valid file whose parts do not fit this config
             raise UserError(f"--resume: {os.path.join(out_dir, CHECKPOINT)} does not fit its config "
                             f"({type(e).__name__}); move it away to start afresh") from None
@@ -338,9 +351,12 @@ def train(cfg: TrainConfig, out_dir: str | None = None, *, resume: bool = False,
         row = train_epoch(trainer, loader, epoch, progress=progress, position=position)
         if selector is not None:
             row.update(selector.score(model))
+        if guard is not None:
+            row.update(guard.score(model))
         if trainer.method is not None:   # after the scores: CFA's FAWA reads them
             row.update(trainer.method.end_epoch(epoch, model, row))
         log.append(row)
+        stop = guard is not None and guard.check(log, epoch, model)   # stop: the best weights now
         if out_dir:
             if selector is not None and selector.is_best(log):
                 # before checkpoint.pt: a run stopped in between redoes this epoch and rewrites it
@@ -350,6 +366,8 @@ def train(cfg: TrainConfig, out_dir: str | None = None, *, resume: bool = False,
                      trainer.method.state_dict() if trainer.method is not None else None)
         if on_epoch is not None:
             on_epoch(row)
+        if stop:
+            break
     return model, log
 
 

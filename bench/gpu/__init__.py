@@ -22,6 +22,8 @@ so a run that is cut off still reports what it measured:
      fused model vs the same K one after another, images/s per model and the ratio, ResNet18
      width 64 (the paper's) and 16 at batch 128, bf16, K = 1, 2, 4, 8, 16 or until out of memory.
      It runs before F, which gets what is left.
+  S  single-step training (bench/gpu/single_step.py, bench.single_step): one FAT-Madry epoch with
+     PGD-5, PGD-10, FGSM-RS and N-FGSM, ResNet18 width 64 and 16, bf16, throughput vs PGD-5.
   F  torch.compile, last because compiling takes minutes: no fallback in a compiled FAT step
      (B's compiled half) and its speed beside C's rows; --graphs adds CUDA graphs
      (compile mode "reduce-overhead").
@@ -41,7 +43,7 @@ import os
 import sys
 
 # Stage shares of the budget (seconds, full run); F gets what is left.
-SHARES = {"A": 30, "B": 100, "C": 150, "D": 60, "E": 60, "G": 60, "H": 60}
+SHARES = {"A": 30, "B": 100, "C": 150, "D": 60, "E": 60, "G": 60, "H": 60, "S": 40}
 
 
 def parse_args(argv=None):
@@ -51,7 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--smoke", action="store_true", help="toy sizes on the CPU: keeps the command working (CI)")
     p.add_argument("--budget", type=float, default=None, help="seconds for the whole run (default 480; smoke 120)")
     p.add_argument("--device", default=None, help="default cuda (smoke: cpu)")
-    p.add_argument("--stages", default="ABCDEGHF", help="which stages to run (default ABCDEGHF)")
+    p.add_argument("--stages", default="ABCDEGHSF", help="which stages to run (default ABCDEGHSF)")
     p.add_argument("--graphs", action="store_true", help="stage F: also CUDA graphs (compile mode reduce-overhead)")
     return p.parse_args(argv)
 
@@ -116,6 +118,8 @@ def main(argv=None) -> int:
              lambda d, c: stage("fusion", "stage_g")(d, device, sizes, c, record, args.smoke)),
             ("H", "AutoAttack apgd: fastfat vs pyautoattack",
              lambda d, c: stage("aa", "stage_h")(d, device, sizes, c, record)),
+            ("S", "single-step training: PGD-5, PGD-10, FGSM-RS, N-FGSM epochs",
+             lambda d, c: stage("single_step", "stage_s")(d, device, sizes, c, record, args.smoke)),
             ("F", "torch.compile: fallbacks and speed",
              lambda d, c: stage("speed", "stage_f")(d, device, sizes, c, record, _ceiling(a), args.graphs))]
     for name, title, fn in plan:

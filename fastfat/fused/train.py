@@ -22,13 +22,13 @@ from ..runtime import autocast, progress_bar, synchronize
 from ..seeding import epoch_generator
 from ..losses import method_loss
 from ..runfiles import build_for_config
-from ..train import (NonFiniteLoss, StepOut, Trainer, check_finite as _check_finite, check_model,
+from ..train import (NonFiniteLoss, StepOut, Trainer, attack_args, check_finite, check_model,
                      make_optimizer, warmup_lam)
 from .model import FusedModel, fuse_models, split_models
 
 # Training fields that may differ between members: they enter only the member's own attack
 # radius/step, loss, random streams, or evaluation. Every other field must agree.
-PER_MEMBER = ("seed", "eps_train", "step_size", "lam", "beta", "vcar_mode", "superclass", "method",
+PER_MEMBER = ("seed", "eps_train", "step_size", "single_step_size", "lam", "beta", "vcar_mode", "superclass", "method",
               "preset", "test_limit", "test_per_class", "download")
 # Methods fuse when they run the same attack objective and the same train-mode forwards (a
 # natural forward updates BN running statistics, so madry cannot ride with fat-trades). TRADES
@@ -55,6 +55,8 @@ def alone_reason(cfg: TrainConfig) -> str | None:
         return "teacher (distillation from another run) does not fuse"
     if cfg.attack_bn != "eval":
         return "attack_bn train (an attack on batch statistics) does not fuse"
+    if cfg.guard != "off":
+        return f"co_guard {cfg.guard} (a per-run score of every epoch) does not fuse"
     return None
 
 
@@ -113,11 +115,12 @@ class FusedTrainer(Trainer):
         """The members' training attacks at once on the stacked batch x [N*K, C, H, W], y [N*K];
         member k's start noise drawn from generators[k] exactly as its unfused pgd draws it."""
         gens = generators if generators is not None else [None] * self.k
-        noise = self.model.stack([attacks.start_noise(xk, self.attack_loss, True, g)
+        single = self.cfg.train_attack in attacks.SINGLE_STEP   # a uniform start whatever the objective
+        noise = self.model.stack([attacks.start_noise(xk, self.attack_loss, True, g, single)
                                   for xk, g in zip(self.model.unstack(x), gens)])
         eps, alpha = self.member_radii(x.shape[0] // self.k)
-        return attacks.pgd(self.attack_model(), x, y, eps, alpha, self.cfg.steps, loss=self.attack_loss,
-                           noise=noise, amp=self.amp, fold_bn=self.cfg.fold_bn)
+        return attacks.pgd(self.attack_model(), x, y, eps, alpha, loss=self.attack_loss,
+                           noise=noise, amp=self.amp, fold_bn=self.cfg.fold_bn, **attack_args(self.cfg, eps))
 
     def member_losses(self, x, y, x_adv) -> tuple[torch.Tensor, torch.Tensor]:
         """(losses [K], vcars [K]): each member's method_loss on its rows; model in train mode."""
@@ -245,7 +248,7 @@ def fused_epoch(trainer: FusedTrainer, loaders: list, epoch: int, *, progress: b
         for i, v in enumerate(means):
             if errors[i] is None:
                 try:
-                    _check_finite(v, epoch, steps)
+                    check_finite(v, epoch, steps)
                 except NonFiniteLoss as e:
                     errors[i] = str(e)
 

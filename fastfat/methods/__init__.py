@@ -38,6 +38,8 @@ TITLES: dict[str, str] = {name: m.titles[name] for name, m in BY_NAME.items()}
 FINE_TUNE: tuple[str, ...] = tuple(n for n, m in BY_NAME.items() if m.fine_tune)
 TEACHER: tuple[str, ...] = tuple(n for n, m in BY_NAME.items() if m.teacher)
 NEEDS_VALIDATION: tuple[str, ...] = tuple(n for n, m in BY_NAME.items() if m.needs_validation)
+# methods whose own multi-step attack schedule has no single-step form (train_attack refused)
+NO_SINGLE_STEP: tuple[str, ...] = tuple(n for n, m in BY_NAME.items() if not m.single_step)
 # the hyperparameter dataclasses TrainConfig inherits, each once
 PARAMS: tuple[type, ...] = tuple(dict.fromkeys(m.params for m in REGISTRY if m.params is not None))
 
@@ -66,5 +68,5 @@ def check_config(cfg) -> None:
 
 
 __all__ = ["BASES", "BY_NAME", "EVAL_MODEL", "FINE_TUNE", "Method", "MethodState", "NAMES",
-           "NEEDS_VALIDATION", "PARAMS", "REGISTRY", "TEACHER", "TITLES", "build", "check_config",
+           "NEEDS_VALIDATION", "NO_SINGLE_STEP", "PARAMS", "REGISTRY", "TEACHER", "TITLES", "build", "check_config",
            "epochs_of", "eval_weights"]

@@ -120,7 +120,7 @@ class ABSLD(MethodState):
             teacher_logits = kernels.upcast(self.teacher(x))
         self._soft = self.soft_labels(teacher_logits, y)
         eps, alpha = self.radii(y)
-        return attacks.pgd(model, x, y, eps, alpha, self.cfg.steps, loss="kl", generator=generator,
+        return attacks.pgd(model, x, y, eps, alpha, loss="kl", generator=generator, **self.attack_args(eps),
                            amp=amp, fold_bn=self.cfg.fold_bn, target=self._soft[0],
                            batch_stats=self.cfg.attack_bn == "train")
 

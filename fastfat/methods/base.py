@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from .. import kernels, losses
+from .. import attacks, kernels, losses
 from ..config_values import check_range
 from ..errors import UserError
 
@@ -87,6 +87,11 @@ class MethodState:
         """(eps, alpha) of the training attack for labels y [N]."""
         return self.cfg.eps_train, self.alpha
 
+    def attack_args(self, eps) -> dict:
+        """attacks.pgd's steps / start / projection of cfg's training attack (cfg.train_attack) at
+        radius eps (float or [N])."""
+        return attacks.train_attack_args(self.cfg.train_attack, self.cfg.steps, eps, self.cfg.nfgsm_noise)
+
     def loss(self, y, logits_adv, logits_nat) -> tuple[torch.Tensor, torch.Tensor]:
         return self.base_loss(y, logits_adv, logits_nat)
 
@@ -129,6 +134,10 @@ class Method:
     official_attack_bn: BatchNorm's mode while their code crafts the training attack, "eval" or
         "train", or a dict method name -> mode where the module's methods differ (CFA); recorded
         for docs/methods.md and tests (--attack-bn train gives "train" to any run).
+    single_step: whether it trains with a single-step attack (TrainConfig.train_attack fgsm-rs /
+        n-fgsm): True where its attack is the base's at radii(y) or its own pgd call made with
+        attacks.train_attack_args; False where its attack is a PGD schedule of its own (counts or
+        stops along the steps), which config refuses with one line.
     source: where it comes from (paper, official repository), for docs and errors.
     """
     bases: dict
@@ -140,6 +149,7 @@ class Method:
     fine_tune: bool = False
     teacher: bool = False
     official_attack_bn: str = "eval"
+    single_step: bool = True
     source: str = ""
 
 

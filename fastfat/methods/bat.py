@@ -135,6 +135,6 @@ class BAT(MethodState):
 
 
 METHOD = Method(bases={"bat": "trades"}, titles={"bat": "BAT"}, state=BAT, params=BATParams,
-                check=check, official_attack_bn="eval",
+                check=check, official_attack_bn="eval", single_step=False,
                 source="Sun et al., AAAI 2023; "
                        "github.com/silvercherry/Improving-Robust-Fairness-via-Balance-Adversarial-Training")

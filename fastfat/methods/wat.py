@@ -101,8 +101,9 @@ def validation_costs(model: nn.Module, loader, cfg, num_classes: int, device, am
         for b, (x, y) in enumerate(loader):
             g = torch.Generator(device=x.device).manual_seed(
                 eval_noise_seed(cfg.seed, b, f"pgd{cfg.steps}", 0))
-            x_adv = attacks.pgd(model, x, y, cfg.eps_train, cfg.alpha(), cfg.steps, loss="kl",
-                                generator=g, amp=amp, fold_bn=cfg.fold_bn)
+            x_adv = attacks.pgd(model, x, y, cfg.eps_train, cfg.alpha(), loss="kl", generator=g, amp=amp,
+                                fold_bn=cfg.fold_bn, **attacks.train_attack_args(
+                                    cfg.train_attack, cfg.steps, cfg.eps_train, cfg.nfgsm_noise))
             with torch.no_grad(), autocast(device, amp):
                 logits_nat, logits_adv = model(x), model(x_adv)
             stats.add(per_sample_trades(logits_nat, logits_adv, y, cfg.beta), y)

@@ -192,7 +192,7 @@ def verdicts_html(said: list[str], attack: str, eps: float) -> str:
 
 
 def render(data, tables: list[Table], figures: dict[str, str], captions: dict[str, str], sections,
-           intro: list[str], said: list[str], chosen: tuple[str, float], runs_md: str) -> str:
+           intro: list[str], said: list[str], chosen: tuple[str, float], runs_md: str, guard_md: str = "") -> str:
     """The page. figures: stem -> PNG path (embedded); captions: stem -> its caption; sections:
     (heading, slug prefix or prefixes) in report.md's order; intro: report.md's opening sentences
     (plain text); said: the verdict sentences; chosen: the report's (attack, eps_test)."""
@@ -209,7 +209,9 @@ def render(data, tables: list[Table], figures: dict[str, str], captions: dict[st
              '<div class="figs">' + "".join(_figure(p, s, captions[s]) for s, p in scatter.items()) + "</div>",
              answer_html(data, attack),
              '<h2 id="about">About this report</h2>', "".join(f"<p>{html.escape(line)}</p>" for line in intro)]
-    # Sections a later part of the report adds (e.g. flagged points) go here, after the answer.
+    if guard_md:   # the epochs the catastrophic-overfitting guard flagged (fastfat.report.co_flags)
+        head, _, body = guard_md.partition("\n")
+        parts += [f'<h2 id="guard">{html.escape(head.lstrip("# "))}</h2>', _runs(body)]
     parts.append('<h2 id="tables">Tables</h2>')
     for heading, prefix in sections:
         ts = [t for t in tables if t.slug.startswith(prefix)]
@@ -233,9 +235,10 @@ def _runs(md: str) -> str:
 
 
 def write_html(data, tables, figure_paths: dict[str, str], captions: dict[str, str], sections, intro,
-               said: list[str], chosen: tuple[str, float], runs_md, out_dir: str) -> str:
+               said: list[str], chosen: tuple[str, float], runs_md, out_dir: str, guard_md: str = "") -> str:
     """Write out_dir/report.html (atomically); returns its path."""
     from ..files import atomic_write_text
     path = os.path.join(out_dir, "report.html")
-    atomic_write_text(path, render(data, tables, figure_paths, captions, sections, intro, said, chosen, runs_md))
+    atomic_write_text(path, render(data, tables, figure_paths, captions, sections, intro, said, chosen, runs_md,
+                                    guard_md))
     return path

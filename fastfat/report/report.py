@@ -278,6 +278,7 @@ def _intro(data: Data, db_path: str, attack: str, eps: float) -> list[str]:
 
 
 def _write_files(data, tables, figs, chosen, said, db_path, out_dir) -> list[str]:
+    from .co_flags import report_section
     from .figures import save_figure
     from .html import write_html
 
@@ -296,11 +297,9 @@ def _write_files(data, tables, figs, chosen, said, db_path, out_dir) -> list[str
     md = ["# fastfat sweep report", "", *intro]
     if said:
         md += ["", "## Verdicts", "", *[f"- {line}" for line in said]]
-    # Sections a later part of the report adds go here, after the verdicts and before the tables:
-    # (heading, Markdown lines) pairs, which report.html shows after the answer too.
-    extra: list[tuple[str, list[str]]] = []
-    for heading, lines in extra:
-        md += ["", f"## {heading}", "", *lines]
+    guard = report_section(db_path)   # the epochs the CO guard flagged; "" where none was guarded
+    if guard:
+        md += ["", guard.rstrip()]
     for heading, prefix in sections(data):
         ts = [t for t in tables if t.slug.startswith(prefix)]
         if ts:
@@ -314,5 +313,6 @@ def _write_files(data, tables, figs, chosen, said, db_path, out_dir) -> list[str
             md += [f"![{stem}]({stem}.png)", "", f"*{figs.captions[stem]}*", ""]
     md += ["", "## Runs", "", runs := runs_table(data)]
     atomic_write_text(os.path.join(out_dir, "report.md"), "\n".join(md))
-    page = write_html(data, tables, pngs, figs.captions, sections(data), intro, said, chosen, runs, out_dir)
+    page = write_html(data, tables, pngs, figs.captions, sections(data), intro, said, chosen, runs, out_dir,
+                      guard)
     return written + [os.path.join(out_dir, "report.md"), page]

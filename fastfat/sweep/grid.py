@@ -30,6 +30,10 @@ from .store import Point
 
 # The grid's axes, in the order points are run (the last varies fastest).
 AXES = ("dataset", "model", "method", "seed", "eps_train", "lam")
+# Training fields a [grid] may list too (train_attack = ["pgd", "n-fgsm"]): they multiply the points
+# like the axes (after them) yet stay in a point's setting (setting_of), so the report tables
+# each value apart instead of pooling its seeds with another's.
+EXTRA_AXES = ("train_attack",)
 TOP_KEYS = ("db", "report", "threads", "workers", "fuse", "lease", "shared_dir", "ray", "ray_cpus", "ray_gpus", "ray_retries",
             "grid", "only", "train", "eval")
 RAY_KEYS = ("ray", "ray_cpus", "ray_gpus", "ray_retries")
@@ -57,7 +61,8 @@ class GridPoint:
     def label(self) -> str:
         t = self.train
         lam = lam_suffix(t.method, t.lam, " lam ")
-        return f"{t.method} {t.model} {t.dataset} eps_train {t.eps_train:.4g}{lam} seed {t.seed}"
+        attack = "" if t.train_attack == "pgd" else f" {t.train_attack}"
+        return f"{t.method}{attack} {t.model} {t.dataset} eps_train {t.eps_train:.4g}{lam} seed {t.seed}"
 
     def to_point(self, run_dir: str) -> Point:
         """The store's row for this point, pending; run_dir is relative to the database."""
@@ -225,7 +230,7 @@ def _tables(doc: dict, grid_flags, train_flags, eval_flags) -> tuple[dict, dict,
     grid = _check_table(doc, "grid")
     train = _check_table(doc, "train")
     evals = _check_table(doc, "eval")
-    bad = sorted(set(grid) - set(AXES))
+    bad = sorted(set(grid) - set(AXES + EXTRA_AXES))
     if bad:
         raise UserError(f"unknown grid axis {', '.join(bad)}; the grid's axes are {', '.join(AXES)} "
                         f"(other training fields go in [train])")
@@ -312,7 +317,7 @@ def _expand(axes: dict[str, list], only: dict, train: dict, preset: str | None,
             cfg.val_per_class = None
         if cfg.init_from in METHODS and cfg.method not in FINE_TUNE_METHODS:
             cfg.init_from = None   # a method's name starts only the fine-tuning methods (FRL)
-        ident = (cfg.dataset, cfg.model, cfg.method, cfg.seed, cfg.eps_train, cfg.lam)
+        ident = (cfg.dataset, cfg.model, cfg.method, cfg.seed, cfg.eps_train, cfg.lam, cfg.train_attack)
         if ident in seen:
             raise UserError(f"duplicate grid point: {where} is the same point as {seen[ident]} "
                             f"(a value is repeated in a grid list, e.g. 8/255 and 0.031372549)")

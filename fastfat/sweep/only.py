@@ -39,11 +39,12 @@ def parse_only(table, axes: dict[str, list]) -> dict[str, dict[str, set]]:
     if not isinstance(table, dict) or not all(isinstance(v, dict) for v in table.values()):
         raise UserError("only must hold one table per method, e.g. [only.dafa-madry] with "
                         "eps_train = [0.1]")
-    methods = [str(m) for m in axes.get("method", [])]
+    # a table names a method, or a training attack of a grid.train_attack list ([only.fgsm-rs])
+    methods = [str(m) for m in axes.get("method", []) + axes.get("train_attack", [])]
     out = {}
     for method, limits in table.items():
         if method not in methods:
-            raise UserError(f"only.{method}: {method!r} is not in grid.method "
+            raise UserError(f"only.{method}: {method!r} is not in grid.method or grid.train_attack "
                             f"({', '.join(methods) or 'no method axis'})")
         out[method] = {}
         for axis, values in limits.items():
@@ -80,9 +81,13 @@ def ignored(method: str, axis: str) -> bool:
 
 
 def dropped(only: dict[str, dict[str, set]], coords: dict) -> bool:
-    """Whether [only] leaves the grid point at these (raw) axis coordinates out; limits on an axis
-    the method ignores keep its one point (the grid skips the axis's other values for it)."""
+    """Whether [only] leaves the grid point at these (raw) axis coordinates out: the limits of its
+    method and of its training attack; limits on an axis the method ignores keep its one point (the
+    grid skips the axis's other values for it)."""
     method = str(coords.get("method"))
-    limits = only.get(method)
-    return bool(limits) and any(_norm(a, coords[a]) not in vals for a, vals in limits.items()
-                                if not ignored(method, a))
+    for axis in ("method", "train_attack"):
+        limits = only.get(str(coords.get(axis)))
+        if limits and any(_norm(a, coords[a]) not in vals for a, vals in limits.items()
+                          if not ignored(method, a)):
+            return True
+    return False

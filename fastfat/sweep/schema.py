@@ -8,7 +8,9 @@ Tables
              epochs done, timings, and the claim of a running point: owner (host:pid), heartbeat
              (unix time the owner last showed life) and lease (seconds after which a silent claim
              is stale).
-  epochs     one row per finished training epoch of a point (loss, vcar, lr, seconds).
+  epochs     one row per finished training epoch of a point (loss, vcar, lr, seconds), and the
+             catastrophic-overfitting guard's co_fgsm_acc, co_pgd_acc and co_flag (NULL when off;
+             columns added in place to an older file, without a version change: GUARD_COLUMNS).
   results    one row per (point, checkpoint, attack, eps_test): avg_acc, vcra (raw), worst_acc,
              worst_k_acc (mean of the worst_k lowest classes), worst_k and nstd (std / mean);
              attack "clean" at eps 0 is the clean accuracy. checkpoint: 'last' (the final
@@ -64,6 +66,8 @@ CREATE TABLE IF NOT EXISTS epochs (
     point TEXT NOT NULL REFERENCES points(key) ON DELETE CASCADE,
     epoch INTEGER NOT NULL,              -- 1-based
     loss REAL, vcar REAL, lr REAL, seconds REAL, images_per_s REAL,
+    co_fgsm_acc REAL, co_pgd_acc REAL,   -- the catastrophic-overfitting guard's scores (fastfat.guard)
+    co_flag INTEGER,                     -- its flag: 0 fine, 1 flagged, 2 flagged and stopped, NULL off
     PRIMARY KEY (point, epoch)
 );
 """
@@ -117,6 +121,11 @@ _UPGRADE_FROM_2 = (
     "DROP TABLE results_v2",
     "DROP TABLE class_acc_v2",
 )
+
+
+# The guard's epoch columns (fastfat.guard), added to a file that lacks them when a sweep opens it:
+# extra columns, which older fastfat reads past, so the version stays.
+GUARD_COLUMNS = {"co_fgsm_acc": "REAL", "co_pgd_acc": "REAL", "co_flag": "INTEGER"}
 
 
 # The columns every schema version has (1 to 3): a file whose tables lack them is another
@@ -173,6 +182,10 @@ def init_schema(con: sqlite3.Connection, path: str) -> int:
         upgrade = (_UPGRADE_FROM_1 if version == 1 else ()) + (_UPGRADE_FROM_2 if version in (1, 2) else ())
         for stmt in upgrade:
             con.execute(stmt)
+        have = table_columns(con)["epochs"]
+        for name, kind in GUARD_COLUMNS.items():
+            if name not in have:
+                con.execute(f"ALTER TABLE epochs ADD COLUMN {name} {kind}")
         if version < SCHEMA_VERSION:
             con.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
             con.execute("INSERT OR IGNORE INTO meta VALUES ('clock', '0')")

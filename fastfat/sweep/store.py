@@ -241,10 +241,11 @@ class Store:
             if cur.rowcount == 0:
                 raise ClaimLost(key)
             self.db.execute(
-                "INSERT OR REPLACE INTO epochs (point, epoch, loss, vcar, lr, seconds, images_per_s) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO epochs (point, epoch, loss, vcar, lr, seconds, images_per_s, "
+                "co_fgsm_acc, co_pgd_acc, co_flag) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (key, int(row["epoch"]), row.get("loss"), row.get("vcar"), row.get("lr"),
-                 row.get("seconds"), row.get("images_per_s")))
+                 row.get("seconds"), row.get("images_per_s"), row.get("co_fgsm_acc"),
+                 row.get("co_pgd_acc"), row.get("co_flag")))
 
     def finish(self, key: str, records: list[dict], *, train_seconds: float, eval_seconds: float) -> None:
         """Store a point's evaluation records (evaluate()'s output) and mark it done, atomically.

@@ -1,0 +1,164 @@
+"""Training-epoch time of the training attacks side by side, in one process: PGD-5, PGD-10,
+FGSM-RS and N-FGSM (fastfat's train_attack) as the attack of FAT on Madry.
+
+    python -m bench.single_step               # CPU: the demo CNN on digits, ResNet18 width 16 (32x32)
+    python -m bench.single_step --quick       # tiny sizes in seconds (the smoke test runs it)
+    python -m bench.single_step --device cuda # GPU: ResNet18 width 16 and 64, batch 128, bf16
+
+What is timed: one training epoch of fixed batches (the demo CNN: 28 batches of 64 digits, about
+the 1,797-image set; ResNet18: 8 batches of 128 32x32 images), each step = attack + train-mode
+forward + FAT loss + SGD (Trainer.train_step), the same initial weights and batches for every
+attack. The attacks alternate within each of `--repeats` rounds (PGD-5, PGD-10, FGSM-RS, N-FGSM,
+PGD-5, ...), so load from other processes falls on all alike; the table shows each one's best
+epoch and its throughput relative to PGD-5 (PGD-5 runs 6 forward-backward passes per step, a
+single-step attack 2 plus the natural-free FAT forward: about 3x at the convolution bound).
+
+bench.gpu stage S calls run_single_step_bench(device) and gets the same numbers as a dict.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+
+from fastfat.config import make_train_config
+from fastfat.runfiles import build_for_config
+from fastfat.train import Trainer
+
+# attack name -> training config overrides (PGD's step eps/4, the single-step ones their defaults)
+ATTACKS = {
+    "pgd-5": dict(train_attack="pgd", steps=5, step_size="eps/4"),
+    "pgd-10": dict(train_attack="pgd", steps=10, step_size="eps/4"),
+    "fgsm-rs": dict(train_attack="fgsm-rs"),
+    "n-fgsm": dict(train_attack="n-fgsm"),
+}
+BASE = dict(method="fat-madry", lam=0.5, co_guard="off", schedule="constant", epochs=1, seed=0)
+# name -> (training config overrides, batches per epoch)
+CPU_WORKLOADS = {
+    "demo-cnn": (dict(preset="demo"), 28),   # digits 8x8, cnn width 32, batch 64
+    "resnet18-w16": (dict(dataset="synthetic", model="resnet18", width=16, batch_size=128,
+                          eps_train=8 / 255, lr=0.1), 8),
+}
+GPU_WORKLOADS = {
+    "resnet18-w16": (CPU_WORKLOADS["resnet18-w16"][0], 16),
+    "resnet18-w64": (dict(CPU_WORKLOADS["resnet18-w16"][0], width=64), 16),
+}
+QUICK_WORKLOADS = {
+    "demo-cnn": (dict(preset="demo", width=8, batch_size=16), 2),
+    "resnet18-w4": (dict(dataset="synthetic", model="resnet18", width=4, batch_size=16, eps_train=8 / 255), 2),
+}
+IMAGE_SIZE = {"digits": (1, 8), "synthetic": (3, 32)}   # the ResNet workloads time CIFAR-shaped batches
+
+
+def _configs(overrides: dict, device: str, amp: str) -> dict:
+    over = dict(overrides)
+    preset = over.pop("preset", None)
+    return {name: make_train_config(preset, **{**over, **BASE, **a, "device": device, "amp": amp})
+            for name, a in ATTACKS.items()}
+
+
+def _batches(cfg, n: int, device) -> list:
+    c, s = IMAGE_SIZE[cfg.dataset]
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n):
+        x = torch.rand(cfg.batch_size, c, s, s, generator=g).to(device)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        out.append((x, torch.randint(0, 10, (cfg.batch_size,), generator=g).to(device)))
+    return out
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _epoch(trainer: Trainer, batches, device) -> float:
+    g = torch.Generator(device=device).manual_seed(1)
+    _sync(device)
+    t0 = time.perf_counter()
+    for x, y in batches:
+        trainer.train_step(x, y, g)
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def run_single_step_bench(device="cuda", workloads: dict | None = None, *, amp: str | None = None,
+                          repeats: int = 2, log=print) -> dict:
+    """{"device", "amp", "results": [{"workload", "attack", "epoch_s" (best of the repeats),
+    "images_per_s", "vs_pgd5" (throughput / PGD-5's)}]}: each workload's attacks timed
+    alternately, every trainer from the same initial weights, after one untimed warm-up step."""
+    device = torch.device(device)
+    if workloads is None:
+        workloads = GPU_WORKLOADS if device.type == "cuda" else CPU_WORKLOADS
+    amp = amp or ("bf16" if device.type == "cuda" else "off")
+    results = []
+    for name, (over, n_batches) in workloads.items():
+        cfgs = _configs(over, str(device), amp)
+        first = next(iter(cfgs.values()))
+        init = build_for_config(first, device).state_dict()
+        trainers = {}
+        for a, cfg in cfgs.items():
+            model = build_for_config(cfg, device)
+            model.load_state_dict(init)
+            trainers[a] = Trainer(cfg, model, device)
+        batches = _batches(first, n_batches, device)
+        for t in trainers.values():   # warm-up: oneDNN primitives, worker threads, cuDNN plans
+            _epoch(t, batches[:1], device)
+        best = {a: float("inf") for a in trainers}
+        for _ in range(repeats):
+            for a, t in trainers.items():
+                best[a] = min(best[a], _epoch(t, batches, device))
+        images = n_batches * first.batch_size
+        for a in trainers:
+            row = {"workload": name, "attack": a, "epoch_s": best[a], "images_per_s": images / best[a],
+                   "vs_pgd5": best["pgd-5"] / best[a]}
+            results.append(row)
+            if log is not None:
+                log(format_row(row))
+    return {"device": str(device), "amp": amp, "results": results}
+
+
+def format_row(r: dict) -> str:
+    return (f"{r['workload']:>13} {r['attack']:>8}  epoch {r['epoch_s']:8.2f} s  "
+            f"{r['images_per_s']:8.1f} img/s  x{r['vs_pgd5']:.2f} of PGD-5")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.single_step", description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: min(2, cores))")
+    p.add_argument("--amp", default=None, help="off | bf16 (default: bf16 on CUDA, off on the CPU)")
+    p.add_argument("--workload", nargs="+", default=None, help="names of the workloads to run")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, one repeat")
+    p.add_argument("--json", default=None, help="also write the results here")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads or max(1, min(2, os.cpu_count() or 1)))
+    device = torch.device(args.device)
+    table = QUICK_WORKLOADS if args.quick else (GPU_WORKLOADS if device.type == "cuda" else CPU_WORKLOADS)
+    if args.workload:
+        unknown = sorted(set(args.workload) - set(table))
+        if unknown:
+            print(f"bench.single_step: unknown workload(s) {', '.join(unknown)}; choose from "
+                  f"{', '.join(table)}", file=sys.stderr)
+            return 2
+        table = {k: table[k] for k in args.workload}
+    repeats = 1 if args.quick else args.repeats
+    print(f"bench.single_step on {device} ({platform.processor() or platform.machine()}, "
+          f"{torch.get_num_threads()} threads), FAT-Madry lambda 0.5, best of {repeats}")
+    res = run_single_step_bench(device, table, amp=args.amp, repeats=repeats)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
