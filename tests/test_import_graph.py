@@ -13,6 +13,15 @@ import fastfat.kernels   # loaded explicitly: the graph below reads where it liv
 ROOT = pathlib.Path(fastfat.__file__).parent
 
 
+def _source(node: ast.ImportFrom, package: str) -> str:
+    """The absolute module a `from ... import` in package names (relative levels resolved)."""
+    if not node.level:
+        return node.module or ""
+    base = package.split(".")
+    base = base[:len(base) - node.level + 1]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
 def _modules() -> dict[str, pathlib.Path]:
     """Every module of the package (fastfat.kernels lives in kernels/, installed as fastfat.kernels)."""
     roots = [(ROOT, "fastfat")]
@@ -42,12 +51,7 @@ def import_graph() -> dict[str, set[str]]:
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom):
-                if node.level:
-                    base = package.split(".")
-                    base = base[:len(base) - node.level + 1]
-                    src = ".".join(base + ([node.module] if node.module else []))
-                else:
-                    src = node.module or ""
+                src = _source(node, package)
                 for a in node.names:
                     targets.append(f"{src}.{a.name}" if f"{src}.{a.name}" in mods else src)
             for t in targets:
@@ -162,12 +166,7 @@ def misplaced_imports(sources: dict[str, tuple[str, bool]]) -> list[str]:
         for node in ast.walk(tree):
             if not isinstance(node, ast.ImportFrom):
                 continue
-            if node.level:
-                base = package.split(".")
-                base = base[:len(base) - node.level + 1]
-                src = ".".join(base + ([node.module] if node.module else []))
-            else:
-                src = node.module or ""
+            src = _source(node, package)
             if src not in sources or src == mod:
                 continue
             defined, imported, public = bound[src]
