@@ -259,7 +259,7 @@ def step_functions(args, cfg):
             folded = trainer.attack_model()
         with phase(times, "attack (PGD)"):
             from fastfat import attacks
-            x_adv = attacks.pgd(folded, xc, y, cfg.eps_train, trainer.alpha, cfg.steps,
+            x_adv = attacks.pgd(folded, xc, y, cfg.eps_train, cfg.alpha(), cfg.steps,
                                 generator=torch.Generator().manual_seed(0), amp=trainer.amp)
         with phase(times, "train forward + loss + backward"):
             trainer.model.train()

@@ -6,54 +6,40 @@ eps values are in [0, 1] pixel units and accept fractions such as "8/255".
 """
 from __future__ import annotations
 
-import dataclasses
 import math
-import types
-import typing
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 from . import methods
-# single values: parsing, and the checks validate() makes (bound to short local names)
-from .config_values import canonical_attack, opt, parse_eps, resolve_step
-from .config_values import check_choice as _choice, check_int_at_least as _int_at_least
-from .config_values import check_range as _range, check_seed as _seed
+from .config_dict import from_dict
+from .config_values import (canonical_attack, check_choice, check_int_at_least, check_range, check_seed, opt,
+                            parse_eps, resolve_step)
 from .autoattack.standard import IMPLS as AA_IMPLS   # the AutoAttack implementations
 from .attacks import SINGLE_STEP, SINGLE_STEP_SIZE, TRAIN_ATTACKS
 from .errors import UserError
 
-# Madry, TRADES, FAT and natural training live in fastfat.train; the others in fastfat.methods,
-# whose registry names them (and their bases, hyperparameters and needs).
-OWN_METHODS = ("natural", "madry", "trades", "fat-madry", "fat-trades")
-METHODS = OWN_METHODS + methods.NAMES
-FAT_PREFIX = "fat-"   # FAT on a base method: fat-madry, fat-trades
+# Every training method is a fastfat.methods registry entry (its names, bases, needs).
+METHODS = methods.NAMES
 SCHEDULES = ("paper", "authors", "constant")
 LOADERS = ("auto", "memory", "torchvision", "ffcv")
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 CO_GUARDS = ("auto", "off", "warn", "stop")   # the catastrophic-overfitting guard (fastfat.guard)
+ATTACK_BN = ("eval", "train")
 
 
 def has_lambda(method: str) -> bool:
-    """Whether a method is FAT on a base method, the only methods with a lambda."""
-    return method.startswith(FAT_PREFIX)
+    """Whether a method has FAT's lambda (FAT on a base method), as the registry says."""
+    return method in methods.LAMBDA
 
 
-# The base method each registered method modifies (beyond FAT, whose base is its suffix):
-# the report's rho and paired comparisons measure a method against its base.
-BASE_METHODS: dict[str, str] = methods.BASES
-
-# Methods that fine-tune a trained model: init_from required (a sweep resolves a method name in
-# it); methods that distil from a teacher: teacher required (likewise).
-FINE_TUNE_METHODS = methods.FINE_TUNE
-TEACHER_METHODS = methods.TEACHER
-ATTACK_BN = ("eval", "train")
+def attacks_in_training(method: str) -> bool:
+    """Whether a method trains on an attack (all but natural training); False for an unknown name."""
+    return method in methods.BY_NAME and method not in methods.NO_ATTACK
 
 
 def base_method(method: str) -> str | None:
     """The method a robust-fairness method is compared against (fat-madry -> madry), or None for
-    a base method itself (natural, madry, trades)."""
-    if has_lambda(method):
-        return method[len(FAT_PREFIX):]
-    return BASE_METHODS.get(method)
+    a base method itself (natural, madry, trades) or a name the registry does not hold."""
+    return methods.BASES.get(method)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,38 +142,38 @@ class RunConfig:
         from .data import dataset_info
         from .models import canonical_model_name
 
-        _choice("method", self.method, METHODS)
+        check_choice("method", self.method, METHODS)
         self.model = canonical_model_name(self.model)
         info = dataset_info(self.dataset)
         self.dataset = info.name
-        _choice("loader", self.loader, LOADERS)
-        _choice("schedule", self.schedule, SCHEDULES)
-        _choice("amp", self.amp, AMP_MODES)
-        _choice("vcar_mode", self.vcar_mode, ("paper", "authors"))
-        _range("eps_train", self.eps_train, 0.0, 1.0)
-        _range("lam", self.lam, 0.0, math.inf)
-        _range("beta", self.beta, 0.0, math.inf)
-        _range("lr", self.lr, 0.0, math.inf, low_open=True)
-        _range("momentum", self.momentum, 0.0, 1.0)
-        _range("weight_decay", self.weight_decay, 0.0, math.inf)
+        check_choice("loader", self.loader, LOADERS)
+        check_choice("schedule", self.schedule, SCHEDULES)
+        check_choice("amp", self.amp, AMP_MODES)
+        check_choice("vcar_mode", self.vcar_mode, ("paper", "authors"))
+        check_range("eps_train", self.eps_train, 0.0, 1.0)
+        check_range("lam", self.lam, 0.0, math.inf)
+        check_range("beta", self.beta, 0.0, math.inf)
+        check_range("lr", self.lr, 0.0, math.inf, low_open=True)
+        check_range("momentum", self.momentum, 0.0, 1.0)
+        check_range("weight_decay", self.weight_decay, 0.0, math.inf)
         if self.clip_grad_norm is not None:
-            _range("clip_grad_norm", self.clip_grad_norm, 0.0, math.inf, low_open=True)
-        _int_at_least("lam_warmup_epochs", self.lam_warmup_epochs, 0)
-        _seed(self.seed)
+            check_range("clip_grad_norm", self.clip_grad_norm, 0.0, math.inf, low_open=True)
+        check_int_at_least("lam_warmup_epochs", self.lam_warmup_epochs, 0)
+        check_seed(self.seed)
         for name in ("steps", "epochs", "batch_size"):
-            _int_at_least(name, getattr(self, name), 1)
+            check_int_at_least(name, getattr(self, name), 1)
         if self.width is not None:
-            _int_at_least("width", self.width, 1)
+            check_int_at_least("width", self.width, 1)
         for name in ("train_limit", "test_limit"):
             if getattr(self, name) is not None:
-                _int_at_least(name, getattr(self, name), 1)
+                check_int_at_least(name, getattr(self, name), 1)
         if self.crop_pad is not None:
-            _int_at_least("crop_pad", self.crop_pad, 0)
+            check_int_at_least("crop_pad", self.crop_pad, 0)
         self._validate_train_per_class()
         _validate_test_per_class(self)
         from .data.split import check_test_per_class
         check_test_per_class(self.test_per_class, self.dataset)
-        _int_at_least("num_workers", self.num_workers, 0)
+        check_int_at_least("num_workers", self.num_workers, 0)
         self._validate_train_attack()
         try:
             a = self.alpha()
@@ -195,7 +181,7 @@ class RunConfig:
             step = "single_step_size" if self.train_attack in SINGLE_STEP else "step_size"
             raise UserError(f"{step}: {e}") from None
         # a step of 0 never moves the attack: only natural training has no attack
-        _range("step_size", a, 0.0, 1.0, low_open=self.method != "natural")
+        check_range("step_size", a, 0.0, 1.0, low_open=attacks_in_training(self.method))
         if self.superclass and info.num_classes != 100:
             raise UserError("superclass VCAR needs dataset cifar100")
         try:
@@ -203,7 +189,7 @@ class RunConfig:
         except UserError as e:
             raise UserError(f"val_attack: {e}") from None
         if self.val_per_class is not None:
-            _range("val_per_class", self.val_per_class, 0.0, math.inf, low_open=True)
+            check_range("val_per_class", self.val_per_class, 0.0, math.inf, low_open=True)
             if self.val_per_class >= 1 and not float(self.val_per_class).is_integer():
                 raise UserError(f"val_per_class must be a whole number of samples (>= 1) or a "
                                 f"fraction in (0, 1), got {self.val_per_class}")
@@ -212,7 +198,7 @@ class RunConfig:
                                 "files hold the whole training set)")
             if self.eps_train == 0.0:
                 raise UserError("val_per_class selects on robust accuracy at eps_train: it needs eps_train > 0")
-        if self.method != "natural" and self.eps_train == 0.0:
+        if attacks_in_training(self.method) and self.eps_train == 0.0:
             raise UserError(f"method {self.method} needs eps_train > 0 (natural training is --method natural)")
         methods.check_config(self)   # every registered method's hyperparameters
         self._validate_method_needs()
@@ -222,21 +208,24 @@ class RunConfig:
         """train_attack, nfgsm_noise, co_guard and co_threshold, and whether the method can train
         with a single-step attack (natural has none; methods with their own multi-step attack
         schedule cannot)."""
-        _choice("train_attack", self.train_attack, TRAIN_ATTACKS)
-        _range("nfgsm_noise", self.nfgsm_noise, 0.0, math.inf)
-        _choice("co_guard", self.co_guard, CO_GUARDS)
-        _range("co_threshold", self.co_threshold, 0.0, 1.0, low_open=True)
-        if self.train_attack in SINGLE_STEP and (self.method == "natural" or self.method in methods.NO_SINGLE_STEP):
+        check_choice("train_attack", self.train_attack, TRAIN_ATTACKS)
+        check_range("nfgsm_noise", self.nfgsm_noise, 0.0, math.inf)
+        check_choice("co_guard", self.co_guard, CO_GUARDS)
+        check_range("co_threshold", self.co_threshold, 0.0, 1.0, low_open=True)
+        if self.train_attack in SINGLE_STEP and not attacks_in_training(self.method):
             raise UserError(f"train_attack {self.train_attack}: method {self.method} cannot train with a "
-                            f"single-step attack ({'it crafts no attack' if self.method == 'natural' else 'its attack counts or stops at its own PGD steps'}; docs/methods.md)")
-        if self.guard != "off" and self.method == "natural":
+                            f"single-step attack (it crafts no attack; docs/methods.md)")
+        if self.train_attack in SINGLE_STEP and self.method in methods.NO_SINGLE_STEP:
+            raise UserError(f"train_attack {self.train_attack}: method {self.method} cannot train with a "
+                            f"single-step attack (its attack counts or stops at its own PGD steps; docs/methods.md)")
+        if self.guard != "off" and not attacks_in_training(self.method):
             raise UserError("co_guard: natural training has no attack to overfit (use co_guard off)")
 
     def _validate_method_needs(self) -> None:
         """attack_bn, and what the registry says cfg.method needs: a validation split, a model
         to fine-tune (init_from), a teacher."""
-        _choice("attack_bn", self.attack_bn, ATTACK_BN)
-        if self.attack_bn == "train" and self.method == "natural":
+        check_choice("attack_bn", self.attack_bn, ATTACK_BN)
+        if self.attack_bn == "train" and not attacks_in_training(self.method):
             raise UserError("attack_bn train: natural training crafts no attack")
         if self.nesterov and self.momentum == 0:
             raise UserError("nesterov needs momentum > 0 (Nesterov's look-ahead is along the momentum)")
@@ -251,11 +240,11 @@ class RunConfig:
             raise UserError(f"method {self.method} updates its class weights from a validation split: "
                             f"give --val-per-class (their code holds out 300 of CIFAR-10's 5000 per "
                             f"class: 0.06)")
-        if self.method in FINE_TUNE_METHODS and self.init_from is None:
+        if self.method in methods.FINE_TUNE and self.init_from is None:
             raise UserError(f"method {self.method} fine-tunes a trained model: give --init-from "
                             f"CHECKPOINT (e.g. a trades run's checkpoint.pt; in a sweep, "
                             f"init_from = \"trades\")")
-        if self.method in TEACHER_METHODS and self.teacher is None:
+        if self.method in methods.TEACHER and self.teacher is None:
             raise UserError(f"method {self.method} distils from a teacher: give --teacher CHECKPOINT "
                             f"(in a sweep, teacher = \"trades\" or another method's name)")
 
@@ -266,7 +255,7 @@ class RunConfig:
         n = self.train_per_class
         if n is None:
             return
-        _int_at_least("train_per_class", n, 1)
+        check_int_at_least("train_per_class", n, 1)
         if self.train_limit is not None:
             raise UserError("give train_per_class or train_limit, not both")
         if self.loader == "ffcv":
@@ -284,7 +273,7 @@ def _validate_test_per_class(cfg) -> None:
     with the FFCV loader; its upper bound is the data set's (data.split.check_test_per_class)."""
     if cfg.test_per_class is None:
         return
-    _int_at_least("test_per_class", cfg.test_per_class, 1)
+    check_int_at_least("test_per_class", cfg.test_per_class, 1)
     if cfg.test_limit is not None:
         raise UserError("give test_per_class or test_limit, not both")
     if cfg.loader == "ffcv":
@@ -341,17 +330,17 @@ class EvalConfig:
             raise UserError("eps_test: give at least one radius")
         self.eps_test = _once("eps_test", self.eps_test, [parse_eps(e) for e in self.eps_test], "radius")
         for e in self.eps_test:
-            _range("eps_test", e, 0.0, 1.0, low_open=True)
-        _int_at_least("batch_size", self.batch_size, 1)
-        _int_at_least("worst_k", self.worst_k, 1)
-        _range("cw_kappa", self.cw_kappa, 0.0, math.inf)
-        _seed(self.seed)
+            check_range("eps_test", e, 0.0, 1.0, low_open=True)
+        check_int_at_least("batch_size", self.batch_size, 1)
+        check_int_at_least("worst_k", self.worst_k, 1)
+        check_range("cw_kappa", self.cw_kappa, 0.0, math.inf)
+        check_seed(self.seed)
         if self.test_limit is not None:
-            _int_at_least("test_limit", self.test_limit, 1)
-        _choice("loader", self.loader, LOADERS)
+            check_int_at_least("test_limit", self.test_limit, 1)
+        check_choice("loader", self.loader, LOADERS)
         _validate_test_per_class(self)
-        _choice("amp", self.amp, AMP_MODES[1:])
-        _choice("aa_impl", self.aa_impl, AA_IMPLS)
+        check_choice("amp", self.amp, AMP_MODES[1:])
+        check_choice("aa_impl", self.aa_impl, AA_IMPLS)
         return self
 
 
@@ -395,9 +384,9 @@ def make_train_config(preset: str | None = None, **overrides) -> TrainConfig:
     cfg = from_dict(TrainConfig, values).validate()
     # Here, not in validate(): a stored run's config that recorded an unused teacher (accepted
     # before this check) still loads for evaluation.
-    if cfg.teacher is not None and cfg.method not in TEACHER_METHODS:
+    if cfg.teacher is not None and cfg.method not in methods.TEACHER:
         raise UserError(f"teacher: method {cfg.method} does not distil from a teacher (those that "
-                        f"do: {', '.join(TEACHER_METHODS)}); drop --teacher")
+                        f"do: {', '.join(methods.TEACHER)}); drop --teacher")
     return cfg
 
 
@@ -406,70 +395,3 @@ def make_eval_config(preset: str | None = None, **overrides) -> EvalConfig:
     values = dict(PRESETS[preset]["eval"]) if preset in PRESETS else {}
     values.update(overrides)
     return from_dict(EvalConfig, values).validate()
-
-
-# ---------------------------------------------------------------------------------------------
-# dict / JSON plumbing, driven by the dataclass fields
-
-def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
-
-
-def from_dict(cls, d: dict):
-    """Build a config dataclass from a dict, coercing types; UserError on unknown keys or bad types."""
-    names = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(d) - set(names))
-    if unknown:
-        raise UserError(f"unknown {cls.__name__} key(s): {', '.join(unknown)}; "
-                        f"valid: {', '.join(names)}")
-    hints = typing.get_type_hints(cls)
-    return cls(**{k: _coerce(k, v, hints[k]) for k, v in d.items()})
-
-
-_EPS_FIELDS = {"eps_train", "eps_test"}
-
-
-def _coerce(name: str, value, tp):
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if value is None and type(None) in args:
-        return None
-    if origin in (typing.Union, types.UnionType):
-        tp = next(a for a in args if a is not type(None))
-        return _coerce(name, value, tp)
-    if typing.get_origin(tp) is list:
-        if isinstance(value, (str, int, float)):
-            value = [value]
-        if not isinstance(value, (list, tuple)):
-            raise UserError(f"{name}: expected a list, got {value!r}")
-        (inner,) = typing.get_args(tp)
-        return [_coerce(name, v, inner) for v in value]
-    if name in _EPS_FIELDS:
-        try:
-            return parse_eps(value)
-        except UserError as e:
-            raise UserError(f"{name}: {e}") from None
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        raise UserError(f"{name}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-            raise UserError(f"{name}: expected an integer, got {value!r}")
-        try:
-            return int(value)
-        except (TypeError, ValueError):
-            raise UserError(f"{name}: expected an integer, got {value!r}") from None
-    if tp is float:
-        if isinstance(value, bool):
-            raise UserError(f"{name}: expected a number, got {value!r}")
-        try:
-            return parse_eps(value)
-        except UserError as e:   # name the key: a sweep file's message names only the grid point
-            raise UserError(f"{name}: {e}") from None
-    if tp is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise UserError(f"{name}: expected a string, got {value!r}")
-        return str(value)
-    return value

@@ -1,5 +1,5 @@
-"""Training objectives: VCAR, FAT (on Madry and on TRADES), TRADES, their class-weighted forms,
-and method_loss, the base methods' (loss, vcar) by name (the Trainer, fused groups and peer methods).
+"""Training objectives: VCAR, FAT (on Madry and on TRADES), TRADES and their class-weighted forms,
+which the methods' states (fastfat.methods) compute their losses with.
 
 Per-class reductions go through fastfat.kernels (class_stats / fat_ce_loss), so that the fused
 Triton kernels serve them on CUDA. All losses are 0-dim fp32 tensors, differentiable in logits.
@@ -76,25 +76,3 @@ def weighted_trades_loss(logits_nat: torch.Tensor, logits_adv: torch.Tensor, y: 
     kl = kernels.trades_kl(logits_adv, logits_nat).to(ce.dtype)
     w = lambda v: v.to(ce.dtype) if isinstance(v, torch.Tensor) else v
     return (w(ce_weight) * ce + w(kl_weight) * kl).mean()
-
-
-def method_loss(cfg, num_classes: int, y: torch.Tensor, logits_adv=None,
-                logits_nat=None, lam: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, vcar) of cfg.method from its logits [N, classes] (logits_nat for natural, trades and
-    fat-trades; logits_adv for all but natural) and labels y [N]: 0-dim tensors, vcar detached
-    (0 for methods without VCAR). Trainer.loss and fused groups (one call per member) use it.
-    lam: FAT's lambda for this step (None: cfg.lam; lambda's warm-up passes its current value)."""
-    lam = cfg.lam if lam is None else lam
-    ce = lambda logits: F.cross_entropy(kernels.upcast(logits), y)
-    zero = torch.zeros((), device=y.device)
-    if cfg.method == "natural":
-        return ce(logits_nat), zero
-    if cfg.method == "madry":
-        return ce(logits_adv), zero
-    if cfg.method == "trades":
-        return trades_loss(logits_nat, logits_adv, y, cfg.beta), zero
-    if cfg.method == "fat-madry":
-        return fat_loss(logits_adv, y, num_classes, lam, cfg.vcar_mode, cfg.superclass,
-                        return_vcar=True)
-    return fat_trades_loss(logits_nat, logits_adv, y, num_classes, cfg.beta, lam,
-                           cfg.vcar_mode, cfg.superclass, return_vcar=True)

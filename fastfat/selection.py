@@ -14,7 +14,8 @@ import os
 
 import torch.nn as nn
 
-from .config import TrainConfig, make_eval_config, to_dict
+from .config import TrainConfig, make_eval_config
+from .config_dict import to_dict
 from .data import MemoryLoader
 from .files import save_checkpoint
 

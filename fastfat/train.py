@@ -1,8 +1,8 @@
-"""Training: Madry PGD-AT, TRADES, FAT on either, natural training, and the peer methods
-(fastfat.methods) on Madry or TRADES.
+"""Training: every method of the fastfat.methods registry (natural, Madry PGD-AT, TRADES, FAT on
+either, and the peer methods on Madry or TRADES), through its MethodState.
 
 One step = attack (PGD on a BN-folded eval copy, input gradients only) -> forward on x_adv
-(AMP on CUDA) -> loss from fastfat.losses -> SGD. Each epoch ends with an atomic checkpoint
+(AMP on CUDA) -> the method's loss (fastfat.losses) -> SGD. Each epoch ends with an atomic checkpoint
 and a log row; `resume` continues from the last checkpoint and reproduces an uninterrupted run
 exactly, because every random stream is keyed by (seed, epoch).
 """
@@ -25,7 +25,6 @@ from .data.split import loader_config, split_training_set, training_pool
 from .errors import UserError
 from .files import check_writable_dir
 from .guard import build_guard, stopped
-from .losses import method_loss
 from .models.fold import fold_bn
 from .runfiles import (CHECKPOINT, RUN_FILES, build_for_config, load_init_weights, load_resume_state, load_teacher,
                        save_run)
@@ -61,12 +60,6 @@ def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
     build theirs here too."""
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                            nesterov=cfg.nesterov)
-
-
-def attack_args(cfg: TrainConfig, eps) -> dict:
-    """attacks.pgd's steps / start / projection of cfg's training attack at radius eps (float or
-    per-sample [N]): cfg.steps of PGD, or one step of FGSM-RS or N-FGSM (attacks.train_attack_args)."""
-    return attacks.train_attack_args(cfg.train_attack, cfg.steps, eps, cfg.nfgsm_noise)
 
 
 class NonFiniteLoss(UserError):
@@ -106,17 +99,12 @@ class Trainer:
         set_backends(self.device, tf32=cfg.tf32, cudnn_benchmark=cfg.cudnn_benchmark,
                      deterministic=cfg.deterministic)
         self.num_classes = dataset_info(cfg.dataset).num_classes
-        # a peer method's per-run state (fastfat.methods); None for natural, madry, trades, fat-*
-        self.method = methods.build(cfg, self.num_classes, self.device)
+        # the method's training (fastfat.methods): its attack, forwards, loss and per-run state
+        self.method_state = methods.build(cfg, self.num_classes, self.device)
         self.optimizer = make_optimizer(cfg, model.parameters())
         self.amp = amp_dtype(cfg.amp, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp == torch.float16 else None
-        # The authors' FAT-TRADES attacks with CE; original TRADES with its KL objective.
-        self.attack_loss = "kl" if cfg.method == "trades" else "ce"
-        if self.method is not None:
-            self.attack_loss = self.method.attack_loss
-        self.alpha = cfg.alpha()
-        self.lam = cfg.lam   # FAT's lambda for the next step (train_epoch sets it during a warm-up)
+        self.attack_loss = self.method_state.attack_loss   # CE, or TRADES' KL objective
         self.forward = torch.compile(model) if cfg.compile else model
         self._folded = None
         self._attack_forward = None   # the folded copy, compiled when cfg.compile
@@ -149,36 +137,34 @@ class Trainer:
         cfg = self.cfg
         batch_stats = cfg.attack_bn == "train"
         model = self.model if batch_stats else self.attack_model()
-        if self.method is not None:
-            x_adv = self.method.attack(model, x, y, generator, self.amp)
-            if x_adv is not None:
-                return x_adv
-        eps, alpha = (cfg.eps_train, self.alpha) if self.method is None else self.method.radii(y)
+        state = self.method_state
+        x_adv = state.attack(model, x, y, generator, self.amp)
+        if x_adv is not None:
+            return x_adv
+        eps, alpha = state.radii(y)
         return attacks.pgd(model, x, y, eps, alpha, loss=self.attack_loss, generator=generator,
                            amp=self.amp, fold_bn=cfg.fold_bn, batch_stats=batch_stats,
-                           **attack_args(cfg, eps))
+                           **state.attack_args(eps))
 
     def loss(self, x, y, x_adv) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss, vcar) for the method; model in train mode. x, x_adv [N, C, H, W], y [N]."""
-        cfg = self.cfg
+        state = self.method_state
         with autocast(self.device, self.amp):
-            if cfg.method == "natural":
-                return method_loss(cfg, self.num_classes, y, logits_nat=self.forward(x))
+            if not state.adversarial:
+                return state.loss(y, None, self.forward(x))
             # the natural forward after the adversarial one, as the authors (or before it, where
             # a method's code does so: the order moves BatchNorm's running statistics)
-            natural = self.method.natural_forward if self.method else cfg.method in ("trades", "fat-trades")
-            first = natural and self.method is not None and self.method.natural_first
+            natural = state.natural_forward
+            first = natural and state.natural_first
             logits_nat = self.forward(x) if first else None
             logits_adv = self.forward(x_adv)
             if natural and not first:
                 logits_nat = self.forward(x)
-        if self.method is not None:
-            return self.method.loss(y, logits_adv, logits_nat)
-        return method_loss(cfg, self.num_classes, y, logits_adv, logits_nat, lam=self.lam)
+        return state.loss(y, logits_adv, logits_nat)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, generator=None) -> StepOut:
         """One SGD step on a batch x [N, C, H, W] in [0, 1], y [N]; attack noise from generator."""
-        x_adv = None if self.cfg.method == "natural" else self.adversarial(x, y, generator)
+        x_adv = self.adversarial(x, y, generator) if self.method_state.adversarial else None
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         loss, v = self.loss(x, y, x_adv)
@@ -216,8 +202,7 @@ def train_epoch(trainer: Trainer, loader, epoch: int, *, progress: bool = False,
     cfg, device = trainer.cfg, trainer.device
     lr = trainer.set_epoch_lr(epoch)
     loader.set_epoch(epoch)
-    if trainer.method is not None:
-        trainer.method.start_epoch(epoch)
+    trainer.method_state.start_epoch(epoch)
     gen = epoch_generator(cfg.seed, epoch, device, "attack")
     bar = progress_bar(len(loader), f"epoch {epoch + 1}/{cfg.epochs}", progress, position=position)
     tot_loss = torch.zeros((), device=device)
@@ -229,7 +214,7 @@ def train_epoch(trainer: Trainer, loader, epoch: int, *, progress: bool = False,
     try:
         for x, y in loader:
             if warm:
-                trainer.lam = warmup_lam(cfg.lam, cfg.lam_warmup_epochs, epoch * len(loader) + steps + 1,
+                trainer.method_state.lam = warmup_lam(cfg.lam, cfg.lam_warmup_epochs, epoch * len(loader) + steps + 1,
                                          len(loader))
             out = trainer.train_step(x, y, gen)
             tot_loss += out.loss * y.numel()
@@ -250,7 +235,7 @@ def train_epoch(trainer: Trainer, loader, epoch: int, *, progress: bool = False,
            "vcar": float(tot_vcar) / max(steps, 1), "seconds": secs,
            "images_per_s": seen / secs if secs > 0 else 0.0}
     if warm:
-        row["lam"] = trainer.lam
+        row["lam"] = trainer.method_state.lam
     check_finite(row["loss"], epoch, steps)
     if x is not None:
         check_model(trainer.model, x, y, epoch)
@@ -336,8 +321,7 @@ def train(cfg: TrainConfig, out_dir: str | None = None, *, resume: bool = False,
             trainer.optimizer.load_state_dict(state["optimizer"])
             if trainer.scaler is not None and "scaler" in state:
                 trainer.scaler.load_state_dict(state["scaler"])
-            if trainer.method is not None:
-                trainer.method.load_state_dict(state["method"])
+            trainer.method_state.load_state_dict(state.get("method", {}))
             start, log = int(state["epoch"]) + 1, [json.loads(r) for r in state["log"]]
             if stopped(log):   # the guard ended it: finished
                 start = cfg.epochs
@@ -345,16 +329,15 @@ def train(cfg: TrainConfig, out_dir: str | None = None, *, resume: bool = False,
             raise UserError(f"--resume: {os.path.join(out_dir, CHECKPOINT)} does not fit its config "
                             f"({type(e).__name__}); move it away to start afresh") from None
 
-    if trainer.method is not None:
-        trainer.method.begin(model, selector, start, load_teacher(cfg, device))
+    trainer.method_state.begin(model, selector, start, load_teacher(cfg, device))
     for epoch in range(start, cfg.epochs):
         row = train_epoch(trainer, loader, epoch, progress=progress, position=position)
         if selector is not None:
             row.update(selector.score(model))
         if guard is not None:
             row.update(guard.score(model))
-        if trainer.method is not None:   # after the scores: CFA's FAWA reads them
-            row.update(trainer.method.end_epoch(epoch, model, row))
+        # after the scores: CFA's FAWA reads them
+        row.update(trainer.method_state.end_epoch(epoch, model, row))
         log.append(row)
         stop = guard is not None and guard.check(log, epoch, model)   # stop: the best weights now
         if out_dir:
@@ -363,7 +346,7 @@ def train(cfg: TrainConfig, out_dir: str | None = None, *, resume: bool = False,
                 selector.save_best(out_dir, epoch, log, model.state_dict())
             save_run(out_dir, cfg, epoch, log, model.state_dict(), trainer.optimizer.state_dict(),
                      trainer.scaler.state_dict() if trainer.scaler is not None else None,
-                     trainer.method.state_dict() if trainer.method is not None else None)
+                     trainer.method_state.state_dict())
         if on_epoch is not None:
             on_epoch(row)
         if stop:

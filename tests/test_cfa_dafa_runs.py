@@ -187,7 +187,7 @@ def test_a_calibrated_step_matches_a_plain_reference(method):
     fast = build_for_config(cfg, "cpu").double()
     ref = copy.deepcopy(fast).to(memory_format=torch.contiguous_format)
     trainer = Trainer(cfg, fast)
-    m = trainer.method
+    m = trainer.method_state
     classes = torch.arange(10, dtype=D64)
     if method == "cfa-trades":
         m.train_acc = classes / 10

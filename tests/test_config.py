@@ -3,7 +3,8 @@ import argparse
 import pytest
 
 from fastfat.cli.flags import add_dataclass_flags, given
-from fastfat.config import EvalConfig, TrainConfig, from_dict, make_eval_config, make_train_config, to_dict
+from fastfat.config import EvalConfig, TrainConfig, make_eval_config, make_train_config
+from fastfat.config_dict import from_dict, to_dict
 from fastfat.config_values import canonical_attack, parse_eps, resolve_step
 from fastfat.errors import UserError
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastfat.config import EvalConfig, to_dict
+from fastfat.config import EvalConfig
+from fastfat.config_dict import to_dict
 from fastfat.evaluate import evaluate
 from fastfat.files import load_checkpoint
 from fastfat.fused import split_models
@@ -146,7 +147,8 @@ CHILD = textwrap.dedent("""
     import json, sys, time
     import torch
     torch.set_num_threads(int(sys.argv[4]))   # the parent's: the attack's split follows it
-    from fastfat.config import from_dict, TrainConfig
+    from fastfat.config import TrainConfig
+    from fastfat.config_dict import from_dict
     from fastfat.fused import group, train as fused_train
     cfgs = [from_dict(TrainConfig, c) for c in json.loads(sys.argv[1])]
     dirs, mode = json.loads(sys.argv[2]), sys.argv[3]

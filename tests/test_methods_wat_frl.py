@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fastfat.config import make_train_config
-from fastfat.config import to_dict as config_dict
+from fastfat.config_dict import to_dict as config_dict
 from fastfat.errors import UserError
 from fastfat.methods import build, frl, wat
 from fastfat.sweep import grid

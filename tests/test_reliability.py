@@ -414,15 +414,15 @@ def test_warmup_lam_by_hand():
 
 
 def test_warmup_reaches_the_loss_step_by_step(monkeypatch, tmp_path):
-    import fastfat.train as T
+    import fastfat.losses as L
     seen = []
-    real = T.method_loss
+    real = L.fat_loss
 
-    def spy(*args, lam=None, **kwargs):
+    def spy(logits_adv, y, num_classes, lam, *args, **kwargs):   # FAT-Madry's loss, as its state calls it
         seen.append(lam)
-        return real(*args, lam=lam, **kwargs)
+        return real(logits_adv, y, num_classes, lam, *args, **kwargs)
 
-    monkeypatch.setattr(T, "method_loss", spy)
+    monkeypatch.setattr(L, "fat_loss", spy)
     # 64 samples / batch 32: 2 steps per epoch; lambda 0.5 over 2 epochs = 4 steps
     cfg = make_train_config(None, **dict(TINY, method="fat-madry", lam=0.5, lam_warmup_epochs=2, epochs=3))
     _, log = train(cfg, str(tmp_path / "run"), progress=False)

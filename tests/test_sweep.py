@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from fastfat import cli
+from fastfat import cli, config_dict
 from fastfat.sweep import grid, runner
 from fastfat.errors import UserError
 from fastfat.sweep.store import Store
@@ -96,7 +96,7 @@ def test_grid_expansion_lam_only_for_fat(tmp_path):
 
 
 def test_grid_point_builds_its_store_row(tmp_path):
-    from fastfat.config import to_dict
+    from fastfat.config_dict import to_dict
     madry, fat = grid.build_sweep(_doc(), str(tmp_path)).points
     row = fat.to_point("results_runs/x")
     assert (row.key, row.method, row.model, row.dataset, row.lam, row.seed, row.epochs_total, row.run_dir) == \
@@ -221,7 +221,7 @@ def test_packaged_methods_grid(tmp_path, capsys, monkeypatch, name):
     assert cli.main(["sweep", "--grid", name, "--dry-run"]) == 0
     s = grid.build_sweep(*grid.read_sweep_file(None, name))
     assert {p.train.method for p in s.points} == set(METHODS) - {"natural"}
-    assert {grid.setting_of(grid.to_dict(p.train)) for p in s.points} == {grid.setting_of(grid.to_dict(s.points[0].train))}
+    assert {grid.setting_of(config_dict.to_dict(p.train)) for p in s.points} == {grid.setting_of(config_dict.to_dict(s.points[0].train))}
     frl = [p for p in s.points if p.train.method.startswith("frl")]
     assert frl and all(p.depends_on and "_trades_" in p.depends_on for p in frl)
     order = [p.key for p in s.points]

@@ -1,5 +1,5 @@
 """Command-line flags generated from the config dataclasses: one --flag per field, help from the
-field's metadata, values parsed later by config.from_dict (one parser for CLI, API and sweep files).
+field's metadata, values parsed later by config_dict.from_dict (one parser for CLI, API and sweep files).
 """
 from __future__ import annotations
 

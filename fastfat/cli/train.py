@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import sys
 
+from .. import methods
 from ..config import TrainConfig, make_train_config
 from ..errors import UserError
 from ..files import check_writable_dir
@@ -13,7 +14,8 @@ from .flags import add_dataclass_flags, given
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("train", help="train one model (Madry, TRADES, FAT, natural, or a peer method: CFA, DAFA, WAT, FRL)",
+    titles = ", ".join(methods.TITLES.values())   # every registered method, in registry order
+    p = sub.add_parser("train", help=f"train one model with one method ({titles}; docs/methods.md)",
                        description="Train one model. Flags override the preset's values.")
     p.add_argument("--preset", default=None, help="paper | authors | demo: a starting point for every field")
     p.add_argument("--out", required=True, help="output directory (config.json, checkpoint.pt, log.jsonl)")

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 
 import torch.nn as nn
 
-from ..config import TrainConfig, from_dict, to_dict
+from ..config import TrainConfig
+from ..config_dict import from_dict, to_dict
 from ..data import load_dataset
 from ..data.build import choose_loader
 from ..data.split import loader_config, training_pool

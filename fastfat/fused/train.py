@@ -5,7 +5,7 @@ the same random numbers as its unfused run: its initial weights (build_for_confi
 (batch order and augmentation from its seed) and its attack start noise
 (epoch_generator(seed, epoch, "attack")). The step is one attack on the K x B images (per-member
 radii as per-sample radii), one train-mode forward, the sum of the members' losses (each from
-fastfat.train.method_loss, the unfused Trainer's code path; the sum gives each member exactly its
+its own MethodState, the unfused Trainer's code path; the sum gives each member exactly its
 own gradient) and one SGD step (SGD is elementwise, so one optimizer over the stacked parameters
 is K optimizers when lr, momentum and weight decay agree).
 """
@@ -16,37 +16,30 @@ import time
 import torch
 
 from .. import attacks, methods
-from ..config import TrainConfig, to_dict
+from ..config import TrainConfig
+from ..config_dict import to_dict
 from ..errors import UserError
 from ..runtime import autocast, progress_bar, synchronize
 from ..seeding import epoch_generator
-from ..losses import method_loss
 from ..runfiles import build_for_config
-from ..train import (NonFiniteLoss, StepOut, Trainer, attack_args, check_finite, check_model,
-                     make_optimizer, warmup_lam)
+from ..train import NonFiniteLoss, StepOut, Trainer, check_finite, check_model, make_optimizer, warmup_lam
 from .model import FusedModel, fuse_models, split_models
 
 # Training fields that may differ between members: they enter only the member's own attack
 # radius/step, loss, random streams, or evaluation. Every other field must agree.
 PER_MEMBER = ("seed", "eps_train", "step_size", "single_step_size", "lam", "beta", "vcar_mode", "superclass", "method",
               "preset", "test_limit", "test_per_class", "download")
-# Methods fuse when they run the same attack objective and the same train-mode forwards (a
-# natural forward updates BN running statistics, so madry cannot ride with fat-trades). TRADES
-# attacks with its KL objective and the authors' FAT-TRADES with CE, so those two do not fuse.
-FAMILIES = {"natural": "natural", "madry": "madry", "fat-madry": "madry", "trades": "trades",
-            "fat-trades": "fat-trades"}
 
 
 def alone_reason(cfg: TrainConfig) -> str | None:
-    """Why a point cannot share a fused group, or None: a peer method (its per-class radii and
-    weights change every epoch from validation-driven updates, and its state belongs to one run),
-    checkpoint selection on a validation split (train() holds the split out and writes best.pt;
+    """Why a point cannot share a fused group, or None: a method without a fusion family (the
+    registry's Method.alone says why; the peer methods), checkpoint selection on a validation split (train() holds the split out and writes best.pt;
     a fused group trains on the whole training set and writes neither), or a start from another
     run's weights (init_from, which a fused group does not load), a teacher, or an attack on
     batch statistics (attack_bn "train": BN statistics over the K members' whole batch would
     mix the members)."""
-    if cfg.method in methods.BY_NAME:   # every registered method: a state of its own
-        return f"method {cfg.method} does not fuse (its per-class state belongs to one run)"
+    if methods.family(cfg.method) is None:
+        return f"method {cfg.method} does not fuse ({methods.BY_NAME[cfg.method].alone})"
     if cfg.val_per_class is not None:
         return "val_per_class (checkpoint selection on a validation split) does not fuse"
     if cfg.init_from is not None:
@@ -62,13 +55,14 @@ def alone_reason(cfg: TrainConfig) -> str | None:
 
 def fuse_key(cfg: TrainConfig) -> tuple:
     """Points with equal keys can train as one fused group: every field but PER_MEMBER, and the
-    method's family (madry with fat-madry; trades, fat-trades and natural each on their own).
+    method's fusion family (methods.family: madry with fat-madry; trades, fat-trades and natural
+    each on their own).
     A point that cannot fuse (alone_reason) keys on its whole config, so plan_groups leaves it
     alone and a sweep trains it unfused."""
     d = to_dict(cfg)
     if alone_reason(cfg) is not None:
         return ("alone", cfg.method) + tuple((k, repr(v)) for k, v in sorted(d.items()))
-    return (FAMILIES[cfg.method],) + tuple((k, repr(v)) for k, v in sorted(d.items()) if k not in PER_MEMBER)
+    return (methods.family(cfg.method),) + tuple((k, repr(v)) for k, v in sorted(d.items()) if k not in PER_MEMBER)
 
 
 def check_fusable(cfgs: list[TrainConfig]) -> None:
@@ -92,8 +86,9 @@ def check_fusable(cfgs: list[TrainConfig]) -> None:
 
 class FusedTrainer(Trainer):
     """A Trainer over a FusedModel of K members (cfgs[k] is member k's config). The optimizer,
-    AMP, attack objective and the BN-folded attack copy are the Trainer's, built from cfgs[0]
-    (the fields they read agree within a group)."""
+    AMP, attack objective, forwards and the BN-folded attack copy are the Trainer's, built from
+    cfgs[0] (the fields they read, and the fusion family, agree within a group); each member's
+    loss is its own MethodState's."""
 
     def __init__(self, cfgs: list[TrainConfig], model: FusedModel, device: torch.device | str = "cpu"):
         check_fusable(cfgs)
@@ -101,7 +96,8 @@ class FusedTrainer(Trainer):
             raise ValueError(f"{len(cfgs)} configs for a fused model of {model.k} members")
         super().__init__(cfgs[0], model, device)
         self.cfgs, self.k = list(cfgs), len(cfgs)
-        self.lams = [c.lam for c in cfgs]   # each member's lambda for the next step (warm-up sets them)
+        # each member's training (its loss, and lambda for the next step: warm-up sets it)
+        self.states = [methods.build(c, self.num_classes, self.device) for c in cfgs]
         self._rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def member_radii(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,32 +116,31 @@ class FusedTrainer(Trainer):
                                   for xk, g in zip(self.model.unstack(x), gens)])
         eps, alpha = self.member_radii(x.shape[0] // self.k)
         return attacks.pgd(self.attack_model(), x, y, eps, alpha, loss=self.attack_loss,
-                           noise=noise, amp=self.amp, fold_bn=self.cfg.fold_bn, **attack_args(self.cfg, eps))
+                           noise=noise, amp=self.amp, fold_bn=self.cfg.fold_bn,
+                           **self.method_state.attack_args(eps))
 
     def member_losses(self, x, y, x_adv) -> tuple[torch.Tensor, torch.Tensor]:
-        """(losses [K], vcars [K]): each member's method_loss on its rows; model in train mode."""
+        """(losses [K], vcars [K]): each member's MethodState.loss on its rows; model in train mode."""
         n = x.shape[0] // self.k
         split = lambda logits: logits.view(n, self.k, -1).transpose(0, 1).contiguous()   # [K, N, classes]
         ys = y.view(n, self.k).t().contiguous()
-        natural = self.cfg.method == "natural"
+        adversarial = self.method_state.adversarial
         with autocast(self.device, self.amp):
-            if natural:
+            if not adversarial:
                 nat = split(self.forward(x))
-                outs = [method_loss(c, self.num_classes, ys[k], logits_nat=nat[k])
-                        for k, c in enumerate(self.cfgs)]
+                outs = [s.loss(ys[k], None, nat[k]) for k, s in enumerate(self.states)]
             else:
                 adv = split(self.forward(x_adv))
-                nat = split(self.forward(x)) if self.cfg.method in ("trades", "fat-trades") else [None] * self.k
-        if not natural:
-            outs = [method_loss(c, self.num_classes, ys[k], adv[k], nat[k], lam=self.lams[k])
-                    for k, c in enumerate(self.cfgs)]
+                nat = split(self.forward(x)) if self.method_state.natural_forward else [None] * self.k
+        if adversarial:
+            outs = [s.loss(ys[k], adv[k], nat[k]) for k, s in enumerate(self.states)]
         return torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs])
 
     def train_step(self, x, y, generators=None) -> StepOut:
         """One SGD step of every member on the stacked batch (x [N*K, C, H, W], y [N*K], see
         FusedModel.stack); generators: the K members' attack generators. StepOut's loss and
         vcar are [K] (per member, detached)."""
-        x_adv = None if self.cfg.method == "natural" else self.adversarial(x, y, generators)
+        x_adv = self.adversarial(x, y, generators) if self.method_state.adversarial else None
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         losses, vcars = self.member_losses(x, y, x_adv)
@@ -256,7 +251,7 @@ def fused_epoch(trainer: FusedTrainer, loaders: list, epoch: int, *, progress: b
         for batches in zip(*loaders):
             for i, c in enumerate(trainer.cfgs):
                 if warm[i]:
-                    trainer.lams[i] = warmup_lam(c.lam, c.lam_warmup_epochs,
+                    trainer.states[i].lam = warmup_lam(c.lam, c.lam_warmup_epochs,
                                                  epoch * len(loaders[0]) + steps + 1, len(loaders[0]))
             x = trainer.model.stack([b[0] for b in batches])
             y = trainer.model.stack([b[1] for b in batches])
@@ -291,5 +286,5 @@ def fused_epoch(trainer: FusedTrainer, loaders: list, epoch: int, *, progress: b
              "images_per_s": seen / secs if secs > 0 else 0.0} for i in range(k)]
     for i in range(k):
         if warm[i]:
-            rows[i]["lam"] = trainer.lams[i]
+            rows[i]["lam"] = trainer.states[i].lam
     return rows, errors

@@ -154,4 +154,5 @@ class ABSLD(MethodState):
 
 METHOD = Method(bases={"absld": "trades"}, titles={"absld": "ABSLD"}, state=ABSLD,
                 params=ABSLDParams, check=check, teacher=True, official_attack_bn="eval",
+                alone="it distils from a teacher model, which a fused group does not carry",
                 source="Zhao et al., NeurIPS 2024; github.com/zhaoshiji123/ABSLD")

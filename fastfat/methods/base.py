@@ -1,6 +1,6 @@
-"""Method, what a robust-fairness method module declares to the registry; MethodState, its
-per-run state that the Trainer consults; and the small pieces the methods share (class tables,
-per-class accumulators, epoch counts). Imports neither fastfat.config nor fastfat.train."""
+"""Method, what a method module declares to the registry; MethodState, its per-run state that
+the Trainer consults; and the small pieces the methods share (class tables, per-class
+accumulators, epoch counts). Imports neither fastfat.config nor fastfat.train."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,6 +9,7 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .. import attacks, kernels, losses
 from ..config_values import check_range
@@ -20,9 +21,10 @@ EVAL_MODEL = "eval_model"
 
 
 class MethodState:
-    """What a method changes in its base method's training, consulted by fastfat.train.Trainer.
+    """A method's training as fastfat.train.Trainer runs it: every method has one (the base
+    methods' are fastfat.methods.standard's).
 
-    The defaults reproduce the base method (cfg's BASE_METHODS entry, "madry" or "trades")
+    The defaults reproduce the base method (the Method's bases entry, "madry" or "trades")
     exactly, through the same code path; a method overrides only what it changes:
       begin(model, validation, start_epoch, teacher)  once, before the first epoch this
                                 process trains (teacher: the cfg.teacher model, frozen, or None)
@@ -45,16 +47,26 @@ class MethodState:
                                 dict) is what the run's evaluation loads instead of its weights.
       natural_forward, natural_first  whether the Trainer passes natural logits, and whether
                                 it runs that forward before the adversarial one (their code's order)
+      adversarial               whether the method trains on an attack at all (natural: False;
+                                the Trainer then passes logits_adv None)
+      lam                       FAT's lambda for the next step (cfg.lam; a warm-up of lambda
+                                sets it step by step); read by the methods that have one
     Accumulators live within one epoch only: checkpoints fall between epochs.
     """
 
-    def __init__(self, cfg, num_classes: int, device, base: str):
+    adversarial = True
+
+    def __init__(self, cfg, num_classes: int, device, base: str | None):
         self.cfg, self.num_classes, self.device = cfg, num_classes, torch.device(device)
-        self.base = base   # "madry" or "trades": the Method's bases[cfg.method]
-        self.base_cfg = dataclasses.replace(cfg, method=self.base)
-        # TRADES' KL objective, as the base method attacks (and these methods' code does)
-        self.attack_loss = "kl" if self.base == "trades" else "ce"
+        self.base = base   # "madry" or "trades": the Method's bases[cfg.method]; None for a base method
         self.alpha = cfg.alpha()
+        self.lam = cfg.lam
+
+    @property
+    def attack_loss(self) -> str:
+        """The training attack's objective for attacks.pgd: TRADES' KL on a TRADES base, as the
+        base method attacks (and these methods' code does), else CE."""
+        return "kl" if self.base == "trades" else "ce"
 
     @property
     def natural_forward(self) -> bool:
@@ -96,8 +108,11 @@ class MethodState:
         return self.base_loss(y, logits_adv, logits_nat)
 
     def base_loss(self, y, logits_adv, logits_nat) -> tuple[torch.Tensor, torch.Tensor]:
-        """The base method's (loss, vcar), exactly as its own runs compute it."""
-        return losses.method_loss(self.base_cfg, self.num_classes, y, logits_adv, logits_nat)
+        """The base method's (loss, vcar), exactly as its own runs compute it (Madry's CE on the
+        adversarial logits, or TRADES' loss; fastfat.methods.standard)."""
+        if self.base == "trades":
+            return losses.trades_loss(logits_nat, logits_adv, y, self.cfg.beta), self.zero()
+        return F.cross_entropy(kernels.upcast(logits_adv), y), self.zero()
 
     def end_epoch(self, epoch: int, model: nn.Module, row: dict) -> dict:
         return {}
@@ -117,8 +132,9 @@ class Method:
     """What one method module declares (its module-level METHOD); fastfat.methods.REGISTRY lists
     them, and config, CLI flags, sweep keys, report names and fusion rules read them there.
 
-    bases: each method name the module serves -> the method it modifies ("madry" or "trades"):
-        its attack objective, its forwards and the report's rho follow that base.
+    bases: each method name the module serves -> the method it modifies ("madry" or "trades"), or
+        None for a base method (natural, madry, trades): the report's rho and paired
+        comparisons measure a method against its base.
     titles: method name -> the name tables and figures print ("CFA-Madry").
     state: the MethodState subclass the Trainer builds, state(cfg, num_classes, device, base).
     params: a dataclass of the method's hyperparameters, every field named with the method's
@@ -138,7 +154,14 @@ class Method:
         n-fgsm): True where its attack is the base's at radii(y) or its own pgd call made with
         attacks.train_attack_args; False where its attack is a PGD schedule of its own (counts or
         stops along the steps), which config refuses with one line.
-    source: where it comes from (paper, official repository), for docs and errors.
+    lam: the method has FAT's lambda (cfg.lam; a grid's lam axis applies to it).
+    attacks: it trains on a training attack (False for natural training: no eps_train, no
+        attack options; a grid plots it at eps_train 0).
+    family: method name -> its fusion family: points of one family train as one fused group
+        (fastfat.fused), which needs the same attack objective and train-mode forwards (a natural
+        forward moves BatchNorm's running statistics). None: the method does not fuse, and
+        alone says why.
+    alone: why its points train alone (None family), for the fused group's refusal.
     """
     bases: dict
     titles: dict
@@ -151,6 +174,10 @@ class Method:
     official_attack_bn: str = "eval"
     single_step: bool = True
     source: str = ""
+    lam: bool = False
+    attacks: bool = True
+    family: dict | None = None
+    alone: str = "its per-class state belongs to one run"
 
 
 # ---------------------------------------------------------------------------------------------

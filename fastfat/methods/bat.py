@@ -136,5 +136,7 @@ class BAT(MethodState):
 
 METHOD = Method(bases={"bat": "trades"}, titles={"bat": "BAT"}, state=BAT, params=BATParams,
                 check=check, official_attack_bn="eval", single_step=False,
+                alone="its attack stops each sample at its own step, so one attack cannot serve the "
+                      "members",
                 source="Sun et al., AAAI 2023; "
                        "github.com/silvercherry/Improving-Robust-Fairness-via-Balance-Adversarial-Training")

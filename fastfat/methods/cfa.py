@@ -165,4 +165,6 @@ class CFA(MethodState):
 METHOD = Method(bases={"cfa-madry": "madry", "cfa-trades": "trades"},
                 titles={"cfa-madry": "CFA-Madry", "cfa-trades": "CFA-TRADES"},
                 state=CFA, params=CFAParams, check=check, official_attack_bn={"cfa-madry": "train", "cfa-trades": "eval"},
+                alone="its class-wise radii and betas are calibrated every epoch from the run's own "
+                      "class-wise accuracy, and FAWA averages the run's own weights",
                 source="Wei et al., CVPR 2023; github.com/PKU-ML/CFA")

@@ -121,4 +121,6 @@ class DAFA(MethodState):
 METHOD = Method(bases={"dafa-madry": "madry", "dafa-trades": "trades"},
                 titles={"dafa-madry": "DAFA-Madry", "dafa-trades": "DAFA-TRADES"},
                 state=DAFA, params=DAFAParams, check=check, official_attack_bn="eval",
+                alone="its class weights come from the run's own class similarities after its warm-up "
+                      "and stay with that run",
                 source="Lee et al., ICLR 2024; github.com/rucy74/DAFA")

@@ -146,4 +146,5 @@ class FAAL(MethodState):
 
 METHOD = Method(bases={"faal": "madry"}, titles={"faal": "FAAL"}, state=FAAL, params=FAALParams,
                 check=check, fine_tune=True, official_attack_bn="eval",
+                alone="it fine-tunes another run's model (init_from), which a fused group does not load",
                 source="Zhang et al., CVPR 2024; github.com/TrustAI/FAAL")

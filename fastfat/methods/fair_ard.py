@@ -156,4 +156,5 @@ class FairARD(MethodState):
 
 METHOD = Method(bases={"fair-ard": "madry"}, titles={"fair-ard": "Fair-ARD"}, state=FairARD,
                 params=FairARDParams, check=check, teacher=True, official_attack_bn="train", single_step=False,
+                alone="it distils from a teacher model, which a fused group does not carry",
                 source="Yue et al., NeurIPS 2023; github.com/NISP-official/Fair-ARD")

@@ -245,6 +245,8 @@ class FRL(MethodState):
 METHOD = Method(bases={"frl-rw": "trades", "frl-rwrm": "trades"},
                 titles={"frl-rw": "FRL-RW", "frl-rwrm": "FRL-RWRM"}, state=FRL, params=FRLParams,
                 check=check, needs_validation=True, fine_tune=True, official_attack_bn="eval",
+                alone="it fine-tunes another run's model and reweights from its own validation split "
+                      "every epoch",
                 source="Xu et al., ICML 2021; github.com/hannxu123/fair_robust")
 
 

@@ -147,4 +147,6 @@ class WAT(MethodState):
 
 METHOD = Method(bases={"wat": "trades"}, titles={"wat": "WAT"}, state=WAT, params=WATParams,
                 check=check, needs_validation=True, official_attack_bn="eval",
+                alone="its class weights follow the run's own validation split every epoch, and a "
+                      "fused group holds none out",
                 source="Li and Liu, AISTATS 2023; github.com/boqili/WAT")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from ..config import base_method, has_lambda
+from ..config import attacks_in_training, base_method, has_lambda
 from ..files import atomic_write_png
 from .labels import (METHOD_ORDER, attack_title, class_names, dataset_name, eps_label,
                      lam_suffix, method_label, method_name, model_name)
@@ -128,7 +128,7 @@ def _eps_figures(figs: Figures, data, rows, at: str, bars: str) -> None:
                  f"var of class-wise robust accuracy (left, 10^-2) and average robust accuracy (right, %) "
                  f"against eps_train, one line per model: {method_label(method, lam)} on "
                  f"{dataset_name(dataset)}{tag}, {at}, last checkpoint.{bars}")
-    trained = rows[rows.method != "natural"]
+    trained = rows[rows.method.map(attacks_in_training)]
     for (setting, dataset, model), g in trained.groupby(["setting", "dataset", "model"], sort=False):
         tag, slug = data.tag(setting)
         label = pd.Series([method_label(m, lam, greek=True) for m, lam in zip(g.method, g.lam)], index=g.index)
@@ -235,7 +235,7 @@ def _gap_figures(figs: Figures, data, rows, weak, attack: str, eps: float, n: st
     """The attack-gap view: average robust accuracy against eps_train under the chosen attack
     (solid) and PGD-20 (dashed), one colour per method, per data set and model."""
     both = pd.concat([rows.assign(under=attack), weak.assign(under=WEAK)])
-    both = both[both.method != "natural"]
+    both = both[both.method.map(attacks_in_training)]
     for (setting, dataset, model), g in both.groupby(["setting", "dataset", "model"], sort=False):
         tag, slug = data.tag(setting)
         methods = list(dict.fromkeys(method_label(m, lam, greek=True) for m, lam in zip(g.method, g.lam)))

@@ -6,9 +6,8 @@ from .. import methods
 from ..config import has_lambda
 from ..data.datasets import DATASETS
 
-# fastfat's own methods, then the registry's (their Method.titles, in registry order)
-METHOD_NAMES = {"natural": "Natural", "madry": "Madry", "trades": "TRADES",
-                "fat-madry": "FAT-Madry", "fat-trades": "FAT-TRADES", **methods.TITLES}
+# every method's printed name (its Method.titles), in registry order
+METHOD_NAMES = dict(methods.TITLES)
 MODEL_NAMES = {"resnet18": "ResNet18", "resnet50": "ResNet50", "wrn-32-10": "WRN-32-10",
                "preactresnet18": "PreActResNet18", "cnn": "CNN"}
 DATASET_NAMES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "digits": "digits",

@@ -3,8 +3,8 @@ robust average / worst-class / k-worst accuracy, NSD = std / mean and the trade-
 against its base method, last and best checkpoints, mean +- std over seeds) and the attack-gap
 table (class by class, how much PGD-20 overstates robust accuracy against APGD or AutoAttack).
 
-Generic over method names: a method's base is config.base_method (FAT: its suffix; others as
-config.BASE_METHODS says), so methods added later need no change here.
+Generic over method names: a method's base is config.base_method (the registry's bases,
+fastfat.methods), so methods added later need no change here.
 """
 from __future__ import annotations
 

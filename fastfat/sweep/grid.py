@@ -17,8 +17,9 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from importlib import resources
 
-from ..config import (FINE_TUNE_METHODS, METHODS, PRESETS, TEACHER_METHODS, EvalConfig, TrainConfig,
-                      make_eval_config, make_train_config, to_dict)
+from .. import methods
+from ..config import METHODS, PRESETS, EvalConfig, TrainConfig, attacks_in_training, make_eval_config, make_train_config
+from ..config_dict import to_dict
 from ..errors import UserError
 from ..data.split import check_test_per_class
 from ..report.labels import lam_suffix
@@ -308,14 +309,14 @@ def _expand(axes: dict[str, list], only: dict, train: dict, preset: str | None,
             if "lam" in axes and combo[names.index("lam")] > 0:
                 continue  # lam does not apply: one point for the whole lam list
             cfg.lam = 0.0
-        if cfg.method == "natural":
+        if not attacks_in_training(cfg.method):
             if "eps_train" in axes and combo[names.index("eps_train")] > 0:
                 continue  # natural training has no radius: one point, plotted at eps_train 0
             cfg.eps_train = 0.0
             # val_per_class selects on robust accuracy at eps_train: at 0 there is nothing to
             # select on, so natural trains on the whole pool (the FRL points it starts keep theirs)
             cfg.val_per_class = None
-        if cfg.init_from in METHODS and cfg.method not in FINE_TUNE_METHODS:
+        if cfg.init_from in METHODS and cfg.method not in methods.FINE_TUNE:
             cfg.init_from = None   # a method's name starts only the fine-tuning methods (FRL)
         ident = (cfg.dataset, cfg.model, cfg.method, cfg.seed, cfg.eps_train, cfg.lam, cfg.train_attack)
         if ident in seen:
@@ -334,9 +335,9 @@ def _expand(axes: dict[str, list], only: dict, train: dict, preset: str | None,
 def _check_points(points: list[GridPoint], train: dict, sweep: Sweep) -> None:
     """The checks across the grid's points: a [train] teacher some point uses, workers or Ray,
     no fp16 in fused groups; UserError otherwise."""
-    if train.get("teacher") is not None and not any(p.train.method in TEACHER_METHODS for p in points):
+    if train.get("teacher") is not None and not any(p.train.method in methods.TEACHER for p in points):
         raise UserError(f"[train] teacher = \"{train['teacher']}\": no method of the grid distils from a "
-                        f"teacher (those that do: {', '.join(TEACHER_METHODS)}); drop teacher")
+                        f"teacher (those that do: {', '.join(methods.TEACHER)}); drop teacher")
     if sweep.ray is not None and sweep.workers > 1:
         raise UserError("workers runs local processes; with ray the cluster runs points side by side "
                         "(ray_cpus / ray_gpus per point): drop workers or ray")
@@ -352,7 +353,7 @@ def _for_method(train: dict, preset: str | None, coords: dict) -> dict:
     if train.get("teacher") is None:
         return train
     default = PRESETS.get(preset or "", {}).get("train", {}).get("method", _TRAIN_DEFAULTS["method"])
-    if str(coords.get("method", train.get("method", default))) in TEACHER_METHODS:
+    if str(coords.get("method", train.get("method", default))) in methods.TEACHER:
         return train
     return {k: v for k, v in train.items() if k != "teacher"}
 

@@ -13,7 +13,7 @@ as a flag replaces the file's list for every method, so the file's [only] limits
 drop out, as do the [only] tables of methods a --method flag left out (narrowed)."""
 from __future__ import annotations
 
-from ..config import has_lambda
+from ..config import attacks_in_training, has_lambda
 from ..config_values import parse_eps
 from ..errors import UserError
 
@@ -77,7 +77,7 @@ def narrowed(table, flagged: dict[str, list]):
 
 def ignored(method: str, axis: str) -> bool:
     """Whether a method has one point along the axis (lam without a lambda, eps_train for natural)."""
-    return (axis == "lam" and not has_lambda(method)) or (axis == "eps_train" and method == "natural")
+    return (axis == "lam" and not has_lambda(method)) or (axis == "eps_train" and not attacks_in_training(method))
 
 
 def dropped(only: dict[str, dict[str, set]], coords: dict) -> bool:

@@ -22,7 +22,7 @@ import time
 import traceback
 from contextlib import contextmanager
 
-from ..config import to_dict
+from ..config_dict import to_dict
 from ..errors import DiskFull, UserError
 from ..files import DISK_FULL
 from ..runtime import progress_bar

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import os
 
-from ..config import FINE_TUNE_METHODS, METHODS, TEACHER_METHODS
+from .. import methods
+from ..config import METHODS, attacks_in_training
 from ..errors import UserError
 
 # The points are grid.GridPoints (not imported: grid imports this module).
@@ -38,12 +39,12 @@ def resolve_init_from(points: list[GridPoint], runs: str) -> list[GridPoint]:
                             f"starts from at most one other point (give one as a checkpoint path)")
         field = fields_[0]
         source = getattr(t, field)
-        eps = 0.0 if source == "natural" else t.eps_train   # a natural point sits at eps_train 0
+        eps = t.eps_train if attacks_in_training(source) else 0.0   # a natural point sits at eps_train 0
         found = by_ident.get((source, t.dataset, t.model, eps, t.seed), [])
         want = (f"a {source} point of dataset {t.dataset}, model {t.model}, eps_train "
                 f"{eps:.4g}, seed {t.seed}")
-        if source in FINE_TUNE_METHODS or source in TEACHER_METHODS:
-            kind = "fine-tuned" if source in FINE_TUNE_METHODS else "distilled"
+        if source in methods.FINE_TUNE or source in methods.TEACHER:
+            kind = "fine-tuned" if source in methods.FINE_TUNE else "distilled"
             raise UserError(f"{p.label()}: {field} = \"{source}\" is itself {kind}; name a method "
                             f"trained from scratch (e.g. \"trades\")")
         if not found:
