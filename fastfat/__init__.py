@@ -2,7 +2,8 @@
 
 Functional API (inputs in [0, 1], eps in pixel units, floats or per-sample tensors [N]):
 
-    fastfat.pgd / fgsm / cw_inf / PGD         attacks (fastfat.attacks)
+    fastfat.pgd / fgsm / cw_inf / PGD         attacks (fastfat.attacks); PGDOptions: pgd's
+                                              options as one object
     fastfat.vcar / fat_loss / trades_loss /   losses (fastfat.losses)
         fat_trades_loss
     fastfat.classwise_accuracy / vcra / ...   metrics (fastfat.metrics)
@@ -21,7 +22,7 @@ import importlib
 __version__ = "0.1.0"
 
 _HOME = {"AutoAttack": "autoattack", "classwise_report": "backend.table", "evaluate_model": "backend.evaluation",
-         "pgd": "attacks", "fgsm": "attacks", "cw_inf": "attacks", "PGD": "attacks",
+         "pgd": "attacks", "PGDOptions": "attacks", "fgsm": "attacks", "cw_inf": "attacks", "PGD": "attacks",
          "vcar": "losses", "fat_loss": "losses", "trades_loss": "losses", "fat_trades_loss": "losses",
          "classwise_accuracy": "metrics", "average_accuracy": "metrics", "vcra": "metrics",
          "vca": "metrics", "worst_class_accuracy": "metrics", "classwise_loss": "metrics",

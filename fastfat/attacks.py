@@ -10,6 +10,7 @@ copy (fastfat.models.fold.attack_copy), as the trainer attacks its own; fold_bn=
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 
 import torch
@@ -88,13 +89,27 @@ def _objective(kind: str, logits: torch.Tensor, y: torch.Tensor, kappa: float,
     return kernels.trades_kl(logits, p_nat).sum()
 
 
+@dataclasses.dataclass(frozen=True)
+class PGDOptions:
+    """How pgd attacks, apart from the batch, its radii and its random numbers; each field is
+    also a keyword of pgd (documented there). One object for callers that attack many batches
+    the same way, and for the slices pgd splits a batch into."""
+    random_start: bool = True
+    loss: str = "ce"
+    kappa: float = 50.0
+    amp: torch.dtype | None = None
+    threads: int | None = None
+    group: int | None = None
+    fold_bn: bool = True
+    batch_stats: bool = False
+    start_radius: object = None   # float or [N], or None
+    project: bool = True
+
+
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps, alpha, steps: int,
         random_start: bool = True, loss: str = "ce", kappa: float = 50.0, *,
         generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
-        amp: torch.dtype | None = None, threads: int | None = None,
-        group: int | None = None, fold_bn: bool = True,
-        target: torch.Tensor | None = None, batch_stats: bool = False,
-        start_radius=None, project: bool = True) -> torch.Tensor:
+        target: torch.Tensor | None = None, options: PGDOptions | None = None, **option_fields) -> torch.Tensor:
     """Projected gradient ascent in the l_inf ball of radius eps around x.
 
     x [N, C, H, W] in [0, 1]; y [N] int64; eps, alpha: float or [N] (pixel units); steps >= 0.
@@ -123,42 +138,46 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps, alpha, steps: i
     start_radius: start at clamp(x + U(-r, r), 0, 1) with r = start_radius (float or [N]) whatever
     the objective, instead of its own start (None): FGSM-RS starts at r = eps, N-FGSM at k * eps. project: False leaves out the projection to the eps-ball (the
     [0, 1] clamp stays), as N-FGSM; the kernels' step then runs with an infinite radius.
-    The single-step training attacks are this function at steps 1 (single_step_args).
+    The single-step training attacks are this function at steps 1 (train_attack_args).
+    options: a PGDOptions holding the keywords above (random_start, loss, kappa, amp, threads,
+    group, fold_bn, batch_stats, start_radius, project) instead of them; keywords given as well
+    override its fields, and random_start, loss and kappa then stay at their defaults.
     Returns x_adv [N, C, H, W], detached, in x's memory layout.
     """
-    if loss not in ATTACK_LOSSES:
-        raise ValueError(f"unknown attack loss {loss!r}; expected one of {ATTACK_LOSSES}")
+    opts = _options(options, random_start, loss, kappa, option_fields)
+    if opts.loss not in ATTACK_LOSSES:
+        raise ValueError(f"unknown attack loss {opts.loss!r}; expected one of {ATTACK_LOSSES}")
     x = x.detach()
-    if batch_stats:
+    single = opts.start_radius is not None
+    if opts.batch_stats:
         if noise is None:
-            noise = start_noise(x, loss, random_start, generator, start_radius is not None)
+            noise = start_noise(x, opts.loss, opts.random_start, generator, single)
         was = model.training
         model.train()
         try:
-            out = _pgd_slice(model, x, y, _as_batch(eps, x), _as_batch(alpha, x), steps,
-                             random_start, loss, kappa, noise, amp, target,
-                             _start(start_radius, x), project)
+            out = _pgd_slice(model, x, y, _as_batch(eps, x), _as_batch(alpha, x), steps, opts, noise,
+                             target, _start(opts.start_radius, x))
         finally:
             model.train(was)
         return out.contiguous(memory_format=_layout(x))
-    if fold_bn and not model.training:
-        model = attack_copy(model, amp)
+    if opts.fold_bn and not model.training:
+        model = attack_copy(model, opts.amp)
     # Draw the start for the whole batch here, on the caller's thread and generator, so the
     # random stream is the same however the batch is split below.
     if noise is None:
-        noise = start_noise(x, loss, random_start, generator, start_radius is not None)
-    g = sample_group(model) if group is None else int(group)
+        noise = start_noise(x, opts.loss, opts.random_start, generator, single)
+    g = sample_group(model) if opts.group is None else int(opts.group)
     if g < 1 or x.shape[0] % g:
         raise ValueError(f"a batch of {x.shape[0]} samples does not split into runs of {g}")
-    shards = min(shard_count(x, threads), x.shape[0] // g)
+    shards = min(shard_count(x, opts.threads), x.shape[0] // g)
     chunk = chunk_size(x)
-    e, a, r = _as_batch(eps, x), _as_batch(alpha, x), _start(start_radius, x)
+    e, a, r = _as_batch(eps, x), _as_batch(alpha, x), _start(opts.start_radius, x)
     cut = lambda v, sl: v[sl] if isinstance(v, torch.Tensor) else v
 
     def attack(runs: slice) -> torch.Tensor:
         sl = slice(runs.start * g, runs.stop * g)
-        return _pgd_slice(model, x[sl], y[sl], cut(e, sl), cut(a, sl), steps, random_start, loss,
-                          kappa, cut(noise, sl), amp, cut(target, sl), cut(r, sl), project)
+        return _pgd_slice(model, x[sl], y[sl], cut(e, sl), cut(a, sl), steps, opts, cut(noise, sl),
+                          cut(target, sl), cut(r, sl))
 
     with eval_mode(model):
         parts = sharded(attack, x.shape[0] // g, max(shards, 1),
@@ -167,17 +186,26 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps, alpha, steps: i
     return out.contiguous(memory_format=_layout(x))
 
 
+def _options(options: PGDOptions | None, random_start: bool, loss: str, kappa: float, fields: dict) -> PGDOptions:
+    """pgd's PGDOptions from its options argument and its keywords (TypeError for an unknown one)."""
+    if options is None:
+        return PGDOptions(random_start=random_start, loss=loss, kappa=kappa, **fields)
+    if (random_start, loss, kappa) != (True, "ce", 50.0):
+        raise TypeError("pgd: give random_start, loss and kappa in options (or as keywords with it)")
+    return dataclasses.replace(options, **fields)
+
+
 def _start(start_radius, x):
     """start_radius as the kernels take a radius, or None (the objective's own start)."""
     return None if start_radius is None else _as_batch(start_radius, x)
 
 
-def _pgd_slice(model, x, y, e, a, steps, random_start, loss, kappa, noise, amp,
-               target=None, r=None, project=True) -> torch.Tensor:
+def _pgd_slice(model, x, y, e, a, steps: int, opts: PGDOptions, noise, target=None, r=None) -> torch.Tensor:
     """pgd on one slice of the batch, model in the mode the caller set (eval; train under
-    batch_stats); noise drawn by the caller; r: the start radius (None: e); project False: no
-    eps-ball (an infinite radius in the step, which clamps to [0, 1] only).
+    batch_stats); noise drawn by the caller; r: the start radius (None: e); opts.project False:
+    no eps-ball (an infinite radius in the step, which clamps to [0, 1] only).
     Runs on the thread it is called from, so grad mode and autocast are set here."""
+    loss, kappa, amp = opts.loss, opts.kappa, opts.amp
     with torch.enable_grad():
         p_nat = None
         if loss == "kl":
@@ -191,12 +219,12 @@ def _pgd_slice(model, x, y, e, a, steps, random_start, loss, kappa, noise, amp,
             x_adv.add_(noise.to(x.dtype) * r).clamp_(0.0, 1.0)
         elif loss == "kl":
             x_adv = (x + 0.001 * noise.to(x.dtype)).contiguous(memory_format=_layout(x))
-        elif random_start:
+        elif opts.random_start:
             x_adv = x.clone()
             x_adv.add_(noise.to(x.dtype) * e).clamp_(0.0, 1.0)
         else:
             x_adv = x.clone()
-        if not project:
+        if not opts.project:
             e = math.inf
         for _ in range(steps):
             x_adv.requires_grad_(True)

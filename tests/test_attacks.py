@@ -568,3 +568,21 @@ def test_gradient_reaches_the_update_in_x_adv_layout(monkeypatch, device):
     want = pgd(model, x.contiguous(memory_format=torch.channels_last), y, EPS, ALPHA, 3,
                generator=_gen(device=device))
     assert out.is_contiguous() and torch.equal(out, want)
+
+
+def test_pgd_options_object_equals_the_keywords():
+    """pgd's optional arguments as one PGDOptions give the same x_adv as the keywords; keywords
+    given with it override its fields; an unknown keyword and a clash are TypeErrors."""
+    import fastfat
+    model = _model()
+    x, y = _batch(n=6)
+    noise = torch.rand(x.shape, generator=_gen()) * 2 - 1
+    by_kw = pgd(model, x, y, EPS, ALPHA, 3, loss="cw", kappa=5.0, noise=noise, threads=1, fold_bn=False)
+    opts = fastfat.PGDOptions(loss="cw", kappa=5.0, threads=1)
+    assert torch.equal(pgd(model, x, y, EPS, ALPHA, 3, noise=noise, options=opts, fold_bn=False), by_kw)
+    assert torch.equal(pgd(model, x, y, EPS, ALPHA, 3, noise=noise,
+                           options=fastfat.PGDOptions(loss="cw", kappa=5.0, threads=1, fold_bn=False)), by_kw)
+    with pytest.raises(TypeError):
+        pgd(model, x, y, EPS, ALPHA, 1, bogus=1)
+    with pytest.raises(TypeError):
+        pgd(model, x, y, EPS, ALPHA, 1, loss="kl", options=opts)

@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from ..errors import DiskFull, UserError
 from ..files import check_writable_dir
 from .progress import GridProgress
-from .grid import GridPoint, RaySettings, Sweep
+from .grid import GridPoint, Sweep
+from .run_keys import RaySettings
 from .points import claim_points, evaluate_point, say, summary_line
 from .ray_connect import connect, import_ray
 from .runner import (Terminated, as_disk_full, failed_source, open_and_add, sigterm_as_interrupt,
