@@ -140,14 +140,19 @@ class _Chrome:
         os.close(self._r)
 
 
-def test_report_html_renders_in_headless_chromium(page, tmp_path):
+def _chromium() -> str:
     exe = shutil.which("chromium") or shutil.which("chromium-browser")
     if exe is None:
         if os.environ.get("CI"):
             pytest.fail("CI: chromium is required for the report.html browser test (.ci/run installs it)")
         pytest.skip("chromium is not installed (apt-get install chromium); CI runs this test")
-    path, _ = page
-    chrome = _Chrome(exe, str(tmp_path / "profile"))
+    return exe
+
+
+def _render(path: str, tmp_path) -> tuple[dict, dict, list]:
+    """report.html at path in headless Chromium: (what a 1366 x 768 laptop screen shows, what a
+    1920 x 1080 one shows, the console errors); its laptop screenshot is checked to be a PNG."""
+    chrome = _Chrome(_chromium(), str(tmp_path / "profile"))
     try:
         target = chrome.send("Target.createTarget", {"url": "about:blank"})["targetId"]
         s = chrome.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
@@ -155,7 +160,7 @@ def test_report_html_renders_in_headless_chromium(page, tmp_path):
             chrome.send(f"{domain}.enable", session=s)
         chrome.send("Emulation.setDeviceMetricsOverride",   # a laptop screen
                     {"width": 1366, "height": 768, "deviceScaleFactor": 1, "mobile": False}, session=s)
-        chrome.send("Page.navigate", {"url": "file://" + path}, session=s)
+        chrome.send("Page.navigate", {"url": "file://" + os.path.abspath(path)}, session=s)
         chrome.wait_event("Page.loadEventFired")
         js = ("JSON.stringify({imgs: Array.from(document.images).map(i => [i.complete, i.naturalWidth,"
               " i.naturalHeight, i.getBoundingClientRect().width, i.getBoundingClientRect().height]),"
@@ -181,18 +186,41 @@ def test_report_html_renders_in_headless_chromium(page, tmp_path):
     png = tmp_path / "report.png"
     png.write_bytes(base64.b64decode(shot))
     assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
-    assert got["imgs"] and all(done and w > 0 for done, w, *_ in got["imgs"]), got["imgs"]
-    # each figure at its own size: 800 px wide, the PNG's aspect (not squeezed or stretched)
-    assert all((w, h) == (800, 450) and (sw, sh) == (800, 450) for _, w, h, sw, sh in got["imgs"]), got["imgs"]
-    assert got["scroll"] <= got["view"], f"horizontal scrolling at 1366 px: {got}"
-    assert got["answerTop"] < 768, "the answer starts on the first screen"
-    # the first screen of a desktop display: the verdicts, the captioned APGD scatter (caption
-    # included) and the start of the answer table
-    assert wide["verdicts"] < wide["scatter"][0] < wide["table"] < 1080, wide
-    assert "against Madry at eps_train 0.1" in wide["verdictText"] and "APGD" in wide["verdictText"]
-    assert "APGD at eps_test 0.25" in wide["scatter"][1] and "Error bars" in wide["scatter"][1]
     errors = [e for e in chrome.events
               if e.get("method") == "Runtime.exceptionThrown"
               or (e.get("method") == "Runtime.consoleAPICalled" and e["params"]["type"] in ("error", "assert"))
               or (e.get("method") == "Log.entryAdded" and e["params"]["entry"]["level"] == "error")]
+    return got, wide, errors
+
+
+def _check_screens(got: dict, wide: dict, errors: list) -> None:
+    """What every report.html shows: images decoded at their own size (800 x 450, not squeezed or
+    stretched), no horizontal scrolling at 1366 px, the answer on the laptop's first screen, and
+    on a desktop's first screen the verdicts, the captioned scatter and the answer table's start."""
+    assert got["imgs"] and all(done and w > 0 for done, w, *_ in got["imgs"]), got["imgs"]
+    assert all((w, h) == (800, 450) and (sw, sh) == (800, 450) for _, w, h, sw, sh in got["imgs"]), got["imgs"]
+    assert got["scroll"] <= got["view"], f"horizontal scrolling at 1366 px: {got}"
+    assert got["answerTop"] < 768, "the answer starts on the first screen"
+    assert max(wide["verdicts"], wide["scatter"][0]) < wide["table"] < 1080, wide   # beside or above each other
+    assert "Error bars" in wide["scatter"][1]
     assert not errors, errors
+
+
+def test_report_html_renders_in_headless_chromium(page, tmp_path):
+    path, _ = page
+    got, wide, errors = _render(path, tmp_path)
+    _check_screens(got, wide, errors)
+    assert "against Madry at eps_train 0.1" in wide["verdictText"] and "APGD" in wide["verdictText"]
+    assert "APGD at eps_test 0.25" in wide["scatter"][1]
+
+
+@pytest.mark.skipif(not os.environ.get("FASTFAT_DEMO_REPORT"),
+                    reason="set FASTFAT_DEMO_REPORT to the main job's demo_report/report.html (README)")
+def test_the_demo_report_in_headless_chromium(tmp_path):
+    """The README's main job's own report.html (FASTFAT_DEMO_REPORT=demo_report/report.html after
+    its quick start; an 8-minute run, so not in the default test run): the same screens, and its
+    answer under APGD everywhere: the verdicts and the scatter name APGD, none names PGD-20."""
+    got, wide, errors = _render(os.environ["FASTFAT_DEMO_REPORT"], tmp_path)
+    _check_screens(got, wide, errors)
+    assert "APGD" in wide["verdictText"] and "PGD-20" not in wide["verdictText"]
+    assert "APGD at eps_test 0.2" in wide["scatter"][1] and "PGD-20" not in wide["scatter"][1]

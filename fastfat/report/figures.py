@@ -91,7 +91,8 @@ def _part(stem: str, i: int, n: int) -> str:
 
 
 def _bars(several: bool) -> str:
-    return ("Error bars: ± one standard deviation over the seeds (none where a point has one seed)."
+    return ("Error bars: ± one standard deviation over the seeds, cut at the ends of the quantity's range "
+            "(0-100% for an accuracy, 0 for a variance; none where a point has one seed)."
             if several else "One seed per point: no error bars.")
 
 
@@ -259,7 +260,8 @@ def _gap_figures(figs: Figures, data, rows, weak, attack: str, eps: float, n: st
                      f"and {attack_title(attack)} (solid; the report's), one colour per method: "
                      f"{model_name(model)} on {dataset_name(dataset)}{tag}, eps_test {eps_label(eps)}, "
                      f"last checkpoint. The distance between a method's two lines is how much "
-                     f"{attack_title(WEAK)} overstates it.{n} Error bars: ± one standard deviation over the seeds.")
+                     f"{attack_title(WEAK)} overstates it.{n} Error bars: ± one standard deviation over the seeds, "
+                     f"cut at 0 and 100%.")
 
 
 def save_figure(fig, path: str) -> None:

@@ -17,10 +17,11 @@ from .labels import attack_title, dataset_name, eps_label, method_label, method_
 from .seeds import LEVEL, ordered
 from .tables import Table, fmt
 
-MAX_PX = 1150   # the widest displayed table (px; the page is 1280 wide at most): wider ones are split
+MAX_PX = 1150   # the widest displayed table (px; text stays 1150 wide, figures use up to 1880): wider ones are split
 
 CSS = """
-body{font:14px/1.4 system-ui,sans-serif;margin:0 auto;max-width:1280px;padding:0 16px;color:#222}
+body{font:14px/1.4 system-ui,sans-serif;margin:0 auto;max-width:1880px;padding:0 16px;color:#222}
+p,ul{max-width:1150px}
 h1{font-size:1.6em}h2{margin-top:2em;border-bottom:1px solid #ccc}h3{font-size:1.05em;margin:1.4em 0 .3em}
 table{border-collapse:collapse;margin:.3em 0 1em;font-size:12.5px;max-width:100%}
 th,td{border:1px solid #ddd;padding:2px 6px;text-align:right}th{background:#f3f3f3}
@@ -29,6 +30,7 @@ figure{margin:.5em 0 1.2em;width:800px;max-width:100%}
 figure img{width:800px;max-width:100%;height:auto;display:block}
 figcaption{color:#555;font-size:12px;margin-top:.2em}.figs{display:flex;flex-wrap:wrap;gap:0 24px;align-items:flex-start}
 nav a{margin-right:1em}ul.v{margin:.3em 0;padding-left:1.2em}ul.v li{margin:.15em 0}
+.lead{display:flex;flex-wrap:wrap;gap:0 32px;align-items:flex-start}.lead #verdicts{flex:1 1 600px;max-width:1000px}
 details{margin:.2em 0 .6em}.ok{color:#075}.warn{color:#a40}
 """
 
@@ -205,8 +207,10 @@ def render(data, tables: list[Table], figures: dict[str, str], captions: dict[st
              '<a href="#tables">tables</a><a href="#figures">figures</a><a href="#runs">runs</a></nav>',
              f'<h2 id="answer">The answer under {html.escape(attack_title(attack))}: which method is fairer, '
              f'at what cost, how sure</h2>',
-             verdicts_html(said, attack, eps),
-             '<div class="figs">' + "".join(_figure(p, s, captions[s]) for s, p in scatter.items()) + "</div>",
+             # the verdicts and the scatter side by side where the screen is wide enough (1920 px:
+             # the answer table then starts on the first screen too), one above the other if not
+             '<div class="lead">' + verdicts_html(said, attack, eps)
+             + "".join(_figure(p, s, captions[s]) for s, p in scatter.items()) + "</div>",
              answer_html(data, attack),
              '<h2 id="about">About this report</h2>', "".join(f"<p>{html.escape(line)}</p>" for line in intro)]
     if guard_md:   # the epochs the catastrophic-overfitting guard flagged (fastfat.report.co_flags)

@@ -24,10 +24,24 @@ def _has(errs) -> bool:
     return any(e == e for e in errs)   # some finite spread (NaN: a single seed)
 
 
-def error_bars(ax, xs, ys, yerr=None, xerr=None, color=None) -> None:
-    """+- one standard deviation over seeds at each point, where there is one (NaN: none)."""
-    yerr = yerr if yerr is not None and _has(yerr) else None
-    xerr = xerr if xerr is not None and _has(xerr) else None
+ACC = (0.0, 100.0)    # an accuracy's range (%)
+VAR = (0.0, None)     # a variance's
+
+
+def _cut(vals, errs, bounds):
+    """Asymmetric bars [[below], [above]]: +- err cut at the ends of the quantity's range (an
+    accuracy cannot leave 0-100%, a variance cannot go below 0)."""
+    lo, hi = bounds
+    below = [min(e, v - lo) if e == e else e for v, e in zip(vals, errs)]
+    above = [e if hi is None or e != e else min(e, hi - v) for v, e in zip(vals, errs)]
+    return [below, above]
+
+
+def error_bars(ax, xs, ys, yerr=None, xerr=None, color=None, ybounds=ACC, xbounds=ACC) -> None:
+    """+- one standard deviation over seeds at each point, where there is one (NaN: none), cut to
+    the range of the quantity on each axis (ybounds, xbounds: (low, high or None))."""
+    yerr = _cut(ys, yerr, ybounds) if yerr is not None and _has(yerr) else None
+    xerr = _cut(xs, xerr, xbounds) if xerr is not None and _has(xerr) else None
     if yerr is not None or xerr is not None:
         ax.errorbar(xs, ys, yerr=yerr, xerr=xerr, fmt="none", ecolor=color, elinewidth=1, capsize=0)
 
@@ -86,7 +100,7 @@ def plot_vs_eps(series: dict[str, list[tuple[float, float, float]]], title: str,
         style = {"marker": "o", **(styles or {}).get(label, {})}
         (lv,) = ax_v.plot(xs, [p[1] for p in pts], label=label, **style)
         (la,) = ax_a.plot(xs, [p[2] for p in pts], label=label, **style)
-        error_bars(ax_v, xs, [p[1] for p in pts], [e[0] for e in errs], color=lv.get_color())
+        error_bars(ax_v, xs, [p[1] for p in pts], [e[0] for e in errs], color=lv.get_color(), ybounds=VAR)
         error_bars(ax_a, xs, [p[2] for p in pts], [e[1] for e in errs], color=la.get_color())
     ax_v.set_ylabel("var of class-wise rob. acc (10$^{-2}$)")
     ax_a.set_ylabel("average robust accuracy (%)")
@@ -119,7 +133,7 @@ def plot_pareto(series: dict[str, list[tuple[float, float, float]]], title: str,
         errs = (errors or {}).get(label)
         if errs:
             error_bars(ax, [p[1] for p in pts], [p[2] for p in pts], [e[1] for e in errs], [e[0] for e in errs],
-                       color=dots.get_facecolor()[0])
+                       color=dots.get_facecolor()[0], xbounds=VAR)
         names += [(v, a, eps_label(e)) for e, v, a in pts]
         allpts += [(p[1], p[2]) for p in pts]
     front = pareto_front(allpts)
