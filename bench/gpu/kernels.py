@@ -1,5 +1,5 @@
 """Stage E: each Triton kernel against its torch twin (kernels/torch_ops.py) and the reference's
-inline code (reference.py's update, loss and loops), timed with triton.testing.do_bench, with
+inline code (fastfat.reference's update, loss and loops), timed with triton.testing.do_bench, with
 GB/s from kernels/report.py's static byte counts (what each implementation must read and write
 per element). A "Triton" number timed while a fallback to the twin was counted is an error: the
 stage fails rather than report the twin's time as Triton's."""
