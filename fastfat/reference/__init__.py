@@ -35,8 +35,8 @@ from __future__ import annotations
 from .attacks import ref_cw, ref_cwloss, ref_fgsm, ref_fgsm_rs, ref_nfgsm, ref_pgd
 from .evaluate import ref_class_accuracy, ref_classwise_loss, ref_evaluate, ref_summary
 from .losses import ref_fat_loss, ref_fat_trades_loss, ref_trades_loss, ref_vcar
-from .train import ref_lr, ref_train, ref_train_step
+from .train import METHODS, ref_lr, ref_train, ref_train_step
 
-__all__ = ["ref_class_accuracy", "ref_classwise_loss", "ref_cw", "ref_cwloss", "ref_evaluate", "ref_fat_loss",
+__all__ = ["METHODS", "ref_class_accuracy", "ref_classwise_loss", "ref_cw", "ref_cwloss", "ref_evaluate", "ref_fat_loss",
            "ref_fat_trades_loss", "ref_fgsm", "ref_fgsm_rs", "ref_lr", "ref_nfgsm", "ref_pgd", "ref_summary",
            "ref_trades_loss", "ref_train", "ref_train_step", "ref_vcar"]

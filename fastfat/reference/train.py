@@ -11,6 +11,7 @@ from .attacks import ref_fgsm_rs, ref_nfgsm, ref_pgd, working_copy
 from .losses import ref_fat_loss, ref_fat_trades_loss, ref_trades_loss
 
 
+# the methods ref_train_step implements (the authors' code: Madry, TRADES, FAT on both; natural)
 METHODS = ("natural", "madry", "trades", "fat-madry", "fat-trades")
 
 
