@@ -83,13 +83,13 @@ def save_run(out_dir: str, cfg: TrainConfig, epoch: int, log: list[dict], model_
              method_state: dict | None = None) -> None:
     """A run's files after 0-based `epoch`: config.json, checkpoint.pt (atomic, verified) and
     log.jsonl. Fused groups write each member through here too, in the same format.
-    method_state: the method's state_dict (fastfat.methods), kept as the checkpoint's "method"
-    where it holds anything (the base methods' is empty, and their checkpoints have no "method")."""
+    method_state: the method's state_dict (fastfat.methods), kept as the checkpoint's "method";
+    None for the base methods, which have no state (their checkpoints have no "method")."""
     save = {"model": model_state, "optimizer": optimizer_state, "epoch": epoch,
             "config": to_dict(cfg), "log": [json.dumps(r) for r in log]}
     if scaler_state is not None:
         save["scaler"] = scaler_state
-    if method_state:
+    if method_state is not None:
         save["method"] = method_state
     if is_spec(cfg.model):   # a user's model file: its digest, to tell when it changed (check_source)
         save["model_source"] = source_record(cfg.model)

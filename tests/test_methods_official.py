@@ -73,7 +73,7 @@ def test_trainer_attack_bn_train_updates_bn_during_the_attack():
         model = build_for_config(cfg, torch.device("cpu"))
         t = Trainer(cfg, model)
         x, y = torch.rand(16, 1, 8, 8), torch.arange(16) % 10
-        t.method.start_epoch(0)
+        t.method_state.start_epoch(0)
         t.train_step(x, y)
         counts[mode] = int(next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d)).num_batches_tracked)
     assert counts == {"eval": 1, "train": 1 + 3}
@@ -172,7 +172,7 @@ def test_wat_runs_the_natural_forward_first():
         seen = []
         t.forward = lambda inp, seen=seen: seen.append("nat" if inp is x else "adv") or model(inp)
         if method == "wat":
-            t.method.weights = torch.ones(11, dtype=torch.float64)
+            t.method_state.weights = torch.ones(11, dtype=torch.float64)
         t.loss(x, y, x_adv)
         order[method] = seen
     assert order == {"wat": ["nat", "adv"], "frl-rw": ["nat", "adv"], "trades": ["adv", "nat"]}

@@ -9,7 +9,14 @@ from .. import kernels, losses
 from .base import Method, MethodState
 
 
-class NaturalState(MethodState):
+class _Stateless(MethodState):
+    """A base method's training keeps nothing between epochs: its checkpoints hold no "method"."""
+
+    def state_dict(self) -> None:
+        return None
+
+
+class NaturalState(_Stateless):
     """Natural training: CE on the clean logits, no attack."""
     adversarial = False
     natural_forward = True
@@ -18,12 +25,12 @@ class NaturalState(MethodState):
         return F.cross_entropy(kernels.upcast(logits_nat), y), self.zero()
 
 
-class MadryState(MethodState):
+class MadryState(_Stateless):
     """Madry et al.'s PGD-AT: CE on the adversarial logits, attacked with CE (MethodState's
     defaults with no base: its base_loss is Madry's)."""
 
 
-class TradesState(MethodState):
+class TradesState(_Stateless):
     """TRADES (Zhang et al. 2019): its KL attack objective and its CE + beta * KL loss."""
     attack_loss = "kl"
     natural_forward = True
@@ -32,7 +39,7 @@ class TradesState(MethodState):
         return losses.trades_loss(logits_nat, logits_adv, y, self.cfg.beta), self.zero()
 
 
-class FATState(MethodState):
+class FATState(_Stateless):
     """FAT on Madry or on TRADES (base): the base's loss + lam * VCAR of the per-sample
     adversarial CE. The authors' FAT-TRADES attacks with CE (trades_var.py), not TRADES' KL."""
 

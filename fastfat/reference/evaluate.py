@@ -68,7 +68,7 @@ def ref_evaluate(model: nn.Module, test_set, attacks=("fgsm", "pgd20", "cw"), ep
     attack a, eps index e is drawn from torch.Generator(device).manual_seed(eval_noise_seed(seed, b, a, e)).
     dtype: the batches' dtype (float64 with a float64 model, for pinning runs).
     """
-    from .data import MemoryLoader, TorchvisionLoader
+    from ..data import MemoryLoader, TorchvisionLoader
 
     device = torch.device(device) if device is not None else next(model.parameters()).device
     num_classes = test_set.num_classes

@@ -105,14 +105,14 @@ def ref_train(cfg, train_set, model: nn.Module, *, attack_loss: str | None = Non
     few steps against the fast trainer).
     Raises FloatingPointError if the loss becomes NaN or inf. Returns the model.
     """
-    from .data import TorchvisionLoader, dataset_info
+    from ..data import TorchvisionLoader, dataset_info
 
     device = torch.device(device) if device is not None else next(model.parameters()).device
     info = dataset_info(cfg.dataset)
     pad = info.crop_pad if cfg.crop_pad is None else cfg.crop_pad
     flip = info.flip if cfg.flip is None else cfg.flip
     # the fast trainer's training data, drawn by the same functions (train.train's choice)
-    from .data.split import split_training_set, training_pool
+    from ..data.split import split_training_set, training_pool
     data = (split_training_set(cfg, train_set)[0] if cfg.val_per_class is not None
             else training_pool(cfg, train_set))
     loader = TorchvisionLoader(data, cfg.batch_size, True, seed=cfg.seed,
