@@ -246,7 +246,8 @@ def parse_args(argv=None):
 def step_functions(args, cfg):
     """(trainer, fast_step, ref_step, ref_phases, timed_ref_pgd): one FAT step of each side on
     the same batch, each step(times) adding its phases' wall seconds to `times`; the reference's
-    attack is timed into ref_phases while reference.ref_pgd is timed_ref_pgd."""
+    attack is timed into ref_phases while the reference's training step calls timed_ref_pgd
+    (fastfat.reference.train.ref_pgd, the name ref_train_step looks up)."""
     fast_model, ref_model = twin_models(cfg)
     x, y = batch(args.batch)
     xc = x.contiguous(memory_format=torch.channels_last)
@@ -289,8 +290,8 @@ def profile_steps(args, fast_step, ref_step, ref_phases: dict, timed_ref_pgd):
     """A warm-up step of each side (counting its FLOPs with one thread), then one profiled step:
     (flops {side: FLOPs or None}, profilers {side: ...}, phases {side: {phase: s}})."""
     fast_phases: dict = {}
-    inner_ref_pgd = reference.ref_pgd
-    reference.ref_pgd = timed_ref_pgd
+    inner_ref_pgd = reference.train.ref_pgd
+    reference.train.ref_pgd = timed_ref_pgd
     try:
         flops = {}
         for side, step in (("fast", fast_step), ("reference", ref_step)):
@@ -306,7 +307,7 @@ def profile_steps(args, fast_step, ref_step, ref_phases: dict, timed_ref_pgd):
         with profile(activities=[ProfilerActivity.CPU]) as profs["reference"]:
             ref_step(ref_phases)
     finally:
-        reference.ref_pgd = inner_ref_pgd
+        reference.train.ref_pgd = inner_ref_pgd
     ref_phases["train forward + loss + backward + optimizer"] = (
         ref_phases.pop("whole step") - ref_phases["attack (PGD)"])
     return flops, profs, {"fast": fast_phases, "reference": ref_phases}
