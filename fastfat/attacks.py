@@ -190,7 +190,8 @@ def _options(options: PGDOptions | None, random_start: bool, loss: str, kappa: f
     """pgd's PGDOptions from its options argument and its keywords (TypeError for an unknown one)."""
     if options is None:
         return PGDOptions(random_start=random_start, loss=loss, kappa=kappa, **fields)
-    if (random_start, loss, kappa) != (True, "ce", 50.0):
+    default = PGDOptions()
+    if (random_start, loss, kappa) != (default.random_start, default.loss, default.kappa):
         raise TypeError("pgd: give random_start, loss and kappa in options (or as keywords with it)")
     return dataclasses.replace(options, **fields)
 

@@ -96,8 +96,9 @@ class FusedTrainer(Trainer):
             raise ValueError(f"{len(cfgs)} configs for a fused model of {model.k} members")
         super().__init__(cfgs[0], model, device)
         self.cfgs, self.k = list(cfgs), len(cfgs)
-        # each member's training (its loss, and lambda for the next step: warm-up sets it)
-        self.states = [methods.build(c, self.num_classes, self.device) for c in cfgs]
+        # each member's training (its loss, and lambda for the next step: warm-up sets it);
+        # member 0's is the Trainer's own
+        self.states = [self.method_state] + [methods.build(c, self.num_classes, self.device) for c in cfgs[1:]]
         self._rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def member_radii(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:

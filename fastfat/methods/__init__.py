@@ -41,8 +41,6 @@ NAMES: tuple[str, ...] = tuple(BY_NAME)
 # method name -> the method it is compared against (fat-madry -> madry), None for a base method
 BASES: dict[str, str | None] = {name: m.bases[name] for name, m in BY_NAME.items()}
 TITLES: dict[str, str] = {name: m.titles[name] for name, m in BY_NAME.items()}
-# the robust-fairness methods beyond the base methods (FAT and the peer methods)
-FAIRNESS: tuple[str, ...] = tuple(n for n, b in BASES.items() if b is not None)
 LAMBDA: tuple[str, ...] = tuple(n for n, m in BY_NAME.items() if m.lam)
 NO_ATTACK: tuple[str, ...] = tuple(n for n, m in BY_NAME.items() if not m.attacks)
 FINE_TUNE: tuple[str, ...] = tuple(n for n, m in BY_NAME.items() if m.fine_tune)
@@ -83,6 +81,6 @@ def check_config(cfg) -> None:
             m.check(cfg)
 
 
-__all__ = ["BASES", "BY_NAME", "EVAL_MODEL", "FAIRNESS", "FINE_TUNE", "LAMBDA", "Method", "MethodState",
+__all__ = ["BASES", "BY_NAME", "EVAL_MODEL", "FINE_TUNE", "LAMBDA", "Method", "MethodState",
            "NAMES", "NEEDS_VALIDATION", "NO_ATTACK", "NO_SINGLE_STEP", "PARAMS", "REGISTRY", "TEACHER", "TITLES",
            "build", "check_config", "epochs_of", "eval_weights", "family"]

@@ -45,6 +45,7 @@ class MethodState:
                                 saved in the checkpoint after every epoch, so a resumed run repeats
                                 an uninterrupted one; a state_dict()[EVAL_MODEL] (a model state
                                 dict) is what the run's evaluation loads instead of its weights.
+                                None: nothing to keep (the base methods; no "method" entry).
       natural_forward, natural_first  whether the Trainer passes natural logits, and whether
                                 it runs that forward before the adversarial one (their code's order)
       adversarial               whether the method trains on an attack at all (natural: False;
@@ -117,7 +118,7 @@ class MethodState:
     def end_epoch(self, epoch: int, model: nn.Module, row: dict) -> dict:
         return {}
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict | None:
         return {}
 
     def load_state_dict(self, state: dict) -> None:
