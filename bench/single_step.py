@@ -10,8 +10,18 @@ the 1,797-image set; ResNet18: 8 batches of 128 32x32 images), each step = attac
 forward + FAT loss + SGD (Trainer.train_step), the same initial weights and batches for every
 attack. The attacks alternate within each of `--repeats` rounds (PGD-5, PGD-10, FGSM-RS, N-FGSM,
 PGD-5, ...), so load from other processes falls on all alike; the table shows each one's best
-epoch and its throughput relative to PGD-5 (PGD-5 runs 6 forward-backward passes per step, a
-single-step attack 2 plus the natural-free FAT forward: about 3x at the convolution bound).
+epoch and its throughput relative to PGD-5.
+
+The convolution bound: after the timed rounds, `--repeats` more rounds run each attack's epoch
+under torch.profiler (at one thread on the CPU, where a sharded attack's threads would overlap);
+the least time its convolutions took (forward and input- and weight-gradient backward: CPU time
+on the CPU, kernel time on CUDA) gives the ratio the attacks would have if every other op
+(BatchNorm, ReLU, pooling, the loss, SGD) were free. PGD-5's epoch is 5 attack steps and one
+training step, a single-step attack's 1 and 1, so the bound is (5 + r) / (1 + r) for a training
+step whose convolutions cost r attack steps'. The issue's 3x took r = 1, but the training step's
+backward computes the weight gradients as well as the input ones (r >= 1.5 at equal speeds), and
+on the 2-core AVX2 CPU a weight-gradient convolution is slower than a forward one: docs/fast.md
+has the measured r and bound.
 
 bench.gpu stage S calls run_single_step_bench(device) and gets the same numbers as a dict.
 """
@@ -19,12 +29,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
 import time
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from fastfat.config import make_train_config
 from fastfat.runfiles import build_for_config
@@ -89,16 +101,52 @@ def _epoch(trainer: Trainer, batches, device) -> float:
     return time.perf_counter() - t0
 
 
+# the convolutions' top-level ops: their totals hold the oneDNN / cuDNN work beneath them
+CONV_OPS = ("aten::convolution", "aten::convolution_backward")
+
+
+def conv_seconds(trainer: Trainer, batches, device) -> float:
+    """Seconds one epoch spends in convolutions (forward and backward), from torch.profiler: the
+    ops' CPU time on the CPU, their kernels' time on CUDA. On the CPU run it at one thread: the
+    CPU times of a batch sharded over threads add up instead of overlapping."""
+    cuda = torch.device(device).type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        _epoch(trainer, batches, device)
+    attr = "device_time_total" if cuda else "cpu_time_total"
+    return sum(getattr(e, attr) for e in prof.key_averages() if e.key in CONV_OPS) / 1e6
+
+
+def _conv_bound(trainers: dict, batches, device, repeats: int) -> dict:
+    """{attack: the least convolution seconds of an epoch over `repeats` rounds, the attacks
+    alternating within each}, at one thread on the CPU."""
+    threads = torch.get_num_threads()
+    if torch.device(device).type == "cpu":
+        torch.set_num_threads(1)
+    best = {a: float("inf") for a in trainers}
+    try:
+        for _ in range(repeats):
+            for a, t in trainers.items():
+                best[a] = min(best[a], conv_seconds(t, batches, device))
+    finally:
+        torch.set_num_threads(threads)
+    return best
+
+
 def run_single_step_bench(device="cuda", workloads: dict | None = None, *, amp: str | None = None,
-                          repeats: int = 2, log=print) -> dict:
+                          repeats: int = 2, log=print, conv_bound: bool = True) -> dict:
     """{"device", "amp", "results": [{"workload", "attack", "epoch_s" (best of the repeats),
-    "images_per_s", "vs_pgd5" (throughput / PGD-5's)}]}: each workload's attacks timed
-    alternately, every trainer from the same initial weights, after one untimed warm-up step."""
+    "images_per_s", "vs_pgd5" (throughput / PGD-5's), "conv_s" (the convolutions' seconds of a
+    profiled epoch, the least of the repeats), "conv_bound_vs_pgd5" (PGD-5's conv_s / this
+    attack's: the ratio with every other op free)}], "steps": [{"workload", and split_steps'
+    keys}]}: each workload's attacks timed alternately, every trainer from the same initial
+    weights, after one untimed warm-up step; conv_bound=False leaves the profiled epochs (the two
+    conv keys and "steps") out."""
     device = torch.device(device)
     if workloads is None:
         workloads = GPU_WORKLOADS if device.type == "cuda" else CPU_WORKLOADS
     amp = amp or ("bf16" if device.type == "cuda" else "off")
-    results = []
+    results, steps = [], []
     for name, (over, n_batches) in workloads.items():
         cfgs = _configs(over, str(device), amp)
         first = next(iter(cfgs.values()))
@@ -115,19 +163,52 @@ def run_single_step_bench(device="cuda", workloads: dict | None = None, *, amp: 
         for _ in range(repeats):
             for a, t in trainers.items():
                 best[a] = min(best[a], _epoch(t, batches, device))
+        conv = _conv_bound(trainers, batches, device, repeats) if conv_bound else None
         images = n_batches * first.batch_size
         for a in trainers:
             row = {"workload": name, "attack": a, "epoch_s": best[a], "images_per_s": images / best[a],
                    "vs_pgd5": best["pgd-5"] / best[a]}
+            if conv is not None:
+                row.update(conv_s=conv[a], conv_bound_vs_pgd5=conv["pgd-5"] / conv[a])
             results.append(row)
             if log is not None:
                 log(format_row(row))
-    return {"device": str(device), "amp": amp, "results": results}
+        if conv is not None:
+            steps.append({"workload": name, **split_steps(conv)})
+            if log is not None:
+                log(format_steps(steps[-1]))
+    out = {"device": str(device), "amp": amp, "results": results}
+    if conv_bound:
+        out["steps"] = steps
+    return out
+
+
+def split_steps(conv: dict) -> dict:
+    """An epoch's convolution seconds split into its steps' from PGD-5's (5 attack steps + the
+    training step) and PGD-10's (10 + 1): {"attack_step_s", "train_step_s", "r" (the training
+    step in attack steps), "bound" ((5 + r) / (1 + r): a single-step attack's ratio to PGD-5
+    at the convolution bound)}; r and bound are NaN where noise made either step's seconds <= 0
+    (tiny sizes)."""
+    a = (conv["pgd-10"] - conv["pgd-5"]) / 5
+    t = conv["pgd-5"] - 5 * a
+    r = t / a if a > 0 and t > 0 else math.nan
+    return {"attack_step_s": a, "train_step_s": t, "r": r, "bound": (5 + r) / (1 + r)}
+
+
+def format_steps(s: dict) -> str:
+    head = (f"{s['workload']:>13} convolutions per epoch: attack step {s['attack_step_s']:.3f} s, "
+            f"training step {s['train_step_s']:.3f} s")
+    if math.isnan(s["r"]):
+        return head + " (too noisy to split)"
+    return head + f" = {s['r']:.2f} attack steps; (5 + r) / (1 + r) = x{s['bound']:.2f}"
 
 
 def format_row(r: dict) -> str:
-    return (f"{r['workload']:>13} {r['attack']:>8}  epoch {r['epoch_s']:8.2f} s  "
+    line = (f"{r['workload']:>13} {r['attack']:>8}  epoch {r['epoch_s']:8.2f} s  "
             f"{r['images_per_s']:8.1f} img/s  x{r['vs_pgd5']:.2f} of PGD-5")
+    if "conv_s" in r:
+        line += f"  | convolutions {r['conv_s']:7.2f} s  x{r['conv_bound_vs_pgd5']:.2f}"
+    return line
 
 
 def main(argv=None) -> int:
@@ -139,6 +220,7 @@ def main(argv=None) -> int:
     p.add_argument("--workload", nargs="+", default=None, help="names of the workloads to run")
     p.add_argument("--quick", action="store_true", help="tiny sizes, one repeat")
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--no-conv-bound", action="store_true", help="leave out the profiled epochs")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads or max(1, min(2, os.cpu_count() or 1)))
     device = torch.device(args.device)
@@ -152,8 +234,11 @@ def main(argv=None) -> int:
         table = {k: table[k] for k in args.workload}
     repeats = 1 if args.quick else args.repeats
     print(f"bench.single_step on {device} ({platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads), FAT-Madry lambda 0.5, best of {repeats}")
-    res = run_single_step_bench(device, table, amp=args.amp, repeats=repeats)
+          f"{torch.get_num_threads()} threads), FAT-Madry lambda 0.5, best of {repeats}; right of |: a "
+          f"profiled epoch's convolutions{' at one thread' if device.type == 'cpu' else ''} and the "
+          f"ratio they bound")
+    res = run_single_step_bench(device, table, amp=args.amp, repeats=repeats,
+                                conv_bound=not args.no_conv_bound)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)

@@ -36,7 +36,8 @@ def test_training_attack_epoch(benchmark, scale, attack):
 
 def test_quick_command_prints_every_attack(capsys, tmp_path):
     """`python -m bench.single_step --quick` keeps working: every attack of every workload, with
-    its ratio to PGD-5 (1 for PGD-5 itself), in the table and the JSON."""
+    its ratio to PGD-5 (1 for PGD-5 itself) and its profiled convolution seconds, in the table and
+    the JSON."""
     import json
 
     from bench import single_step
@@ -47,5 +48,9 @@ def test_quick_command_prints_every_attack(capsys, tmp_path):
     rows = json.loads(out.read_text())["results"]
     assert [r["attack"] for r in rows] == list(ATTACKS)
     assert rows[0]["vs_pgd5"] == 1.0 and all(r["epoch_s"] > 0 for r in rows)
+    # the profiler found convolutions in every attack's epoch (no timing is compared here)
+    assert all(r["conv_s"] > 0 for r in rows)
+    assert rows[0]["conv_bound_vs_pgd5"] == 1.0
+    assert "convolutions" in printed
     for a in ATTACKS:
         assert a in printed
