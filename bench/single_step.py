@@ -8,13 +8,15 @@ FGSM-RS and N-FGSM (fastfat's train_attack) as the attack of FAT on Madry.
 What is timed: one training epoch of fixed batches (the demo CNN: 28 batches of 64 digits, about
 the 1,797-image set; ResNet18: 8 batches of 128 32x32 images), each step = attack + train-mode
 forward + FAT loss + SGD (Trainer.train_step), the same initial weights and batches for every
-attack. The attacks alternate within each of `--repeats` rounds (PGD-5, PGD-10, FGSM-RS, N-FGSM,
-PGD-5, ...), so load from other processes falls on all alike; the table shows each one's best
-epoch and its throughput relative to PGD-5.
+attack. The attacks alternate step by step (batch 1 under PGD-5, PGD-10, FGSM-RS and N-FGSM,
+then batch 2, ...) over `--repeats` rounds, so a burst of load from other processes falls on one
+step of each; an attack's epoch is the sum over the batches of each step's least time over the
+rounds, shown with its throughput relative to PGD-5's. (Whole epochs alternated, best of 2,
+moved the ratio by +-10% from run to run on the shared 2-core development CPU.)
 
-The convolution bound: after the timed rounds, `--repeats` more rounds run each attack's epoch
-under torch.profiler (at one thread on the CPU, where a sharded attack's threads would overlap);
-the least time its convolutions took (forward and input- and weight-gradient backward: CPU time
+The convolution bound: after the timed rounds, `--repeats` more rounds run each step under
+torch.profiler (at one thread on the CPU, where a sharded attack's threads would overlap), in the
+same order; the time its convolutions took (forward and input- and weight-gradient backward: CPU time
 on the CPU, kernel time on CUDA) gives the ratio the attacks would have if every other op
 (BatchNorm, ReLU, pooling, the loss, SGD) were free. PGD-5's epoch is 5 attack steps and one
 training step, a single-step attack's 1 and 1, so the bound is (5 + r) / (1 + r) for a training
@@ -91,12 +93,11 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _epoch(trainer: Trainer, batches, device) -> float:
-    g = torch.Generator(device=device).manual_seed(1)
+def step_seconds(trainer: Trainer, x, y, g, device) -> float:
+    """Wall seconds of one training step (trainer.train_step) on batch x [N, C, H, W], y [N]."""
     _sync(device)
     t0 = time.perf_counter()
-    for x, y in batches:
-        trainer.train_step(x, y, g)
+    trainer.train_step(x, y, g)
     _sync(device)
     return time.perf_counter() - t0
 
@@ -105,39 +106,49 @@ def _epoch(trainer: Trainer, batches, device) -> float:
 CONV_OPS = ("aten::convolution", "aten::convolution_backward")
 
 
-def conv_seconds(trainer: Trainer, batches, device) -> float:
-    """Seconds one epoch spends in convolutions (forward and backward), from torch.profiler: the
-    ops' CPU time on the CPU, their kernels' time on CUDA. On the CPU run it at one thread: the
-    CPU times of a batch sharded over threads add up instead of overlapping."""
+def conv_seconds(trainer: Trainer, x, y, g, device) -> float:
+    """Seconds one training step spends in convolutions (forward and backward), from
+    torch.profiler: the ops' CPU time on the CPU, their kernels' time on CUDA. On the CPU run it
+    at one thread: the CPU times of a batch sharded over threads add up instead of overlapping."""
     cuda = torch.device(device).type == "cuda"
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=acts) as prof:
-        _epoch(trainer, batches, device)
+        trainer.train_step(x, y, g)
     attr = "device_time_total" if cuda else "cpu_time_total"
     return sum(getattr(e, attr) for e in prof.key_averages() if e.key in CONV_OPS) / 1e6
 
 
+def _rounds(trainers: dict, batches, device, repeats: int, timer) -> dict:
+    """{attack: its epoch's seconds by timer (one step's): each step's least over `repeats`
+    rounds, summed over the batches}. The attacks alternate step by step (batch 1 under each
+    attack, then batch 2, ...), so a burst of load from other processes falls on one step of each
+    and the least of the rounds leaves it out; each round replays the attack noise."""
+    best = {a: [math.inf] * len(batches) for a in trainers}
+    for _ in range(repeats):
+        gens = {a: torch.Generator(device=device).manual_seed(1) for a in trainers}
+        for i, (x, y) in enumerate(batches):
+            for a, t in trainers.items():
+                best[a][i] = min(best[a][i], timer(t, x, y, gens[a], device))
+    return {a: sum(v) for a, v in best.items()}
+
+
 def _conv_bound(trainers: dict, batches, device, repeats: int) -> dict:
-    """{attack: the least convolution seconds of an epoch over `repeats` rounds, the attacks
-    alternating within each}, at one thread on the CPU."""
+    """{attack: an epoch's convolution seconds (_rounds of conv_seconds)}, at one thread on the
+    CPU."""
     threads = torch.get_num_threads()
     if torch.device(device).type == "cpu":
         torch.set_num_threads(1)
-    best = {a: float("inf") for a in trainers}
     try:
-        for _ in range(repeats):
-            for a, t in trainers.items():
-                best[a] = min(best[a], conv_seconds(t, batches, device))
+        return _rounds(trainers, batches, device, repeats, conv_seconds)
     finally:
         torch.set_num_threads(threads)
-    return best
 
 
 def run_single_step_bench(device="cuda", workloads: dict | None = None, *, amp: str | None = None,
                           repeats: int = 2, log=print, conv_bound: bool = True) -> dict:
-    """{"device", "amp", "results": [{"workload", "attack", "epoch_s" (best of the repeats),
-    "images_per_s", "vs_pgd5" (throughput / PGD-5's), "conv_s" (the convolutions' seconds of a
-    profiled epoch, the least of the repeats), "conv_bound_vs_pgd5" (PGD-5's conv_s / this
+    """{"device", "amp", "results": [{"workload", "attack", "epoch_s" (_rounds),
+    "images_per_s", "vs_pgd5" (throughput / PGD-5's), "conv_s" (the convolutions' seconds in an
+    epoch, _rounds of profiled steps), "conv_bound_vs_pgd5" (PGD-5's conv_s / this
     attack's: the ratio with every other op free)}], "steps": [{"workload", and split_steps'
     keys}]}: each workload's attacks timed alternately, every trainer from the same initial
     weights, after one untimed warm-up step; conv_bound=False leaves the profiled epochs (the two
@@ -158,11 +169,8 @@ def run_single_step_bench(device="cuda", workloads: dict | None = None, *, amp: 
             trainers[a] = Trainer(cfg, model, device)
         batches = _batches(first, n_batches, device)
         for t in trainers.values():   # warm-up: oneDNN primitives, worker threads, cuDNN plans
-            _epoch(t, batches[:1], device)
-        best = {a: float("inf") for a in trainers}
-        for _ in range(repeats):
-            for a, t in trainers.items():
-                best[a] = min(best[a], _epoch(t, batches, device))
+            step_seconds(t, *batches[0], torch.Generator(device=device).manual_seed(0), device)
+        best = _rounds(trainers, batches, device, repeats, step_seconds)
         conv = _conv_bound(trainers, batches, device, repeats) if conv_bound else None
         images = n_batches * first.batch_size
         for a in trainers:
@@ -234,9 +242,9 @@ def main(argv=None) -> int:
         table = {k: table[k] for k in args.workload}
     repeats = 1 if args.quick else args.repeats
     print(f"bench.single_step on {device} ({platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads), FAT-Madry lambda 0.5, best of {repeats}; right of |: a "
-          f"profiled epoch's convolutions{' at one thread' if device.type == 'cpu' else ''} and the "
-          f"ratio they bound")
+          f"{torch.get_num_threads()} threads), FAT-Madry lambda 0.5, each step the least of "
+          f"{repeats}; right of |: the epoch's convolutions (profiled"
+          f"{', at one thread' if device.type == 'cpu' else ''}) and the ratio they bound")
     res = run_single_step_bench(device, table, amp=args.amp, repeats=repeats,
                                 conv_bound=not args.no_conv_bound)
     if args.json:

@@ -25,7 +25,10 @@ def stage_s(data: dict, device, sizes, clock, record, smoke: bool) -> str:
             continue
         import time
         t0 = time.perf_counter()
-        rows.extend(run_single_step_bench(device, {name: w}, amp=amp, repeats=repeats, log=None)["results"])
+        # conv_bound=False: a profiler session per step (CUPTI's start-up each time) would cost
+        # the window more than the epochs; `python -m bench.single_step --device cuda` has it
+        rows.extend(run_single_step_bench(device, {name: w}, amp=amp, repeats=repeats, log=None,
+                                          conv_bound=False)["results"])
         last = time.perf_counter() - t0
         record.save()
     return "ok"
