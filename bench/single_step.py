@@ -1,7 +1,8 @@
 """Training-epoch time of the training attacks side by side, in one process: PGD-5, PGD-10,
 FGSM-RS and N-FGSM (fastfat's train_attack) as the attack of FAT on Madry.
 
-    python -m bench.single_step               # CPU: the demo CNN on digits, ResNet18 width 16 (32x32)
+    python -m bench.single_step               # CPU, one thread: the demo CNN on digits, ResNet18 width 16
+    python -m bench.single_step --threads 2   # CPU, two threads per step
     python -m bench.single_step --quick       # tiny sizes in seconds (the smoke test runs it)
     python -m bench.single_step --device cuda # GPU: ResNet18 width 16 and 64, batch 128, bf16
 
@@ -32,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import platform
 import sys
 import time
@@ -223,14 +223,16 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.single_step", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: min(2, cores))")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: the packaged grids run one thread per worker, a "
+                        "worker per core)")
     p.add_argument("--amp", default=None, help="off | bf16 (default: bf16 on CUDA, off on the CPU)")
     p.add_argument("--workload", nargs="+", default=None, help="names of the workloads to run")
     p.add_argument("--quick", action="store_true", help="tiny sizes, one repeat")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--no-conv-bound", action="store_true", help="leave out the profiled epochs")
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads or max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(max(1, args.threads))
     device = torch.device(args.device)
     table = QUICK_WORKLOADS if args.quick else (GPU_WORKLOADS if device.type == "cuda" else CPU_WORKLOADS)
     if args.workload:
