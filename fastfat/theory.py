@@ -49,10 +49,16 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import minimize, minimize_scalar
-from scipy.stats import norm
 
 from .errors import UserError
+
+
+def _phi(x):
+    """The standard normal CDF, scipy.stats.norm.cdf. scipy is imported on first use: every
+    `fastfat` command imports this module to build its parser, and scipy.stats and
+    scipy.optimize cost 1.3 s of that start-up on the 2-core CPU (python -X importtime)."""
+    from scipy.stats import norm
+    return norm.cdf(x)
 
 DEFAULTS = dict(d=10, mu_pos=0.5, mu_neg=0.5, sigma_pos=1.0, sigma_neg=1.5, alpha=0.6,
                 eps_test=0.3, n=100_000, repeats=5, seed=0)
@@ -129,8 +135,8 @@ def classwise_risk(m: Mixture, b: float, eps: float) -> tuple[float, float]:
     """(R+, R-) of sign(<1, x> + b) under an l_inf attack of radius eps (eps = 0: natural):
     R+ = Phi((-b - d(mu+ - eps)) / (sqrt(d) sigma+)), R- = Phi((b - d(mu- - eps)) / (sqrt(d) sigma-))."""
     rd = math.sqrt(m.d)
-    r_pos = norm.cdf((-b - m.d * (m.mu_pos - eps)) / (rd * m.sigma_pos))
-    r_neg = norm.cdf((b - m.d * (m.mu_neg - eps)) / (rd * m.sigma_neg))
+    r_pos = _phi((-b - m.d * (m.mu_pos - eps)) / (rd * m.sigma_pos))
+    r_neg = _phi((b - m.d * (m.mu_neg - eps)) / (rd * m.sigma_neg))
     return float(r_pos), float(r_neg)
 
 
@@ -154,7 +160,7 @@ def equal_variance_risks(m: Mixture, eps_train: float, eps_test: float) -> tuple
     Mp = m.mu_pos + m.mu_neg - 2 * eps_train
     C = d ** 2 * Mp * (m.mu_pos + m.mu_neg - 2 * eps_test)
     den = 2 * d ** 1.5 * s * Mp
-    return float(norm.cdf((-C - 2 * K * s ** 2) / den)), float(norm.cdf((-C + 2 * K * s ** 2) / den))
+    return float(_phi((-C - 2 * K * s ** 2) / den)), float(_phi((-C + 2 * K * s ** 2) / den))
 
 
 def vcra(acc_pos: float, acc_neg: float) -> float:
@@ -235,8 +241,9 @@ def _smoothed_bias(score: np.ndarray, y: np.ndarray, shift: float, b0: float) ->
     sign_y = np.where(y > 0, 1.0, -1.0)
 
     def risk(b):
-        return norm.cdf(-(sign_y * (score + b) - shift) / h).mean()
+        return _phi(-(sign_y * (score + b) - shift) / h).mean()
 
+    from scipy.optimize import minimize_scalar
     res = minimize_scalar(risk, bounds=(b0 - 5 * h, b0 + 5 * h), method="bounded",
                           options=dict(xatol=1e-4 * h))
     return float(res.x)
@@ -259,6 +266,7 @@ def train_linear(X: np.ndarray, y: np.ndarray, eps: float) -> tuple[np.ndarray, 
         return loss, np.append(gw, (g * y).mean())
 
     theta0 = np.append(np.full(d, 0.1), 0.0)
+    from scipy.optimize import minimize
     res = minimize(loss_grad, theta0, jac=True, method="L-BFGS-B", options=dict(maxiter=500))
     w = res.x[:d]
     score, shift = X @ w, eps * np.abs(w).sum()

@@ -56,6 +56,15 @@ def test_help():
     assert "--resume" in fastfat("train", "--help").stdout
 
 
+def test_building_the_command_leaves_scipy_and_pandas_unimported():
+    """Every `fastfat` command builds the whole parser, so its modules' imports are every
+    command's start-up: scipy (the theory) and pandas (the report) load only when those run."""
+    code = ("import sys; from fastfat.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in ('scipy', 'pandas') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", (r.stdout, r.stderr)
+
+
 @pytest.mark.parametrize("args,needle", [
     (["--eps-train", "-0.1"], "eps_train"),
     (["--eps-train", "1.5"], "eps_train"),
