@@ -35,6 +35,7 @@ from fastfat.config import make_train_config
 from fastfat.fused import fuse_models
 from fastfat.fused.train import FusedTrainer
 from fastfat.runfiles import build_for_config
+from fastfat.runtime import synchronize
 from fastfat.train import Trainer
 
 # name -> training config overrides (device and amp are set per run)
@@ -82,11 +83,6 @@ def member_batches(cfgs, device) -> list:
     return out
 
 
-def _sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class Pair:
     """The two sides of one (workload, K) measurement, ready to time."""
 
@@ -103,21 +99,21 @@ class Pair:
         return [torch.Generator(device=self.device).manual_seed(c.seed) for c in self.cfgs]
 
     def unfused(self, steps: int) -> float:
-        _sync(self.device)
+        synchronize(self.device)
         t0 = time.perf_counter()
         for t, (x, y), g in zip(self.singles, self.batches, self.gens()):
             for _ in range(steps):
                 t.train_step(x, y, g)
-        _sync(self.device)
+        synchronize(self.device)
         return time.perf_counter() - t0
 
     def fused_steps(self, steps: int) -> float:
         gens = self.gens()
-        _sync(self.device)
+        synchronize(self.device)
         t0 = time.perf_counter()
         for _ in range(steps):
             self.fused.train_step(self.x, self.y, gens)
-        _sync(self.device)
+        synchronize(self.device)
         return time.perf_counter() - t0
 
 

@@ -42,6 +42,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from fastfat.config import make_train_config
 from fastfat.runfiles import build_for_config
+from fastfat.runtime import synchronize
 from fastfat.train import Trainer
 
 # attack name -> training config overrides (PGD's step eps/4, the single-step ones their defaults)
@@ -88,17 +89,12 @@ def _batches(cfg, n: int, device) -> list:
     return out
 
 
-def _sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def step_seconds(trainer: Trainer, x, y, g, device) -> float:
     """Wall seconds of one training step (trainer.train_step) on batch x [N, C, H, W], y [N]."""
-    _sync(device)
+    synchronize(device)
     t0 = time.perf_counter()
     trainer.train_step(x, y, g)
-    _sync(device)
+    synchronize(device)
     return time.perf_counter() - t0
 
 
